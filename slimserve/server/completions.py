@@ -1,0 +1,249 @@
+"""Both completion endpoints: turn a validated request into engine sequences and OpenAI responses.
+
+Chat and legacy completions differ only in how the prompt is built and how a choice is shaped, so one
+flow (`run_choices`) submits the sequences, watches the client, and yields per-choice results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from slimserve.server.engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    GenerationEvent,
+    RequestHandle,
+    TransformersEngine,
+)
+from slimserve.server.errors import APIError
+from slimserve.server.protocol import (
+    ChatLogprob,
+    ChatMessage,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    TopLogprob,
+    UsageInfo,
+)
+from slimserve.server.sampling import SamplingParams, TokenLogprob
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one choice produced, accumulated from its events."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, event: GenerationEvent) -> None:
+        self.text += event.text
+        self.token_ids += event.token_ids
+        self.logprobs += event.logprobs
+        self.completion_tokens = event.completion_tokens
+        self.finish_reason = event.finish_reason or self.finish_reason
+
+
+def chat_prompt_ids(engine: TransformersEngine, messages: list[ChatMessage]) -> list[int]:
+    """Render messages with the tokenizer's own chat template, then tokenize."""
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"model {engine.name!r} has no chat template; use /v1/completions", code="no_template")
+    try:
+        rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from exc
+    except Exception as exc:  # a template that raises (e.g. jinja's raise_exception) is a bad request
+        raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def text_prompt_ids(engine: TransformersEngine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = list(engine.tokenizer(prompt)["input_ids"])
+    else:
+        vocab = int(engine.variant.model.config.vocab_size) if engine.variant else 0
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"prompt token ids out of range [0, {vocab}): {bad[:5]}", param="prompt")
+        ids = list(prompt)
+    if not ids:
+        raise APIError(400, "prompt is empty after tokenization", param="prompt")
+    return ids
+
+
+def resolve_max_tokens(engine: TransformersEngine, prompt_len: int, requested: int | None, param: str) -> int:
+    """The vLLM rule: default to what the context has left; reject what does not fit, with both numbers."""
+    context = engine.context_length
+    if requested is None:
+        if prompt_len >= context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens, but the prompt has "
+                f"{prompt_len} tokens, leaving no room for a completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return context - prompt_len
+    if prompt_len + requested > context:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+            f"Please reduce the prompt or {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def submit_all(
+    engine: TransformersEngine, prompts: list[list[int]], make_params: Callable[[int], SamplingParams], n: int
+) -> list[RequestHandle]:
+    """Submit prompts x n sequences (choice index = prompt * n + j); all or none."""
+    handles: list[RequestHandle] = []
+    try:
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                handles.append(engine.submit(ids, make_params(p * n + j)))
+    except EngineBusyError as exc:
+        for h in handles:
+            h.cancel()
+        raise APIError(
+            429, f"server is busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
+        ) from exc
+    except EngineNotReadyError as exc:
+        for h in handles:
+            h.cancel()
+        raise APIError(503, str(exc), code="model_not_ready") from exc
+    return handles
+
+
+async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Events of all choices as they come, tagged with the choice index."""
+    merged: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        async for event in handle.events():
+            await merged.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            index, event = await merged.get()
+            if event.finish_reason is not None:
+                remaining -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(request: Request, handles: list[RequestHandle]) -> list[ChoiceResult]:
+    """Run every choice to the end; stop them all if the client goes away."""
+    results = [ChoiceResult() for _ in handles]
+
+    async def gather() -> None:
+        async for index, event in merged_events(handles):
+            results[index].add(event)
+
+    gathering = asyncio.create_task(gather())
+    try:
+        while not gathering.done():
+            await asyncio.wait([gathering], timeout=DISCONNECT_POLL_S)
+            if not gathering.done() and await request.is_disconnected():
+                gathering.cancel()
+                raise APIError(499, "client disconnected")
+        gathering.result()
+    finally:
+        for h in handles:
+            if not h.finished:
+                h.cancel()
+    for result in results:
+        if result.finish_reason == "error":
+            raise APIError(500, "generation failed", code="generation_error")
+    return results
+
+
+def usage(prompt_lens: list[int], results: list[ChoiceResult]) -> UsageInfo:
+    prompt = sum(prompt_lens)
+    completion = sum(r.completion_tokens for r in results)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    return str(tokenizer.decode([token_id]))
+
+
+def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
+    content = []
+    for lp in logprobs:
+        text = token_text(tokenizer, lp.token_id)
+        top = []
+        for tid, value in lp.top:
+            alt = token_text(tokenizer, tid)
+            top.append(TopLogprob(token=alt, logprob=value, bytes=list(alt.encode())))
+        content.append(ChatLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top))
+    return ChoiceLogprobs(content=content)
+
+
+def completion_logprobs(tokenizer: Any, logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for lp in logprobs:
+        text = token_text(tokenizer, lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({token_text(tokenizer, t): v for t, v in lp.top} if lp.top else None)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def sse(payload: Any) -> str:
+    body = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+async def stream_events(
+    handles: list[RequestHandle],
+    make_chunk: Callable[[int, GenerationEvent | None], Any],
+    final_usage: Callable[[int], Any] | None,
+) -> AsyncIterator[str]:
+    """SSE framing shared by both endpoints: chunks, an error chunk if generation fails, then [DONE].
+
+    `make_chunk(index, None)` is the opening chunk of a choice (chat sends the role there).
+    A client that disconnects cancels this generator, and with it every sequence of the request.
+    """
+    completion_tokens = 0
+    try:
+        for index in range(len(handles)):
+            opening = make_chunk(index, None)
+            if opening is not None:
+                yield sse(opening)
+        async for index, event in merged_events(handles):
+            if event.finish_reason == "error":
+                yield APIError(500, f"generation failed: {event.error}", code="generation_error").sse_chunk()
+                break
+            if event.finish_reason is not None:
+                completion_tokens += event.completion_tokens
+            if event.text or event.finish_reason is not None or event.logprobs:
+                yield sse(make_chunk(index, event))
+        else:
+            if final_usage is not None:
+                yield sse(final_usage(completion_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        for h in handles:
+            if not h.finished:
+                h.cancel()

@@ -1,0 +1,26 @@
+"""Server settings in one place: flags override `SLIMSERVE_*` environment variables override defaults."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slimserve.models.registry import DEFAULT_VARIANT
+
+
+class ServerSettings(BaseSettings):
+    """How `slimserve serve` runs. Each field is also read from `SLIMSERVE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    variants: list[str] = Field(
+        default_factory=lambda: [DEFAULT_VARIANT],
+        description="Variant directories or registered names to serve; the first is the default.",
+    )
+    api_key: str | None = Field(None, description="If set, /v1/* requires 'Authorization: Bearer <key>'.")
+    dtype: str = Field("bf16", description="Compute dtype for float variants: bf16 (fast on CPU), fp32, auto.")
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together per engine step.")
+    max_waiting: int = Field(64, ge=1, description="Sequences that may wait for a batch slot; past it, 429.")
+    log_level: str = Field("info", description="uvicorn/slimserve log level.")

@@ -1,0 +1,77 @@
+"""The padded KV batch must give every row the logits it would get decoding alone."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from slimserve.models import LoadedVariant
+from slimserve.server.batch import PaddedKVBatch
+
+
+def _prefill(model: torch.nn.Module, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return cache, out.logits[0, -1]
+
+
+def _alone(model: torch.nn.Module, ids: list[int], steps: list[int]) -> list[torch.Tensor]:
+    """Reference: logits after each appended token, one sequence, no padding."""
+    cache, logits = _prefill(model, ids)
+    outs = [logits]
+    for token in steps:
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        outs.append(out.logits[0, -1])
+    return outs
+
+
+@torch.inference_mode()
+def test_rows_of_different_lengths_joining_late_match_solo_decoding(tiny_loaded: LoadedVariant) -> None:
+    model = tiny_loaded.model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    steps = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62]]
+    expected = [_alone(model, p, s) for p, s in zip(prompts, steps, strict=True)]
+
+    batch = PaddedKVBatch()
+    cache, _ = _prefill(model, prompts[0])
+    batch.add(cache)
+    got: list[list[torch.Tensor]] = [[], [], []]
+    rows = [0]
+    cursor = {0: 0}
+    for step in range(5):
+        if step == 1:  # a short prompt joins a longer running sequence
+            cache, _ = _prefill(model, prompts[1])
+            batch.add(cache)
+            rows.append(1)
+            cursor[1] = 0
+        if step == 2:  # and a longer one joins, forcing the batch to re-pad
+            cache, _ = _prefill(model, prompts[2])
+            batch.add(cache)
+            rows.append(2)
+            cursor[2] = 0
+        tokens = torch.tensor([[steps[r][cursor[r]]] for r in rows])
+        mask, positions = batch.step_inputs()
+        out = model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+        )
+        for i, r in enumerate(rows):
+            cursor[r] += 1
+            got[r].append(out.logits[i, -1])
+        if step == 2:  # the longest row leaves; the batch drops its now-useless padding columns
+            width_before = batch.length
+            batch.keep([1, 2])
+            rows = [1, 2]
+            assert batch.length < width_before
+
+    for r in range(3):
+        for k, logits in enumerate(got[r]):
+            torch.testing.assert_close(logits, expected[r][k + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_keep_nothing_empties_the_batch(tiny_loaded: LoadedVariant) -> None:
+    batch = PaddedKVBatch()
+    with torch.inference_mode():
+        cache, _ = _prefill(tiny_loaded.model, [1, 2, 3])
+    batch.add(cache)
+    batch.keep([])
+    assert batch.size == 0 and batch.cache is None

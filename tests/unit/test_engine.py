@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimserve.models import LoadedVariant, load_variant
+from slimserve.server.engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    EngineState,
+    GenerationEvent,
+    RequestHandle,
+    TransformersEngine,
+)
+from slimserve.server.metrics import ServerMetrics
+from slimserve.server.sampling import SamplingParams
+
+
+def _engine(variant_dir: Path, **kwargs: int) -> TransformersEngine:
+    engine = TransformersEngine(
+        lambda: load_variant(variant_dir, dtype="fp32"), name="tiny", metrics=ServerMetrics(), **kwargs
+    )
+    engine.start()
+    assert engine.wait_ready(60)
+    return engine
+
+
+async def _run(handle: RequestHandle) -> tuple[list[int], list[GenerationEvent]]:
+    events = [e async for e in handle.events()]
+    return [t for e in events for t in e.token_ids], events
+
+
+def _reference_greedy(loaded: LoadedVariant, prompt: list[int], max_new: int) -> list[int]:
+    out = loaded.model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, eos_token_id=None
+    )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def test_concurrent_greedy_requests_match_solo_generate(tiny_variant_dir: Path, tiny_loaded: LoadedVariant) -> None:
+    prompts = [[5, 6, 7, 8, 9, 10], [20, 21], [30, 31, 32, 33, 34, 35, 36, 37, 38], [40]]
+    expected = [_reference_greedy(tiny_loaded, p, 12) for p in prompts]
+    engine = _engine(tiny_variant_dir)
+
+    async def main() -> list[list[int]]:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        handles = [engine.submit(p, params) for p in prompts]
+        return [tokens for tokens, _ in await asyncio.gather(*(_run(h) for h in handles))]
+
+    try:
+        assert asyncio.run(main()) == expected
+    finally:
+        engine.shutdown()
+
+
+def test_finish_reasons_and_counts(tiny_variant_dir: Path) -> None:
+    engine = _engine(tiny_variant_dir)
+
+    async def main() -> list[GenerationEvent]:
+        handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        _, events = await _run(handle)
+        return events
+
+    try:
+        events = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert [e.finish_reason for e in events] == [None] * 4 + ["length"]
+    assert events[-1].completion_tokens == 5
+
+
+def test_cancel_stops_generation_early(tiny_variant_dir: Path) -> None:
+    engine = _engine(tiny_variant_dir)
+
+    async def main() -> list[GenerationEvent]:
+        handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        events = []
+        async for event in handle.events():
+            events.append(event)
+            if len(events) == 3:
+                handle.cancel()
+        return events
+
+    try:
+        events = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert events[-1].finish_reason == "abort"
+    assert events[-1].completion_tokens < 200
+
+
+def test_full_queue_raises_busy(tiny_variant_dir: Path) -> None:
+    engine = _engine(tiny_variant_dir, max_batch_size=1, max_waiting=1)
+
+    async def main() -> None:
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        running = engine.submit([5, 6], long)
+        await running.queue.get()  # its first token is out: it holds the only batch slot
+        waiting = engine.submit([7, 8], long)  # no batch slot: waits
+        with pytest.raises(EngineBusyError):
+            engine.submit([9, 10], long)
+        running.cancel()
+        waiting.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_not_ready_until_loaded_and_failed_load_is_reported(tiny_variant_dir: Path) -> None:
+    release = threading.Event()
+
+    def slow_load() -> LoadedVariant:
+        release.wait(30)
+        raise FileNotFoundError("weights vanished")
+
+    engine = TransformersEngine(slow_load, name="slow", metrics=ServerMetrics())
+    engine.start()
+
+    async def submit() -> None:
+        engine.submit([1], SamplingParams(max_tokens=1))
+
+    assert engine.state is EngineState.LOADING
+    with pytest.raises(EngineNotReadyError, match="loading"):
+        asyncio.run(submit())
+    release.set()
+    assert not engine.wait_ready(30)
+    assert engine.state is EngineState.FAILED
+    assert engine.error is not None and "weights vanished" in engine.error
+    engine.shutdown()
