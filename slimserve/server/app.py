@@ -279,6 +279,7 @@ def _params_factory(
             stop=body.stop_list(),
             logprobs=top_logprobs,
             ignore_eos=body.ignore_eos,
+            logit_bias=body.token_bias(),
         )
 
     return make

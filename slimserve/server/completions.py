@@ -126,6 +126,10 @@ def submit_all(
         for h in handles:
             h.cancel()
         raise APIError(503, str(exc), code="model_not_ready") from exc
+    except ValueError as exc:  # parameters the model cannot honour, e.g. a logit_bias outside its vocabulary
+        for h in handles:
+            h.cancel()
+        raise APIError(400, str(exc), code="invalid_value") from exc
     return handles
 
 

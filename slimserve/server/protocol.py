@@ -57,6 +57,7 @@ class _SamplingFields(OpenAIModel):
     """Fields shared by both completion endpoints, in OpenAI's order."""
 
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -80,6 +81,19 @@ class _SamplingFields(OpenAIModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias for token {token} must be within [-100, 100], got {bias}")
+        return value
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

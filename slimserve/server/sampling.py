@@ -30,10 +30,15 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely alternatives."""
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids before sampling (OpenAI's `logit_bias`)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        bad = [t for t in self.logit_bias if t < 0]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be non-negative, got {bad}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
@@ -61,6 +66,11 @@ class Sampler:
         self._counts: torch.Tensor | None = None
         if params.presence_penalty or params.frequency_penalty:
             self._counts = torch.zeros(vocab_size, dtype=torch.float32)
+        too_big = [t for t in params.logit_bias if t >= vocab_size]
+        if too_big:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary of {vocab_size}: {too_big}")
+        self._bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        self._bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
 
     def observe(self, token_id: int) -> None:
         """Record a generated token (penalties apply to generated tokens only, as in OpenAI's API)."""
@@ -71,6 +81,8 @@ class Sampler:
         """Pick the next token from one row of logits, shape (vocab,), float32."""
         params = self.params
         scores = logits
+        if self._bias_ids.numel():
+            scores = scores.index_add(0, self._bias_ids, self._bias_values)
         if self._counts is not None:
             penalty = self._counts * params.frequency_penalty + (self._counts > 0) * params.presence_penalty
             scores = scores - penalty[: scores.numel()]

@@ -71,3 +71,14 @@ def test_params_validate_ranges() -> None:
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(max_tokens=1, logprobs=21)
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    logits = _logits(3)
+    banned = int(torch.argmax(logits))
+    token, _ = Sampler(SamplingParams(max_tokens=1, temperature=0, logit_bias={banned: -100}), 50).sample(logits)
+    assert token != banned
+    token, _ = Sampler(SamplingParams(max_tokens=1, temperature=1.0, logit_bias={7: 100}, seed=0), 50).sample(logits)
+    assert token == 7
+    with pytest.raises(ValueError, match="vocabulary"):
+        Sampler(SamplingParams(max_tokens=1, logit_bias={50: 1.0}), 50)

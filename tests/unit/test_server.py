@@ -166,6 +166,8 @@ def test_models_endpoints(client: TestClient) -> None:
         ({"top_p": 0}, "top_p"),
         ({"top_logprobs": 2}, None),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"5": 300}}, "logit_bias"),
+        ({"logit_bias": {"999999": 1}}, None),
     ],
 )
 def test_bad_values_are_400_with_openai_shape(client: TestClient, fields: dict[str, Any], param: str | None) -> None:
