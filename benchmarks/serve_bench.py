@@ -101,13 +101,16 @@ async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: 
         stream_options={"include_usage": True},
         logit_bias={str(eos_id): -100},
     )
-    tokens = 0
+    usage_tokens, content_chunks = None, 0
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and ttft != ttft:
-            ttft = time.perf_counter() - started
+        if chunk.choices and chunk.choices[0].delta.content:
+            content_chunks += 1
+            if ttft != ttft:
+                ttft = time.perf_counter() - started
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return tokens, ttft
+            usage_tokens = chunk.usage.completion_tokens
+    # llama-cpp-python sends no usage in streams; it sends one chunk per token, so chunks count tokens
+    return (usage_tokens if usage_tokens is not None else content_chunks), ttft
 
 
 async def run_phase(
@@ -281,6 +284,9 @@ def main() -> int:
                     str(os.cpu_count() or 2),
                     "--n_ctx",
                     "4096",
+                    # by default a new request interrupts the running one; queue them instead
+                    "--interrupt_requests",
+                    "False",
                 ],
                 port,
                 "/v1/models",
