@@ -236,3 +236,41 @@ def test_health_is_503_while_loading(tiny_variant_dir: Path) -> None:
         release.set()
         _wait_healthy(c)
         assert _chat(c).status_code == 200
+
+
+def test_full_queue_is_429_with_retry_after(tiny_variant_dir: Path) -> None:
+    engine = TransformersEngine(
+        lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics(), max_waiting=0
+    )
+    with _client([engine], api_key=None) as c:
+        _wait_healthy(c)
+        response = _chat(c)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: Path) -> None:
+    def load_then_break_decoding() -> LoadedVariant:
+        loaded = load_variant(tiny_variant_dir, dtype="fp32")
+        forward, calls = loaded.model.forward, [0]
+
+        def failing_forward(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] > 2:  # the prefill and one decode step succeed, then the model breaks
+                raise RuntimeError("simulated kernel failure")
+            return forward(*args, **kwargs)
+
+        loaded.model.forward = failing_forward
+        return loaded
+
+    engine = TransformersEngine(load_then_break_decoding, MODEL, ServerMetrics())
+    with _client([engine], api_key=None) as c:
+        _wait_healthy(c)
+        response = _chat(c, stream=True, max_tokens=20, ignore_eos=True)
+    assert response.status_code == 200
+    frames = [f for f in response.text.split("\n\n") if f]
+    assert frames[-1] == "data: [DONE]"
+    error = json.loads(frames[-2][6:])["error"]
+    assert "simulated kernel failure" in error["message"] and error["type"] == "server_error"
+    assert any('"delta"' in f for f in frames[:-2])  # content had started before the failure

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from slimserve.cli import build_parser, main
+from tests.tiny import make_tiny_variant
+
+
+def test_serve_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--host", "--port", "--variant", "--api-key", "--dtype", "--max-batch-size", "--max-waiting"):
+        assert flag in out
+
+
+def test_variants_list_shows_registered_variants(slimserve_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["variants", "list"]) == 0
+    assert "no variants" in capsys.readouterr().out
+    make_tiny_variant(slimserve_home / "variants" / "tiny-a", name="tiny-a")
+    assert main(["variants", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-a" in out and "none" in out
+
+
+def test_serve_unknown_variant_fails_fast_with_a_clear_error(
+    slimserve_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--variant", "does-not-exist", "--port", "0"]) == 2
+    assert "no variant 'does-not-exist'" in capsys.readouterr().err
