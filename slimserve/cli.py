@@ -88,6 +88,60 @@ def variants_list(as_json: bool = False) -> None:
         )
 
 
+def quantize(
+    source: str,
+    method: str,
+    name: str | None = None,
+    calibration: str | None = None,
+    group_size: int = 128,
+    keep: Sequence[str] = ("lm_head",),
+    compute_dtype: str = "bf16",
+    evaluate_after: bool = False,
+) -> None:
+    """Quantize a variant into a new registered variant; optionally measure it right away."""
+    from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+
+    config = QuantizeConfig(
+        method=method,
+        name=name,
+        calibration=calibration,
+        group_size=group_size,
+        keep=list(keep),
+        compute_dtype=compute_dtype,
+    )
+    path = quantize_variant(source, config)
+    print(f"wrote {path}")
+    if evaluate_after:
+        evaluate(str(path))
+
+
+def evaluate(
+    variant: str,
+    teacher: str | None = None,
+    text: str | None = None,
+    max_tokens: int = 4096,
+    runtime: bool = True,
+    as_json: bool = False,
+) -> None:
+    """Measure a variant (quality vs the teacher, size, memory, speed) and record it in its manifest."""
+    from slimserve.compression.data import read_text
+    from slimserve.compression.evaluate import EvalConfig
+    from slimserve.compression.evaluate import evaluate as run_eval
+
+    metrics = run_eval(
+        variant,
+        teacher=teacher,
+        text=read_text(text) if text else None,
+        config=EvalConfig(max_tokens=max_tokens),
+        measure_runtime=runtime,
+    )
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>18}: {value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -113,6 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before 429")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
 
+    from slimserve.compression.quantize import METHODS
+
+    q = verbs.add_parser(
+        "quantize",
+        help="post-training quantization of a variant into a new variant",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    q.add_argument("source", help="variant directory or registered name to quantize (a float variant)")
+    q.add_argument("--method", required=True, choices=sorted(METHODS), help="quantization method")
+    q.add_argument("--name", default=None, help="registry name of the result [default: <source>-<method>]")
+    q.add_argument(
+        "--calibration",
+        default=None,
+        help="text file for calibrating methods [default: Python's pydoc_data topics, training split]",
+    )
+    q.add_argument("--group-size", type=int, default=128, help="weights per group for group-wise 4-bit methods")
+    q.add_argument("--keep", nargs="*", default=["lm_head"], help="module names kept in high precision")
+    q.add_argument("--compute-dtype", default="bf16", help="dtype the dequantized matmuls run in (bf16, fp32)")
+    q.add_argument("--eval", dest="evaluate_after", action="store_true", help="run `slimserve eval` on the result")
+
+    e = verbs.add_parser(
+        "eval",
+        help="measure a variant and record the figures in its manifest",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("variant", help="variant directory or registered name")
+    e.add_argument("--teacher", default=None, help="variant to compare against [default: the manifest's base_model]")
+    e.add_argument("--text", default=None, help="held-out text file [default: pydoc_data held-out topics]")
+    e.add_argument("--max-tokens", type=int, default=4096, help="tokens of text scored")
+    e.add_argument("--no-runtime", dest="runtime", action="store_false", help="skip load/memory/speed figures")
+    e.add_argument("--json", dest="as_json", action="store_true", help="print the figures as JSON")
+
     v = verbs.add_parser("variants", help="inspect the variant registry")
     vv = v.add_subparsers(dest="action", required=True)
     vl = vv.add_parser("list", help="list registered variants with method, bits, size and metrics")
@@ -132,6 +218,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.log_level,
     ),
     "variants": lambda a: variants_list(a.as_json),
+    "quantize": lambda a: quantize(
+        a.source, a.method, a.name, a.calibration, a.group_size, a.keep, a.compute_dtype, a.evaluate_after
+    ),
+    "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json),
 }
 
 
@@ -140,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.verb](args)
-    except (VariantNotFoundError, ValueError, FileExistsError) as exc:
+    except (VariantNotFoundError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"slimserve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -63,10 +63,12 @@ def tiny_model(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0
     return model.eval()
 
 
-def make_tiny_variant(directory: Path, name: str = "tiny-llama", layers: int = 2, hidden: int = 64) -> Path:
+def make_tiny_variant(
+    directory: Path, name: str = "tiny-llama", layers: int = 2, hidden: int = 64, seed: int = 0
+) -> Path:
     """Write a complete variant directory (weights, config, tokenizer, manifest) and return it."""
     tokenizer = tiny_tokenizer()
-    model = tiny_model(len(tokenizer), layers=layers, hidden=hidden)
+    model = tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

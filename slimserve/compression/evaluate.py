@@ -1,0 +1,220 @@
+"""One yardstick for every variant: quality on held-out text, agreement with the teacher, size, memory, speed.
+
+Quality (perplexity, KL(teacher || variant), top-1 agreement) is computed on the same sliding windows
+for variant and teacher. Runtime figures (load time, peak RSS delta, decode tokens/s, time to first
+token) are measured in a fresh subprocess, so one variant's allocations never inflate another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from slimserve.compression.data import eval_text
+from slimserve.models.loader import LoadedVariant, load_variant
+from slimserve.models.manifest import weights_size_bytes
+from slimserve.models.registry import VariantRegistry
+
+
+@dataclass
+class EvalConfig:
+    """How a variant is measured. Defaults fit a 2-core CPU in about a minute per variant."""
+
+    max_tokens: int = 4096
+    """Token budget of held-out text scored for perplexity and agreement."""
+    window: int = 512
+    """Context of each scoring window (tokens)."""
+    stride: int = 256
+    """New tokens scored per window; the rest of the window is context."""
+    quality_dtype: str = "fp32"
+    """Dtype for quality figures of float variants (quantized ones compute in their own dtype)."""
+    runtime_dtype: str = "bf16"
+    """Dtype for speed figures: what the server runs."""
+    decode_tokens: int = 64
+    """Tokens generated per speed measurement."""
+    prompt_tokens: int = 128
+    """Prompt length for time to first token and decode speed."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.stride <= self.window:
+            raise ValueError(f"--stride must be in (0, window={self.window}], got {self.stride}")
+        if self.max_tokens < 2:
+            raise ValueError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+
+
+@dataclass
+class QualityReport:
+    perplexity: float
+    scored_tokens: int
+    kl_to_teacher: float | None = None
+    """Mean KL(teacher || variant) per scored token, in nats."""
+    top1_agreement: float | None = None
+    """Share of scored tokens where variant and teacher rank the same token first."""
+
+
+@torch.inference_mode()
+def quality(
+    variant: LoadedVariant, text: str, config: EvalConfig, teacher: LoadedVariant | None = None
+) -> QualityReport:
+    """Sliding-window perplexity; with a teacher, KL and top-1 agreement on the very same positions."""
+    if teacher is not None and len(teacher.tokenizer) != len(variant.tokenizer):
+        raise ValueError(
+            f"teacher and variant tokenizers differ ({len(teacher.tokenizer)} vs {len(variant.tokenizer)} tokens)"
+        )
+    ids = variant.tokenizer(text, return_tensors="pt")["input_ids"][0, : config.max_tokens]  # (T,)
+    if ids.numel() < 2:
+        raise ValueError("evaluation text is shorter than two tokens")
+    nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0, 0
+    prev_end = 0
+    starts = list(range(0, ids.numel() - 1, config.stride))
+    for begin in tqdm(starts, desc=f"eval {variant.name}", unit="window", leave=False):
+        end = min(begin + config.window, ids.numel())
+        first_target = max(prev_end, begin + 1)
+        if first_target >= end:
+            break
+        window = ids[begin:end].unsqueeze(0)  # (1, W)
+        targets = ids[first_target:end]  # (N,)
+        rows = slice(first_target - 1 - begin, end - 1 - begin)
+        logp = torch.log_softmax(variant.model(window).logits[0, rows].float(), dim=-1)  # (N, V)
+        nll_sum += float(-logp.gather(1, targets.unsqueeze(1)).sum())
+        if teacher is not None:
+            logq = torch.log_softmax(teacher.model(window).logits[0, rows].float(), dim=-1)  # (N, V)
+            vocab = min(logp.shape[1], logq.shape[1])
+            logp_v, logq_v = logp[:, :vocab], logq[:, :vocab]
+            kl_sum += float((logq_v.exp() * (logq_v - logp_v)).sum())
+            agree += int((logp_v.argmax(-1) == logq_v.argmax(-1)).sum())
+        scored += targets.numel()
+        prev_end = end
+        if end == ids.numel():
+            break
+    report = QualityReport(perplexity=math.exp(nll_sum / scored), scored_tokens=scored)
+    if teacher is not None:
+        report.kl_to_teacher = kl_sum / scored
+        report.top1_agreement = agree / scored
+    return report
+
+
+def _rss_kb(field: str) -> int:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) if match else 0
+
+
+@torch.inference_mode()
+def runtime_in_this_process(ref: str, config: EvalConfig) -> dict[str, float]:
+    """Load time, peak RSS delta and speed; meant to run in a fresh process (see `runtime`)."""
+    text = eval_text()
+    rss_before = _rss_kb("VmRSS")
+    started = time.perf_counter()
+    variant = load_variant(ref, dtype=config.runtime_dtype)
+    load_s = time.perf_counter() - started
+    peak_delta_mb = (_rss_kb("VmHWM") - rss_before) / 1024
+    model, tokenizer = variant.model, variant.tokenizer
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    prompts = torch.stack([ids[i * 1000 : i * 1000 + config.prompt_tokens] for i in range(8)])  # (8, P)
+
+    def generate(batch: torch.Tensor, new_tokens: int) -> float:
+        started = time.perf_counter()
+        model.generate(
+            batch,
+            attention_mask=torch.ones_like(batch),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return time.perf_counter() - started
+
+    generate(prompts[:1], 4)  # warm-up
+    ttft = sorted(generate(prompts[i : i + 1], 1) for i in range(3))[1]
+    b1 = generate(prompts[:1], config.decode_tokens)
+    b8 = generate(prompts, config.decode_tokens)
+    return {
+        "load_s": round(load_s, 2),
+        "rss_mb": round(peak_delta_mb, 1),
+        "ttft_ms_128": round(ttft * 1000, 1),
+        "decode_tok_s_b1": round(config.decode_tokens / (b1 - ttft), 2),
+        "decode_tok_s_b8": round(8 * config.decode_tokens / (b8 - ttft), 2),
+    }
+
+
+def runtime(ref: str, config: EvalConfig) -> dict[str, float]:
+    """Runtime figures from a fresh Python process, so the parent's memory and threads do not interfere."""
+    command = [
+        sys.executable,
+        "-m",
+        "slimserve.compression.evaluate",
+        "--runtime",
+        ref,
+        "--config",
+        json.dumps(asdict(config)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"runtime measurement of {ref} failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def evaluate(
+    ref: str,
+    teacher: str | None = None,
+    text: str | None = None,
+    config: EvalConfig | None = None,
+    measure_runtime: bool = True,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Measure a variant and (by default) record the figures in its manifest's `metrics`."""
+    config = config or EvalConfig()
+    registry = VariantRegistry()
+    found = registry.resolve(ref)
+    teacher_ref = teacher if teacher is not None else found.manifest.base_model
+    loaded = load_variant(found.path, dtype=config.quality_dtype)
+    teacher_loaded = None
+    if teacher_ref and registry.exists(teacher_ref) and registry.resolve(teacher_ref).path != found.path:
+        teacher_loaded = load_variant(teacher_ref, dtype=config.quality_dtype)
+    report = quality(loaded, text if text is not None else eval_text(), config, teacher_loaded)
+    del loaded, teacher_loaded
+    metrics: dict[str, Any] = {
+        "perplexity": round(report.perplexity, 4),
+        "eval_tokens": report.scored_tokens,
+        "eval_text": "pydoc_data held-out topics" if text is None else "user text",
+        "size_bytes": weights_size_bytes(found.path),
+    }
+    if report.kl_to_teacher is not None:
+        metrics |= {
+            "kl_to_teacher": round(report.kl_to_teacher, 5),
+            "top1_agreement": round(report.top1_agreement or 0.0, 4),
+            "teacher": teacher_ref,
+        }
+    elif teacher_ref == found.manifest.name:
+        metrics |= {"kl_to_teacher": 0.0, "top1_agreement": 1.0, "teacher": teacher_ref}
+    if measure_runtime:
+        metrics |= runtime(str(found.path), config)
+    if write:
+        manifest = found.manifest
+        manifest.metrics = {**manifest.metrics, **metrics}
+        manifest.write(found.path)
+    return metrics
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="internal: runtime measurement in a fresh process")
+    parser.add_argument("--runtime", required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args()
+    config = EvalConfig(**json.loads(args.config))
+    print(json.dumps(runtime_in_this_process(args.runtime, config)))
+
+
+if __name__ == "__main__":
+    _main()

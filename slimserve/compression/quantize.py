@@ -1,0 +1,159 @@
+"""Post-training quantization of a variant into a new, registered variant directory.
+
+Each method is one object with one entry point (`apply`) that writes a loadable model directory; the
+glue here validates inputs first, writes into a hidden staging directory, and renames it into the
+registry only when everything succeeded, so a failure never leaves a half-written variant behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from slimserve.compression.data import read_text, train_texts
+from slimserve.models.loader import parse_dtype
+from slimserve.models.manifest import VariantManifest, weights_size_bytes
+from slimserve.models.registry import RegisteredVariant, VariantRegistry
+
+
+class QuantizationError(ValueError):
+    """A quantization request that cannot be honoured; raised before any file is written."""
+
+
+@dataclass
+class QuantizeConfig:
+    """One post-training quantization run."""
+
+    method: str
+    """One of `METHODS` (see `slimserve quantize --help`)."""
+    name: str | None = None
+    """Registry name of the result; default `<source>-<method>`."""
+    calibration: str | None = None
+    """Text file for calibration; default: the training split of Python's `pydoc_data` topics."""
+    calibration_tokens: int = 8192
+    """Tokens of calibration text used by methods that calibrate."""
+    group_size: int = 128
+    """Weights per quantization group for group-wise 4-bit methods."""
+    keep: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Module names kept in high precision (embeddings are never quantized)."""
+    compute_dtype: str = "bf16"
+    """Dtype the dequantized matmuls run in."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QuantizationError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise QuantizationError(f"--group-size must be 32, 64, 128 or 256, got {self.group_size}")
+        if self.calibration_tokens < 256:
+            raise QuantizationError(f"--calibration-tokens must be at least 256, got {self.calibration_tokens}")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise QuantizationError(f"calibration file {self.calibration} does not exist")
+        parse_dtype(self.compute_dtype)
+
+
+class QuantMethod(Protocol):
+    name: str
+    bits: int
+    runtimes: list[str]
+    """Runtimes that load what `apply` writes."""
+
+    def apply(self, source: RegisteredVariant, staging: Path, config: QuantizeConfig) -> dict[str, Any]:
+        """Write the quantized model (weights + config) into `staging`; return provenance details."""
+        ...
+
+
+@dataclass
+class BitsAndBytes:
+    """LLM.int8 and 4-bit NF4/FP4 through bitsandbytes, as transformers' `BitsAndBytesConfig` applies them.
+
+    Round-to-nearest, no calibration. The saved directory carries its `quantization_config`, so both
+    transformers and vLLM load it as is.
+    """
+
+    name: str
+    bits: int
+    quant_type: str | None = None
+    runtimes: list[str] = field(default_factory=lambda: ["transformers", "vllm"])
+
+    def apply(self, source: RegisteredVariant, staging: Path, config: QuantizeConfig) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        compute = parse_dtype(config.compute_dtype)
+        if self.bits == 8:
+            bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=config.keep)
+        else:
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.quant_type,
+                bnb_4bit_compute_dtype=compute,
+                llm_int8_skip_modules=config.keep,
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, quantization_config=bnb, dtype=compute, device_map="cpu"
+        )
+        model.save_pretrained(staging, safe_serialization=True)
+        return {"library": "bitsandbytes", "quantization_config": bnb.to_dict()}
+
+
+METHODS: dict[str, QuantMethod] = {
+    "bnb-int8": BitsAndBytes("bnb-int8", 8),
+    "bnb-nf4": BitsAndBytes("bnb-nf4", 4, "nf4"),
+    "bnb-fp4": BitsAndBytes("bnb-fp4", 4, "fp4"),
+}
+
+
+def calibration_text(config: QuantizeConfig) -> str:
+    return read_text(config.calibration) if config.calibration else "\n\n".join(train_texts())
+
+
+def quantize_variant(source_ref: str, config: QuantizeConfig, registry: VariantRegistry | None = None) -> Path:
+    """Quantize `source_ref` with `config.method`; returns the registered variant directory."""
+    registry = registry or VariantRegistry()
+    source = registry.resolve(source_ref)
+    if source.manifest.bits < 16 or source.manifest.method.startswith(("bnb-", "int")):
+        raise QuantizationError(
+            f"{source.name!r} is already quantized ({source.manifest.method}, {source.manifest.bits} bits); "
+            "quantize its float parent instead"
+        )
+    method = METHODS[config.method]
+    name = config.name or f"{source.name}-{config.method}"
+    target = registry.variants_dir / name
+    if target.exists():
+        raise QuantizationError(f"variant {name!r} already exists at {target}; choose another --name")
+    registry.variants_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=registry.variants_dir, prefix=f".{name}.") as tmp:
+        staging = Path(tmp) / name
+        staging.mkdir()
+        details = method.apply(source, staging, config)
+        for item in source.path.iterdir():  # tokenizer, chat template, generation config
+            if item.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+                shutil.copy2(item, staging / item.name)
+        manifest = VariantManifest(
+            name=name,
+            base_model=source.manifest.base_model,
+            family=source.manifest.family,
+            method=config.method,
+            bits=method.bits,
+            parameters=source.manifest.parameters,
+            size_bytes=weights_size_bytes(staging),
+            dtype=config.compute_dtype if config.compute_dtype != "bf16" else "bfloat16",
+            runtimes=list(method.runtimes),
+            provenance={
+                "source": source.name,
+                "command": "quantize",
+                "config": {k: v for k, v in vars(config).items()},
+                "seconds": round(time.perf_counter() - started, 1),
+                "torch": torch.__version__,
+                **details,
+            },
+        )
+        manifest.write(staging)
+        staging.rename(target)
+    return target

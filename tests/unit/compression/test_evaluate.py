@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimserve.compression.data import eval_text, train_texts
+from slimserve.compression.evaluate import EvalConfig, evaluate, quality
+from slimserve.models import LoadedVariant, VariantManifest, VariantRegistry, load_variant
+from tests.tiny import make_tiny_variant
+
+TEXT = "The capital of France is Paris. " * 40
+
+
+def test_held_out_text_is_disjoint_from_training_text() -> None:
+    held_out = eval_text()
+    assert len(held_out) > 50_000
+    assert not any(doc in held_out for doc in train_texts())
+
+
+def test_sliding_window_perplexity_matches_a_direct_computation(tiny_loaded: LoadedVariant) -> None:
+    ids = tiny_loaded.tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :120]
+    with torch.inference_mode():
+        direct = tiny_loaded.model(ids, labels=ids).loss
+    report = quality(tiny_loaded, TEXT, EvalConfig(max_tokens=120, window=256, stride=256))
+    assert report.scored_tokens == 119
+    assert report.perplexity == pytest.approx(math.exp(float(direct)), rel=1e-4)
+    # overlapping windows score every token exactly once too
+    strided = quality(tiny_loaded, TEXT, EvalConfig(max_tokens=120, window=64, stride=32))
+    assert strided.scored_tokens == 119
+
+
+def test_agreement_with_itself_is_perfect_and_with_another_model_is_not(
+    tiny_loaded: LoadedVariant, tmp_path: Path
+) -> None:
+    config = EvalConfig(max_tokens=100, window=64, stride=32)
+    same = quality(tiny_loaded, TEXT, config, teacher=tiny_loaded)
+    assert same.kl_to_teacher == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
+    other = load_variant(make_tiny_variant(tmp_path / "other", layers=1, seed=1), dtype="fp32")
+    # random tied models mostly predict their input token; an untied random head disagrees for real
+    other.model.lm_head.weight = torch.nn.Parameter(torch.randn_like(other.model.lm_head.weight) * 8)
+    different = quality(other, TEXT, config, teacher=tiny_loaded)
+    assert different.kl_to_teacher is not None and different.kl_to_teacher > 0.01
+    assert different.top1_agreement is not None and different.top1_agreement < 1.0
+
+
+def test_evaluate_records_quality_and_runtime_in_the_manifest(slimserve_home: Path) -> None:
+    registry = VariantRegistry()
+    path = make_tiny_variant(registry.variants_dir / "tiny", name="tiny")
+    metrics = evaluate("tiny", config=EvalConfig(max_tokens=200, window=64, stride=32, decode_tokens=8))
+    recorded = VariantManifest.read(path).metrics
+    assert recorded == metrics
+    assert recorded["kl_to_teacher"] == 0.0 and recorded["perplexity"] > 1
+    for key in ("load_s", "rss_mb", "ttft_ms_128", "decode_tok_s_b1", "decode_tok_s_b8"):
+        assert recorded[key] > 0, key
+
+
+def test_bad_config_names_the_flag() -> None:
+    with pytest.raises(ValueError, match="--stride"):
+        EvalConfig(window=64, stride=128)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from slimserve.compression.quantize import QuantizationError, QuantizeConfig, quantize_variant
+from slimserve.models import VariantManifest, VariantRegistry, load_variant
+from tests.tiny import make_tiny_variant
+
+PROMPT = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])
+
+
+@pytest.fixture
+def registry(slimserve_home: Path) -> VariantRegistry:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "tiny", name="tiny", hidden=128)
+    return registry
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(PROMPT).logits.float()[0]
+
+
+@pytest.mark.parametrize(("method", "bits"), [("bnb-int8", 8), ("bnb-nf4", 4), ("bnb-fp4", 4)])
+def test_bnb_variant_is_registered_close_and_reloads_identically(
+    registry: VariantRegistry, method: str, bits: int
+) -> None:
+    path = quantize_variant("tiny", QuantizeConfig(method=method, compute_dtype="fp32"), registry)
+    manifest = VariantManifest.read(path)
+    assert path == registry.variants_dir / f"tiny-{method}"
+    assert (manifest.method, manifest.bits, manifest.base_model) == (method, bits, "tiny")
+    assert "vllm" in manifest.runtimes
+    assert manifest.size_bytes < VariantManifest.read(registry.variants_dir / "tiny").size_bytes
+
+    reference = _logits(load_variant("tiny", dtype="fp32", registry=registry).model)
+    reloaded = _logits(load_variant(path, dtype="fp32", registry=registry).model)
+    similarity = torch.nn.functional.cosine_similarity(reference.flatten(), reloaded.flatten(), dim=0)
+    assert similarity > (0.99 if bits == 8 else 0.9)
+
+    # what was saved is exactly what quantizing in memory gives
+    if bits == 4:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=method.split("-")[1],
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=["lm_head"],
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    in_memory = AutoModelForCausalLM.from_pretrained(
+        registry.variants_dir / "tiny", quantization_config=config, dtype=torch.float32, device_map="cpu"
+    )
+    torch.testing.assert_close(_logits(in_memory), reloaded)
+
+
+def test_bad_requests_fail_before_writing_anything(registry: VariantRegistry, tmp_path: Path) -> None:
+    with pytest.raises(QuantizationError, match="bnb-nf4"):
+        QuantizeConfig(method="int3-magic")
+    with pytest.raises(QuantizationError, match="does not exist"):
+        QuantizeConfig(method="bnb-nf4", calibration=str(tmp_path / "missing.txt"))
+    with pytest.raises(QuantizationError, match="group-size"):
+        QuantizeConfig(method="bnb-nf4", group_size=100)
+
+    quantize_variant("tiny", QuantizeConfig(method="bnb-nf4"), registry)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_variant("tiny-bnb-nf4", QuantizeConfig(method="bnb-int8"), registry)
+    with pytest.raises(QuantizationError, match="already exists"):
+        quantize_variant("tiny", QuantizeConfig(method="bnb-nf4"), registry)
+
+
+def test_a_failing_method_leaves_no_half_written_variant(registry: VariantRegistry) -> None:
+    (registry.variants_dir / "tiny" / "model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, nothing may remain
+        quantize_variant("tiny", QuantizeConfig(method="bnb-nf4"), registry)
+    assert sorted(p.name for p in registry.variants_dir.iterdir()) == ["tiny"]
