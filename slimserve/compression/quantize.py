@@ -101,7 +101,75 @@ class BitsAndBytes:
         return {"library": "bitsandbytes", "quantization_config": bnb.to_dict()}
 
 
+@dataclass
+class CompressedTensorsRTN:
+    """Round-to-nearest integer weights written in compressed-tensors' `pack-quantized` format.
+
+    `int8-weight` is W8A16: symmetric int8 per output channel, activations stay bf16. vLLM and
+    transformers load the directory as is; slimserve's loader runs it with torch's fused int8 CPU kernel.
+    """
+
+    name: str
+    bits: int
+    runtimes: list[str] = field(default_factory=lambda: ["transformers", "vllm", "slimserve-cpu-kernels"])
+
+    def scheme(self, config: QuantizeConfig) -> Any:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        weights = QuantizationArgs(num_bits=self.bits, type="int", strategy="channel", symmetric=True, dynamic=False)
+        return QuantizationScheme(targets=["Linear"], weights=weights)
+
+    def apply(self, source: RegisteredVariant, staging: Path, config: QuantizeConfig) -> dict[str, Any]:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+        from compressed_tensors.quantization.utils import calculate_qparams
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+        head = model.get_output_embeddings()
+        if "lm_head" not in config.keep and head is not None and getattr(model.config, "tie_word_embeddings", False):
+            # a quantized head cannot share its weight with the float embedding table: untie it
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        scheme = self.scheme(config)
+        apply_quantization_config(
+            model,
+            QuantizationConfig(
+                config_groups={"group_0": scheme},
+                ignore=list(config.keep),
+                quantization_status=QuantizationStatus.INITIALIZED,
+            ),
+        )
+        quantized = 0
+        with torch.no_grad():
+            module: Any
+            for module in model.modules():
+                if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_scale"):
+                    continue
+                weight = module.weight  # (N, K)
+                scale, zero_point = calculate_qparams(
+                    weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True), scheme.weights
+                )
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.copy_(zero_point.reshape(module.weight_zero_point.shape))
+                quantized += 1
+        if quantized == 0:
+            raise QuantizationError(f"{source.name!r} has no Linear layers that {self.name} can quantize")
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+        compressor.compress_model(model)
+        storage = parse_dtype(config.compute_dtype)
+        for name, param in model.named_parameters():  # embeddings and norms, kept in float
+            if param.is_floating_point() and not name.endswith(("weight_scale", "weight_zero_point")):
+                param.data = param.data.to(storage)
+        model.config.dtype = storage
+        model.save_pretrained(staging)
+        compressor.update_config(staging)
+        return {"library": "compressed-tensors", "format": "pack-quantized", "quantized_linears": quantized}
+
+
 METHODS: dict[str, QuantMethod] = {
+    "int8-weight": CompressedTensorsRTN("int8-weight", 8),
     "bnb-int8": BitsAndBytes("bnb-int8", 8),
     "bnb-nf4": BitsAndBytes("bnb-nf4", 4, "nf4"),
     "bnb-fp4": BitsAndBytes("bnb-fp4", 4, "fp4"),

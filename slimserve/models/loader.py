@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from slimserve.models.cpu_kernels import accelerate_compressed_linears, is_compressed_tensors
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 
@@ -89,6 +90,8 @@ def load_variant(
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(variant.path)
     model = AutoModelForCausalLM.from_pretrained(variant.path, dtype=torch_dtype)
+    if is_compressed_tensors(model.config):
+        accelerate_compressed_linears(model)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

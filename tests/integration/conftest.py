@@ -15,6 +15,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.models import DEFAULT_VARIANT, VariantRegistry
 from slimserve.models.embedded import EmbeddedModelMissingError, embedded_gguf_path
 
 API_KEY = "sk-integration"
@@ -38,16 +40,37 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def int8_variant(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default teacher quantized to int8 (W8A16), in a throw-away registry."""
     try:
         embedded_gguf_path()
     except EmbeddedModelMissingError as exc:
         pytest.skip(str(exc))
+    teacher = VariantRegistry().resolve(DEFAULT_VARIANT)  # the user's cache: converted once, reused
+    scratch = VariantRegistry(tmp_path_factory.mktemp("registry"))
+    return quantize_variant(str(teacher.path), QuantizeConfig(method="int8-weight"), scratch)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, int8_variant: Path) -> Iterator[RunningServer]:
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "slimserve", "serve", "--port", str(port), "--api-key", API_KEY],
+            [
+                sys.executable,
+                "-m",
+                "slimserve",
+                "serve",
+                "--port",
+                str(port),
+                "--api-key",
+                API_KEY,
+                "--variant",
+                DEFAULT_VARIANT,
+                "--variant",
+                str(int8_variant),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),

@@ -107,3 +107,13 @@ def test_disconnect_stops_generation(server: RunningServer) -> None:
     while generated() == before and time.monotonic() < deadline:
         time.sleep(0.2)  # the engine accounts a sequence's tokens when it ends
     assert 0 < generated() - before < 500
+
+
+def test_quantized_variant_is_served_and_listed(server: RunningServer) -> None:
+    client = server.client()
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {MODEL, f"{MODEL}-int8-weight"}
+    assert models[f"{MODEL}-int8-weight"].model_extra["slimserve"]["bits"] == 8  # type: ignore[index]
+    response = client.chat.completions.create(model=f"{MODEL}-int8-weight", messages=FRANCE, temperature=0)
+    assert "Paris" in (response.choices[0].message.content or "")
+    assert response.model == f"{MODEL}-int8-weight"

@@ -77,3 +77,40 @@ def test_a_failing_method_leaves_no_half_written_variant(registry: VariantRegist
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, nothing may remain
         quantize_variant("tiny", QuantizeConfig(method="bnb-nf4"), registry)
     assert sorted(p.name for p in registry.variants_dir.iterdir()) == ["tiny"]
+
+
+def test_int8_weight_is_compressed_tensors_and_runs_on_the_int8_kernel(registry: VariantRegistry) -> None:
+    from slimserve.models.cpu_kernels import Int8WeightOnlyLinear
+
+    path = quantize_variant("tiny", QuantizeConfig(method="int8-weight"), registry)
+    manifest = VariantManifest.read(path)
+    assert (manifest.method, manifest.bits) == ("int8-weight", 8)
+    config = (path / "config.json").read_text()
+    assert '"quant_method": "compressed-tensors"' in config and '"pack-quantized"' in config
+
+    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
+    loaded = load_variant(path, dtype="fp32", registry=registry)
+    fast = [m for m in loaded.model.modules() if isinstance(m, Int8WeightOnlyLinear)]
+    assert len(fast) == 2 * 7  # every Linear of both layers; lm_head stays float by default
+    assert not isinstance(loaded.model.lm_head, Int8WeightOnlyLinear)
+
+    # the kernel computes exactly the dequantized matmul, and int8 per-channel stays close to float
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T, atol=1e-4, rtol=1e-4)
+    original = float_model.model.layers[0].mlp.up_proj.weight
+    assert (layer.dequantized_weight() - original).abs().max() <= original.abs().max() / 127
+    similarity = torch.nn.functional.cosine_similarity(
+        _logits(float_model).flatten(), _logits(loaded.model).flatten(), dim=0
+    )
+    assert similarity > 0.999
+
+
+def test_int8_weight_can_quantize_the_tied_head_too(registry: VariantRegistry) -> None:
+    from slimserve.models.cpu_kernels import Int8WeightOnlyLinear
+
+    path = quantize_variant("tiny", QuantizeConfig(method="int8-weight", keep=[], name="tiny-all-int8"), registry)
+    loaded = load_variant(path, dtype="bf16", registry=registry)
+    assert isinstance(loaded.model.lm_head, Int8WeightOnlyLinear)
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.isfinite(_logits(loaded.model)).all()
