@@ -6,7 +6,7 @@ PORT   ?= 8000
 HOST   ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint typecheck unit integration bench clean
+.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant clean
 
 setup: $(VENV)/.installed
 
@@ -39,8 +39,14 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
-bench: setup
+# Benchmarks write their own section of docs/BENCHMARKS.md; run them on a quiet machine.
+bench: bench-serve bench-quant
+
+bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md
+
+bench-quant: setup
+	$(BIN)/python benchmarks/quant_bench.py --write docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import httpx
 from openai import AsyncOpenAI
+from report import machine, today, write_section
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -36,7 +35,6 @@ PROMPTS = [
     "Summarize the plot of a detective novel you would like to read.",
     "Give a step-by-step recipe for a simple tomato soup.",
 ]
-START, END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
 
 
 @dataclass
@@ -166,29 +164,12 @@ def llama_cpp_available() -> bool:
     return True
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    threads = torch.get_num_threads()
-    python = platform.python_version()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), Python {python}"
-
-
 def render(results: list[ServerResult], args: argparse.Namespace) -> str:
     lines = [
-        START,
-        "## Serving: `make bench`",
+        "## Serving: `make bench-serve`",
         "",
         f"- command: `python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- date: {dt.date.today().isoformat()}",
+        f"- date: {today()}",
         f"- machine: {machine()}",
         f"- workload: chat requests from {len(PROMPTS)} prompts, exactly {args.max_tokens} completion tokens each "
         f"(EOS banned with logit_bias), greedy, streamed; each of c clients sends {args.per_worker} requests back to "
@@ -213,17 +194,7 @@ def render(results: list[ServerResult], args: argparse.Namespace) -> str:
         theirs = {p.concurrency: p.tok_s for p in other.phases}
         if 8 in ours and 8 in theirs:
             lines.append(f"slimserve / {other.name} at concurrency 8: **{ours[8] / theirs[8]:.2f}x** (target > 1x).")
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured with the commands shown.\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> int:
@@ -299,7 +270,7 @@ def main() -> int:
     section = render(results, args)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, "serve-bench", section)
         print(f"wrote {args.write}")
     return 0
 

@@ -180,9 +180,12 @@ def evaluate(
     teacher_ref = teacher if teacher is not None else found.manifest.base_model
     loaded = load_variant(found.path, dtype=config.quality_dtype)
     teacher_loaded = None
-    if teacher_ref and registry.exists(teacher_ref) and registry.resolve(teacher_ref).path != found.path:
-        teacher_loaded = load_variant(teacher_ref, dtype=config.quality_dtype)
+    teacher_path = registry.resolve(teacher_ref).path if teacher_ref and registry.exists(teacher_ref) else None
+    is_teacher = teacher_path is not None and teacher_path.resolve() == found.path.resolve()
+    if teacher_path is not None and not is_teacher:
+        teacher_loaded = load_variant(teacher_path, dtype=config.quality_dtype)
     report = quality(loaded, text if text is not None else eval_text(), config, teacher_loaded)
+    teacher_name = teacher_loaded.name if teacher_loaded is not None else found.name
     del loaded, teacher_loaded
     metrics: dict[str, Any] = {
         "perplexity": round(report.perplexity, 4),
@@ -194,10 +197,10 @@ def evaluate(
         metrics |= {
             "kl_to_teacher": round(report.kl_to_teacher, 5),
             "top1_agreement": round(report.top1_agreement or 0.0, 4),
-            "teacher": teacher_ref,
+            "teacher": teacher_name,
         }
-    elif teacher_ref == found.manifest.name:
-        metrics |= {"kl_to_teacher": 0.0, "top1_agreement": 1.0, "teacher": teacher_ref}
+    elif is_teacher:
+        metrics |= {"kl_to_teacher": 0.0, "top1_agreement": 1.0, "teacher": teacher_name}
     if measure_runtime:
         metrics |= runtime(str(found.path), config)
     if write:

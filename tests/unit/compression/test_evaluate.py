@@ -55,6 +55,15 @@ def test_evaluate_records_quality_and_runtime_in_the_manifest(slimserve_home: Pa
     assert recorded["kl_to_teacher"] == 0.0 and recorded["perplexity"] > 1
     for key in ("load_s", "rss_mb", "ttft_ms_128", "decode_tok_s_b1", "decode_tok_s_b8"):
         assert recorded[key] > 0, key
+    # the teacher named by path is recognised as the variant itself
+    by_path = evaluate(
+        str(path),
+        teacher=str(path),
+        config=EvalConfig(max_tokens=200, window=64, stride=32),
+        measure_runtime=False,
+        write=False,
+    )
+    assert (by_path["kl_to_teacher"], by_path["teacher"]) == (0.0, "tiny")
 
 
 def test_bad_config_names_the_flag() -> None:

@@ -1,0 +1,44 @@
+"""Writing one benchmark's section into docs/BENCHMARKS.md without touching the others."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from pathlib import Path
+
+HEADER = "# Benchmarks\n\nFigures measured with the commands shown; each section is rewritten by its own command.\n"
+
+
+def machine() -> str:
+    """CPU model, cores, torch build and threads: enough to know which figures compare."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    threads = torch.get_num_threads()
+    python = platform.python_version()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), Python {python}"
+
+
+def today() -> str:
+    return dt.date.today().isoformat()
+
+
+def write_section(path: Path, key: str, body: str) -> None:
+    """Replace the section between `<!-- key:start -->` and `<!-- key:end -->`, or append it."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    section = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else HEADER
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
