@@ -71,7 +71,8 @@ def main() -> int:
             f"windows of {config.window} with stride {config.stride}, fp32 compute for float weights; "
             "KL(teacher || variant) in nats per token; agreement = same top-1 token as the teacher.",
             f"- speed: transformers `generate`, greedy, {config.prompt_tokens}-token prompt, "
-            f"{config.decode_tokens} new tokens, bf16 activations, fresh process per variant; "
+            f"{config.decode_tokens} new tokens, bf16 activations, median of {config.repeats} runs, "
+            "fresh process per variant; "
             "RSS = peak resident growth while loading.",
             f"- targets: 8-bit: {TARGETS[8]}; 4-bit: {TARGETS[4]}.",
             "",

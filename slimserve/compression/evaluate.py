@@ -45,10 +45,14 @@ class EvalConfig:
     """Tokens generated per speed measurement."""
     prompt_tokens: int = 128
     """Prompt length for time to first token and decode speed."""
+    repeats: int = 3
+    """Speed runs per figure; the median is reported (2 shared cores are noisy)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.stride <= self.window:
             raise ValueError(f"--stride must be in (0, window={self.window}], got {self.stride}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
         if self.max_tokens < 2:
             raise ValueError(f"--max-tokens must be at least 2, got {self.max_tokens}")
 
@@ -135,10 +139,13 @@ def runtime_in_this_process(ref: str, config: EvalConfig) -> dict[str, float]:
         )
         return time.perf_counter() - started
 
+    def median(times: list[float]) -> float:
+        return sorted(times)[len(times) // 2]
+
     generate(prompts[:1], 4)  # warm-up
-    ttft = sorted(generate(prompts[i : i + 1], 1) for i in range(3))[1]
-    b1 = generate(prompts[:1], config.decode_tokens)
-    b8 = generate(prompts, config.decode_tokens)
+    ttft = median([generate(prompts[i % 8 : i % 8 + 1], 1) for i in range(config.repeats)])
+    b1 = median([generate(prompts[i % 8 : i % 8 + 1], config.decode_tokens) for i in range(config.repeats)])
+    b8 = median([generate(prompts, config.decode_tokens) for _ in range(config.repeats)])
     return {
         "load_s": round(load_s, 2),
         "rss_mb": round(peak_delta_mb, 1),
