@@ -76,16 +76,19 @@ def variants_list(as_json: bool = False) -> None:
             f"({DEFAULT_VARIANT}) on first use"
         )
         return
-    header = f"{'name':<32} {'method':<12} {'bits':>4} {'size MB':>8} {'ppl':>8} {'tok/s b1':>8}  path"
+    header = f"{'name':<36} {'method':<12} {'bits':>4} {'size MB':>8} {'ppl':>8} {'KL':>7} {'tok/s b1':>8}  path"
     print(header)
     for v in found:
         m = v.manifest
-        ppl = m.metrics.get("perplexity")
-        tps = m.metrics.get("decode_tok_s_b1")
+        ppl, kl, tps = (m.metrics.get(k) for k in ("perplexity", "kl_to_teacher", "decode_tok_s_b1"))
         print(
-            f"{m.name:<32} {m.method:<12} {m.bits:>4} {m.size_bytes / 1e6:>8.1f} "
-            f"{(f'{ppl:.2f}' if ppl else '-'):>8} {(f'{tps:.1f}' if tps else '-'):>8}  {v.path}"
+            f"{m.name:<36} {m.method:<12} {m.bits:>4} {m.size_bytes / 1e6:>8.1f} "
+            f"{_fmt(ppl, '.2f'):>8} {_fmt(kl, '.4f'):>7} {_fmt(tps, '.1f'):>8}  {v.path}"
         )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def quantize(

@@ -40,14 +40,12 @@ class ChoiceResult:
     """Everything one choice produced, accumulated from its events."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
 
     def add(self, event: GenerationEvent) -> None:
         self.text += event.text
-        self.token_ids += event.token_ids
         self.logprobs += event.logprobs
         self.completion_tokens = event.completion_tokens
         self.finish_reason = event.finish_reason or self.finish_reason
