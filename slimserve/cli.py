@@ -100,6 +100,8 @@ def quantize(
     keep: Sequence[str] = ("lm_head",),
     compute_dtype: str = "bf16",
     evaluate_after: bool = False,
+    calibration_tokens: int = 8192,
+    smoothing_alpha: float = 0.5,
 ) -> None:
     """Quantize a variant into a new registered variant; optionally measure it right away."""
     from slimserve.compression.quantize import QuantizeConfig, quantize_variant
@@ -111,6 +113,8 @@ def quantize(
         group_size=group_size,
         keep=list(keep),
         compute_dtype=compute_dtype,
+        calibration_tokens=calibration_tokens,
+        smoothing_alpha=smoothing_alpha,
     )
     path = quantize_variant(source, config)
     print(f"wrote {path}")
@@ -184,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         default=None,
         help="text file for calibrating methods [default: Python's pydoc_data topics, training split]",
+    )
+    q.add_argument("--calibration-tokens", type=int, default=8192, help="tokens of calibration text used")
+    q.add_argument(
+        "--smoothing-alpha",
+        type=float,
+        default=0.5,
+        help="SmoothQuant strength for int8-dynamic (share of activation range moved into weights)",
     )
     q.add_argument("--group-size", type=int, default=128, help="weights per group for group-wise 4-bit methods")
     q.add_argument("--keep", nargs="*", default=["lm_head"], help="module names kept in high precision")

@@ -44,6 +44,8 @@ class QuantizeConfig:
     """Module names kept in high precision (embeddings are never quantized)."""
     compute_dtype: str = "bf16"
     """Dtype the dequantized matmuls run in."""
+    smoothing_alpha: float = 0.5
+    """SmoothQuant migration strength for methods that quantize activations (0: none to weights, 1: all)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,6 +56,8 @@ class QuantizeConfig:
             raise QuantizationError(f"--calibration-tokens must be at least 256, got {self.calibration_tokens}")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise QuantizationError(f"calibration file {self.calibration} does not exist")
+        if not 0.0 < self.smoothing_alpha < 1.0:
+            raise QuantizationError(f"--smoothing-alpha must be in (0, 1), got {self.smoothing_alpha}")
         parse_dtype(self.compute_dtype)
 
 
@@ -111,13 +115,37 @@ class CompressedTensorsRTN:
 
     name: str
     bits: int
+    dynamic_activations: bool = False
+    """W8A8: activations quantized per token at run time, after SmoothQuant smoothing."""
     runtimes: list[str] = field(default_factory=lambda: ["transformers", "vllm", "slimserve-cpu-kernels"])
 
     def scheme(self, config: QuantizeConfig) -> Any:
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
         weights = QuantizationArgs(num_bits=self.bits, type="int", strategy="channel", symmetric=True, dynamic=False)
-        return QuantizationScheme(targets=["Linear"], weights=weights)
+        activations = None
+        if self.dynamic_activations:
+            activations = QuantizationArgs(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True)
+        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
+
+    def smooth(self, model: Any, source: RegisteredVariant, config: QuantizeConfig) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from slimserve.compression.smoothing import SmoothingError, activation_maxima, smooth_llama
+
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        ids = tokenizer(calibration_text(config), return_tensors="pt")["input_ids"][0, : config.calibration_tokens]
+        try:
+            smoothed = smooth_llama(model, activation_maxima(model, ids), alpha=config.smoothing_alpha)
+        except SmoothingError as exc:
+            raise QuantizationError(f"{self.name}: {exc}") from exc
+        return {
+            "smoothquant": {
+                "alpha": config.smoothing_alpha,
+                "calibration_tokens": int(ids.numel()),
+                "smoothed_linears": smoothed,
+            }
+        }
 
     def apply(self, source: RegisteredVariant, staging: Path, config: QuantizeConfig) -> dict[str, Any]:
         from compressed_tensors.compressors import ModelCompressor
@@ -131,6 +159,7 @@ class CompressedTensorsRTN:
             # a quantized head cannot share its weight with the float embedding table: untie it
             head.weight = torch.nn.Parameter(head.weight.detach().clone())
             model.config.tie_word_embeddings = False
+        details: dict[str, Any] = self.smooth(model, source, config) if self.dynamic_activations else {}
         scheme = self.scheme(config)
         apply_quantization_config(
             model,
@@ -156,7 +185,8 @@ class CompressedTensorsRTN:
                 quantized += 1
         if quantized == 0:
             raise QuantizationError(f"{source.name!r} has no Linear layers that {self.name} can quantize")
-        compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+        quant_format = "int-quantized" if self.dynamic_activations else "pack-quantized"
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=quant_format)
         compressor.compress_model(model)
         storage = parse_dtype(config.compute_dtype)
         for name, param in model.named_parameters():  # embeddings and norms, kept in float
@@ -165,11 +195,12 @@ class CompressedTensorsRTN:
         model.config.dtype = storage
         model.save_pretrained(staging)
         compressor.update_config(staging)
-        return {"library": "compressed-tensors", "format": "pack-quantized", "quantized_linears": quantized}
+        return {"library": "compressed-tensors", "format": quant_format, "quantized_linears": quantized, **details}
 
 
 METHODS: dict[str, QuantMethod] = {
     "int8-weight": CompressedTensorsRTN("int8-weight", 8),
+    "int8-dynamic": CompressedTensorsRTN("int8-dynamic", 8, dynamic_activations=True),
     "bnb-int8": BitsAndBytes("bnb-int8", 8),
     "bnb-nf4": BitsAndBytes("bnb-nf4", 4, "nf4"),
     "bnb-fp4": BitsAndBytes("bnb-fp4", 4, "fp4"),

@@ -57,17 +57,73 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def _int8_channel_scheme(module: nn.Module) -> bool:
+class Int8DynamicLinear(nn.Module):
+    """W8A8: each row of x is quantized to int8 with its own scale, then an int8 x int8 -> int32 GEMM.
+
+    Several rows (prefill, batched decode) go through `torch._int_mm` with one scale per row: torch's
+    eager dynamic kernels use one scale per call, which costs quality when a call holds many tokens.
+    A single row (decode at batch 1) goes through fbgemm's fused dynamic kernel, about 2x faster than a
+    bf16 GEMV there (0.046 vs 0.096 ms for 1536x576 on 2 cores); with one row its scale is per token too.
+    """
+
+    weight_t: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_t", weight_int8.t().contiguous())  # (K, N)
+        self.register_buffer("scales", scales.reshape(1, -1).float())  # (1, N)
+        self.register_buffer("bias", bias)
+        self._packed: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (..., K)
+        rows = x.reshape(-1, shape[-1]).float()  # (M, K)
+        if rows.shape[0] == 1:  # decode of one sequence: fbgemm's fused dynamic kernel, one scale = per token
+            y = torch.ops.quantized.linear_dynamic(rows, self._fbgemm_weight(), False)
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127  # (M, 1)
+        quantized = torch.round(rows / row_scale).to(torch.int8)
+        y = torch._int_mm(quantized, self.weight_t).float() * row_scale * self.scales  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _fbgemm_weight(self) -> Any:
+        """fbgemm's prepacked copy of the same int8 weights (built once, on the engine thread)."""
+        if self._packed is None:
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            weight = torch._make_per_channel_quantized_tensor(
+                self.weight_t.t().contiguous(), self.scales.reshape(-1).double(), zero_points, 0
+            )
+            self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+        return self._packed
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_t.t().float() * self.scales.t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
+
+
+def _is(value: Any, name: str) -> bool:
+    return str(value).lower().endswith(name)
+
+
+def _int8_channel_scheme(module: nn.Module, dynamic_tokens: bool) -> bool:
+    """Symmetric int8 per-channel weights; with `dynamic_tokens`, int8 per-token dynamic activations too."""
     scheme = getattr(module, "quantization_scheme", None)
     weights = getattr(scheme, "weights", None)
-    if weights is None or getattr(scheme, "input_activations", None) is not None:
+    acts = getattr(scheme, "input_activations", None)
+    if weights is None or not (
+        weights.num_bits == 8 and _is(weights.type, "int") and _is(weights.strategy, "channel") and weights.symmetric
+    ):
         return False
-    return (
-        weights.num_bits == 8
-        and str(weights.type) in {"int", "QuantizationType.INT"}
-        and str(weights.strategy) in {"channel", "QuantizationStrategy.CHANNEL"}
-        and weights.symmetric
-    )
+    if not dynamic_tokens:
+        return acts is None
+    return acts is not None and acts.num_bits == 8 and _is(acts.strategy, "token") and bool(acts.dynamic)
 
 
 def _unpacked_int8(module: Any) -> torch.Tensor:
@@ -78,15 +134,26 @@ def _unpacked_int8(module: Any) -> torch.Tensor:
 
 
 def accelerate_compressed_linears(model: nn.Module) -> int:
-    """Replace every int8 channel-wise weight-only Linear by `Int8WeightOnlyLinear`; returns how many."""
+    """Swap compressed-tensors int8 Linears for CPU-kernel modules; returns how many were swapped.
+
+    W8A16 (`pack-quantized`) -> `Int8WeightOnlyLinear`; W8A8 per-token (`int-quantized`) -> `Int8DynamicLinear`.
+    """
     replaced = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if not hasattr(child, "weight_packed") or not _int8_channel_scheme(child):
-                continue
             linear: Any = child
             bias = linear.bias.data if getattr(linear, "bias", None) is not None else None
-            fast = Int8WeightOnlyLinear(_unpacked_int8(linear), linear.weight_scale.data, bias)
+            fast: nn.Module
+            if hasattr(linear, "weight_packed") and _int8_channel_scheme(linear, dynamic_tokens=False):
+                fast = Int8WeightOnlyLinear(_unpacked_int8(linear), linear.weight_scale.data, bias)
+            elif (
+                getattr(linear, "weight", None) is not None
+                and linear.weight.dtype == torch.int8
+                and _int8_channel_scheme(linear, dynamic_tokens=True)
+            ):
+                fast = Int8DynamicLinear(linear.weight.data, linear.weight_scale.data, bias)
+            else:
+                continue
             setattr(parent, child_name, fast)
             replaced += 1
     return replaced

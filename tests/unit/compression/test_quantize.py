@@ -115,3 +115,35 @@ def test_int8_weight_can_quantize_the_tied_head_too(registry: VariantRegistry) -
     assert isinstance(loaded.model.lm_head, Int8WeightOnlyLinear)
     assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.isfinite(_logits(loaded.model)).all()
+
+
+def test_int8_dynamic_smooths_quantizes_activations_per_token_and_stays_close(registry: VariantRegistry) -> None:
+    from slimserve.models.cpu_kernels import Int8DynamicLinear
+
+    path = quantize_variant("tiny", QuantizeConfig(method="int8-dynamic", calibration_tokens=256), registry)
+    manifest = VariantManifest.read(path)
+    assert manifest.provenance["smoothquant"]["alpha"] == 0.5
+    assert '"int-quantized"' in (path / "config.json").read_text()
+    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
+    loaded = load_variant(path, dtype="fp32", registry=registry)
+    layers = [m for m in loaded.model.modules() if isinstance(m, Int8DynamicLinear)]
+    assert len(layers) == 2 * 7
+    similarity = torch.nn.functional.cosine_similarity(
+        _logits(float_model).flatten(), _logits(loaded.model).flatten(), dim=0
+    )
+    assert similarity > 0.99
+
+    layer = layers[0]
+    reference = lambda x: x @ layer.dequantized_weight().T  # noqa: E731
+    one, many = torch.randn(1, layer.in_features), torch.randn(5, layer.in_features)
+    # one row (fbgemm) and many rows (per-token int8 GEMM) both track the dequantized matmul
+    for x in (one, many):
+        error = (layer(x) - reference(x)).abs().max()
+        assert error < 0.05 * reference(x).abs().max()
+    # per-token: a row's result does not depend on the other rows of the call
+    torch.testing.assert_close(layer(many)[1:2], layer(torch.cat([many[1:2], 100 * many[2:]]))[0:1])
+
+
+def test_smoothing_alpha_is_validated() -> None:
+    with pytest.raises(QuantizationError, match="smoothing-alpha"):
+        QuantizeConfig(method="int8-dynamic", smoothing_alpha=1.5)
