@@ -101,7 +101,8 @@ def quantize(
     compute_dtype: str = "bf16",
     evaluate_after: bool = False,
     calibration_tokens: int = 8192,
-    smoothing_alpha: float = 0.5,
+    smoothing_alpha: float | None = None,
+    activation_quantile: float = 1.0,
 ) -> None:
     """Quantize a variant into a new registered variant; optionally measure it right away."""
     from slimserve.compression.quantize import QuantizeConfig, quantize_variant
@@ -115,6 +116,7 @@ def quantize(
         compute_dtype=compute_dtype,
         calibration_tokens=calibration_tokens,
         smoothing_alpha=smoothing_alpha,
+        activation_quantile=activation_quantile,
     )
     path = quantize_variant(source, config)
     print(f"wrote {path}")
@@ -193,8 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--smoothing-alpha",
         type=float,
-        default=0.5,
-        help="SmoothQuant strength for int8-dynamic (share of activation range moved into weights)",
+        default=None,
+        help="SmoothQuant strength for int8-dynamic/-static (share of the activation range moved into the "
+        "weights) [default: 0.5 dynamic, 0.75 static]",
+    )
+    q.add_argument(
+        "--activation-quantile",
+        type=float,
+        default=1.0,
+        help="int8-static: quantile of per-token input maxima its fixed scales cover (below 1 clips)",
     )
     q.add_argument("--group-size", type=int, default=128, help="weights per group for group-wise 4-bit methods")
     q.add_argument("--keep", nargs="*", default=["lm_head"], help="module names kept in high precision")
@@ -233,7 +242,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(
-        a.source, a.method, a.name, a.calibration, a.group_size, a.keep, a.compute_dtype, a.evaluate_after
+        a.source,
+        a.method,
+        name=a.name,
+        calibration=a.calibration,
+        group_size=a.group_size,
+        keep=a.keep,
+        compute_dtype=a.compute_dtype,
+        evaluate_after=a.evaluate_after,
+        calibration_tokens=a.calibration_tokens,
+        smoothing_alpha=a.smoothing_alpha,
+        activation_quantile=a.activation_quantile,
     ),
     "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json),
 }

@@ -43,6 +43,32 @@ def activation_maxima(model: nn.Module, input_ids: torch.Tensor, window: int = 5
     return maxima
 
 
+@torch.no_grad()
+def token_maxima(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> dict[str, torch.Tensor]:
+    """Per-token max |x| of every Linear's input over calibration tokens, shape (tokens,) each.
+
+    Static activation scales are chosen from these: one extreme token (attention-sink tokens reach
+    hundreds) must not set the scale for all the others.
+    """
+    maxima: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=1).float()  # (T,)
+            maxima.setdefault(name, []).append(x)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        for start in tqdm(range(0, max(1, input_ids.numel() - 1), window), desc="calibrating", leave=False):
+            model(input_ids[start : start + window].unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in maxima.items()}
+
+
 def _scales(act: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
     return (act.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
 

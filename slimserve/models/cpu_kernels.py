@@ -108,22 +108,50 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
 
 
+class Int8StaticLinear(Int8DynamicLinear):
+    """W8A8 with one activation scale per layer, fixed from calibration (values beyond it are clipped)."""
+
+    input_scale: torch.Tensor
+
+    def __init__(
+        self, weight_int8: torch.Tensor, scales: torch.Tensor, input_scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__(weight_int8, scales, bias)
+        self.register_buffer("input_scale", input_scale.reshape(()).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (..., K)
+        rows = x.reshape(-1, shape[-1]).float()  # (M, K)
+        quantized = torch.round(rows / self.input_scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(quantized, self.weight_t).float() * (self.input_scale * self.scales)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
 def _is(value: Any, name: str) -> bool:
     return str(value).lower().endswith(name)
 
 
-def _int8_channel_scheme(module: nn.Module, dynamic_tokens: bool) -> bool:
-    """Symmetric int8 per-channel weights; with `dynamic_tokens`, int8 per-token dynamic activations too."""
+def _int8_activations(module: nn.Module) -> str | None:
+    """For symmetric int8 per-channel weights: `none`, `token` (dynamic) or `tensor` (static) int8
+    activations; None for any other scheme."""
     scheme = getattr(module, "quantization_scheme", None)
     weights = getattr(scheme, "weights", None)
     acts = getattr(scheme, "input_activations", None)
     if weights is None or not (
         weights.num_bits == 8 and _is(weights.type, "int") and _is(weights.strategy, "channel") and weights.symmetric
     ):
-        return False
-    if not dynamic_tokens:
-        return acts is None
-    return acts is not None and acts.num_bits == 8 and _is(acts.strategy, "token") and bool(acts.dynamic)
+        return None
+    if acts is None:
+        return "none"
+    if acts.num_bits != 8 or not acts.symmetric:
+        return None
+    if _is(acts.strategy, "token") and acts.dynamic:
+        return "token"
+    if _is(acts.strategy, "tensor") and not acts.dynamic:
+        return "tensor"
+    return None
 
 
 def _unpacked_int8(module: Any) -> torch.Tensor:
@@ -136,7 +164,8 @@ def _unpacked_int8(module: Any) -> torch.Tensor:
 def accelerate_compressed_linears(model: nn.Module) -> int:
     """Swap compressed-tensors int8 Linears for CPU-kernel modules; returns how many were swapped.
 
-    W8A16 (`pack-quantized`) -> `Int8WeightOnlyLinear`; W8A8 per-token (`int-quantized`) -> `Int8DynamicLinear`.
+    W8A16 (`pack-quantized`) -> `Int8WeightOnlyLinear`; W8A8 (`int-quantized`) with per-token dynamic
+    activations -> `Int8DynamicLinear`, with a calibrated per-layer scale -> `Int8StaticLinear`.
     """
     replaced = 0
     for parent in list(model.modules()):
@@ -144,14 +173,14 @@ def accelerate_compressed_linears(model: nn.Module) -> int:
             linear: Any = child
             bias = linear.bias.data if getattr(linear, "bias", None) is not None else None
             fast: nn.Module
-            if hasattr(linear, "weight_packed") and _int8_channel_scheme(linear, dynamic_tokens=False):
+            kind = _int8_activations(linear)
+            int8_weight = getattr(linear, "weight", None) is not None and linear.weight.dtype == torch.int8
+            if kind == "none" and hasattr(linear, "weight_packed"):
                 fast = Int8WeightOnlyLinear(_unpacked_int8(linear), linear.weight_scale.data, bias)
-            elif (
-                getattr(linear, "weight", None) is not None
-                and linear.weight.dtype == torch.int8
-                and _int8_channel_scheme(linear, dynamic_tokens=True)
-            ):
+            elif kind == "token" and int8_weight:
                 fast = Int8DynamicLinear(linear.weight.data, linear.weight_scale.data, bias)
+            elif kind == "tensor" and int8_weight:
+                fast = Int8StaticLinear(linear.weight.data, linear.weight_scale.data, linear.input_scale.data, bias)
             else:
                 continue
             setattr(parent, child_name, fast)

@@ -30,3 +30,30 @@ def test_serve_unknown_variant_fails_fast_with_a_clear_error(
 ) -> None:
     assert main(["serve", "--variant", "does-not-exist", "--port", "0"]) == 2
     assert "no variant 'does-not-exist'" in capsys.readouterr().err
+
+
+def test_quantize_flags_reach_the_recipe(slimserve_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from slimserve.models import VariantManifest
+
+    make_tiny_variant(slimserve_home / "variants" / "tiny", name="tiny", hidden=128)
+    argv = [
+        "quantize",
+        "tiny",
+        "--method",
+        "int8-dynamic",
+        "--smoothing-alpha",
+        "0.3",
+        "--calibration-tokens",
+        "256",
+        "--name",
+        "tiny-w8a8",
+    ]
+    assert main(argv) == 0
+    provenance = VariantManifest.read(slimserve_home / "variants" / "tiny-w8a8").provenance
+    assert provenance["smoothquant"] == {"alpha": 0.3, "calibration_tokens": 256, "smoothed_linears": 14}
+
+
+def test_quantize_unknown_method_is_rejected_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["quantize", "tiny", "--method", "int3"])
+    assert "int8-dynamic" in capsys.readouterr().err

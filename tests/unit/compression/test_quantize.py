@@ -147,3 +147,23 @@ def test_int8_dynamic_smooths_quantizes_activations_per_token_and_stays_close(re
 def test_smoothing_alpha_is_validated() -> None:
     with pytest.raises(QuantizationError, match="smoothing-alpha"):
         QuantizeConfig(method="int8-dynamic", smoothing_alpha=1.5)
+
+
+def test_int8_static_uses_one_calibrated_scale_per_layer(registry: VariantRegistry) -> None:
+    from slimserve.models.cpu_kernels import Int8StaticLinear
+
+    path = quantize_variant("tiny", QuantizeConfig(method="int8-static", calibration_tokens=256), registry)
+    assert VariantManifest.read(path).provenance["smoothquant"]["alpha"] == 0.75
+    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
+    loaded = load_variant(path, dtype="fp32", registry=registry)
+    layers = [m for m in loaded.model.modules() if isinstance(m, Int8StaticLinear)]
+    assert len(layers) == 2 * 7 and all(float(m.input_scale) > 0 for m in layers)
+    similarity = torch.nn.functional.cosine_similarity(
+        _logits(float_model).flatten(), _logits(loaded.model).flatten(), dim=0
+    )
+    assert similarity > 0.95
+    layer = layers[0]
+    limit = 127 * float(layer.input_scale)
+    x = torch.full((1, layer.in_features), 0.5 * limit)
+    # inputs beyond the calibrated range are clipped: doubling an already-clipped input changes nothing
+    torch.testing.assert_close(layer(4 * x), layer(8 * x))
