@@ -21,6 +21,7 @@ def serve(
     max_batch_size: int = 16,
     max_waiting: int = 64,
     log_level: str = "info",
+    default_max_tokens: int = 1024,
 ) -> None:
     """Start the OpenAI-compatible server; /health answers 503 until every variant has loaded."""
     import uvicorn
@@ -40,6 +41,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_waiting=max_waiting,
         log_level=log_level,
+        default_max_tokens=default_max_tokens,
     )
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
     registry = VariantRegistry()
@@ -59,7 +61,7 @@ def serve(
                 max_waiting=settings.max_waiting,
             )
         )
-    app = create_app(engines, metrics, api_key=settings.api_key)
+    app = create_app(engines, metrics, api_key=settings.api_key, default_max_tokens=settings.default_max_tokens or None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
@@ -174,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="compute dtype of float variants: bf16, fp32 or auto (as stored)")
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together per step")
     p.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before 429")
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        help="completion cap for requests that send no max_tokens (0: the whole remaining context)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
 
     from slimserve.compression.quantize import METHODS
@@ -239,6 +247,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.max_batch_size,
         a.max_waiting,
         a.log_level,
+        a.default_max_tokens,
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(

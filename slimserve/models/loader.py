@@ -56,6 +56,20 @@ class LoadedVariant:
         return int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
 
     @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """temperature/top_p/top_k that the variant's generation_config.json sets explicitly
+        (`do_sample: false` is greedy, temperature 0).
+
+        A server applies them to requests that leave those fields out, as vLLM does by default.
+        """
+        gen = getattr(self.model, "generation_config", None)
+        explicit = gen.to_diff_dict() if gen is not None else {}
+        defaults = {key: explicit[key] for key in ("temperature", "top_p", "top_k") if explicit.get(key) is not None}
+        if explicit.get("do_sample") is False:
+            return {"temperature": 0.0}  # do_sample=false means greedy in transformers' terms
+        return defaults
+
+    @property
     def eos_token_ids(self) -> set[int]:
         """Token ids that end a generation: the tokenizer's EOS plus the generation config's."""
         ids: set[int] = set()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimserve.models.embedded import DEFAULT_TEACHER, convert_embedded_teacher
+from slimserve.models.embedded import DEFAULT_TEACHER, convert_embedded_teacher, is_current
 from slimserve.models.manifest import MANIFEST_FILE, ManifestError, VariantManifest
 
 DEFAULT_VARIANT = DEFAULT_TEACHER
@@ -69,11 +69,12 @@ class VariantRegistry:
         return str(name_or_path) == DEFAULT_TEACHER or self.find(name_or_path) is not None
 
     def resolve(self, name_or_path: str | os.PathLike[str]) -> RegisteredVariant:
-        """Turn a directory path or a registered name into a variant; the default teacher is built on demand."""
+        """Turn a directory path or a registered name into a variant; the default teacher is built on demand
+        (and rebuilt when the cached conversion predates the current converter)."""
         found = self.find(name_or_path)
-        if found is not None:
-            return found
         name = str(name_or_path)
+        if found is not None and not (name == DEFAULT_TEACHER and not is_current(found.path)):
+            return found
         if name == DEFAULT_TEACHER:
             path = convert_embedded_teacher(self.variants_dir / DEFAULT_TEACHER)
             return RegisteredVariant(path, VariantManifest.read(path))

@@ -58,8 +58,15 @@ class EngineSet:
         return engine
 
 
-def create_app(engines: list[TransformersEngine], metrics: ServerMetrics, api_key: str | None = None) -> FastAPI:
-    """Build the app around engines that the caller created (they are started and stopped with the app)."""
+def create_app(
+    engines: list[TransformersEngine],
+    metrics: ServerMetrics,
+    api_key: str | None = None,
+    default_max_tokens: int | None = 1024,
+) -> FastAPI:
+    """Build the app around engines that the caller created (they are started and stopped with the app).
+
+    `default_max_tokens` caps requests that give no max_tokens (None: the whole remaining context)."""
     engine_set = EngineSet(engines)
 
     @asynccontextmanager
@@ -142,9 +149,13 @@ def create_app(engines: list[TransformersEngine], metrics: ServerMetrics, api_ke
         engine = engine_set.get(body.model)
         prompt = flow.chat_prompt_ids(engine, body.messages)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = flow.resolve_max_tokens(engine, len(prompt), body.requested_max_tokens(), param)
+        max_tokens = flow.resolve_max_tokens(
+            engine, len(prompt), body.requested_max_tokens(), param, default_max_tokens
+        )
         top = (body.top_logprobs or 0) if body.logprobs else None
-        handles = flow.submit_all(engine, [prompt], _params_factory(body, max_tokens, top), body.n)
+        handles = flow.submit_all(
+            engine, [prompt], _params_factory(body, max_tokens, top, engine.sampling_defaults), body.n
+        )
         tokenizer = engine.tokenizer
 
         if body.stream:
@@ -199,10 +210,12 @@ def create_app(engines: list[TransformersEngine], metrics: ServerMetrics, api_ke
         engine = engine_set.get(body.model)
         prompts = [flow.text_prompt_ids(engine, p) for p in body.prompts()]
         longest = max(len(p) for p in prompts)
-        max_tokens = flow.resolve_max_tokens(engine, longest, body.max_tokens, "max_tokens")
+        max_tokens = flow.resolve_max_tokens(engine, longest, body.max_tokens, "max_tokens", default_max_tokens)
         tokenizer = engine.tokenizer
         echoes = [tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
-        handles = flow.submit_all(engine, prompts, _params_factory(body, max_tokens, body.logprobs), body.n)
+        handles = flow.submit_all(
+            engine, prompts, _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults), body.n
+        )
 
         if body.stream:
             chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -263,16 +276,25 @@ def create_app(engines: list[TransformersEngine], metrics: ServerMetrics, api_ke
 
 
 def _params_factory(
-    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, top_logprobs: int | None
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    top_logprobs: int | None,
+    defaults: dict[str, Any],
 ) -> Callable[[int], SamplingParams]:
-    """Sampling parameters for choice i: with a seed, choice i uses seed + i so choices differ yet repeat."""
+    """Sampling parameters for choice i: with a seed, choice i uses seed + i so choices differ yet repeat.
+
+    Fields the request leaves out take the model's own defaults (its generation_config.json), as vLLM does.
+    """
+    temperature = body.temperature if body.temperature is not None else defaults.get("temperature", 1.0)
+    top_p = body.top_p if body.top_p is not None else defaults.get("top_p", 1.0)
+    top_k = body.top_k if body.top_k is not None else defaults.get("top_k", 0)
 
     def make(index: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=None if body.seed is None else body.seed + index,

@@ -80,8 +80,12 @@ def text_prompt_ids(engine: TransformersEngine, prompt: str | list[int]) -> list
     return ids
 
 
-def resolve_max_tokens(engine: TransformersEngine, prompt_len: int, requested: int | None, param: str) -> int:
-    """The vLLM rule: default to what the context has left; reject what does not fit, with both numbers."""
+def resolve_max_tokens(
+    engine: TransformersEngine, prompt_len: int, requested: int | None, param: str, default_cap: int | None
+) -> int:
+    """vLLM's rule, with a cap: an omitted max_tokens is what the context has left, at most `default_cap`
+    (a small model that loops would otherwise hold a CPU for thousands of tokens); a requested value
+    that does not fit is a 400 with both numbers."""
     context = engine.context_length
     if requested is None:
         if prompt_len >= context:
@@ -92,7 +96,8 @@ def resolve_max_tokens(engine: TransformersEngine, prompt_len: int, requested: i
                 param="messages",
                 code="context_length_exceeded",
             )
-        return context - prompt_len
+        left = context - prompt_len
+        return left if default_cap is None else min(left, default_cap)
     if prompt_len + requested > context:
         raise APIError(
             400,

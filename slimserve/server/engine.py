@@ -119,6 +119,7 @@ class TransformersEngine:
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.variant: LoadedVariant | None = None
+        self._sampling_defaults: dict[str, Any] | None = None
         self.manifest = manifest
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
@@ -145,6 +146,12 @@ class TransformersEngine:
     @property
     def context_length(self) -> int:
         return self._require_variant().context_length
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        if self._sampling_defaults is None:
+            self._sampling_defaults = self._require_variant().sampling_defaults
+        return self._sampling_defaults
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         """Queue one sequence; raises EngineBusyError when `max_waiting` sequences already wait."""

@@ -65,11 +65,13 @@ class _SamplingFields(OpenAIModel):
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default: the model's, else 1.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default: the model's, else 1.")
     user: str | None = None
     # extensions
-    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 disables (extension).")
+    top_k: int | None = Field(
+        None, ge=0, description="Keep only the k most likely tokens; 0 disables (extension). Default: the model's."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (extension, for benchmarks).")
 
     @field_validator("stop")

@@ -23,4 +23,7 @@ class ServerSettings(BaseSettings):
     dtype: str = Field("bf16", description="Compute dtype for float variants: bf16 (fast on CPU), fp32, auto.")
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together per engine step.")
     max_waiting: int = Field(64, ge=1, description="Sequences that may wait for a batch slot; past it, 429.")
+    default_max_tokens: int = Field(
+        1024, ge=0, description="Completion cap for requests without max_tokens; 0: the whole remaining context."
+    )
     log_level: str = Field("info", description="uvicorn/slimserve log level.")

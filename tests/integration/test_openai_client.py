@@ -117,3 +117,20 @@ def test_quantized_variant_is_served_and_listed(server: RunningServer) -> None:
     response = client.chat.completions.create(model=f"{MODEL}-int8-weight", messages=FRANCE, temperature=0)
     assert "Paris" in (response.choices[0].message.content or "")
     assert response.model == f"{MODEL}-int8-weight"
+
+
+def test_requests_without_sampling_fields_are_greedy_on_the_default_model(server: RunningServer) -> None:
+    """The converted teacher's generation_config says do_sample=false: a bare request answers like greedy
+    (sampled at temperature 1 this 135M model answers Paris only about half the time)."""
+    client = server.client()
+    bare = [client.chat.completions.create(model=MODEL, messages=FRANCE, seed=s) for s in range(3)]
+    greedy = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
+    assert {r.choices[0].message.content for r in bare} == {greedy.choices[0].message.content}
+    assert "Paris" in (greedy.choices[0].message.content or "")
+    hot = {
+        client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=1.0, seed=s, max_tokens=12)
+        .choices[0]
+        .message.content
+        for s in range(4)
+    }
+    assert len(hot) > 1  # a request's own temperature still samples

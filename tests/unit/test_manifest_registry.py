@@ -78,3 +78,15 @@ def test_parse_dtype_names_the_choices() -> None:
     assert parse_dtype(None, default=torch.float16) is torch.float16
     with pytest.raises(ValueError, match="bf16"):
         parse_dtype("int3")
+
+
+def test_cached_default_conversions_are_redone_when_the_converter_changes(tmp_path: Path) -> None:
+    from slimserve.models.embedded import CONVERTER_VERSION, is_current
+
+    path = make_tiny_variant(tmp_path / "old")
+    assert not is_current(path)  # made before converter versions were recorded
+    manifest = VariantManifest.read(path)
+    manifest.provenance["converter_version"] = CONVERTER_VERSION
+    manifest.write(path)
+    assert is_current(path)
+    assert not is_current(tmp_path / "missing")

@@ -274,3 +274,33 @@ def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: 
     error = json.loads(frames[-2][6:])["error"]
     assert "simulated kernel failure" in error["message"] and error["type"] == "server_error"
     assert any('"delta"' in f for f in frames[:-2])  # content had started before the failure
+
+
+def test_omitted_sampling_fields_take_the_models_generation_config(tmp_path: Path) -> None:
+    from transformers import GenerationConfig
+
+    from tests.tiny import make_tiny_variant
+
+    variant = make_tiny_variant(tmp_path / "tiny-topk1")
+    GenerationConfig(do_sample=True, top_k=1, eos_token_id=2).save_pretrained(variant)
+    engine = TransformersEngine(lambda: load_variant(variant, dtype="fp32"), MODEL, ServerMetrics())
+    with _client([engine], api_key=None) as c:
+        _wait_healthy(c)
+        assert engine.sampling_defaults == {"top_k": 1}
+        hot = [_chat(c, temperature=1.5, max_tokens=12, ignore_eos=True).json() for _ in range(3)]
+        texts = {r["choices"][0]["message"]["content"] for r in hot}
+        assert len(texts) == 1  # the model's top_k=1 makes even a hot request greedy
+        free = [_chat(c, temperature=1.5, top_k=0, max_tokens=12, ignore_eos=True).json() for _ in range(3)]
+        assert len({r["choices"][0]["message"]["content"] for r in free}) > 1  # the request's own value wins
+
+
+def test_omitted_max_tokens_is_capped_by_the_server_default(tiny_variant_dir: Path) -> None:
+    capped = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
+    app = create_app([capped], capped.metrics, default_max_tokens=5)
+    with TestClient(app) as c:
+        _wait_healthy(c)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
+        result = c.post("/v1/chat/completions", json=body).json()
+        assert result["usage"]["completion_tokens"] == 5 and result["choices"][0]["finish_reason"] == "length"
+        explicit = c.post("/v1/chat/completions", json=body | {"max_tokens": 9}).json()
+        assert explicit["usage"]["completion_tokens"] == 9
