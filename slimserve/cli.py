@@ -8,8 +8,12 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from slimserve.models.registry import DEFAULT_VARIANT, VariantNotFoundError, VariantRegistry
+
+if TYPE_CHECKING:
+    from slimserve.compression.quantize import QuantizeConfig
 
 
 def serve(
@@ -93,37 +97,34 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def quantize(
-    source: str,
-    method: str,
-    name: str | None = None,
-    calibration: str | None = None,
-    group_size: int = 128,
-    keep: Sequence[str] = ("lm_head",),
-    compute_dtype: str = "bf16",
-    evaluate_after: bool = False,
-    calibration_tokens: int = 8192,
-    smoothing_alpha: float | None = None,
-    activation_quantile: float = 1.0,
-) -> None:
+def quantize(source: str, config: QuantizeConfig, evaluate_after: bool = False) -> None:
     """Quantize a variant into a new registered variant; optionally measure it right away."""
-    from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+    from slimserve.compression.quantize import quantize_variant
 
-    config = QuantizeConfig(
-        method=method,
-        name=name,
-        calibration=calibration,
-        group_size=group_size,
-        keep=list(keep),
-        compute_dtype=compute_dtype,
-        calibration_tokens=calibration_tokens,
-        smoothing_alpha=smoothing_alpha,
-        activation_quantile=activation_quantile,
-    )
     path = quantize_variant(source, config)
     print(f"wrote {path}")
     if evaluate_after:
         evaluate(str(path))
+
+
+def quantize_config(a: argparse.Namespace) -> QuantizeConfig:
+    from slimserve.compression.quantize import QuantizeConfig
+
+    return QuantizeConfig(
+        method=a.method,
+        name=a.name,
+        calibration=a.calibration,
+        calibration_tokens=a.calibration_tokens,
+        group_size=a.group_size,
+        keep=a.keep,
+        embedding=a.embedding,
+        compute_dtype=a.compute_dtype,
+        smoothing_alpha=a.smoothing_alpha,
+        activation_quantile=a.activation_quantile,
+        damp=a.damp,
+        act_order=a.act_order,
+        clip_search=a.clip_search,
+    )
 
 
 def evaluate(
@@ -214,7 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8-static: quantile of per-token input maxima its fixed scales cover (below 1 clips)",
     )
     q.add_argument("--group-size", type=int, default=128, help="weights per group for group-wise 4-bit methods")
-    q.add_argument("--keep", nargs="*", default=["lm_head"], help="module names kept in high precision")
+    q.add_argument(
+        "--keep",
+        nargs="*",
+        default=None,
+        help="module names kept in high precision [default: lm_head, none with "
+        "--embedding int8]; `--keep` alone quantizes the head too",
+    )
+    q.add_argument(
+        "--embedding",
+        choices=["float", "int8"],
+        default="float",
+        help="int8: store the tied embedding/head table once in int8 per row (weight-only methods; slimserve "
+        "loads it, vLLM/transformers do not)",
+    )
+    q.add_argument("--damp", type=float, default=0.01, help="int4-gptq: Hessian dampening (share of its mean diagonal)")
+    q.add_argument(
+        "--no-act-order", dest="act_order", action="store_false", help="int4-gptq: quantize columns in stored order"
+    )
+    q.add_argument(
+        "--no-clip-search", dest="clip_search", action="store_false", help="int4: always cover each group's min..max"
+    )
     q.add_argument("--compute-dtype", default="bf16", help="dtype the dequantized matmuls run in (bf16, fp32)")
     q.add_argument("--eval", dest="evaluate_after", action="store_true", help="run `slimserve eval` on the result")
 
@@ -250,19 +271,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.default_max_tokens,
     ),
     "variants": lambda a: variants_list(a.as_json),
-    "quantize": lambda a: quantize(
-        a.source,
-        a.method,
-        name=a.name,
-        calibration=a.calibration,
-        group_size=a.group_size,
-        keep=a.keep,
-        compute_dtype=a.compute_dtype,
-        evaluate_after=a.evaluate_after,
-        calibration_tokens=a.calibration_tokens,
-        smoothing_alpha=a.smoothing_alpha,
-        activation_quantile=a.activation_quantile,
-    ),
+    "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),
     "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json),
 }
 

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimserve.models.cpu_kernels import accelerate_compressed_linears, is_compressed_tensors
+from slimserve.models.cpu_kernels import (
+    TIED_INT8_EMBEDDING,
+    accelerate_compressed_linears,
+    is_compressed_tensors,
+    tie_int8_embedding,
+)
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 
@@ -103,9 +110,13 @@ def load_variant(
     torch_dtype = parse_dtype(dtype, default=torch.bfloat16 if quantized else stored)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(variant.path)
-    model = AutoModelForCausalLM.from_pretrained(variant.path, dtype=torch_dtype)
+    tied_int8 = manifest.provenance.get("embedding") == TIED_INT8_EMBEDDING
+    with _quiet_missing_embedding(tied_int8):
+        model = AutoModelForCausalLM.from_pretrained(variant.path, dtype=torch_dtype)
     if is_compressed_tensors(model.config):
         accelerate_compressed_linears(model)
+    if tied_int8:
+        tie_int8_embedding(model, torch_dtype)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -118,3 +129,19 @@ def load_variant(
         dtype=torch_dtype,
         load_seconds=time.perf_counter() - started,
     )
+
+
+@contextmanager
+def _quiet_missing_embedding(active: bool) -> Iterator[None]:
+    """transformers reports the (intentionally) absent embedding table as newly initialised: expected here."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)

@@ -167,3 +167,74 @@ def test_int8_static_uses_one_calibrated_scale_per_layer(registry: VariantRegist
     x = torch.full((1, layer.in_features), 0.5 * limit)
     # inputs beyond the calibrated range are clipped: doubling an already-clipped input changes nothing
     torch.testing.assert_close(layer(4 * x), layer(8 * x))
+
+
+@pytest.mark.parametrize("method", ["int4-gptq", "int4-rtn"])
+def test_int4_is_group_wise_compressed_tensors_on_the_int4_kernel(registry: VariantRegistry, method: str) -> None:
+    from slimserve.models.cpu_kernels import Int4WeightOnlyLinear
+
+    path = quantize_variant("tiny", QuantizeConfig(method=method, calibration_tokens=512), registry)
+    manifest = VariantManifest.read(path)
+    assert (manifest.bits, manifest.provenance["algorithm"]) == (
+        4,
+        "gptq" if method == "int4-gptq" else "round-to-nearest",
+    )
+    assert "vllm" in manifest.runtimes
+    config = (path / "config.json").read_text()
+    assert '"pack-quantized"' in config and '"group_size": 128' in config
+
+    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
+    loaded = load_variant(path, dtype="bf16", registry=registry)
+    layers = [m for m in loaded.model.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    assert len(layers) == 2 * 7
+    layer = layers[0]
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    reference = x.float() @ layer.dequantized_weight().T
+    assert (layer(x).float() - reference).abs().max() < 0.02 * reference.abs().max()
+    logits = _logits(loaded.model)
+    similarity = torch.nn.functional.cosine_similarity(_logits(float_model).flatten(), logits.flatten(), dim=0)
+    assert similarity > 0.95
+    # fp32 compute (evaluation) takes the dequantized path and agrees with the bf16 kernel
+    in_fp32 = _logits(load_variant(path, dtype="fp32", registry=registry).model)
+    assert torch.nn.functional.cosine_similarity(in_fp32.flatten(), logits.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int4-gptq"])
+def test_int8_embedding_stores_one_table_for_embedding_and_head(registry: VariantRegistry, method: str) -> None:
+    from safetensors import safe_open
+
+    from slimserve.models.cpu_kernels import Int8TiedEmbedding, Int8WeightOnlyLinear
+
+    config = QuantizeConfig(method=method, embedding="int8", calibration_tokens=512, name=f"tiny-{method}-emb8")
+    path = quantize_variant("tiny", config, registry)
+    with safe_open(path / "model.safetensors", framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "model.embed_tokens.weight" not in keys and "lm_head.weight_packed" in keys
+    manifest = VariantManifest.read(path)
+    assert manifest.runtimes == ["slimserve-cpu-kernels"]
+    float_variant = quantize_variant("tiny", QuantizeConfig(method=method, calibration_tokens=512), registry)
+    assert manifest.size_bytes < VariantManifest.read(float_variant).size_bytes
+
+    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
+    loaded = load_variant(path, dtype="fp32", registry=registry).model
+    assert isinstance(loaded.lm_head, Int8WeightOnlyLinear)
+    embedding = loaded.get_input_embeddings()
+    assert isinstance(embedding, Int8TiedEmbedding)
+    ids = torch.tensor([[3, 50, 7]])
+    original = float_model.get_input_embeddings()(ids)
+    assert (embedding(ids) - original).abs().max() <= original.abs().max() / 127 + 1e-6
+    similarity = torch.nn.functional.cosine_similarity(_logits(float_model).flatten(), _logits(loaded).flatten(), dim=0)
+    assert similarity > (0.99 if method == "int8-weight" else 0.95)
+
+
+def test_int8_embedding_is_refused_where_it_cannot_hold(registry: VariantRegistry) -> None:
+    with pytest.raises(QuantizationError, match="weight-only"):
+        quantize_variant("tiny", QuantizeConfig(method="bnb-nf4", embedding="int8"), registry)
+    with pytest.raises(QuantizationError, match="keep lm_head"):
+        QuantizeConfig(method="int8-weight", embedding="int8", keep=["lm_head"])
+    untied = make_tiny_variant(registry.variants_dir / "untied", name="untied", hidden=128)
+    text = (untied / "config.json").read_text().replace('"tie_word_embeddings": true', '"tie_word_embeddings": false')
+    (untied / "config.json").write_text(text)
+    with pytest.raises(QuantizationError, match="tied"):
+        quantize_variant("untied", QuantizeConfig(method="int8-weight", embedding="int8"), registry)
+    assert not [p for p in registry.variants_dir.iterdir() if p.name.startswith(("untied-", ".untied", "tiny-"))]
