@@ -6,7 +6,7 @@ PORT   ?= 8000
 HOST   ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant clean
+.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant compress clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ integration: setup
 
 # Benchmarks write their own section of docs/BENCHMARKS.md; run them on a quiet machine.
 bench: bench-serve bench-quant
+
+compress: setup
+	$(BIN)/slimserve compress smollm2-135m $(if $(MINUTES),--distill-minutes $(MINUTES),)
 
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md

@@ -107,6 +107,63 @@ def quantize(source: str, config: QuantizeConfig, evaluate_after: bool = False) 
         evaluate(str(path))
 
 
+def distill(a: argparse.Namespace) -> None:
+    """Distill, register the student, and (with --qat) export its quantized variant too."""
+    from slimserve.compression.distill import DistillConfig
+    from slimserve.compression.distill import distill as run_distill
+    from slimserve.compression.student import StudentSpec
+
+    config = DistillConfig(
+        teacher=a.teacher,
+        name=a.name,
+        student=StudentSpec(layers=a.layers, keep_layers=a.keep_layers, mlp_ratio=a.mlp_ratio),
+        student_config=a.student_config,
+        divergence=a.divergence,
+        beta=a.beta,
+        temperature=a.temperature,
+        alpha=a.alpha,
+        data=a.data,
+        generated=a.generated,
+        on_policy=a.on_policy,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
+        lr=a.lr,
+        max_steps=a.max_steps,
+        max_minutes=a.max_minutes,
+        dtype=a.dtype,
+        lora_rank=a.lora_rank,
+        qat=a.qat,
+        checkpoint_every=a.checkpoint_every,
+        resume=a.resume,
+        seed=a.seed,
+    )
+    path = run_distill(config)
+    print(f"wrote {path}")
+    if a.qat:
+        from slimserve.compression.qat import export_config
+        from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+
+        exported = quantize_variant(str(path), QuantizeConfig(**export_config(a.qat, config.qat_group_size)))
+        print(f"wrote {exported}")
+
+
+def compress(recipe_path: str, distill_minutes: float | None, check: bool) -> None:
+    """Run (or with `check` only validate) a compression recipe."""
+    from slimserve.compression.recipe import load_recipe, run_recipe, validate
+
+    recipe = load_recipe(recipe_path)
+    registry = VariantRegistry()
+    produced = validate(recipe, registry)
+    if check:
+        print(
+            f"recipe {recipe.name}: teacher {recipe.teacher}; {len(recipe.steps)} steps; writes {', '.join(produced)}"
+        )
+        return
+    result = run_recipe(recipe, registry, distill_minutes=distill_minutes)
+    print(json.dumps(result["seconds"]))
+
+
 def quantize_config(a: argparse.Namespace) -> QuantizeConfig:
     from slimserve.compression.quantize import QuantizeConfig
 
@@ -251,6 +308,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-runtime", dest="runtime", action="store_false", help="skip load/memory/speed figures")
     e.add_argument("--json", dest="as_json", action="store_true", help="print the figures as JSON")
 
+    d = verbs.add_parser(
+        "distill",
+        help="distill a teacher into a smaller student and register it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("teacher", help="teacher variant (name or directory)")
+    d.add_argument("--name", required=True, help="registry name of the student")
+    d.add_argument("--layers", type=int, default=None, help="decoder blocks kept, chosen by measured influence")
+    d.add_argument("--keep-layers", type=int, nargs="+", default=None, help="explicit block indices to keep")
+    d.add_argument("--mlp-ratio", type=float, default=1.0, help="share of MLP channels kept (by activation)")
+    d.add_argument("--student-config", default=None, help="config.json of a fresh student instead of a cut")
+    d.add_argument("--divergence", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"])
+    d.add_argument("--beta", type=float, default=0.5, help="jsd mixture weight (GKD's beta)")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--alpha", type=float, default=0.0, help="weight of cross-entropy on the data (1 = no KD)")
+    d.add_argument("--data", nargs="+", default=[], help="text files/directories [default: pydoc_data training split]")
+    d.add_argument("--generated", type=int, default=0, help="teacher answers to this many built-in prompts")
+    d.add_argument("--on-policy", type=float, default=0.0, help="share of steps on student samples (GKD lambda)")
+    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--grad-accum", type=int, default=1)
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--max-steps", type=int, default=200)
+    d.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
+    d.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    d.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters (peft), merged at the end")
+    d.add_argument("--qat", choices=["int4", "int8"], default=None, help="fake-quantized training, then export")
+    d.add_argument("--checkpoint-every", type=int, default=50)
+    d.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    d.add_argument("--seed", type=int, default=0)
+
+    c = verbs.add_parser(
+        "compress",
+        help="run a compression recipe (distill -> quantize -> evaluate -> report)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("recipe", help="recipe YAML file or the name of a shipped preset (e.g. smollm2-135m)")
+    c.add_argument("--distill-minutes", type=float, default=None, help="override every distill step's budget")
+    c.add_argument("--check", action="store_true", help="validate the recipe and print its plan; run nothing")
+
     v = verbs.add_parser("variants", help="inspect the variant registry")
     vv = v.add_subparsers(dest="action", required=True)
     vl = vv.add_parser("list", help="list registered variants with method, bits, size and metrics")
@@ -273,6 +370,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),
     "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json),
+    "distill": lambda a: distill(a),
+    "compress": lambda a: compress(a.recipe, a.distill_minutes, a.check),
 }
 
 

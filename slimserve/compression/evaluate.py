@@ -179,10 +179,11 @@ def evaluate(
     config: EvalConfig | None = None,
     measure_runtime: bool = True,
     write: bool = True,
+    registry: VariantRegistry | None = None,
 ) -> dict[str, Any]:
     """Measure a variant and (by default) record the figures in its manifest's `metrics`."""
     config = config or EvalConfig()
-    registry = VariantRegistry()
+    registry = registry or VariantRegistry()
     found = registry.resolve(ref)
     teacher_ref = teacher if teacher is not None else found.manifest.base_model
     loaded = load_variant(found.path, dtype=config.quality_dtype)

@@ -394,10 +394,10 @@ def drop_input_embedding(model: Any, staging: Path) -> None:
     key = next(f"{name}.weight" for name, module in model.named_modules() if module is embedding)
     for file in staging.glob("*.safetensors"):
         with safe_open(file, framework="pt") as handle:
-            if key not in handle:
+            if key not in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 continue
             metadata = handle.metadata()
-            tensors = {k: handle.get_tensor(k) for k in handle if k != key}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != key}  # noqa: SIM118
         save_file(tensors, file, metadata=metadata)
     index = staging / "model.safetensors.index.json"
     if index.exists():

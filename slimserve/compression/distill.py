@@ -1,0 +1,447 @@
+"""Knowledge distillation of a teacher into a student, as one accelerate training loop.
+
+The same loop runs on a 2-core CPU and, through `accelerate launch`, on several GPUs: accelerate owns
+devices, mixed precision, gradient accumulation and checkpoint state; this module owns the data, the
+student, the loss and the budget. The result is registered as a float variant that the quantization
+stage can take next (`--qat` exports the quantized variant directly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from slimserve.compression.data import eval_text, read_text, train_texts
+from slimserve.compression.losses import DIVERGENCES, distillation_loss
+from slimserve.compression.student import StudentError, StudentSpec, build_student
+from slimserve.models.manifest import VariantManifest, weights_size_bytes
+from slimserve.models.registry import VariantRegistry
+
+PROMPTS = [
+    "Explain what a Python list comprehension is.",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "How do I read a file line by line in Python?",
+    "Give three tips for writing clear documentation.",
+    "What does the `with` statement do in Python?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between a tuple and a list?",
+    "Describe how a hash table works.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn.",
+    "What is recursion? Give an example.",
+    "How can I make my code run faster?",
+    "What are Python decorators used for?",
+    "Explain the difference between TCP and UDP.",
+    "List the planets of the solar system.",
+    "What is a generator in Python?",
+    "How do I sort a dictionary by value?",
+    "What causes the seasons on Earth?",
+    "Give me a recipe for a simple tomato pasta.",
+    "What is an exception and how do I handle one?",
+    "Explain what machine learning is to a child.",
+    "What is the boiling point of water at sea level?",
+    "How do virtual environments help Python developers?",
+]
+"""Built-in prompts for sequence-level KD (teacher answers) and on-policy samples; no network needed."""
+
+
+class DistillError(ValueError):
+    """A distillation request that cannot run; raised before any training starts."""
+
+
+@dataclass
+class DistillConfig:
+    """One distillation run, end to end."""
+
+    teacher: str
+    """Teacher variant (name or directory); must be a float variant."""
+    name: str
+    """Registry name of the student."""
+    student: StudentSpec = field(default_factory=StudentSpec)
+    student_config: str | None = None
+    """A config.json for a fresh student (same tokenizer) instead of cutting one from the teacher."""
+    divergence: str = "forward_kl"
+    """forward_kl, reverse_kl or jsd (GKD's generalised JSD with `beta`)."""
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.0
+    """Weight of cross-entropy on the data (0: pure KD, 1: plain language-model training)."""
+    data: list[str] = field(default_factory=list)
+    """Text files or directories (*.txt, *.md); default: the training split of Python's pydoc_data topics."""
+    generated: int = 0
+    """Teacher answers to this many built-in prompts added to the data (sequence-level KD)."""
+    generation_tokens: int = 96
+    on_policy: float = 0.0
+    """GKD's lambda: share of steps whose sequences the student samples itself (scored by the teacher)."""
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 200
+    max_minutes: float | None = None
+    """Wall-clock budget; the run stops (checkpointed) at whichever of this and max_steps comes first."""
+    dtype: str = "bf16"
+    """Autocast dtype of the forward passes on CPU/GPU (`fp32` to disable)."""
+    lora_rank: int = 0
+    """> 0: train LoRA adapters of this rank (peft) instead of all weights, merged at the end."""
+    qat: str | None = None
+    """int4 or int8: fake-quantized weights during training, then export through the quantization stage."""
+    qat_group_size: int = 128
+    checkpoint_every: int = 50
+    resume: bool = False
+    seed: int = 0
+    output_dir: str | None = None
+    """Where checkpoints go; default `$SLIMSERVE_HOME/runs/<name>`."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.student, dict):
+            try:
+                self.student = StudentSpec(**self.student)
+            except TypeError as exc:
+                raise DistillError(f"student: {exc}") from exc
+        if self.divergence not in DIVERGENCES:
+            raise DistillError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise DistillError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise DistillError(f"on_policy must be in [0, 1], got {self.on_policy}")
+        if self.temperature <= 0:
+            raise DistillError(f"temperature must be positive, got {self.temperature}")
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            raise DistillError(f"jsd needs beta in (0, 1), got {self.beta}")
+        if min(self.seq_len, self.batch_size, self.grad_accum, self.max_steps) < 1:
+            raise DistillError("seq_len, batch_size, grad_accum and max_steps must be positive")
+        if self.qat is not None and self.qat not in ("int4", "int8"):
+            raise DistillError(f"qat must be int4 or int8, got {self.qat!r}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise DistillError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        for item in self.data:
+            if not Path(item).exists():
+                raise DistillError(f"data {item} does not exist")
+
+
+def corpus_texts(paths: list[str]) -> list[str]:
+    """Texts of the given files and directories (recursively: *.txt, *.md), or the default split."""
+    if not paths:
+        return train_texts()
+    texts: list[str] = []
+    for item in map(Path, paths):
+        files = sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".md")) if item.is_dir() else [item]
+        for file in files:
+            try:
+                texts.append(read_text(str(file)))
+            except ValueError:  # an empty file adds nothing; an empty corpus is refused below
+                continue
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DistillError(f"the corpus {paths} holds no text")
+    held_out = eval_text()
+    leaked = [t[:60] for t in texts if len(t) > 200 and t[:200] in held_out]
+    if leaked:
+        raise DistillError(f"training text overlaps the held-out evaluation text: {leaked[:2]}")
+    return texts
+
+
+def chunk_tokens(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+    """All texts tokenised (separated by EOS) and cut into rows of `seq_len` tokens."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + ([eos] if eos is not None else [])
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise DistillError(f"the corpus has {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+@torch.no_grad()
+def teacher_generations(teacher: Any, tokenizer: Any, count: int, max_new_tokens: int, seed: int) -> list[str]:
+    """The teacher's answers to `count` built-in prompts, as chat transcripts (sequence-level KD data)."""
+    texts: list[str] = []
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    torch.manual_seed(seed)
+    for start in tqdm(range(0, count, 8), desc="teacher generations", unit="batch", leave=False):
+        batch = prompts[start : start + 8]
+        chats = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in batch
+        ]
+        tokenizer.padding_side = "left"
+        encoded = tokenizer(chats, return_tensors="pt", padding=True)
+        out = teacher.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.95,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for chat, row in zip(chats, out[:, encoded["input_ids"].shape[1] :], strict=True):
+            texts.append(chat + tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+class Distiller:
+    """Builds the student and data, runs the loop, saves checkpoints and the final variant."""
+
+    def __init__(self, config: DistillConfig, registry: VariantRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or VariantRegistry()
+        self.run_dir = Path(config.output_dir) if config.output_dir else self.registry.home / "runs" / config.name
+
+    def validate(self) -> Any:
+        """Every check that can fail before training; returns the resolved teacher."""
+        config = self.config
+        teacher = self.registry.resolve(config.teacher)
+        if teacher.manifest.bits < 16:
+            raise DistillError(f"teacher {teacher.name!r} is quantized ({teacher.manifest.method}); use a float one")
+        if self.registry.exists(config.name) and (self.registry.variants_dir / config.name).exists():
+            raise DistillError(f"variant {config.name!r} already exists; choose another name")
+        if config.student_config is not None and not Path(config.student_config).is_file():
+            raise DistillError(f"student config {config.student_config} does not exist")
+        return teacher
+
+    def run(self) -> Path:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+        config = self.config
+        teacher_ref = self.validate()
+        texts = corpus_texts(config.data)
+        set_seed(config.seed)
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.grad_accum,
+            mixed_precision="bf16" if config.dtype == "bf16" else "no",
+        )
+        tokenizer = AutoTokenizer.from_pretrained(teacher_ref.path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_ref.path, dtype=torch.float32).eval()
+
+        calibration = chunk_tokens(tokenizer, texts[: max(1, len(texts) // 4)], 512)[
+            : max(1, config.student.calibration_tokens // 512)
+        ]
+        if config.student_config is not None:
+            student_config = AutoConfig.from_pretrained(config.student_config)
+            if getattr(student_config, "vocab_size", None) != teacher.config.vocab_size:
+                raise DistillError(
+                    f"student vocabulary ({student_config.vocab_size}) differs from the teacher's "
+                    f"({teacher.config.vocab_size}): they must share the tokenizer"
+                )
+            torch.manual_seed(config.seed)
+            student = AutoModelForCausalLM.from_config(student_config)
+            report: dict[str, Any] = {"fresh": config.student_config}
+        else:
+            try:
+                student, report = build_student(teacher, config.student, list(calibration))
+            except StudentError as exc:
+                raise DistillError(str(exc)) from exc
+        student.config.use_cache = False
+
+        if config.generated > 0:
+            texts = texts + teacher_generations(
+                teacher, tokenizer, config.generated, config.generation_tokens, config.seed
+            )
+        rows = chunk_tokens(tokenizer, texts, config.seq_len)
+        order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(config.seed))
+
+        if config.qat is not None:
+            from slimserve.compression.qat import attach_fake_quantization
+
+            report["fake_quantized_linears"] = attach_fake_quantization(student, config.qat, config.qat_group_size)
+        if config.lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            targets = sorted(
+                {n.split(".")[-1] for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+            )
+            student = get_peft_model(
+                student, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets)
+            )
+
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+        student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+        teacher = teacher.to(accelerator.device)
+
+        state = {"step": 0, "tokens": 0, "seconds": 0.0}
+        checkpoints = self.run_dir / "checkpoints"
+        if config.resume:
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise DistillError(f"--resume: no checkpoint under {checkpoints}")
+            accelerator.load_state(str(latest))
+            state = json.loads((latest / "progress.json").read_text())
+        elif checkpoints.exists():
+            shutil.rmtree(checkpoints)
+
+        history: list[dict[str, float]] = []
+        rng = random.Random(config.seed + state["step"])
+        started = time.perf_counter() - state["seconds"]
+        deadline = started + config.max_minutes * 60 if config.max_minutes else math.inf
+        bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"distill {config.name}", unit="step")
+        student.train()
+        stop_reason = "max_steps"
+        while state["step"] < config.max_steps:
+            if time.perf_counter() >= deadline:
+                stop_reason = "max_minutes"
+                break
+            parts: dict[str, float] = {}
+            loss_value = 0.0
+            for micro in range(config.grad_accum):
+                index = (state["step"] * config.grad_accum + micro) * config.batch_size
+                batch = rows[order[torch.arange(index, index + config.batch_size) % rows.shape[0]]]
+                batch = batch.to(accelerator.device)
+                if config.on_policy > 0 and rng.random() < config.on_policy:
+                    batch = self.student_samples(accelerator.unwrap_model(student), batch)
+                mask = torch.ones_like(batch)
+                with accelerator.accumulate(student):
+                    with torch.no_grad(), accelerator.autocast():
+                        teacher_logits = teacher(input_ids=batch).logits if config.alpha < 1 else None
+                    with accelerator.autocast():
+                        logits = student(input_ids=batch, attention_mask=mask).logits
+                    loss, parts = distillation_loss(
+                        logits,
+                        teacher_logits,
+                        batch,
+                        mask,
+                        config.divergence,
+                        config.beta,
+                        config.temperature,
+                        config.alpha,
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                loss_value += float(loss.detach()) / config.grad_accum
+                state["tokens"] += int(batch.numel())
+            state["step"] += 1
+            state["seconds"] = time.perf_counter() - started
+            history.append({"step": state["step"], "loss": loss_value, **parts})
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}")
+            bar.update(1)
+            if state["step"] % config.checkpoint_every == 0:
+                self.checkpoint(accelerator, state)
+        bar.close()
+        self.checkpoint(accelerator, state)
+        return self.save(accelerator.unwrap_model(student), tokenizer, teacher_ref, report, state, history, stop_reason)
+
+    @torch.no_grad()
+    def student_samples(self, student: Any, batch: torch.Tensor) -> torch.Tensor:
+        """On-policy data: the student continues the first quarter of each sequence by sampling."""
+        prefix = max(1, batch.shape[1] // 4)
+        student.eval()
+        out = student.generate(
+            input_ids=batch[:, :prefix],
+            max_new_tokens=batch.shape[1] - prefix,
+            min_new_tokens=batch.shape[1] - prefix,
+            do_sample=True,
+            temperature=1.0,
+            use_cache=True,
+            pad_token_id=0,
+        )
+        student.train()
+        return out[:, : batch.shape[1]]
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(
+            (p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
+        return found[-1] if found else None
+
+    def checkpoint(self, accelerator: Any, state: dict[str, Any]) -> None:
+        target = self.run_dir / "checkpoints" / f"step-{state['step']}"
+        accelerator.save_state(str(target))
+        (target / "progress.json").write_text(json.dumps(state))
+        for old in (self.run_dir / "checkpoints").glob("step-*"):  # keep the latest two
+            if old != target and int(old.name.split("-")[1]) < state["step"] - self.config.checkpoint_every:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def save(
+        self,
+        student: Any,
+        tokenizer: Any,
+        teacher_ref: Any,
+        report: dict[str, Any],
+        state: dict[str, Any],
+        history: list[dict[str, float]],
+        stop_reason: str,
+    ) -> Path:
+        """Write the student as a float variant (staged, then renamed into the registry)."""
+        import tempfile
+
+        config = self.config
+        if config.lora_rank > 0:
+            student = student.merge_and_unload()
+        if config.qat is not None:
+            from slimserve.compression.qat import detach_fake_quantization
+
+            detach_fake_quantization(student)
+        student = student.float().eval()
+        student.config.use_cache = True
+        self.registry.variants_dir.mkdir(parents=True, exist_ok=True)
+        target = self.registry.variants_dir / config.name
+        with tempfile.TemporaryDirectory(dir=self.registry.variants_dir, prefix=f".{config.name}.") as tmp:
+            staging = Path(tmp) / config.name
+            student.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            for item in teacher_ref.path.iterdir():
+                if item.name.startswith(("chat_template", "generation_config")):
+                    shutil.copy2(item, staging / item.name)
+            tail = history[-10:]
+            manifest = VariantManifest(
+                name=config.name,
+                base_model=teacher_ref.manifest.base_model,
+                family=teacher_ref.manifest.family,
+                method="distill" + (f"-qat-{config.qat}" if config.qat else ""),
+                bits=32,
+                parameters=int(report.get("parameters") or sum(p.numel() for p in student.parameters())),
+                size_bytes=weights_size_bytes(staging),
+                dtype="float32",
+                runtimes=["transformers", "vllm"],
+                provenance={
+                    "command": "distill",
+                    "teacher": teacher_ref.name,
+                    "student": report,
+                    "config": _jsonable(asdict(config)),
+                    "steps": state["step"],
+                    "train_tokens": state["tokens"],
+                    "minutes": round(state["seconds"] / 60, 2),
+                    "stopped_by": stop_reason,
+                    "final_loss": round(sum(h["loss"] for h in tail) / max(len(tail), 1), 4),
+                    "torch": torch.__version__,
+                },
+            )
+            manifest.write(staging)
+            if target.exists():
+                raise DistillError(f"variant {config.name!r} appeared during training; nothing overwritten")
+            staging.rename(target)
+        (self.run_dir / "history.json").write_text(json.dumps(history))
+        return target
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def distill(config: DistillConfig, registry: VariantRegistry | None = None) -> Path:
+    """Run one distillation; returns the registered student directory."""
+    return Distiller(config, registry).run()

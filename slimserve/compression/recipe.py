@@ -1,0 +1,220 @@
+"""A compression run end to end, from a YAML recipe (or the same structure built in Python).
+
+    teacher: smollm2-135m-instruct
+    steps:
+      - quantize: {source: teacher, method: int4-gptq, embedding: int8}
+      - distill: {name: smollm2-student, student: {layers: 20}, max_minutes: 20}
+      - quantize: {source: smollm2-student, method: int8-weight, embedding: int8}
+      - evaluate: {}
+    report: reports/smollm2
+
+Every step writes a registered variant (writing into the registry is registering). `source: teacher`
+names the recipe's teacher. The whole recipe is validated before the first step runs: unknown keys,
+unknown step kinds and sources that neither exist nor are produced by an earlier step are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimserve.compression.distill import DistillConfig
+from slimserve.compression.quantize import QuantizeConfig
+from slimserve.compression.student import StudentSpec
+from slimserve.models.registry import VariantRegistry
+
+STEP_KINDS = ("distill", "quantize", "evaluate")
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; raised before any step starts."""
+
+
+@dataclass
+class QuantizeStep:
+    source: str
+    config: QuantizeConfig
+
+
+@dataclass
+class DistillStep:
+    config: DistillConfig
+
+
+@dataclass
+class EvaluateStep:
+    variants: list[str] | None = None
+    """Names to measure; default: the teacher and every variant the recipe produced."""
+    max_tokens: int = 4096
+    runtime: bool = True
+
+
+Step = QuantizeStep | DistillStep | EvaluateStep
+
+
+@dataclass
+class Recipe:
+    name: str
+    teacher: str
+    steps: list[Step] = field(default_factory=list)
+    report: str | None = None
+    """Directory for report.md and pareto.png; default `$SLIMSERVE_HOME/reports/<name>`."""
+
+
+def _check_keys(where: str, given: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def parse_recipe(data: dict[str, Any], name: str = "recipe") -> Recipe:
+    """Build a Recipe from parsed YAML, with errors that name the offending step and key."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping with `teacher` and `steps`")
+    _check_keys("recipe", data, {"name", "teacher", "steps", "report"})
+    if "teacher" not in data or not data.get("steps"):
+        raise RecipeError("a recipe needs `teacher` and a non-empty `steps` list")
+    teacher = str(data["teacher"])
+    steps: list[Step] = []
+    for index, raw in enumerate(data["steps"], start=1):
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise RecipeError(f"step {index}: write each step as `- <kind>: {{...}}` with kind in {STEP_KINDS}")
+        kind, params = next(iter(raw.items()))
+        params = dict(params or {})
+        where = f"step {index} ({kind})"
+        try:
+            if kind == "quantize":
+                _check_keys(where, params, _field_names(QuantizeConfig) | {"source"})
+                source = str(params.pop("source", "teacher"))
+                steps.append(QuantizeStep(source=source, config=QuantizeConfig(**params)))
+            elif kind == "distill":
+                _check_keys(where, params, _field_names(DistillConfig) - {"teacher"} | {"teacher"})
+                if "name" not in params:
+                    raise RecipeError(f"{where}: `name` is required")
+                student = params.pop("student", {}) or {}
+                if not isinstance(student, dict):
+                    raise RecipeError(f"{where}: `student` must be a mapping")
+                _check_keys(f"{where} student", student, _field_names(StudentSpec))
+                params.setdefault("teacher", "teacher")
+                steps.append(DistillStep(DistillConfig(student=StudentSpec(**student), **params)))
+            elif kind == "evaluate":
+                _check_keys(where, params, _field_names(EvaluateStep))
+                steps.append(EvaluateStep(**params))
+            else:
+                raise RecipeError(f"{where}: unknown step kind; choose one of {', '.join(STEP_KINDS)}")
+        except RecipeError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"{where}: {exc}") from exc
+    return Recipe(name=str(data.get("name", name)), teacher=teacher, steps=steps, report=data.get("report"))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file; a bare name looks in the shipped presets (`slimserve/compression/recipes/`)."""
+    file = Path(path)
+    if not file.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
+        file = RECIPES_DIR / f"{path}.yaml"
+    if not file.is_file():
+        presets = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise RecipeError(f"recipe {path} does not exist (shipped presets: {presets})")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{file}: not valid YAML: {exc}") from exc
+    return parse_recipe(data, name=file.stem)
+
+
+def output_name(step: Step, recipe: Recipe, registry: VariantRegistry) -> str | None:
+    if isinstance(step, QuantizeStep):
+        source = recipe.teacher if step.source == "teacher" else step.source
+        base = registry.find(source)
+        return step.config.name or f"{base.name if base else Path(source).name}-{step.config.method}"
+    if isinstance(step, DistillStep):
+        return step.config.name
+    return None
+
+
+def validate(recipe: Recipe, registry: VariantRegistry) -> list[str]:
+    """Check sources and names before anything runs; returns the names the recipe will produce."""
+    if not registry.exists(recipe.teacher):
+        raise RecipeError(f"teacher {recipe.teacher!r} is not a registered variant or variant directory")
+    produced: list[str] = []
+    for index, step in enumerate(recipe.steps, start=1):
+        sources: list[str] = []
+        if isinstance(step, QuantizeStep):
+            sources = [step.source]
+        elif isinstance(step, DistillStep):
+            sources = [step.config.teacher]
+        for source in sources:
+            if source != "teacher" and source not in produced and not registry.exists(source):
+                raise RecipeError(f"step {index}: source {source!r} is neither registered nor made by an earlier step")
+        name = output_name(step, recipe, registry)
+        if name is not None:
+            if name in produced:
+                raise RecipeError(f"step {index}: two steps write the variant {name!r}")
+            if (registry.variants_dir / name).exists():
+                raise RecipeError(f"step {index}: variant {name!r} already exists; remove it or rename the step")
+            produced.append(name)
+    return produced
+
+
+def run_recipe(
+    recipe: Recipe, registry: VariantRegistry | None = None, distill_minutes: float | None = None
+) -> dict[str, Any]:
+    """Run every step in order; returns {variant name: metrics} of the evaluated variants and writes the report.
+
+    `distill_minutes` overrides every distill step's wall-clock budget (smaller runs of the same recipe).
+    """
+    from slimserve.compression.distill import distill
+    from slimserve.compression.evaluate import EvalConfig, evaluate
+    from slimserve.compression.quantize import quantize_variant
+    from slimserve.compression.report import write_report
+
+    registry = registry or VariantRegistry()
+    produced = validate(recipe, registry)
+    teacher = registry.resolve(recipe.teacher)
+    metrics: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    for index, step in enumerate(recipe.steps, start=1):
+        started = time.perf_counter()
+        label = f"step {index}/{len(recipe.steps)}"
+        if isinstance(step, QuantizeStep):
+            source = str(teacher.path) if step.source == "teacher" else step.source
+            name = output_name(step, recipe, registry)
+            print(f"[{label}] quantize {source} -> {name} ({step.config.method})", flush=True)
+            quantize_variant(source, dataclasses.replace(step.config, name=name), registry)
+        elif isinstance(step, DistillStep):
+            config = step.config
+            if config.teacher == "teacher":
+                config = dataclasses.replace(config, teacher=str(teacher.path))
+            if distill_minutes is not None:
+                config = dataclasses.replace(config, max_minutes=distill_minutes)
+            print(f"[{label}] distill {config.teacher} -> {config.name}", flush=True)
+            distill(config, registry)
+        else:
+            names = step.variants or [teacher.name, *produced]
+            for name in names:
+                print(f"[{label}] evaluate {name}", flush=True)
+                metrics[name] = evaluate(
+                    name,
+                    teacher=str(teacher.path),
+                    config=EvalConfig(max_tokens=step.max_tokens),
+                    measure_runtime=step.runtime,
+                    registry=registry,
+                )
+        timings[label] = round(time.perf_counter() - started, 1)
+    report_dir = Path(recipe.report) if recipe.report else registry.home / "reports" / recipe.name
+    if metrics:
+        write_report(report_dir, recipe.name, teacher.name, metrics, registry)
+        print(f"report: {report_dir / 'report.md'}", flush=True)
+    return {"variants": metrics, "seconds": timings, "report": str(report_dir)}

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimserve.compression.distill import DistillConfig, DistillError, distill
+from slimserve.compression.losses import distillation_loss, token_divergence
+from slimserve.compression.student import StudentError, StudentSpec, build_student, choose_layers
+from slimserve.models import VariantManifest, VariantRegistry, load_variant
+from tests.tiny import make_tiny_variant, tiny_model
+
+SEQUENCES = [torch.randint(3, 250, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+@pytest.fixture
+def registry(slimserve_home: Path) -> VariantRegistry:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "teacher", name="teacher", layers=4, hidden=64)
+    return registry
+
+
+def _config(**overrides: object) -> DistillConfig:
+    base: dict[str, object] = {
+        "teacher": "teacher",
+        "name": "student",
+        "student": StudentSpec(layers=2, calibration_tokens=512),
+        "seq_len": 64,
+        "batch_size": 2,
+        "max_steps": 12,
+        "checkpoint_every": 5,
+        "lr": 3e-3,
+    }
+    base.update(overrides)
+    return DistillConfig(**base)  # type: ignore[arg-type]
+
+
+def test_divergences_vanish_on_equal_distributions_and_differ_otherwise() -> None:
+    logits = torch.randn(3, 5, 50)
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        assert token_divergence(logits, logits, divergence).abs().max() < 1e-5
+    other = torch.randn(3, 5, 50)
+    forward = token_divergence(other, logits, "forward_kl")
+    reverse = token_divergence(other, logits, "reverse_kl")
+    jsd = token_divergence(other, logits, "jsd", beta=0.5)
+    assert (forward > 0).all() and (reverse > 0).all() and not torch.allclose(forward, reverse)
+    assert (jsd <= torch.log(torch.tensor(2.0)) + 1e-5).all()  # JSD is bounded by log 2
+    # alpha=1 is plain cross-entropy on the data and needs no teacher
+    ids = torch.randint(0, 50, (3, 5))
+    loss, parts = distillation_loss(other, None, ids, torch.ones_like(ids), alpha=1.0)
+    expected = torch.nn.functional.cross_entropy(other[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    assert set(parts) == {"ce"}
+
+
+def test_student_keeps_the_most_influential_blocks_and_still_generates() -> None:
+    teacher = tiny_model(300, layers=6, hidden=64)
+    student, report = build_student(teacher, StudentSpec(layers=3, mlp_ratio=0.5), SEQUENCES)
+    kept = report["kept_layers"]
+    influence = report["block_influence"]
+    assert len(kept) == 3 and kept[0] == 0 and kept[-1] == 5
+    dropped = [i for i in range(1, 5) if i not in kept]
+    assert all(influence[kept[1]] >= influence[i] for i in dropped)
+    assert student.config.num_hidden_layers == 3 and student.config.intermediate_size == 64
+    assert report["parameters"] < report["teacher_parameters"]
+    out = student.generate(SEQUENCES[0][None, :8], max_new_tokens=5, do_sample=False)  # cache indexed 0..2
+    assert out.shape == (1, 13)
+    # the teacher is untouched
+    assert teacher.config.num_hidden_layers == 6 and len(teacher.model.layers) == 6
+
+
+def test_choose_layers_refuses_a_deeper_student() -> None:
+    with pytest.raises(StudentError, match="more layers"):
+        choose_layers([0.1] * 4, 5)
+
+
+def test_kd_loss_decreases_and_the_student_is_registered(registry: VariantRegistry) -> None:
+    path = distill(_config(), registry)
+    manifest = VariantManifest.read(path)
+    assert (
+        manifest.method == "distill"
+        and manifest.parameters < VariantManifest.read(registry.variants_dir / "teacher").parameters
+    )
+    assert manifest.provenance["steps"] == 12 and manifest.provenance["student"]["kept_layers"][0] == 0
+    history = json.loads((registry.home / "runs" / "student" / "history.json").read_text())
+    first, last = history[0]["kd"], sum(h["kd"] for h in history[-3:]) / 3
+    assert last < first
+    loaded = load_variant(path, dtype="fp32", registry=registry)
+    assert loaded.model.config.num_hidden_layers == 2
+
+
+def test_resume_continues_from_the_latest_checkpoint(registry: VariantRegistry) -> None:
+    path = distill(_config(max_steps=6, checkpoint_every=3), registry)
+    shutil.rmtree(path)  # as if the run had been interrupted after its last checkpoint
+    resumed = distill(_config(max_steps=9, checkpoint_every=3, resume=True), registry)
+    provenance = VariantManifest.read(resumed).provenance
+    assert provenance["steps"] == 9
+    assert provenance["train_tokens"] == 9 * 2 * 64  # the first six steps' tokens are counted too
+    history = json.loads((registry.home / "runs" / "student" / "history.json").read_text())
+    assert [h["step"] for h in history] == [7, 8, 9]
+
+
+def test_bad_requests_fail_before_any_training(registry: VariantRegistry, tmp_path: Path) -> None:
+    with pytest.raises(DistillError, match="more layers"):
+        distill(_config(student=StudentSpec(layers=9)), registry)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(DistillError, match="no text"):
+        distill(_config(data=[str(empty)]), registry)
+    with pytest.raises(DistillError, match="does not exist"):
+        _config(data=[str(tmp_path / "missing")])
+    other_vocab = tmp_path / "student.json"
+    config = json.loads((registry.variants_dir / "teacher" / "config.json").read_text())
+    config["vocab_size"] += 7
+    other_vocab.write_text(json.dumps(config))
+    with pytest.raises(DistillError, match="tokenizer"):
+        distill(_config(student_config=str(other_vocab)), registry)
+    with pytest.raises(DistillError, match="divergence"):
+        _config(divergence="l2")
+    assert not (registry.home / "runs").exists() or not any((registry.home / "runs").rglob("step-*"))
+    assert sorted(p.name for p in registry.variants_dir.iterdir()) == ["teacher"]
+
+
+def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: VariantRegistry) -> None:
+    from slimserve.compression.qat import attach_fake_quantization, export_config
+    from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+
+    path = distill(_config(qat="int4", qat_group_size=32, max_steps=4), registry)
+    assert VariantManifest.read(path).method == "distill-qat-int4"
+    exported = quantize_variant(str(path), QuantizeConfig(**export_config("int4", 32)), registry)
+
+    trained = load_variant(path, dtype="fp32", registry=registry).model
+    attach_fake_quantization(trained, "int4", 32)  # the forward the training saw
+    quantized = load_variant(exported, dtype="fp32", registry=registry).model
+    ids = SEQUENCES[0][None, :16]
+    with torch.no_grad():
+        expected, got = trained(ids).logits, quantized(ids).logits
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
