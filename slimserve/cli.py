@@ -6,8 +6,10 @@ import argparse
 import functools
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimserve.models.registry import DEFAULT_VARIANT, VariantNotFoundError, VariantRegistry
@@ -26,14 +28,18 @@ def serve(
     max_waiting: int = 64,
     log_level: str = "info",
     default_max_tokens: int = 1024,
+    memory_budget_mb: float | None = None,
+    latency_budget_ms: float | None = None,
+    min_quality: str | None = None,
 ) -> None:
-    """Start the OpenAI-compatible server; /health answers 503 until every variant has loaded."""
+    """Start the OpenAI-compatible server; /health answers 503 until the variants that fit have loaded."""
     import uvicorn
 
     from slimserve.models.loader import load_variant, parse_dtype
     from slimserve.server.app import create_app
     from slimserve.server.engine import TransformersEngine
     from slimserve.server.metrics import ServerMetrics
+    from slimserve.server.router import Budget, parse_quality
     from slimserve.server.settings import ServerSettings
 
     settings = ServerSettings(
@@ -46,6 +52,9 @@ def serve(
         max_waiting=max_waiting,
         log_level=log_level,
         default_max_tokens=default_max_tokens,
+        memory_budget_mb=memory_budget_mb,
+        latency_budget_ms=latency_budget_ms,
+        min_quality=min_quality,
     )
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
     registry = VariantRegistry()
@@ -65,8 +74,37 @@ def serve(
                 max_waiting=settings.max_waiting,
             )
         )
-    app = create_app(engines, metrics, api_key=settings.api_key, default_max_tokens=settings.default_max_tokens or None)
+    default_budget = Budget(
+        latency_ms=settings.latency_budget_ms,
+        max_ppl_ratio=parse_quality(settings.min_quality, "--min-quality") if settings.min_quality else math.inf,
+    )
+    app = create_app(
+        engines,
+        metrics,
+        api_key=settings.api_key,
+        default_max_tokens=settings.default_max_tokens or None,
+        memory_budget_mb=settings.memory_budget_mb or half_of_available_memory_mb(),
+        default_budget=default_budget,
+    )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def half_of_available_memory_mb() -> float | None:
+    """The default memory budget: half of MemAvailable (None where /proc/meminfo is missing)."""
+    try:
+        text = Path("/proc/meminfo").read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024 / 2
+    return None
+
+
+def default_variants() -> list[str]:
+    """The embedded default first, then every other registered variant (loaded as memory allows)."""
+    others = [v.name for v in VariantRegistry().list() if v.name != DEFAULT_VARIANT]
+    return [DEFAULT_VARIANT, *others]
 
 
 def variants_list(as_json: bool = False) -> None:
@@ -227,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="variants",
         action="append",
         metavar="DIR_OR_NAME",
-        help=f"variant directory or registered name; repeat to serve several [default: {DEFAULT_VARIANT}]",
+        help=f"variant directory or registered name; repeat to serve several [default: {DEFAULT_VARIANT}, then "
+        "every registered variant]",
         default=None,
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (/health stays open)")
@@ -241,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="completion cap for requests that send no max_tokens (0: the whole remaining context)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    p.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="memory for resident variants; the rest load on demand, evicting idle ones [default: half of the "
+        "memory available at start]",
+    )
+    p.add_argument("--latency-budget-ms", type=float, default=None, help="default latency budget of routed requests")
+    p.add_argument("--min-quality", default=None, help="default minimum quality of routed requests (ratio or tier)")
 
     from slimserve.compression.quantize import METHODS
 
@@ -359,13 +407,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "serve": lambda a: serve(
         a.host,
         a.port,
-        a.variants or [DEFAULT_VARIANT],
+        a.variants or default_variants(),
         a.api_key,
         a.dtype,
         a.max_batch_size,
         a.max_waiting,
         a.log_level,
         a.default_max_tokens,
+        a.memory_budget_mb,
+        a.latency_budget_ms,
+        a.min_quality,
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),

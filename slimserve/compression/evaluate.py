@@ -65,6 +65,8 @@ class QualityReport:
     """Mean KL(teacher || variant) per scored token, in nats."""
     top1_agreement: float | None = None
     """Share of scored tokens where variant and teacher rank the same token first."""
+    teacher_perplexity: float | None = None
+    """The teacher's perplexity on the same windows (the reference of quality ratios)."""
 
 
 @torch.inference_mode()
@@ -79,7 +81,7 @@ def quality(
     ids = variant.tokenizer(text, return_tensors="pt")["input_ids"][0, : config.max_tokens]  # (T,)
     if ids.numel() < 2:
         raise ValueError("evaluation text is shorter than two tokens")
-    nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0, 0
+    nll_sum, teacher_nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0.0, 0, 0
     prev_end = 0
     starts = list(range(0, ids.numel() - 1, config.stride))
     for begin in tqdm(starts, desc=f"eval {variant.name}", unit="window", leave=False):
@@ -94,6 +96,7 @@ def quality(
         nll_sum += float(-logp.gather(1, targets.unsqueeze(1)).sum())
         if teacher is not None:
             logq = torch.log_softmax(teacher.model(window).logits[0, rows].float(), dim=-1)  # (N, V)
+            teacher_nll_sum += float(-logq.gather(1, targets.unsqueeze(1)).sum())
             vocab = min(logp.shape[1], logq.shape[1])
             logp_v, logq_v = logp[:, :vocab], logq[:, :vocab]
             kl_sum += float((logq_v.exp() * (logq_v - logp_v)).sum())
@@ -106,6 +109,7 @@ def quality(
     if teacher is not None:
         report.kl_to_teacher = kl_sum / scored
         report.top1_agreement = agree / scored
+        report.teacher_perplexity = math.exp(teacher_nll_sum / scored)
     return report
 
 
@@ -205,6 +209,7 @@ def evaluate(
         metrics |= {
             "kl_to_teacher": round(report.kl_to_teacher, 5),
             "top1_agreement": round(report.top1_agreement or 0.0, 4),
+            "teacher_perplexity": round(report.teacher_perplexity or 0.0, 4),
             "teacher": teacher_name,
         }
     elif is_teacher:

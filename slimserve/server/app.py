@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -14,9 +16,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from slimserve import __version__
 from slimserve.server import completions as flow
-from slimserve.server.engine import EngineState, GenerationEvent, TransformersEngine
+from slimserve.server.engine import EngineState, GenerationEvent, RequestHandle, TransformersEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.pool import AUTO, PoolEntry, VariantPool
 from slimserve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -32,30 +35,23 @@ from slimserve.server.protocol import (
     ResponseMessage,
     UsageInfo,
 )
+from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class EngineSet:
-    """The engines this server runs, by model id; the first is the default."""
+@dataclass
+class Dispatch:
+    """Where a request went: the engine, its handles, and the router's decision (None: named exactly)."""
 
-    def __init__(self, engines: list[TransformersEngine]) -> None:
-        self.by_name = {e.name: e for e in engines}
-
-    def get(self, model: str) -> TransformersEngine:
-        engine = self.by_name.get(model)
-        if engine is None:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist. Available models: {', '.join(self.by_name)}",
-                param="model",
-                code="model_not_found",
-            )
-        if engine.state is not EngineState.READY:
-            detail = f": {engine.error}" if engine.error else ""
-            raise APIError(503, f"model '{model}' is {engine.state.value}{detail}", code="model_not_ready")
-        return engine
+    engine: TransformersEngine
+    prompts: list[list[int]]
+    max_tokens: int
+    handles: list[RequestHandle]
+    decision: Decision | None
+    budget: Budget | None
+    started: float
 
 
 def create_app(
@@ -63,19 +59,23 @@ def create_app(
     metrics: ServerMetrics,
     api_key: str | None = None,
     default_max_tokens: int | None = 1024,
+    memory_budget_mb: float | None = None,
+    default_budget: Budget | None = None,
 ) -> FastAPI:
-    """Build the app around engines that the caller created (they are started and stopped with the app).
+    """Build the app around engines that the caller created (the pool starts and stops them).
 
-    `default_max_tokens` caps requests that give no max_tokens (None: the whole remaining context)."""
-    engine_set = EngineSet(engines)
+    `default_max_tokens` caps requests that give no max_tokens (None: the whole remaining context).
+    Variants beyond `memory_budget_mb` stay on disk until a request needs them. `default_budget` applies
+    to routed requests that carry no budget of their own."""
+    pool = VariantPool(engines, metrics, memory_budget_mb)
+    router = Router()
+    server_budget = default_budget or Budget()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for engine in engines:
-            engine.start()
+        pool.start()
         yield
-        for engine in engines:
-            engine.shutdown()
+        pool.shutdown()
 
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
@@ -102,10 +102,11 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        states = {e.name: e.state.value for e in engines}
-        ready = all(e.state is EngineState.READY for e in engines)
+        started = [e for e in pool.entries.values() if e.started]
+        states = {e.name: e.engine.state.value if e.started else "unloaded" for e in pool.entries.values()}
+        ready = all(e.engine.state is EngineState.READY for e in started)
         body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "models": states}
-        errors = {e.name: e.error for e in engines if e.error}
+        errors = {e.name: e.engine.error for e in pool.entries.values() if e.engine.error}
         if errors:
             body["errors"] = errors
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -114,49 +115,181 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card(engine: TransformersEngine) -> ModelCard:
-        manifest = engine.manifest
-        summary: dict[str, Any] = {"state": engine.state.value}
+    def card(entry: PoolEntry) -> ModelCard:
+        engine, manifest = entry.engine, entry.manifest
+        summary: dict[str, Any] = {"state": engine.state.value if entry.started else "unloaded"}
         if manifest is not None:
             summary |= {k: getattr(manifest, k) for k in ("family", "method", "bits", "parameters", "size_bytes")}
+            summary["runtimes"] = manifest.runtimes
             summary["metrics"] = manifest.metrics
+            summary["quality_ratio"] = entry.ppl_ratio
+        members = pool.families().get(entry.name, [])
+        if len(members) > 1:
+            summary["routes"] = [m.name for m in members]
         return ModelCard(
-            id=engine.name,
+            id=entry.name,
             root=str(engine.variant.path) if engine.variant else None,
-            parent=manifest.base_model if manifest and manifest.base_model != engine.name else None,
+            parent=manifest.base_model if manifest and manifest.base_model != entry.name else None,
             max_model_len=engine.context_length if engine.state is EngineState.READY else None,
             slimserve=summary,
         )
 
+    def family_card(model_id: str, members: list[PoolEntry]) -> ModelCard:
+        return ModelCard(id=model_id, slimserve={"router": True, "routes": [m.name for m in members]})
+
+    def cards() -> list[ModelCard]:
+        found = [card(e) for e in pool.entries.values()]
+        for family, members in pool.families().items():
+            if len(members) > 1 and family not in pool.entries:
+                found.append(family_card(family, members))
+        routed = pool.targets(AUTO)[0]
+        if len(routed) > 1:
+            found.append(family_card(AUTO, routed))
+        return found
+
     @v1.get("/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[card(e) for e in engines])
+        return ModelList(data=cards())
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> ModelCard:
-        engine = engine_set.by_name.get(model_id)
-        if engine is None:
-            raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-        return card(engine)
+        for found in cards():
+            if found.id == model_id:
+                return found
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+
+    @v1.get("/slimserve/router")
+    async def router_state() -> dict[str, Any]:
+        """Live profiles, residency and the router's last decisions."""
+        variants = []
+        for entry in pool.entries.values():
+            variants.append(
+                {
+                    "name": entry.name,
+                    "family": entry.family,
+                    "state": entry.engine.state.value if entry.started else "unloaded",
+                    "memory_mb": round(entry.memory_mb, 1),
+                    "quality_ratio": entry.ppl_ratio,
+                    "running": entry.running,
+                    "waiting": entry.waiting,
+                    "profile": {
+                        "ttft_ms_128": round(entry.profile.ttft_ms(128), 1),
+                        "step_ms_b1": round(entry.profile.step_ms(1), 2),
+                        "step_ms_b8": round(entry.profile.step_ms(8), 2),
+                        "load_ms": round(entry.profile.load_ms, 0),
+                        "observations": entry.profile.observations,
+                        "prefill_correction": round(entry.profile.prefill_correction, 3),
+                        "step_correction": round(entry.profile.step_correction, 3),
+                    },
+                }
+            )
+        return {
+            "memory_budget_mb": pool.memory_budget_mb,
+            "resident_mb": round(pool.resident_mb(), 1),
+            "default_budget": {k: v for k, v in asdict(server_budget).items() if v is not None and v != math.inf},
+            "variants": variants,
+            "decisions": router.recent(),
+        }
+
+    async def dispatch(
+        request: Request,
+        model: str,
+        extension: dict[str, Any] | None,
+        build_prompts: Callable[[TransformersEngine], list[list[int]]],
+        requested_max: int | None,
+        max_param: str,
+        submit: Callable[[TransformersEngine, list[list[int]], int], list[RequestHandle]],
+    ) -> Dispatch:
+        """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
+        the router's next choice before the client sees 429."""
+        entries, routed = pool.targets(model)
+        decision: Decision | None = None
+        budget: Budget | None = None
+        order = entries
+        if routed:
+            try:
+                budget = parse_budget({k.lower(): v for k, v in request.headers.items()}, extension, server_budget)
+                probe = next((e for e in entries if e.resident), entries[0])
+                probe_engine = await pool.acquire(probe)
+                pool.release(probe)
+                prompt_tokens = max(len(p) for p in build_prompts(probe_engine))
+                expected = requested_max or default_max_tokens or 256
+                order, decision = router.choose(list(entries), budget, prompt_tokens, expected)
+            except BudgetError as exc:
+                raise APIError(400, str(exc), param=exc.param) from exc
+        last_error: APIError | None = None
+        for position, entry in enumerate(order):
+            engine = await pool.acquire(entry)
+            try:
+                prompts = build_prompts(engine)
+                max_tokens = flow.resolve_max_tokens(
+                    engine, max(len(p) for p in prompts), requested_max, max_param, default_max_tokens
+                )
+                handles = submit(engine, prompts, max_tokens)
+            except APIError as exc:
+                if exc.status == 429 and routed and position + 1 < len(order):
+                    last_error = exc
+                    continue
+                raise
+            finally:
+                pool.release(entry)
+            if decision is not None:
+                if position > 0:
+                    decision.reason += f"; {order[0].name} was full, shed to {entry.name}"
+                    decision.variant = entry.name
+                met = "none" if decision.budget_met is None else ("met" if decision.budget_met else "missed")
+                metrics.routed.labels(entry.name, met).inc()
+            request.state.model = engine.name
+            return Dispatch(engine, prompts, max_tokens, handles, decision, budget, time.perf_counter())
+        assert last_error is not None
+        raise last_error
+
+    def routing_headers(sent: Dispatch) -> dict[str, str]:
+        headers = {"X-Slimserve-Variant": sent.engine.name}
+        if sent.decision is not None:
+            met = sent.decision.budget_met
+            headers["X-Slimserve-Budget"] = "none" if met is None else ("predicted-met" if met else "predicted-missed")
+            headers["X-Slimserve-Predicted-Ms"] = f"{sent.decision.predicted_ms:.0f}"
+        return headers
+
+    def record_outcome(sent: Dispatch) -> None:
+        if sent.budget is not None and sent.budget.latency_ms is not None:
+            elapsed_ms = 1000 * (time.perf_counter() - sent.started)
+            outcome = "within" if elapsed_ms <= sent.budget.latency_ms else "over"
+            metrics.budget_outcome.labels(sent.engine.name, outcome).inc()
+
+    async def tracked(sent: Dispatch, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for item in events:
+                yield item
+        finally:
+            record_outcome(sent)
 
     @v1.post("/chat/completions", response_model=None)
     async def chat_completions(
-        body: ChatCompletionRequest,
-        request: Request,
+        body: ChatCompletionRequest, request: Request, response: Response
     ) -> ChatCompletionResponse | StreamingResponse:
         request.state.model = body.model
         _log_extra_fields(body)
-        engine = engine_set.get(body.model)
-        prompt = flow.chat_prompt_ids(engine, body.messages)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = flow.resolve_max_tokens(
-            engine, len(prompt), body.requested_max_tokens(), param, default_max_tokens
-        )
         top = (body.top_logprobs or 0) if body.logprobs else None
-        handles = flow.submit_all(
-            engine, [prompt], _params_factory(body, max_tokens, top, engine.sampling_defaults), body.n
+
+        def submit(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
+            make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
+            return flow.submit_all(engine, prompts, make, body.n)
+
+        sent = await dispatch(
+            request,
+            body.model,
+            body.slimserve,
+            lambda engine: [flow.chat_prompt_ids(engine, body.messages)],
+            body.requested_max_tokens(),
+            param,
+            submit,
         )
+        engine, prompt, handles = sent.engine, sent.prompts[0], sent.handles
         tokenizer = engine.tokenizer
+        headers = routing_headers(sent)
 
         if body.stream:
             chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -187,9 +320,12 @@ def create_app(
                 )
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse_response(flow.stream_events(handles, make_chunk, final_usage if include_usage else None))
+            events = flow.stream_events(handles, make_chunk, final_usage if include_usage else None)
+            return _sse_response(tracked(sent, events), headers)
 
         results = await flow.collect(request, handles)
+        record_outcome(sent)
+        response.headers.update(headers)
         choices = [
             ChatChoice(
                 index=i,
@@ -202,20 +338,31 @@ def create_app(
         return ChatCompletionResponse(model=engine.name, choices=choices, usage=flow.usage([len(prompt)], results))
 
     @v1.post("/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
+    async def completions(
+        body: CompletionRequest, request: Request, response: Response
+    ) -> CompletionResponse | StreamingResponse:
         request.state.model = body.model
         _log_extra_fields(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
-        engine = engine_set.get(body.model)
-        prompts = [flow.text_prompt_ids(engine, p) for p in body.prompts()]
-        longest = max(len(p) for p in prompts)
-        max_tokens = flow.resolve_max_tokens(engine, longest, body.max_tokens, "max_tokens", default_max_tokens)
-        tokenizer = engine.tokenizer
-        echoes = [tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
-        handles = flow.submit_all(
-            engine, prompts, _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults), body.n
+
+        def submit(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
+            make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
+            return flow.submit_all(engine, prompts, make, body.n)
+
+        sent = await dispatch(
+            request,
+            body.model,
+            body.slimserve,
+            lambda engine: [flow.text_prompt_ids(engine, p) for p in body.prompts()],
+            body.max_tokens,
+            "max_tokens",
+            submit,
         )
+        engine, prompts, handles = sent.engine, sent.prompts, sent.handles
+        tokenizer = engine.tokenizer
+        headers = routing_headers(sent)
+        echoes = [tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
 
         if body.stream:
             chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -255,9 +402,12 @@ def create_app(
                 )
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse_response(flow.stream_events(handles, make_chunk, final_usage if include_usage else None))
+            events = flow.stream_events(handles, make_chunk, final_usage if include_usage else None)
+            return _sse_response(tracked(sent, events), headers)
 
         results = await flow.collect(request, handles)
+        record_outcome(sent)
+        response.headers.update(headers)
         choices = []
         for i, r in enumerate(results):
             echo = echoes[i // body.n]
@@ -312,9 +462,11 @@ def _openai_finish(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+def _sse_response(events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )
 
 

@@ -31,6 +31,7 @@ from slimserve.models.manifest import VariantManifest
 from slimserve.server.batch import PaddedKVBatch
 from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ class TransformersEngine:
         self.manifest = manifest
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
+        self.profile: LatencyProfile | None = None
+        """Live latency profile the router reads; the engine thread feeds it prefill and step times."""
+        self._running = 0
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._waiting = 0
         self._lock = threading.Lock()
@@ -134,6 +138,22 @@ class TransformersEngine:
 
     def start(self) -> None:
         self._thread.start()
+
+    def fresh(self) -> TransformersEngine:
+        """A new, unstarted engine for the same variant (an engine thread runs once; reloading needs another)."""
+        return TransformersEngine(
+            self._load, self.name, self.metrics, self.manifest, self.max_batch_size, self.max_waiting
+        )
+
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch."""
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Sequences queued for a batch slot."""
+        return self._waiting
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
@@ -219,7 +239,9 @@ class TransformersEngine:
                         self._finish(seq, GenerationEvent("", [], [], "error", len(seq.generated), str(exc)))
                     batch.keep([])
                     rows.clear()
+            self._running = len(rows)
             self.metrics.running.labels(self.name).set(len(rows))
+        self._running = 0
         for seq in rows:
             self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated), "server shutting down"))
 
@@ -242,7 +264,10 @@ class TransformersEngine:
                 self._finish(seq, GenerationEvent("", [], [], "abort", 0))
                 continue
             try:
+                began = time.perf_counter()
                 cache, logits = self._prefill(variant, seq.handle.prompt_ids)
+                if self.profile is not None:
+                    self.profile.observe_prefill(len(seq.handle.prompt_ids), time.perf_counter() - began)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._finish(seq, GenerationEvent("", [], [], "error", 0, str(exc)))
@@ -269,6 +294,7 @@ class TransformersEngine:
                 return
         input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)
         mask, positions = batch.step_inputs()
+        began = time.perf_counter()
         out = variant.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -278,6 +304,8 @@ class TransformersEngine:
         )
         logits = out.logits[:, -1].float()  # (B, vocab)
         self._emit(list(zip(rows, logits, strict=True)), eos)
+        if self.profile is not None:  # the whole step as a client sees it: forward, sampling, delivery
+            self.profile.observe_step(len(rows), time.perf_counter() - began)
         if any(s.done for s in rows):
             self._compact(batch, rows)
 

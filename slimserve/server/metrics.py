@@ -48,5 +48,33 @@ class ServerMetrics:
             "slimserve_running_sequences", "Sequences in the running batch.", ["model"], registry=self.registry
         )
 
+        self.loads = Counter(
+            "slimserve_variant_loads", "Variants loaded into memory.", ["model"], registry=self.registry
+        )
+        self.evictions = Counter(
+            "slimserve_variant_evictions",
+            "Variants evicted to make room (LRU, idle).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.resident_mb = Gauge(
+            "slimserve_variant_resident_mb",
+            "Estimated resident memory of a loaded variant.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.routed = Counter(
+            "slimserve_routed_requests",
+            "Requests the router sent to a variant, by whether its latency budget was predicted to be met.",
+            ["model", "budget"],
+            registry=self.registry,
+        )
+        self.budget_outcome = Counter(
+            "slimserve_budget_outcomes",
+            "Routed requests with a latency budget, by whether they finished within it.",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

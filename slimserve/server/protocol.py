@@ -73,6 +73,11 @@ class _SamplingFields(OpenAIModel):
         None, ge=0, description="Keep only the k most likely tokens; 0 disables (extension). Default: the model's."
     )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (extension, for benchmarks).")
+    slimserve: dict[str, Any] | None = Field(
+        None,
+        description="Routing budget (extension): latency_budget_ms, memory_budget_mb, min_quality; the "
+        "X-Latency-Budget-Ms, X-Memory-Budget-Mb and X-Min-Quality headers take precedence.",
+    )
 
     @field_validator("stop")
     @classmethod

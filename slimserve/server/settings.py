@@ -27,3 +27,15 @@ class ServerSettings(BaseSettings):
         1024, ge=0, description="Completion cap for requests without max_tokens; 0: the whole remaining context."
     )
     log_level: str = Field("info", description="uvicorn/slimserve log level.")
+    memory_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Resident memory for variants; the rest load on demand (LRU eviction). None: half "
+        "of the memory available at start.",
+    )
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="Default latency budget of routed requests that give none."
+    )
+    min_quality: str | None = Field(
+        None, description="Default minimum quality of routed requests: a perplexity ratio or a tier."
+    )

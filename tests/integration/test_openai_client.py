@@ -112,7 +112,7 @@ def test_disconnect_stops_generation(server: RunningServer) -> None:
 def test_quantized_variant_is_served_and_listed(server: RunningServer) -> None:
     client = server.client()
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {MODEL, f"{MODEL}-int8-weight"}
+    assert set(models) == {MODEL, f"{MODEL}-int8-weight", "auto"}  # auto: the router picks in the family
     assert models[f"{MODEL}-int8-weight"].model_extra["slimserve"]["bits"] == 8  # type: ignore[index]
     response = client.chat.completions.create(model=f"{MODEL}-int8-weight", messages=FRANCE, temperature=0)
     assert "Paris" in (response.choices[0].message.content or "")
@@ -134,3 +134,24 @@ def test_requests_without_sampling_fields_are_greedy_on_the_default_model(server
         for s in range(4)
     }
     assert len(hot) > 1  # a request's own temperature still samples
+
+
+def test_budgets_route_within_the_family_through_the_unchanged_client(server: RunningServer) -> None:
+    client = server.client()
+    # an impossible latency budget: the fastest variant serves, and the response says the budget was missed
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=FRANCE, temperature=0, max_tokens=8, extra_headers={"X-Latency-Budget-Ms": "1"}
+    )
+    completion = raw.parse()
+    assert raw.headers["x-slimserve-budget"] == "predicted-missed"
+    assert completion.model == raw.headers["x-slimserve-variant"] == f"{MODEL}-int8-weight"
+    # the same budget in the body; no budget at all keeps the teacher (the best quality)
+    in_body = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, max_tokens=8, extra_body={"slimserve": {"latency_budget_ms": 1}}
+    )
+    assert in_body.model == f"{MODEL}-int8-weight"
+    assert client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8).model == MODEL
+    with pytest.raises(openai.BadRequestError, match="tier"):
+        client.chat.completions.create(
+            model="auto", messages=FRANCE, max_tokens=8, extra_headers={"X-Min-Quality": "superb"}
+        )

@@ -1,0 +1,278 @@
+"""Budget-aware routing: per request, the best variant of a family predicted to fit the caller's budget.
+
+A budget is a latency (end to end, milliseconds), a memory ceiling (the variant's resident size) and a
+minimum quality (the variant's held-out perplexity as a ratio to the teacher's, or a named tier). The
+router predicts each candidate's latency for *this* request from a live profile (time to first token as
+a function of prompt length, time per decode step as a function of batch size, the queue ahead, the load
+time when the variant is not resident), starting from the figures `slimserve eval` wrote into the
+manifest and corrected by what the engine measures while serving. It picks the highest-quality variant
+predicted to meet the budget; if none can, the fastest, and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from slimserve.models.manifest import VariantManifest
+
+QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
+"""Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
+
+HEADER_LATENCY = "x-latency-budget-ms"
+HEADER_MEMORY = "x-memory-budget-mb"
+HEADER_QUALITY = "x-min-quality"
+
+
+class BudgetError(ValueError):
+    """A budget the server cannot interpret (answered with 400)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Budget:
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+    max_ppl_ratio: float = math.inf
+    """The minimum quality, as the largest perplexity ratio to the teacher that is acceptable."""
+
+
+def _positive(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BudgetError(f"{name} must be a positive number, got {value!r}", name) from None
+    if not math.isfinite(number) or number <= 0:
+        raise BudgetError(f"{name} must be a positive number, got {value!r}", name)
+    return number
+
+
+def parse_quality(value: Any, name: str = HEADER_QUALITY) -> float:
+    """A tier name or a perplexity ratio >= 1 (1.05 = at most 5% worse than the teacher)."""
+    if isinstance(value, str) and value.strip().lower() in QUALITY_TIERS:
+        return QUALITY_TIERS[value.strip().lower()]
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        tiers = ", ".join(QUALITY_TIERS)
+        raise BudgetError(
+            f"{name} must be a perplexity ratio to the teacher (>= 1, e.g. 1.05) or a tier ({tiers}); got {value!r}",
+            name,
+        ) from None
+    if not math.isfinite(ratio) or ratio < 1.0:
+        raise BudgetError(f"{name} is a perplexity ratio to the teacher and must be >= 1, got {value!r}", name)
+    return ratio
+
+
+def parse_budget(headers: dict[str, str], body: dict[str, Any] | None, default: Budget) -> Budget:
+    """Headers win over the body's `slimserve` object; what neither gives comes from the server default."""
+    body = body or {}
+    unknown = sorted(set(body) - {"latency_budget_ms", "memory_budget_mb", "min_quality"})
+    if unknown:
+        raise BudgetError(
+            f"unknown slimserve field(s) {', '.join(unknown)}; use latency_budget_ms, memory_budget_mb, min_quality",
+            "slimserve",
+        )
+    latency = headers.get(HEADER_LATENCY, body.get("latency_budget_ms"))
+    memory = headers.get(HEADER_MEMORY, body.get("memory_budget_mb"))
+    quality = headers.get(HEADER_QUALITY, body.get("min_quality"))
+    return Budget(
+        latency_ms=_positive(latency, HEADER_LATENCY) if latency is not None else default.latency_ms,
+        memory_mb=_positive(memory, HEADER_MEMORY) if memory is not None else default.memory_mb,
+        max_ppl_ratio=parse_quality(quality) if quality is not None else default.max_ppl_ratio,
+    )
+
+
+@dataclass
+class LatencyProfile:
+    """Predicted time to first token and per decode step of one variant, corrected from live traffic.
+
+    TTFT(L) = overhead + per_token * L; step(B) = interpolation between the batch-1 and batch-8 step
+    times; each observation moves a multiplicative correction by `smoothing` towards observed/predicted.
+    """
+
+    prefill_overhead_ms: float
+    prefill_per_token_ms: float
+    step_b1_ms: float
+    step_b8_ms: float
+    load_ms: float
+    smoothing: float = 0.2
+    prefill_correction: float = 1.0
+    step_correction: float = 1.0
+    observations: int = 0
+
+    @classmethod
+    def from_manifest(cls, manifest: VariantManifest | None) -> LatencyProfile:
+        """Start from the manifest's measured figures (or conservative guesses from the size)."""
+        metrics = manifest.metrics if manifest else {}
+        size_mb = (manifest.size_bytes / 1e6) if manifest else 500.0
+        b1 = float(metrics.get("decode_tok_s_b1") or max(5.0, 12000.0 / max(size_mb, 1.0)))
+        b8 = float(metrics.get("decode_tok_s_b8") or 4 * b1)
+        ttft_128 = float(metrics.get("ttft_ms_128") or 1000.0 * 128 / (20 * b1))
+        return cls(
+            prefill_overhead_ms=0.2 * ttft_128,
+            prefill_per_token_ms=0.8 * ttft_128 / 128,
+            step_b1_ms=1000.0 / b1,
+            step_b8_ms=8000.0 / b8,
+            load_ms=1000.0 * float(metrics.get("load_s") or size_mb / 100.0),
+        )
+
+    def ttft_ms(self, prompt_tokens: int) -> float:
+        return (self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens) * self.prefill_correction
+
+    def step_ms(self, batch: int) -> float:
+        batch = max(1, batch)
+        slope = (self.step_b8_ms - self.step_b1_ms) / 7
+        return max(self.step_b1_ms + slope * (batch - 1), 0.1) * self.step_correction
+
+    def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        predicted = self.ttft_ms(prompt_tokens) / self.prefill_correction
+        self.prefill_correction += self.smoothing * (1000 * seconds / predicted - self.prefill_correction)
+        self.observations += 1
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        predicted = self.step_ms(batch) / self.step_correction
+        self.step_correction += self.smoothing * (1000 * seconds / predicted - self.step_correction)
+        self.observations += 1
+
+    def observe_load(self, seconds: float) -> None:
+        self.load_ms = 1000 * seconds
+
+
+class Candidate(Protocol):
+    """What the router needs to know about one variant (the pool's entries provide it)."""
+
+    profile: LatencyProfile
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def resident(self) -> bool: ...
+    @property
+    def available(self) -> bool: ...
+    @property
+    def memory_mb(self) -> float: ...
+    @property
+    def ppl_ratio(self) -> float | None: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def max_batch_size(self) -> int: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """End-to-end latency of this request on `candidate`, given what is running and waiting there now."""
+    profile = candidate.profile
+    ahead = candidate.waiting
+    batch = min(candidate.running + ahead + 1, candidate.max_batch_size)
+    load = 0.0 if candidate.resident else profile.load_ms
+    # sequences waiting ahead are prefilled first; beyond the batch size, a slot frees only as others finish
+    queue = ahead * profile.ttft_ms(prompt_tokens)
+    overflow = candidate.running + ahead + 1 - candidate.max_batch_size
+    if overflow > 0:
+        queue += overflow / candidate.max_batch_size * max_tokens * profile.step_ms(candidate.max_batch_size)
+    return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(batch)
+
+
+@dataclass
+class Decision:
+    variant: str
+    predicted_ms: float
+    budget_met: bool | None
+    """None when the request set no latency budget."""
+    reason: str
+    candidates: dict[str, float] = field(default_factory=dict)
+    """Predicted milliseconds per considered variant."""
+    at: float = field(default_factory=time.time)
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    budget: dict[str, Any] = field(default_factory=dict)
+
+
+class Router:
+    """Chooses a variant per request; keeps the last decisions for inspection."""
+
+    def __init__(self, history: int = 100) -> None:
+        self.decisions: deque[Decision] = deque(maxlen=history)
+        self._lock = threading.Lock()
+
+    def choose(
+        self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int
+    ) -> tuple[list[C], Decision]:
+        """Candidates in the order to try (best first; the rest are fallbacks if the first is full)."""
+        usable = [c for c in candidates if c.available]
+        if not usable:
+            raise BudgetError("no variant of this family can serve requests right now", "model")
+        if budget.memory_mb is not None:
+            fitting = [c for c in usable if c.memory_mb <= budget.memory_mb]
+            if not fitting:
+                smallest = min(usable, key=lambda c: c.memory_mb)
+                raise BudgetError(
+                    f"memory budget {budget.memory_mb:g} MB is smaller than every variant "
+                    f"(smallest: {smallest.name}, {smallest.memory_mb:.0f} MB)",
+                    HEADER_MEMORY,
+                )
+            usable = fitting
+        predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) for c in usable}
+
+        met: bool | None
+
+        def quality(c: Candidate) -> float:
+            return c.ppl_ratio if c.ppl_ratio is not None else math.inf
+
+        good_enough = [c for c in usable if quality(c) <= budget.max_ppl_ratio]
+        pool = good_enough or usable
+        if not good_enough:
+            order = sorted(pool, key=lambda c: (quality(c), predicted[c.name]))
+            reason = "quality first"
+            met = False
+        elif budget.latency_ms is None:
+            order = sorted(pool, key=lambda c: (quality(c), predicted[c.name]))
+            reason = "no latency budget: best quality"
+            met = None
+        else:
+            fits = [c for c in pool if predicted[c.name] <= budget.latency_ms]
+            if fits:
+                order = sorted(fits, key=lambda c: (quality(c), predicted[c.name]))
+                rest = sorted((c for c in pool if c not in fits), key=lambda c: predicted[c.name])
+                order += rest
+                reason = "best quality predicted within the latency budget"
+                met = True
+            else:
+                order = sorted(pool, key=lambda c: predicted[c.name])
+                reason = "no variant predicted within the latency budget: fastest"
+                met = False
+        if not good_enough:
+            reason += f"; no variant reaches quality ratio {budget.max_ppl_ratio:g}: best available"
+            met = False
+        chosen = order[0]
+        decision = Decision(
+            variant=chosen.name,
+            predicted_ms=round(predicted[chosen.name], 1),
+            budget_met=met,
+            reason=reason,
+            candidates={name: round(ms, 1) for name, ms in predicted.items()},
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
+        )
+        with self._lock:
+            self.decisions.append(decision)
+        return order, decision
+
+    def recent(self, count: int = 20) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(d) for d in list(self.decisions)[-count:]]

@@ -1,0 +1,230 @@
+"""Budget routing: the router's choices on described variants, then the server routing real tiny models."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from slimserve.models import VariantManifest, load_variant
+from slimserve.server.app import create_app
+from slimserve.server.engine import TransformersEngine
+from slimserve.server.metrics import ServerMetrics
+from slimserve.server.router import Budget, BudgetError, LatencyProfile, Router, parse_budget, predict_ms
+from tests.tiny import make_tiny_variant
+
+
+@dataclass
+class Described:
+    """A variant as the router sees it: figures only (the server tests below use real engines)."""
+
+    name: str
+    profile: LatencyProfile
+    ppl_ratio: float | None
+    memory_mb: float
+    resident: bool = True
+    available: bool = True
+    running: int = 0
+    waiting: int = 0
+    max_batch_size: int = 8
+
+
+def _variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
+    profile = LatencyProfile(
+        prefill_overhead_ms=5, prefill_per_token_ms=0.5, step_b1_ms=step_ms, step_b8_ms=2 * step_ms, load_ms=3000
+    )
+    return Described(name, profile, ppl_ratio, memory_mb, **kw)  # type: ignore[arg-type]
+
+
+TEACHER = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900)
+INT8 = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400)
+INT4 = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
+FAMILY = [TEACHER, INT8, INT4]
+
+
+def test_tight_budgets_go_to_fast_variants_and_loose_ones_to_the_best() -> None:
+    router = Router()
+    # 100 tokens: teacher ~4.1 s, int8 ~2.6 s, int4 ~2.1 s
+    assert router.choose(FAMILY, Budget(latency_ms=10_000), 20, 100)[1].variant == "teacher"
+    assert router.choose(FAMILY, Budget(latency_ms=3_000), 20, 100)[1].variant == "int8"
+    decision = router.choose(FAMILY, Budget(latency_ms=2_300), 20, 100)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", True)
+    impossible = router.choose(FAMILY, Budget(latency_ms=500), 20, 100)[1]
+    assert (impossible.variant, impossible.budget_met) == ("int4", False)
+    assert "fastest" in impossible.reason
+    assert router.choose(FAMILY, Budget(), 20, 100)[1].variant == "teacher"
+    assert len(router.recent()) == 5
+
+
+def test_memory_and_quality_budgets_exclude_variants() -> None:
+    router = Router()
+    assert router.choose(FAMILY, Budget(memory_mb=500), 20, 100)[1].variant == "int8"
+    with pytest.raises(BudgetError, match="smaller than every variant"):
+        router.choose(FAMILY, Budget(memory_mb=100), 20, 100)
+    # quality 1.05 rules out int4 even when only int4 would meet the latency
+    decision = router.choose(FAMILY, Budget(latency_ms=2_300, max_ppl_ratio=1.05), 20, 100)[1]
+    assert (decision.variant, decision.budget_met) == ("int8", False)
+
+
+def test_queue_and_loading_count_against_a_variant() -> None:
+    busy_teacher = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=8, waiting=8)
+    assert predict_ms(busy_teacher, 20, 100) > 2 * predict_ms(TEACHER, 20, 100)
+    decision = Router().choose([busy_teacher, INT8], Budget(latency_ms=6_000), 20, 100)[1]
+    assert decision.variant == "int8"  # overloaded teacher: shed to the faster variant
+    on_disk = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400, resident=False)
+    assert predict_ms(on_disk, 20, 100) == pytest.approx(predict_ms(INT8, 20, 100) + 3000)
+
+
+def test_profiles_follow_what_the_engine_measures() -> None:
+    profile = LatencyProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=10, step_b8_ms=20, load_ms=0)
+    for _ in range(30):
+        profile.observe_step(1, 0.030)  # the machine is 3x slower than the manifest said
+    assert profile.step_ms(1) == pytest.approx(30, rel=0.05)
+    assert profile.step_ms(8) == pytest.approx(60, rel=0.05)
+
+
+def test_budgets_parse_from_headers_or_body_and_reject_nonsense() -> None:
+    default = Budget(latency_ms=5000)
+    parsed = parse_budget({"x-latency-budget-ms": "800"}, {"latency_budget_ms": 100, "min_quality": "high"}, default)
+    assert (parsed.latency_ms, parsed.max_ppl_ratio) == (800, 1.02)
+    assert parse_budget({}, None, default) == default
+    assert parse_budget({"x-min-quality": "1.2"}, None, default).max_ppl_ratio == 1.2
+    assert parse_budget({"x-min-quality": "any"}, None, default).max_ppl_ratio == math.inf
+    for headers, match in (
+        ({"x-latency-budget-ms": "-5"}, "positive"),
+        ({"x-latency-budget-ms": "soon"}, "positive"),
+        ({"x-memory-budget-mb": "0"}, "positive"),
+        ({"x-min-quality": "excellent"}, "tier"),
+        ({"x-min-quality": "0.5"}, ">= 1"),
+    ):
+        with pytest.raises(BudgetError, match=match):
+            parse_budget(headers, None, default)
+    with pytest.raises(BudgetError, match="unknown slimserve field"):
+        parse_budget({}, {"deadline": 3}, default)
+
+
+# ---- the server, with real tiny variants of one family ------------------------------------------------
+
+
+def _family(root: Path) -> list[tuple[str, Path]]:
+    made = []
+    for name, layers, hidden, ppl, b1 in (("tiny-teacher", 4, 128, 10.0, 20.0), ("tiny-small", 1, 64, 11.0, 200.0)):
+        path = make_tiny_variant(root / name, name=name, layers=layers, hidden=hidden)
+        manifest = VariantManifest.read(path)
+        manifest.base_model = manifest.family = "tiny-teacher"
+        manifest.metrics = {"perplexity": ppl, "decode_tok_s_b1": b1, "decode_tok_s_b8": 4 * b1, "ttft_ms_128": 20}
+        manifest.write(path)
+        made.append((name, path))
+    return made
+
+
+def _engines(root: Path, metrics: ServerMetrics) -> list[TransformersEngine]:
+    return [
+        TransformersEngine(lambda p=path: load_variant(p, dtype="fp32"), name, metrics, VariantManifest.read(path))
+        for name, path in _family(root)
+    ]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    metrics = ServerMetrics()
+    engines = _engines(tmp_path_factory.mktemp("family"), metrics)
+    with TestClient(create_app(engines, metrics), raise_server_exceptions=False) as c:
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        yield c
+
+
+def _ask(client: TestClient, model: str, headers: dict[str, str] | None = None, **extra: object) -> object:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, **extra}
+    return client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+
+def test_the_family_name_routes_by_budget_and_exact_names_bypass_the_router(client: TestClient) -> None:
+    # 50 tokens: teacher predicted ~2.5 s (20 tok/s in its manifest), small ~0.25 s (200 tok/s); the tight
+    # requests come first, while the teacher's profile is still its manifest's (traffic then corrects it)
+    tight = _ask(client, "auto", {"X-Latency-Budget-Ms": "1000"})
+    assert tight.json()["model"] == "tiny-small"  # type: ignore[attr-defined]
+    assert tight.headers["x-slimserve-variant"] == "tiny-small"  # type: ignore[attr-defined]
+    in_body = _ask(client, "tiny-teacher", slimserve={"latency_budget_ms": 1000})
+    assert in_body.json()["model"] == "tiny-small"  # type: ignore[attr-defined]
+    loose = _ask(client, "tiny-teacher", {"X-Latency-Budget-Ms": "60000"})
+    assert loose.status_code == 200  # type: ignore[attr-defined]
+    assert loose.json()["model"] == "tiny-teacher"  # type: ignore[attr-defined]
+    assert loose.headers["x-slimserve-budget"] == "predicted-met"  # type: ignore[attr-defined]
+    exact = _ask(client, "tiny-small", {"X-Latency-Budget-Ms": "60000"})
+    assert exact.json()["model"] == "tiny-small"  # type: ignore[attr-defined]
+    assert "x-slimserve-budget" not in exact.headers  # type: ignore[attr-defined]
+    bad = _ask(client, "auto", {"X-Latency-Budget-Ms": "fast"})
+    assert bad.status_code == 400  # type: ignore[attr-defined]
+    assert bad.json()["error"]["param"] == "x-latency-budget-ms"  # type: ignore[attr-defined]
+    too_small = _ask(client, "auto", {"X-Memory-Budget-Mb": "0.001"})
+    assert too_small.status_code == 400 and "smaller than every" in too_small.json()["error"]["message"]  # type: ignore[attr-defined]
+
+    state = client.get("/v1/slimserve/router").json()
+    assert {v["name"] for v in state["variants"]} == {"tiny-teacher", "tiny-small"}
+    assert [d["variant"] for d in state["decisions"]] == ["tiny-small", "tiny-small", "tiny-teacher"]
+    assert any(v["profile"]["observations"] > 0 for v in state["variants"])  # fed by real traffic
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["tiny-teacher"]["slimserve"]["routes"] == ["tiny-teacher", "tiny-small"]
+    assert models["tiny-small"]["slimserve"]["quality_ratio"] == pytest.approx(1.1)
+    assert "auto" in models
+    text = client.get("/metrics").text
+    assert 'slimserve_routed_requests_total{budget="met",model="tiny-small"}' in text
+
+
+def test_variants_beyond_the_memory_budget_load_on_demand_and_idle_ones_are_evicted(tmp_path: Path) -> None:
+    metrics = ServerMetrics()
+    engines = _engines(tmp_path, metrics)
+    sizes = [e.manifest.size_bytes / 1e6 + 150 for e in engines if e.manifest]
+    budget = max(sizes) + 1  # room for one variant at a time
+    with TestClient(create_app(engines, metrics, memory_budget_mb=budget), raise_server_exceptions=False) as c:
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/health").json()["models"] == {"tiny-teacher": "ready", "tiny-small": "unloaded"}
+        assert _ask(c, "tiny-small").json()["model"] == "tiny-small"  # loaded on demand
+        assert c.get("/health").json()["models"] == {"tiny-teacher": "unloaded", "tiny-small": "ready"}
+        assert _ask(c, "tiny-teacher").json()["model"] == "tiny-teacher"  # and back
+        text = c.get("/metrics").text
+        assert 'slimserve_variant_evictions_total{model="tiny-teacher"} 1.0' in text
+        assert 'slimserve_variant_loads_total{model="tiny-teacher"} 2.0' in text
+
+
+def test_a_variant_serving_a_request_is_never_evicted(tmp_path: Path) -> None:
+    import asyncio
+
+    from slimserve.server.errors import APIError
+    from slimserve.server.pool import VariantPool
+
+    metrics = ServerMetrics()
+    engines = _engines(tmp_path, metrics)
+    pool = VariantPool(
+        engines, metrics, memory_budget_mb=max(e.manifest.size_bytes / 1e6 for e in engines if e.manifest) + 151
+    )
+
+    async def scenario() -> None:
+        pool.start()
+        teacher, small = pool.entries["tiny-teacher"], pool.entries["tiny-small"]
+        await asyncio.to_thread(teacher.engine.wait_ready)
+        await pool.acquire(teacher)  # reserved: a request is on its way to the teacher
+        with pytest.raises(APIError, match="memory budget"):
+            await pool.acquire(small)
+        assert teacher.resident and not small.started
+        pool.release(teacher)
+        await pool.acquire(small)  # now the idle teacher can make room
+        assert small.resident and not teacher.started
+        pool.release(small)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
