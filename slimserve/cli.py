@@ -10,7 +10,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimserve.models.registry import DEFAULT_VARIANT, VariantNotFoundError, VariantRegistry
 
@@ -31,13 +31,18 @@ def serve(
     memory_budget_mb: float | None = None,
     latency_budget_ms: float | None = None,
     min_quality: str | None = None,
+    backend: str = "transformers",
+    explicit: bool = True,
 ) -> None:
-    """Start the OpenAI-compatible server; /health answers 503 until the variants that fit have loaded."""
+    """Start the OpenAI-compatible server; /health answers 503 until the variants that fit have loaded.
+
+    `explicit`: the variants were named by the user (a variant the backend cannot load is then an error;
+    from the default list it is skipped with a warning)."""
     import uvicorn
 
     from slimserve.models.loader import load_variant, parse_dtype
     from slimserve.server.app import create_app
-    from slimserve.server.engine import TransformersEngine
+    from slimserve.server.engine import ServingEngine, TransformersEngine
     from slimserve.server.metrics import ServerMetrics
     from slimserve.server.router import Budget, parse_quality
     from slimserve.server.settings import ServerSettings
@@ -59,8 +64,13 @@ def serve(
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
     registry = VariantRegistry()
     metrics = ServerMetrics()
-    engines = []
-    for ref in settings.variants:
+    chosen = choose_backend(backend)
+    pool_budget = settings.memory_budget_mb or half_of_available_memory_mb()
+    engines: list[ServingEngine] = []
+    if chosen == "vllm":
+        engines = vllm_engines(settings.variants, registry, metrics, settings.memory_budget_mb, explicit)
+        pool_budget = None  # vLLM reserves its GPU share up front: every variant given is resident
+    for ref in settings.variants if chosen == "transformers" else []:
         found = registry.find(ref)  # the embedded default may not exist yet: it is built while loading
         if found is None and not registry.exists(ref):
             registry.resolve(ref)  # raises VariantNotFoundError with the registered names
@@ -83,10 +93,53 @@ def serve(
         metrics,
         api_key=settings.api_key,
         default_max_tokens=settings.default_max_tokens or None,
-        memory_budget_mb=settings.memory_budget_mb or half_of_available_memory_mb(),
+        memory_budget_mb=pool_budget,
         default_budget=default_budget,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+BACKENDS = ("transformers", "vllm", "auto")
+
+
+def choose_backend(backend: str) -> str:
+    """`auto`: vLLM where it is installed and a CUDA GPU is visible, transformers otherwise."""
+    from slimserve.server.vllm_engine import vllm_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if backend == "vllm" and not vllm_available():
+        raise ValueError(
+            "--backend vllm needs a CUDA GPU and the gpu extra (pip install 'slimserve[gpu]'); use transformers"
+        )
+    return backend
+
+
+def vllm_engines(
+    refs: Sequence[str], registry: VariantRegistry, metrics: Any, memory_budget_mb: float | None, explicit: bool
+) -> list[Any]:
+    """One VLLMEngine per variant vLLM can load, with an equal share of the GPU memory budget."""
+    import torch
+
+    from slimserve.server.vllm_engine import VLLMEngine, gpu_memory_fraction, servable_by_vllm
+
+    found = []
+    for ref in refs:
+        variant = registry.resolve(ref)  # converts the embedded default if needed: vLLM needs the directory
+        reason = servable_by_vllm(variant.manifest)
+        if reason is not None:
+            if explicit:
+                raise ValueError(reason)
+            logging.getLogger(__name__).warning("skipping on the vLLM backend: %s", reason)
+            continue
+        found.append(variant)
+    if not found:
+        raise ValueError("no variant that vLLM can load was given")
+    total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+    share = gpu_memory_fraction(memory_budget_mb, len(found), total_mb)
+    return [VLLMEngine(v.path, v.name, metrics, v.manifest, share) for v in found]
 
 
 def half_of_available_memory_mb() -> float | None:
@@ -417,6 +470,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.memory_budget_mb,
         a.latency_budget_ms,
         a.min_quality,
+        a.backend,
+        explicit=bool(a.variants),
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),

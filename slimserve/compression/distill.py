@@ -293,7 +293,13 @@ class Distiller:
         rng = random.Random(config.seed + state["step"])
         started = time.perf_counter() - state["seconds"]
         deadline = started + config.max_minutes * 60 if config.max_minutes else math.inf
-        bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"distill {config.name}", unit="step")
+        bar = tqdm(
+            total=config.max_steps,
+            initial=state["step"],
+            desc=f"distill {config.name}",
+            unit="step",
+            disable=not accelerator.is_local_main_process,
+        )
         student.train()
         stop_reason = "max_steps"
         while state["step"] < config.max_steps:
@@ -303,7 +309,9 @@ class Distiller:
             parts: dict[str, float] = {}
             loss_value = 0.0
             for micro in range(config.grad_accum):
-                index = (state["step"] * config.grad_accum + micro) * config.batch_size
+                # each process takes its own slice of the global batch (accelerate launch on several GPUs)
+                micro_index = (state["step"] * config.grad_accum + micro) * accelerator.num_processes
+                index = (micro_index + accelerator.process_index) * config.batch_size
                 batch = rows[order[torch.arange(index, index + config.batch_size) % rows.shape[0]]]
                 batch = batch.to(accelerator.device)
                 if config.on_policy > 0 and rng.random() < config.on_policy:
@@ -333,6 +341,7 @@ class Distiller:
                 loss_value += float(loss.detach()) / config.grad_accum
                 state["tokens"] += int(batch.numel())
             state["step"] += 1
+            state["tokens"] += int(batch.numel()) * config.grad_accum * (accelerator.num_processes - 1)
             state["seconds"] = time.perf_counter() - started
             history.append({"step": state["step"], "loss": loss_value, **parts})
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}")
@@ -341,7 +350,12 @@ class Distiller:
                 self.checkpoint(accelerator, state)
         bar.close()
         self.checkpoint(accelerator, state)
-        return self.save(accelerator.unwrap_model(student), tokenizer, teacher_ref, report, state, history, stop_reason)
+        accelerator.wait_for_everyone()
+        target = self.registry.variants_dir / config.name
+        if accelerator.is_main_process:
+            self.save(accelerator.unwrap_model(student), tokenizer, teacher_ref, report, state, history, stop_reason)
+        accelerator.wait_for_everyone()
+        return target
 
     @torch.no_grad()
     def student_samples(self, student: Any, batch: torch.Tensor) -> torch.Tensor:
@@ -370,6 +384,8 @@ class Distiller:
     def checkpoint(self, accelerator: Any, state: dict[str, Any]) -> None:
         target = self.run_dir / "checkpoints" / f"step-{state['step']}"
         accelerator.save_state(str(target))
+        if not accelerator.is_main_process:
+            return
         (target / "progress.json").write_text(json.dumps(state))
         for old in (self.run_dir / "checkpoints").glob("step-*"):  # keep the latest two
             if old != target and int(old.name.split("-")[1]) < state["step"] - self.config.checkpoint_every:

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from slimserve import __version__
 from slimserve.server import completions as flow
-from slimserve.server.engine import EngineState, GenerationEvent, RequestHandle, TransformersEngine
+from slimserve.server.engine import EngineState, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.pool import AUTO, PoolEntry, VariantPool
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class Dispatch:
     """Where a request went: the engine, its handles, and the router's decision (None: named exactly)."""
 
-    engine: TransformersEngine
+    engine: ServingEngine
     prompts: list[list[int]]
     max_tokens: int
     handles: list[RequestHandle]
@@ -55,7 +55,7 @@ class Dispatch:
 
 
 def create_app(
-    engines: list[TransformersEngine],
+    engines: Sequence[ServingEngine],
     metrics: ServerMetrics,
     api_key: str | None = None,
     default_max_tokens: int | None = 1024,
@@ -195,10 +195,10 @@ def create_app(
         request: Request,
         model: str,
         extension: dict[str, Any] | None,
-        build_prompts: Callable[[TransformersEngine], list[list[int]]],
+        build_prompts: Callable[[ServingEngine], list[list[int]]],
         requested_max: int | None,
         max_param: str,
-        submit: Callable[[TransformersEngine, list[list[int]], int], list[RequestHandle]],
+        submit: Callable[[ServingEngine, list[list[int]], int], list[RequestHandle]],
     ) -> Dispatch:
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
         the router's next choice before the client sees 429."""
@@ -274,7 +274,7 @@ def create_app(
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = (body.top_logprobs or 0) if body.logprobs else None
 
-        def submit(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
+        def submit(engine: ServingEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
             make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
             return flow.submit_all(engine, prompts, make, body.n)
 
@@ -346,7 +346,7 @@ def create_app(
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
 
-        def submit(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
+        def submit(engine: ServingEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
             make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
             return flow.submit_all(engine, prompts, make, body.n)
 

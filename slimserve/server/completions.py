@@ -19,7 +19,7 @@ from slimserve.server.engine import (
     EngineNotReadyError,
     GenerationEvent,
     RequestHandle,
-    TransformersEngine,
+    ServingEngine,
 )
 from slimserve.server.errors import APIError
 from slimserve.server.protocol import (
@@ -51,7 +51,7 @@ class ChoiceResult:
         self.finish_reason = event.finish_reason or self.finish_reason
 
 
-def chat_prompt_ids(engine: TransformersEngine, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[int]:
     """Render messages with the tokenizer's own chat template, then tokenize."""
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
@@ -66,7 +66,7 @@ def chat_prompt_ids(engine: TransformersEngine, messages: list[ChatMessage]) -> 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def text_prompt_ids(engine: TransformersEngine, prompt: str | list[int]) -> list[int]:
+def text_prompt_ids(engine: ServingEngine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         ids = list(engine.tokenizer(prompt)["input_ids"])
     else:
@@ -81,7 +81,7 @@ def text_prompt_ids(engine: TransformersEngine, prompt: str | list[int]) -> list
 
 
 def resolve_max_tokens(
-    engine: TransformersEngine, prompt_len: int, requested: int | None, param: str, default_cap: int | None
+    engine: ServingEngine, prompt_len: int, requested: int | None, param: str, default_cap: int | None
 ) -> int:
     """vLLM's rule, with a cap: an omitted max_tokens is what the context has left, at most `default_cap`
     (a small model that loops would otherwise hold a CPU for thousands of tokens); a requested value
@@ -111,7 +111,7 @@ def resolve_max_tokens(
 
 
 def submit_all(
-    engine: TransformersEngine, prompts: list[list[int]], make_params: Callable[[int], SamplingParams], n: int
+    engine: ServingEngine, prompts: list[list[int]], make_params: Callable[[int], SamplingParams], n: int
 ) -> list[RequestHandle]:
     """Submit prompts x n sequences (choice index = prompt * n + j); all or none."""
     handles: list[RequestHandle] = []

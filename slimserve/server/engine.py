@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -99,6 +99,35 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     last_token_at: float | None = None
     done: bool = False
+
+
+class ServingEngine(Protocol):
+    """What the pool and the app need from a backend (transformers on CPU, vLLM on GPU)."""
+
+    name: str
+    metrics: ServerMetrics
+    manifest: VariantManifest | None
+    state: EngineState
+    error: str | None
+    variant: Any
+    profile: LatencyProfile | None
+    max_batch_size: int
+
+    def start(self) -> None: ...
+    def wait_ready(self, timeout: float | None = None) -> bool: ...
+    def fresh(self) -> ServingEngine: ...
+    def shutdown(self, timeout: float = 10.0) -> None: ...
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle: ...
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def context_length(self) -> int: ...
+    @property
+    def sampling_defaults(self) -> dict[str, Any]: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
 
 
 class TransformersEngine:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimserve.server.engine import EngineState, TransformersEngine
+from slimserve.server.engine import EngineState, ServingEngine
 from slimserve.server.errors import APIError
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
@@ -31,7 +32,7 @@ LOADED_OVERHEAD_MB = 150.0
 class PoolEntry:
     """One variant: its (possibly stopped) engine, live latency profile, and what the router reads."""
 
-    engine: TransformersEngine
+    engine: ServingEngine
     profile: LatencyProfile
     last_used: float = 0.0
     reserved: int = 0
@@ -101,7 +102,7 @@ class VariantPool:
     """Engines by name and by family, loaded within `memory_budget_mb` (None: no limit)."""
 
     def __init__(
-        self, engines: list[TransformersEngine], metrics: ServerMetrics, memory_budget_mb: float | None = None
+        self, engines: Sequence[ServingEngine], metrics: ServerMetrics, memory_budget_mb: float | None = None
     ) -> None:
         if not engines:
             raise ValueError("a server needs at least one variant")
@@ -168,7 +169,7 @@ class VariantPool:
         entry.started = True
         self.metrics.loads.labels(entry.name).inc()
 
-    async def acquire(self, entry: PoolEntry) -> TransformersEngine:
+    async def acquire(self, entry: PoolEntry) -> ServingEngine:
         """The entry's engine, loaded (evicting idle variants if the memory budget needs it) and ready."""
         entry.reserved += 1
         entry.last_used = time.monotonic()
