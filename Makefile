@@ -6,7 +6,7 @@ PORT   ?= 8000
 HOST   ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant compress clean
+.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill compress clean
 
 setup: $(VENV)/.installed
 
@@ -40,7 +40,7 @@ integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 # Benchmarks write their own section of docs/BENCHMARKS.md; run them on a quiet machine.
-bench: bench-serve bench-quant
+bench: bench-serve bench-quant bench-router
 
 compress: setup
 	$(BIN)/slimserve compress smollm2-135m $(if $(MINUTES),--distill-minutes $(MINUTES),)
@@ -50,6 +50,12 @@ bench-serve: setup
 
 bench-quant: setup
 	$(BIN)/python benchmarks/quant_bench.py --write docs/BENCHMARKS.md
+
+bench-distill: setup  # ~30 min: KD vs CE students and the teacher's int4 QAT variant
+	$(BIN)/python benchmarks/distill_bench.py --write docs/BENCHMARKS.md
+
+bench-router: setup  # uses the variants bench-quant leaves in $$SLIMSERVE_HOME/bench
+	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

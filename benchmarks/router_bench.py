@@ -1,0 +1,237 @@
+"""Routing benchmark: one mixed workload replayed against four policies on the same server.
+
+    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.6] [--write FILE]
+
+The server serves the default teacher and compressed variants of it (default: the int8 and int4 variants
+`make bench-quant` leaves in `$SLIMSERVE_HOME/bench`, whose manifests carry measured quality and speed).
+The workload is seeded: Poisson arrivals, prompts of 10-250 tokens cut from held-out text, max_tokens of
+16-128, and a latency budget per request drawn log-uniformly from tight to loose. Policies:
+  router    model=auto with the budget in X-Latency-Budget-Ms
+  teacher   always the teacher, by name
+  smallest  always the smallest variant, by name
+  random    a uniformly random variant, by name
+A request is "feasible" when its budget is at least the fastest variant's unloaded latency for it
+(measured before the runs: time to first token + max_tokens x time per token at batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, median
+from typing import Any
+
+from openai import AsyncOpenAI
+from report import machine, today, write_section
+from serve_bench import free_port, wait_healthy
+
+from slimserve.compression.data import eval_text
+from slimserve.models import DEFAULT_VARIANT, VariantManifest, VariantRegistry, slimserve_home
+
+POLICIES = ("router", "teacher", "smallest", "random")
+
+
+@dataclass
+class Job:
+    at: float
+    prompt: str
+    max_tokens: int
+    budget_ms: float
+
+
+@dataclass
+class Outcome:
+    policy: str
+    variant: str
+    latency_ms: float
+    budget_ms: float
+    feasible: bool
+    quality: float
+
+
+def workload(count: int, rate: float, seed: int, tight_ms: float, loose_ms: float) -> list[Job]:
+    rng = random.Random(seed)
+    words = eval_text().split()
+    jobs, clock = [], 0.0
+    for _ in range(count):
+        clock += rng.expovariate(rate)
+        start = rng.randrange(0, len(words) - 300)
+        length = int(math.exp(rng.uniform(math.log(8), math.log(180))))  # words; ~1.3 tokens each
+        prompt = " ".join(words[start : start + length])
+        budget = math.exp(rng.uniform(math.log(tight_ms), math.log(loose_ms)))
+        jobs.append(Job(clock, prompt, rng.choice([16, 32, 64, 128]), budget))
+    return jobs
+
+
+async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, str]) -> tuple[str, float]:
+    started = time.perf_counter()
+    raw = await client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": job.prompt}],
+        max_tokens=job.max_tokens,
+        temperature=0,
+        extra_headers=headers,
+    )
+    completion = raw.parse()
+    return completion.model, 1000 * (time.perf_counter() - started)
+
+
+async def replay(base: str, policy: str, jobs: list[Job], names: dict[str, str], seed: int) -> list[tuple[str, float]]:
+    client = AsyncOpenAI(base_url=base, api_key="bench", max_retries=0, timeout=600)
+    rng = random.Random(seed)
+    variants = [names["teacher"], *names["others"]]
+    started = time.perf_counter()
+
+    async def one(job: Job) -> tuple[str, float]:
+        await asyncio.sleep(max(0.0, job.at - (time.perf_counter() - started)))
+        if policy == "router":
+            return await timed(client, "auto", job, {"X-Latency-Budget-Ms": f"{job.budget_ms:.0f}"})
+        model = {"teacher": names["teacher"], "smallest": names["smallest"]}.get(policy) or rng.choice(variants)
+        return await timed(client, model, job, {})
+
+    results = await asyncio.gather(*(one(job) for job in jobs))
+    await client.close()
+    return list(results)
+
+
+async def unloaded_ms_per_token(base: str, model: str) -> tuple[float, float]:
+    """(TTFT ms for a short prompt, ms per output token) of one variant alone, from two requests."""
+    client = AsyncOpenAI(base_url=base, api_key="bench", max_retries=0, timeout=600)
+    job = Job(0, "Explain what a hash table is.", 1, 0)
+    await timed(client, model, job, {})  # warm-up
+    _, one = await timed(client, model, job, {})
+    job.max_tokens = 64
+    _, many = await timed(client, model, Job(0, job.prompt, 64, 0), {})
+    await client.close()
+    return one, (many - one) / 63
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=None, help="compressed variants (names or directories)")
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=0.6, help="mean arrivals per second")
+    parser.add_argument("--tight-ms", type=float, default=800)
+    parser.add_argument("--loose-ms", type=float, default=12000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", type=Path, default=None)
+    args = parser.parse_args()
+
+    teacher = VariantRegistry().resolve(DEFAULT_VARIANT)
+    bench = slimserve_home() / "bench" / "variants"
+    defaults = [f"{teacher.name}-int8-weight-emb8", f"{teacher.name}-int4-gptq-emb8", f"{teacher.name}-int8-dynamic"]
+    others = args.variants or [str(bench / name) for name in defaults]
+    manifests = {str(Path(o)): VariantManifest.read(Path(o)) for o in others}
+    missing = [o for o, m in manifests.items() if "perplexity" not in m.metrics]
+    if missing:
+        print(f"variants without measured quality (run make bench-quant first): {missing}", file=sys.stderr)
+        return 2
+    quality = {m.name: m.metrics["perplexity"] / m.metrics["teacher_perplexity"] for m in manifests.values()}
+    quality[teacher.name] = 1.0
+    sizes = {m.name: m.size_bytes for m in manifests.values()}
+    smallest = min(sizes, key=lambda n: sizes[n])
+    names = {"teacher": teacher.name, "others": [m.name for m in manifests.values()], "smallest": smallest}
+
+    port = free_port()
+    command = [sys.executable, "-m", "slimserve", "serve", "--port", str(port), "--variant", teacher.name]
+    for other in others:
+        command += ["--variant", other]
+    print("==", " ".join(command), flush=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    jobs = workload(args.requests, args.rate, args.seed, args.tight_ms, args.loose_ms)
+    outcomes: list[Outcome] = []
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", process)
+        speed = {name: asyncio.run(unloaded_ms_per_token(base, name)) for name in [teacher.name, *names["others"]]}
+        fastest = min(speed, key=lambda n: speed[n][1])
+        ttft, per_token = speed[fastest]
+        print(f"   unloaded: {json.dumps({k: [round(v, 1) for v in s] for k, s in speed.items()})}", flush=True)
+        for policy in POLICIES:
+            results = asyncio.run(replay(base, policy, jobs, names, args.seed))
+            for job, (variant, latency) in zip(jobs, results, strict=True):
+                feasible = job.budget_ms >= ttft + job.max_tokens * per_token
+                outcomes.append(Outcome(policy, variant, latency, job.budget_ms, feasible, quality[variant]))
+            rows = [o for o in outcomes if o.policy == policy]
+            print(f"   {policy}: {summary(rows)}", flush=True)
+        state = json.loads(__import__("httpx").get(f"http://127.0.0.1:{port}/v1/slimserve/router", timeout=10).text)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+    body = render(outcomes, args, names, quality, state)
+    print(body)
+    if args.write:
+        write_section(args.write, "router-bench", body)
+        print(f"wrote {args.write}")
+    return 0
+
+
+def summary(rows: list[Outcome]) -> dict[str, Any]:
+    feasible = [o for o in rows if o.feasible]
+    return {
+        "within_budget": sum(o.latency_ms <= o.budget_ms for o in rows) / len(rows),
+        "within_budget_feasible": sum(o.latency_ms <= o.budget_ms for o in feasible) / max(len(feasible), 1),
+        "feasible": len(feasible),
+        "mean_quality": mean(o.quality for o in rows),
+        "median_latency_ms": median(o.latency_ms for o in rows),
+        "served": {v: sum(o.variant == v for o in rows) for v in sorted({o.variant for o in rows})},
+    }
+
+
+def render(
+    outcomes: list[Outcome],
+    args: argparse.Namespace,
+    names: dict[str, Any],
+    quality: dict[str, float],
+    state: dict[str, Any],
+) -> str:
+    lines = [
+        "## Routing: `make bench-router`",
+        "",
+        f"- command: `python benchmarks/router_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- date: {today()}",
+        f"- machine: {machine()}",
+        f"- server: the teacher and {', '.join(names['others'])}, all resident; quality = held-out perplexity "
+        "/ the teacher's: " + ", ".join(f"{n} {q:.3f}" for n, q in sorted(quality.items(), key=lambda kv: kv[1])),
+        f"- workload: {args.requests} chat requests, Poisson arrivals at {args.rate}/s, prompts of 8-180 words of "
+        f"held-out text, max_tokens in {{16, 32, 64, 128}}, latency budgets log-uniform in "
+        f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; the same seeded workload for every policy.",
+        "- feasible: the budget is at least the fastest variant's unloaded latency for the request.",
+        "",
+        "| policy | within budget (all) | within budget (feasible) | mean quality ratio | median latency ms | served |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for policy in POLICIES:
+        s = summary([o for o in outcomes if o.policy == policy])
+        served = ", ".join(f"{v.replace(names['teacher'], 'T')}: {c}" for v, c in s["served"].items())
+        lines.append(
+            f"| {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} ({s['feasible']}) | "
+            f"{s['mean_quality']:.3f} | {s['median_latency_ms']:.0f} | {served} |"
+        )
+    profiles = {v["name"]: v["profile"] for v in state.get("variants", [])}
+    lines += [
+        "",
+        "Router profiles after the runs (ms): "
+        + "; ".join(
+            f"{n.replace(names['teacher'], 'T')}: TTFT(128) {p['ttft_ms_128']}, step b1 {p['step_ms_b1']}, "
+            f"b8 {p['step_ms_b8']}"
+            for n, p in profiles.items()
+        ),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
