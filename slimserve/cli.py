@@ -62,6 +62,10 @@ def serve(
         min_quality=min_quality,
     )
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
+    default_budget = Budget(
+        latency_ms=settings.latency_budget_ms,
+        max_ppl_ratio=parse_quality(settings.min_quality, "--min-quality") if settings.min_quality else math.inf,
+    )
     registry = VariantRegistry()
     metrics = ServerMetrics()
     chosen = choose_backend(backend)
@@ -84,10 +88,6 @@ def serve(
                 max_waiting=settings.max_waiting,
             )
         )
-    default_budget = Budget(
-        latency_ms=settings.latency_budget_ms,
-        max_ppl_ratio=parse_quality(settings.min_quality, "--min-quality") if settings.min_quality else math.inf,
-    )
     app = create_app(
         engines,
         metrics,
@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="memory for resident variants; the rest load on demand, evicting idle ones [default: half of the "
         "memory available at start]",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="transformers",
+        help="transformers (CPU), vllm (GPU, needs the gpu extra) or auto (vLLM where a GPU and vllm are present)",
     )
     p.add_argument("--latency-budget-ms", type=float, default=None, help="default latency budget of routed requests")
     p.add_argument("--min-quality", default=None, help="default minimum quality of routed requests (ratio or tier)")

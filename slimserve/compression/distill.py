@@ -344,7 +344,11 @@ class Distiller:
             state["tokens"] += int(batch.numel()) * config.grad_accum * (accelerator.num_processes - 1)
             state["seconds"] = time.perf_counter() - started
             history.append({"step": state["step"], "loss": loss_value, **parts})
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}")
+            postfix = {"loss": f"{loss_value:.3f}", "tok_s": f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}"}
+            if deadline != math.inf:  # the wall-clock budget, not max_steps, is what ends this run
+                left = max(0.0, deadline - time.perf_counter())
+                postfix["budget_left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+            bar.set_postfix(postfix)
             bar.update(1)
             if state["step"] % config.checkpoint_every == 0:
                 self.checkpoint(accelerator, state)

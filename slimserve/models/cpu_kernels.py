@@ -257,8 +257,18 @@ def _kernel_for(module: nn.Module) -> str | None:
 def _unpacked(module: Any, bits: int) -> torch.Tensor:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    shape = torch.Size(int(d) for d in module.weight_shape)
-    return unpack_from_int32(module.weight_packed.data, bits, shape).to(torch.int8)
+    rows, columns = (int(d) for d in module.weight_shape)
+    packed = module.weight_packed.data  # (rows, packed columns): rows are packed independently
+    out = torch.empty(rows, columns, dtype=torch.int8)
+    # a block of rows at a time: unpacking widens to int32/int64, which for a 49152-row head would
+    # briefly take several hundred MB and stay in the process's peak RSS
+    for start in range(0, rows, UNPACK_ROWS):
+        block = packed[start : start + UNPACK_ROWS]
+        out[start : start + block.shape[0]] = unpack_from_int32(block, bits, torch.Size((block.shape[0], columns)))
+    return out
+
+
+UNPACK_ROWS = 4096
 
 
 def _int4_linear(module: Any, bias: torch.Tensor | None) -> Int4WeightOnlyLinear:

@@ -7,6 +7,7 @@ loads the same variant directory itself and needs only the registry's path and m
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,12 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+_LOADING = threading.Lock()
+"""One load at a time per process: transformers builds models under process-wide default-device contexts
+(meta-device initialisation), so two engine threads loading at once corrupted each other's modules
+(measured: an int8-dynamic variant loaded beside an int4 one failed its first forward)."""
 
 
 def parse_dtype(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -111,12 +118,12 @@ def load_variant(
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(variant.path)
     tied_int8 = manifest.provenance.get("embedding") == TIED_INT8_EMBEDDING
-    with _quiet_missing_embedding(tied_int8):
+    with _LOADING, _quiet_missing_embedding(tied_int8):
         model = AutoModelForCausalLM.from_pretrained(variant.path, dtype=torch_dtype)
-    if is_compressed_tensors(model.config):
-        accelerate_compressed_linears(model)
-    if tied_int8:
-        tie_int8_embedding(model, torch_dtype)
+        if is_compressed_tensors(model.config):
+            accelerate_compressed_linears(model)
+        if tied_int8:
+            tie_int8_embedding(model, torch_dtype)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

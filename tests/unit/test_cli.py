@@ -12,7 +12,19 @@ def test_serve_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--variant", "--api-key", "--dtype", "--max-batch-size", "--max-waiting"):
+    for flag in (
+        "--host",
+        "--port",
+        "--variant",
+        "--api-key",
+        "--dtype",
+        "--max-batch-size",
+        "--max-waiting",
+        "--memory-budget-mb",
+        "--latency-budget-ms",
+        "--min-quality",
+        "--backend",
+    ):
         assert flag in out
 
 
@@ -30,6 +42,19 @@ def test_serve_unknown_variant_fails_fast_with_a_clear_error(
 ) -> None:
     assert main(["serve", "--variant", "does-not-exist", "--port", "0"]) == 2
     assert "no variant 'does-not-exist'" in capsys.readouterr().err
+
+
+def test_serve_on_vllm_without_a_gpu_says_what_is_missing(
+    slimserve_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.server.vllm_engine import vllm_available
+
+    if vllm_available():
+        pytest.skip("this machine has vLLM and a GPU")
+    assert main(["serve", "--backend", "vllm", "--port", "0"]) == 2
+    assert "gpu extra" in capsys.readouterr().err
+    assert main(["serve", "--min-quality", "superb", "--port", "0"]) == 2
+    assert "tier" in capsys.readouterr().err
 
 
 def test_quantize_flags_reach_the_recipe(slimserve_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
