@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -108,6 +108,9 @@ class LatencyProfile:
     prefill_correction: float = 1.0
     step_correction: float = 1.0
     observations: int = 0
+    contended: Callable[[], bool] | None = None
+    """True while other engines share the cores: such timings include their work, which the router
+    adds separately, so they do not correct this profile."""
 
     @classmethod
     def from_manifest(cls, manifest: VariantManifest | None) -> LatencyProfile:
@@ -134,11 +137,15 @@ class LatencyProfile:
         return max(self.step_b1_ms + slope * (batch - 1), 0.1) * self.step_correction
 
     def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        if self.contended is not None and self.contended():
+            return
         predicted = self.ttft_ms(prompt_tokens) / self.prefill_correction
         self.prefill_correction += self.smoothing * (1000 * seconds / predicted - self.prefill_correction)
         self.observations += 1
 
     def observe_step(self, batch: int, seconds: float) -> None:
+        if self.contended is not None and self.contended():
+            return
         predicted = self.step_ms(batch) / self.step_correction
         self.step_correction += self.smoothing * (1000 * seconds / predicted - self.step_correction)
         self.observations += 1
@@ -173,18 +180,32 @@ class Candidate(Protocol):
 C = TypeVar("C", bound=Candidate)
 
 
-def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
-    """End-to-end latency of this request on `candidate`, given what is running and waiting there now."""
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, elsewhere_ms: float = 0.0) -> float:
+    """End-to-end latency of this request on `candidate`, given what is running and waiting there now.
+
+    `elsewhere_ms`: the decode-step time of the other busy variants sharing this machine's cores; engines
+    take turns on the CPU, so each of this request's steps also waits for one step of each of them.
+    """
     profile = candidate.profile
     ahead = candidate.waiting
     batch = min(candidate.running + ahead + 1, candidate.max_batch_size)
     load = 0.0 if candidate.resident else profile.load_ms
+    step = profile.step_ms(batch) + elsewhere_ms
     # sequences waiting ahead are prefilled first; beyond the batch size, a slot frees only as others finish
     queue = ahead * profile.ttft_ms(prompt_tokens)
     overflow = candidate.running + ahead + 1 - candidate.max_batch_size
     if overflow > 0:
-        queue += overflow / candidate.max_batch_size * max_tokens * profile.step_ms(candidate.max_batch_size)
-    return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(batch)
+        queue += overflow / candidate.max_batch_size * max_tokens * step
+    return load + queue + profile.ttft_ms(prompt_tokens) + elsewhere_ms + max_tokens * step
+
+
+def step_ms_elsewhere(candidates: Sequence[Candidate], shared: bool) -> dict[str, float]:
+    """Per candidate: the summed decode-step time of the *other* busy candidates (0 when not `shared`)."""
+    if not shared:
+        return {c.name: 0.0 for c in candidates}
+    busy = {c.name: c.profile.step_ms(c.running + c.waiting) for c in candidates if c.running + c.waiting > 0}
+    total = sum(busy.values())
+    return {c.name: total - busy.get(c.name, 0.0) for c in candidates}
 
 
 @dataclass
@@ -205,8 +226,10 @@ class Decision:
 class Router:
     """Chooses a variant per request; keeps the last decisions for inspection."""
 
-    def __init__(self, history: int = 100) -> None:
+    def __init__(self, history: int = 100, shared_compute: bool = True) -> None:
         self.decisions: deque[Decision] = deque(maxlen=history)
+        self.shared_compute = shared_compute
+        """Variants share the same cores (the CPU backend): a busy variant slows the others' steps."""
         self._lock = threading.Lock()
 
     def choose(
@@ -226,7 +249,8 @@ class Router:
                     HEADER_MEMORY,
                 )
             usable = fitting
-        predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) for c in usable}
+        elsewhere = step_ms_elsewhere(candidates, self.shared_compute)
+        predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens, elsewhere[c.name]) for c in usable}
 
         met: bool | None
 

@@ -228,3 +228,19 @@ def test_a_variant_serving_a_request_is_never_evicted(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         pool.shutdown()
+
+
+def test_on_shared_cores_a_busy_variant_slows_the_others() -> None:
+    from slimserve.server.router import step_ms_elsewhere
+
+    busy = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=4)
+    idle = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400)
+    elsewhere = step_ms_elsewhere([busy, idle], shared=True)
+    assert elsewhere["int8"] == pytest.approx(busy.profile.step_ms(4)) and elsewhere["teacher"] == 0.0
+    assert predict_ms(idle, 20, 100, elsewhere["int8"]) > predict_ms(idle, 20, 100) + 100 * 40
+    assert step_ms_elsewhere([busy, idle], shared=False) == {"teacher": 0.0, "int8": 0.0}
+    # timings taken while others run include their work: they do not correct the profile
+    profile = LatencyProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=10, step_b8_ms=20, load_ms=0)
+    profile.contended = lambda: True
+    profile.observe_step(1, 1.0)
+    assert profile.step_ms(1) == 10 and profile.observations == 0
