@@ -51,6 +51,10 @@ def int8_variant(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return quantize_variant(str(teacher.path), QuantizeConfig(method="int8-weight"), scratch)
 
 
+BACKEND = os.environ.get("SLIMSERVE_TEST_BACKEND", "transformers")
+"""The same tests run against the vLLM backend on a GPU machine: SLIMSERVE_TEST_BACKEND=vllm make integration."""
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, int8_variant: Path) -> Iterator[RunningServer]:
     port = _free_port()
@@ -70,6 +74,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, int8_variant: Path) -> Iter
                 DEFAULT_VARIANT,
                 "--variant",
                 str(int8_variant),
+                "--backend",
+                BACKEND,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
