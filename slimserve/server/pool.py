@@ -259,6 +259,6 @@ class VariantPool:
 
 
 def _teacher_ppl_from_metrics(metrics: dict[str, Any]) -> float | None:
-    """Fallback when the teacher is not served: the KL figures carry no perplexity, so none."""
+    """Fallback when the teacher is not served: the teacher perplexity `slimserve eval` measured beside it."""
     value = metrics.get("teacher_perplexity")
     return float(value) if value else None

@@ -258,30 +258,25 @@ class Router:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
 
         good_enough = [c for c in usable if quality(c) <= budget.max_ppl_ratio]
-        pool = good_enough or usable
         if not good_enough:
-            order = sorted(pool, key=lambda c: (quality(c), predicted[c.name]))
-            reason = "quality first"
+            order = sorted(usable, key=lambda c: (quality(c), predicted[c.name]))
+            reason = f"no variant reaches quality ratio {budget.max_ppl_ratio:g}: best available"
             met = False
         elif budget.latency_ms is None:
-            order = sorted(pool, key=lambda c: (quality(c), predicted[c.name]))
+            order = sorted(good_enough, key=lambda c: (quality(c), predicted[c.name]))
             reason = "no latency budget: best quality"
             met = None
         else:
-            fits = [c for c in pool if predicted[c.name] <= budget.latency_ms]
+            fits = [c for c in good_enough if predicted[c.name] <= budget.latency_ms]
             if fits:
                 order = sorted(fits, key=lambda c: (quality(c), predicted[c.name]))
-                rest = sorted((c for c in pool if c not in fits), key=lambda c: predicted[c.name])
-                order += rest
+                order += sorted((c for c in good_enough if c not in fits), key=lambda c: predicted[c.name])
                 reason = "best quality predicted within the latency budget"
                 met = True
             else:
-                order = sorted(pool, key=lambda c: predicted[c.name])
+                order = sorted(good_enough, key=lambda c: predicted[c.name])
                 reason = "no variant predicted within the latency budget: fastest"
                 met = False
-        if not good_enough:
-            reason += f"; no variant reaches quality ratio {budget.max_ppl_ratio:g}: best available"
-            met = False
         chosen = order[0]
         decision = Decision(
             variant=chosen.name,

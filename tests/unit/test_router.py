@@ -69,6 +69,10 @@ def test_memory_and_quality_budgets_exclude_variants() -> None:
     # quality 1.05 rules out int4 even when only int4 would meet the latency
     decision = router.choose(FAMILY, Budget(latency_ms=2_300, max_ppl_ratio=1.05), 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int8", False)
+    # a floor nothing reaches: the best available quality, said to miss the budget
+    unreachable = router.choose([INT8, INT4], Budget(latency_ms=60_000, max_ppl_ratio=1.005), 20, 100)[1]
+    assert (unreachable.variant, unreachable.budget_met) == ("int8", False)
+    assert "no variant reaches quality ratio 1.005" in unreachable.reason
 
 
 def test_queue_and_loading_count_against_a_variant() -> None:
