@@ -193,6 +193,25 @@ def teacher_generations(teacher: Any, tokenizer: Any, count: int, max_new_tokens
     return texts
 
 
+def training_progress(step: int, max_steps: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far along the run is, in [0, 1]: by steps, or by wall clock when that budget ends it sooner.
+
+    A wall-clock run cannot know its step count in advance; scheduling by time lets its learning rate
+    decay to the end of the budget instead of staying at its peak (a max_steps of 100000 never arrives).
+    """
+    progress = step / max_steps
+    if budget_s:
+        progress = max(progress, elapsed_s / budget_s)
+    return min(1.0, progress)
+
+
+def lr_multiplier(step: int, warmup_steps: int, progress: float, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay from the peak to `floor` x peak over the run's progress."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class Distiller:
     """Builds the student and data, runs the loop, saves checkpoints and the final variant."""
 
@@ -216,7 +235,7 @@ class Distiller:
     def run(self) -> Path:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = self.config
         teacher_ref = self.validate()
@@ -274,18 +293,24 @@ class Distiller:
 
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+        state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0}
+        budget_s = config.max_minutes * 60 if config.max_minutes else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, config.warmup_steps, training_progress(step, config.max_steps, state["seconds"], budget_s)
+            ),
+        )
         student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
         teacher = teacher.to(accelerator.device)
 
-        state = {"step": 0, "tokens": 0, "seconds": 0.0}
         checkpoints = self.run_dir / "checkpoints"
         if config.resume:
             latest = self.latest_checkpoint()
             if latest is None:
                 raise DistillError(f"--resume: no checkpoint under {checkpoints}")
             accelerator.load_state(str(latest))
-            state = json.loads((latest / "progress.json").read_text())
+            state.update(json.loads((latest / "progress.json").read_text()))
         elif checkpoints.exists():
             shutil.rmtree(checkpoints)
 
@@ -343,7 +368,7 @@ class Distiller:
             state["step"] += 1
             state["tokens"] += int(batch.numel()) * config.grad_accum * (accelerator.num_processes - 1)
             state["seconds"] = time.perf_counter() - started
-            history.append({"step": state["step"], "loss": loss_value, **parts})
+            history.append({"step": state["step"], "loss": loss_value, "lr": scheduler.get_last_lr()[0], **parts})
             postfix = {"loss": f"{loss_value:.3f}", "tok_s": f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}"}
             if deadline != math.inf:  # the wall-clock budget, not max_steps, is what ends this run
                 left = max(0.0, deadline - time.perf_counter())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimserve.compression.distill import DistillConfig, DistillError, distill
+from slimserve.compression.distill import DistillConfig, DistillError, distill, lr_multiplier, training_progress
 from slimserve.compression.losses import distillation_loss, token_divergence
 from slimserve.compression.student import StudentError, StudentSpec, build_student, choose_layers
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
@@ -90,6 +90,19 @@ def test_kd_loss_decreases_and_the_student_is_registered(registry: VariantRegist
     assert last < first
     loaded = load_variant(path, dtype="fp32", registry=registry)
     assert loaded.model.config.num_hidden_layers == 2
+    rates = [h["lr"] for h in history]
+    assert rates[0] < max(rates) and rates[-1] < max(rates)  # warm-up, then decay
+
+
+def test_a_wall_clock_budget_drives_the_learning_rate_decay() -> None:
+    # 10 of 100000 steps but half of a 10-minute budget: half-way through the decay
+    assert training_progress(10, 100_000, elapsed_s=300.0, budget_s=600.0) == 0.5
+    assert training_progress(50, 100, elapsed_s=1.0, budget_s=600.0) == 0.5  # steps end it sooner
+    assert training_progress(10, 100, elapsed_s=900.0, budget_s=600.0) == 1.0
+    assert training_progress(10, 100, elapsed_s=900.0, budget_s=None) == 0.1
+    assert lr_multiplier(0, 10, 0.0) == 0.1 and lr_multiplier(9, 10, 0.0) == 1.0
+    assert lr_multiplier(20, 10, 0.5) == pytest.approx(0.55)
+    assert lr_multiplier(20, 10, 1.0) == pytest.approx(0.1)
 
 
 def test_resume_continues_from_the_latest_checkpoint(registry: VariantRegistry) -> None:
