@@ -186,7 +186,7 @@ class Int8DynamicLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _fbgemm_weight(self) -> Any:
-        """fbgemm's prepacked copy of the same int8 weights (built once, on the engine thread)."""
+        """fbgemm's prepacked copy of the same int8 weights (built once, on the compute thread)."""
         if self._packed is None:
             zero_points = torch.zeros(self.out_features, dtype=torch.long)
             weight = torch._make_per_channel_quantized_tensor(

@@ -1,8 +1,9 @@
-"""The generation engine: one dedicated thread owns the model and decodes every request in one batch.
+"""The generation engine: continuous batching of every request to one variant in one batch.
 
-All torch work (load, prefill, decode) happens on that thread: measured here, running `generate` from
-FastAPI's threadpool after the model was touched elsewhere cut bf16 decode from ~50 to ~33 tok/s.
-Requests reach it through a queue; events come back to each request's asyncio queue.
+Its prefill and decode steps run on the process's one compute thread (`compute.ComputeThread`), taking
+turns with the other resident variants' engines; loading runs on a thread of its own, so a variant
+loaded on demand does not stall the others' decoding. Requests reach the engine through a queue;
+events come back to each request's asyncio queue.
 
 transformers' own continuous batching (`init_continuous_batching`) was considered: it handles per-request
 temperature/top-k/top-p but not per-request seeds, OpenAI penalties or top logprobs, so this module
@@ -29,6 +30,7 @@ from transformers import DynamicCache
 from slimserve.models.loader import LoadedVariant
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.batch import PaddedKVBatch
+from slimserve.server.compute import ComputeThread
 from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
@@ -131,7 +133,7 @@ class ServingEngine(Protocol):
 
 
 class TransformersEngine:
-    """Continuous batching over a transformers causal LM, on one dedicated thread."""
+    """Continuous batching over a transformers causal LM; its steps run on the shared compute thread."""
 
     def __init__(
         self,
@@ -141,6 +143,7 @@ class TransformersEngine:
         manifest: VariantManifest | None = None,
         max_batch_size: int = 16,
         max_waiting: int = 64,
+        compute: ComputeThread | None = None,
     ) -> None:
         self.name = name
         self.metrics = metrics
@@ -154,30 +157,34 @@ class TransformersEngine:
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
         self.profile: LatencyProfile | None = None
-        """Live latency profile the router reads; the engine thread feeds it prefill and step times."""
-        self._running = 0
-        self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        """Live latency profile the router reads; the compute thread feeds it prefill and step times."""
+        self.compute = compute or ComputeThread.shared()
+        self._inbox: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
         self._waiting = 0
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._stopped = threading.Event()
+        self._attached = False
+        self._batch = PaddedKVBatch()
+        self._rows: list[_Sequence] = []
+        self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._loader.start()
 
     def fresh(self) -> TransformersEngine:
-        """A new, unstarted engine for the same variant (an engine thread runs once; reloading needs another)."""
+        """A new, unstarted engine for the same variant (an engine runs once; reloading needs another)."""
         return TransformersEngine(
-            self._load, self.name, self.metrics, self.manifest, self.max_batch_size, self.max_waiting
+            self._load, self.name, self.metrics, self.manifest, self.max_batch_size, self.max_waiting, self.compute
         )
 
     @property
     def running(self) -> int:
-        """Sequences in the running batch."""
-        return self._running
+        """Sequences in the running batch (a finished one stops counting before its last event is sent)."""
+        return sum(not s.done for s in list(self._rows))
 
     @property
     def waiting(self) -> int:
@@ -220,13 +227,20 @@ class TransformersEngine:
             submitted_at=time.perf_counter(),
         )
         self._inbox.put(sequence)
+        self.compute.wake()
         return handle
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self.state = EngineState.STOPPED
-        self._inbox.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        """Abort what is running, leave the compute thread and drop the model."""
+        with self._lock:
+            self.state = EngineState.STOPPED
+            attached = self._attached
+        if attached:
+            self.compute.wake()
+            self._stopped.wait(timeout)
+        elif self._loader.is_alive():
+            self._loader.join(timeout)
+        self.variant = None
 
     def _require_variant(self) -> LoadedVariant:
         if self.state is not EngineState.READY or self.variant is None:
@@ -234,58 +248,76 @@ class TransformersEngine:
             raise EngineNotReadyError(f"model {self.name!r} is {self.state.value}{reason}")
         return self.variant
 
-    # ---- engine thread ---------------------------------------------------------------------------
+    # ---- loader thread ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _load_then_attach(self) -> None:
         try:
-            self.variant = self._load()
-            self.manifest = self.variant.manifest
-            self.state = EngineState.READY
-            log.info("%s ready (loaded in %.1f s)", self.name, self.variant.load_seconds)
+            variant = self._load()
         except Exception as exc:
             log.exception("failed to load %s", self.name)
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
-            return
-        finally:
             self._ready.set()
-        with torch.inference_mode():
-            self._loop(self.variant)
+            return
+        with self._lock:
+            if self.state is EngineState.STOPPED:  # shut down while loading
+                self._ready.set()
+                return
+            self.variant, self.manifest = variant, variant.manifest
+            self.state = EngineState.READY
+            self._attached = True
+        log.info("%s ready (loaded in %.1f s)", self.name, variant.load_seconds)
+        self.compute.attach(self)
+        self._ready.set()
 
-    def _loop(self, variant: LoadedVariant) -> None:
-        batch = PaddedKVBatch()
-        rows: list[_Sequence] = []
+    # ---- compute thread ----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One turn: admit and prefill waiting sequences into free slots, then one decode step."""
+        variant, rows = self.variant, self._rows
+        if self.state is not EngineState.READY or variant is None:
+            self._stop()
+            return False
         eos = variant.eos_token_ids
-        while self.state is EngineState.READY:
-            if not self._admit(variant, batch, rows, eos, block=not rows):
-                break
-            if rows:
-                try:
-                    self._decode_step(variant, batch, rows, eos)
-                except Exception as exc:  # a failed step fails its batch, not the server
-                    log.exception("decode step failed")
-                    for seq in rows:
-                        self._finish(seq, GenerationEvent("", [], [], "error", len(seq.generated), str(exc)))
-                    batch.keep([])
-                    rows.clear()
-            self._running = len(rows)
-            self.metrics.running.labels(self.name).set(len(rows))
-        self._running = 0
-        for seq in rows:
-            self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated), "server shutting down"))
+        admitted = self._admit(variant, self._batch, rows, eos)
+        if rows:
+            try:
+                self._decode_step(variant, self._batch, rows, eos)
+            except Exception as exc:  # a failed step fails its batch, not the server
+                log.exception("decode step failed")
+                for seq in rows:
+                    self._finish(seq, GenerationEvent("", [], [], "error", len(seq.generated), str(exc)))
+                self._batch.keep([])
+                rows.clear()
+        self.metrics.running.labels(self.name).set(len(rows))
+        return admitted or bool(rows)
 
-    def _admit(
-        self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int], block: bool
-    ) -> bool:
-        """Prefill waiting sequences into free batch slots; False once shutdown was asked."""
+    def detached(self) -> bool:
+        return self._stopped.is_set()
+
+    def _stop(self) -> None:
+        for seq in self._rows:
+            self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated), "server shutting down"))
+        while True:
+            try:
+                seq = self._inbox.get(block=False)
+            except queue.Empty:
+                break
+            with self._lock:
+                self._waiting -= 1
+            self._finish(seq, GenerationEvent("", [], [], "abort", 0, "server shutting down"))
+        self._rows, self._batch = [], PaddedKVBatch()
+        self._stopped.set()
+
+    def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
+        """Prefill waiting sequences into free batch slots; True if any was taken from the queue."""
+        taken = False
         while len(rows) < self.max_batch_size:
             try:
-                seq = self._inbox.get(block=block)
+                seq = self._inbox.get(block=False)
             except queue.Empty:
-                return True
-            block = False
-            if seq is None:
-                return False
+                return taken
+            taken = True
             with self._lock:
                 self._waiting -= 1
                 self.metrics.queue_depth.labels(self.name).set(self._waiting)
@@ -305,7 +337,7 @@ class TransformersEngine:
             if not seq.done:
                 batch.add(cache)
                 rows.append(seq)
-        return True
+        return taken
 
     def _prefill(self, variant: LoadedVariant, prompt_ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
         cache = DynamicCache(config=variant.model.config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +111,6 @@ class VariantPool:
         self.entries = {e.name: PoolEntry(engine=e, profile=LatencyProfile.from_manifest(e.manifest)) for e in engines}
         for entry in self.entries.values():
             entry.engine.profile = entry.profile
-            entry.profile.contended = self._others_busy(entry)
         self.default = engines[0].name
         self._refresh_teacher_ppl()
 
@@ -144,12 +143,6 @@ class VariantPool:
                 code="model_not_found",
             )
         return [entry], False
-
-    def _others_busy(self, entry: PoolEntry) -> Callable[[], bool]:
-        def busy() -> bool:
-            return any(e.running + e.waiting > 0 for e in self.entries.values() if e is not entry)
-
-        return busy
 
     def resident_mb(self) -> float:
         return sum(e.memory_mb for e in self.entries.values() if e.started)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slimserve.models import LoadedVariant, load_variant
+from slimserve.server.compute import ComputeThread
 from slimserve.server.engine import (
     EngineBusyError,
     EngineNotReadyError,
@@ -133,3 +134,43 @@ def test_not_ready_until_loaded_and_failed_load_is_reported(tiny_variant_dir: Pa
     assert engine.state is EngineState.FAILED
     assert engine.error is not None and "weights vanished" in engine.error
     engine.shutdown()
+
+
+def test_engines_take_turns_on_one_compute_thread_and_stop_independently(
+    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
+) -> None:
+    """Two variants' forwards all run on the one compute thread; stopping one leaves the other serving."""
+    compute = ComputeThread(name="compute-under-test")
+    forward_threads: set[str] = set()
+
+    def load() -> LoadedVariant:
+        loaded = load_variant(tiny_variant_dir, dtype="fp32")
+        loaded.model.register_forward_hook(lambda *_: forward_threads.add(threading.current_thread().name))
+        return loaded
+
+    engines = [TransformersEngine(load, name=n, metrics=ServerMetrics(), compute=compute) for n in ("a", "b")]
+    for engine in engines:
+        engine.start()
+        assert engine.wait_ready(60)
+    prompt = [5, 6, 7, 8]
+    expected = _reference_greedy(tiny_loaded, prompt, 10)
+
+    async def both() -> list[list[int]]:
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        handles = [engine.submit(prompt, params) for engine in engines]
+        return [tokens for tokens, _ in await asyncio.gather(*(_run(h) for h in handles))]
+
+    try:
+        assert asyncio.run(both()) == [expected, expected]
+        assert forward_threads == {"compute-under-test"}
+        engines[0].shutdown()
+        assert compute.engines == ["b"]
+
+        async def one() -> list[int]:
+            handle = engines[1].submit(prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+            return (await _run(handle))[0]
+
+        assert asyncio.run(one()) == expected
+    finally:
+        for engine in engines:
+            engine.shutdown()
