@@ -2,8 +2,9 @@
 
     python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.6] [--write FILE]
 
-The server serves the default teacher and compressed variants of it (default: the int8 and int4 variants
-`make bench-quant` leaves in `$SLIMSERVE_HOME/bench`, whose manifests carry measured quality and speed).
+The server serves the default teacher and compressed variants of it (default: the measured variants of the
+teacher that `make compress` registered, else the int8 and int4 variants `make bench-quant` leaves in
+`$SLIMSERVE_HOME/bench`; their manifests carry measured quality and speed).
 The workload is seeded: Poisson arrivals, prompts of 10-250 tokens cut from held-out text, max_tokens of
 16-128, and a latency budget per request drawn log-uniformly from tight to loose. Policies:
   router    model=auto with the budget in X-Latency-Budget-Ms
@@ -125,10 +126,9 @@ def main() -> int:
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
 
-    teacher = VariantRegistry().resolve(DEFAULT_VARIANT)
-    bench = slimserve_home() / "bench" / "variants"
-    defaults = [f"{teacher.name}-int8-weight-emb8", f"{teacher.name}-int4-gptq-emb8", f"{teacher.name}-int8-dynamic"]
-    others = args.variants or [str(bench / name) for name in defaults]
+    registry = VariantRegistry()
+    teacher = registry.resolve(DEFAULT_VARIANT)
+    others = args.variants or default_variants(registry, teacher.name)
     manifests = {str(Path(o)): VariantManifest.read(Path(o)) for o in others}
     missing = [o for o, m in manifests.items() if "perplexity" not in m.metrics]
     if missing:
@@ -176,6 +176,19 @@ def main() -> int:
         write_section(args.write, "router-bench", body)
         print(f"wrote {args.write}")
     return 0
+
+
+def default_variants(registry: VariantRegistry, teacher: str) -> list[str]:
+    """The teacher's measured variants in the registry (what `make compress` leaves), else `make bench-quant`'s."""
+    registered = [
+        str(v.path)
+        for v in registry.list()
+        if v.manifest.family == teacher and v.name != teacher and "perplexity" in v.manifest.metrics
+    ]
+    if len(registered) >= 3:
+        return registered
+    bench = slimserve_home() / "bench" / "variants"
+    return [str(bench / f"{teacher}-{suffix}") for suffix in ("int8-weight-emb8", "int4-gptq-emb8", "int8-dynamic")]
 
 
 def summary(rows: list[Outcome]) -> dict[str, Any]:

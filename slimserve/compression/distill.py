@@ -318,6 +318,7 @@ class Distiller:
         rng = random.Random(config.seed + state["step"])
         started = time.perf_counter() - state["seconds"]
         deadline = started + config.max_minutes * 60 if config.max_minutes else math.inf
+        resumed_at, resumed_step = time.perf_counter(), state["step"]
         bar = tqdm(
             total=config.max_steps,
             initial=state["step"],
@@ -373,6 +374,9 @@ class Distiller:
             if deadline != math.inf:  # the wall-clock budget, not max_steps, is what ends this run
                 left = max(0.0, deadline - time.perf_counter())
                 postfix["budget_left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+                # the steps the budget will allow at this run's pace, so tqdm's ETA is the budget's end
+                pace = (time.perf_counter() - resumed_at) / max(1, state["step"] - resumed_step)
+                bar.total = min(config.max_steps, state["step"] + int(left / pace))
             bar.set_postfix(postfix)
             bar.update(1)
             if state["step"] % config.checkpoint_every == 0:

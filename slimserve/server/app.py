@@ -178,8 +178,6 @@ def create_app(
                         "step_ms_b8": round(entry.profile.step_ms(8), 2),
                         "load_ms": round(entry.profile.load_ms, 0),
                         "observations": entry.profile.observations,
-                        "prefill_correction": round(entry.profile.prefill_correction, 3),
-                        "step_correction": round(entry.profile.step_correction, 3),
                     },
                 }
             )

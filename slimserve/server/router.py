@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -91,12 +91,24 @@ def parse_budget(headers: dict[str, str], body: dict[str, Any] | None, default: 
     )
 
 
+def _nlms(
+    scale: float, tilt: float, f_scale: float, f_tilt: float, observed: float, rate: float
+) -> tuple[float, float]:
+    """One normalised-LMS step of y = scale * f_scale + tilt * f_tilt towards `observed` (stable for rate < 2)."""
+    error = observed - (scale * f_scale + tilt * f_tilt)
+    gain = rate / max(f_scale * f_scale + f_tilt * f_tilt, 1e-9)
+    return scale + gain * f_scale * error, tilt + gain * f_tilt * error
+
+
 @dataclass
 class LatencyProfile:
     """Predicted time to first token and per decode step of one variant, corrected from live traffic.
 
-    TTFT(L) = overhead + per_token * L; step(B) = interpolation between the batch-1 and batch-8 step
-    times; each observation moves a multiplicative correction by `smoothing` towards observed/predicted.
+    The manifest's lines (TTFT(L) = overhead + per_token * L; step(B) = interpolation between its batch-1
+    and batch-8 step times) are the shape; traffic learns a scale (the machine is uniformly slower or
+    faster than when the manifest was measured) and a tilt (one end is off, e.g. per-sequence overhead
+    makes large batches slower than the batch-8 figure). Each observation moves the prediction
+    `smoothing` of the way to it.
     """
 
     prefill_overhead_ms: float
@@ -105,12 +117,11 @@ class LatencyProfile:
     step_b8_ms: float
     load_ms: float
     smoothing: float = 0.2
-    prefill_correction: float = 1.0
-    step_correction: float = 1.0
     observations: int = 0
-    contended: Callable[[], bool] | None = None
-    """True while other engines share the cores: such timings include their work, which the router
-    adds separately, so they do not correct this profile."""
+    step_scale: float = 1.0
+    step_tilt: float = 0.0
+    prefill_scale: float = 1.0
+    prefill_tilt: float = 0.0
 
     @classmethod
     def from_manifest(cls, manifest: VariantManifest | None) -> LatencyProfile:
@@ -128,26 +139,36 @@ class LatencyProfile:
             load_ms=1000.0 * float(metrics.get("load_s") or size_mb / 100.0),
         )
 
+    def _prefill_features(self, prompt_tokens: int) -> tuple[float, float]:
+        at_128 = self.prefill_overhead_ms + 128 * self.prefill_per_token_ms
+        # the tilt pivots at 128 tokens, so scale (the level) and tilt (the slope) are learned apart
+        return self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens, (prompt_tokens / 128 - 1) * at_128
+
+    def _step_features(self, batch: int) -> tuple[float, float]:
+        share = (max(1, batch) - 1) / 7  # 0 at batch 1, 1 at batch 8 (beyond: extrapolated)
+        # the tilt is zero at batch 1: an error seen at batch 1 rescales the whole line
+        return self.step_b1_ms + share * (self.step_b8_ms - self.step_b1_ms), share * self.step_b1_ms
+
     def ttft_ms(self, prompt_tokens: int) -> float:
-        return (self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens) * self.prefill_correction
+        f_scale, f_tilt = self._prefill_features(prompt_tokens)
+        return max(self.prefill_scale * f_scale + self.prefill_tilt * f_tilt, 0.1)
 
     def step_ms(self, batch: int) -> float:
-        batch = max(1, batch)
-        slope = (self.step_b8_ms - self.step_b1_ms) / 7
-        return max(self.step_b1_ms + slope * (batch - 1), 0.1) * self.step_correction
+        f_scale, f_tilt = self._step_features(batch)
+        return max(self.step_scale * f_scale + self.step_tilt * f_tilt, 0.1)
 
     def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
-        if self.contended is not None and self.contended():
-            return
-        predicted = self.ttft_ms(prompt_tokens) / self.prefill_correction
-        self.prefill_correction += self.smoothing * (1000 * seconds / predicted - self.prefill_correction)
+        f_scale, f_tilt = self._prefill_features(prompt_tokens)
+        self.prefill_scale, self.prefill_tilt = _nlms(
+            self.prefill_scale, self.prefill_tilt, f_scale, f_tilt, 1000 * seconds, self.smoothing
+        )
         self.observations += 1
 
     def observe_step(self, batch: int, seconds: float) -> None:
-        if self.contended is not None and self.contended():
-            return
-        predicted = self.step_ms(batch) / self.step_correction
-        self.step_correction += self.smoothing * (1000 * seconds / predicted - self.step_correction)
+        f_scale, f_tilt = self._step_features(batch)
+        self.step_scale, self.step_tilt = _nlms(
+            self.step_scale, self.step_tilt, f_scale, f_tilt, 1000 * seconds, self.smoothing
+        )
         self.observations += 1
 
     def observe_load(self, seconds: float) -> None:
@@ -226,10 +247,23 @@ class Decision:
 class Router:
     """Chooses a variant per request; keeps the last decisions for inspection."""
 
-    def __init__(self, history: int = 100, shared_compute: bool = True) -> None:
+    def __init__(
+        self,
+        history: int = 100,
+        shared_compute: bool = True,
+        headroom: float = 0.1,
+        quality_tolerance: float = 0.005,
+    ) -> None:
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.shared_compute = shared_compute
         """Variants share the same cores (the CPU backend): a busy variant slows the others' steps."""
+        self.headroom = headroom
+        """Share of the latency budget kept free when choosing: requests that arrive later join the batch
+        and slow this one down, which no prediction made now can see."""
+        self.quality_tolerance = quality_tolerance
+        """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
+        which leaves the cores to requests that need them (an int8 variant at +0.0% serves instead of the
+        teacher)."""
         self._lock = threading.Lock()
 
     def choose(
@@ -257,26 +291,40 @@ class Router:
         def quality(c: Candidate) -> float:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
 
+        def best_first(group: list[C]) -> list[C]:
+            """By quality, then by predicted latency among variants of equal quality (within the tolerance)."""
+            if not group:
+                return []
+            top = min(quality(c) for c in group)
+            equal = [c for c in group if quality(c) <= top * (1 + self.quality_tolerance)]
+            rest = [c for c in group if c not in equal]
+            return sorted(equal, key=lambda c: predicted[c.name]) + best_first(rest)
+
         good_enough = [c for c in usable if quality(c) <= budget.max_ppl_ratio]
         if not good_enough:
-            order = sorted(usable, key=lambda c: (quality(c), predicted[c.name]))
+            order = best_first(usable)
             reason = f"no variant reaches quality ratio {budget.max_ppl_ratio:g}: best available"
             met = False
         elif budget.latency_ms is None:
-            order = sorted(good_enough, key=lambda c: (quality(c), predicted[c.name]))
+            order = best_first(good_enough)
             reason = "no latency budget: best quality"
             met = None
         else:
-            fits = [c for c in good_enough if predicted[c.name] <= budget.latency_ms]
+            limit = budget.latency_ms * (1 - self.headroom)
+            fits = [c for c in good_enough if predicted[c.name] <= limit]
             if fits:
-                order = sorted(fits, key=lambda c: (quality(c), predicted[c.name]))
+                order = best_first(fits)
                 order += sorted((c for c in good_enough if c not in fits), key=lambda c: predicted[c.name])
                 reason = "best quality predicted within the latency budget"
                 met = True
             else:
                 order = sorted(good_enough, key=lambda c: predicted[c.name])
-                reason = "no variant predicted within the latency budget: fastest"
-                met = False
+                met = predicted[order[0].name] <= budget.latency_ms
+                reason = (
+                    "fastest: predicted within the budget but not its headroom"
+                    if met
+                    else "no variant predicted within the latency budget: fastest"
+                )
         chosen = order[0]
         decision = Decision(
             variant=chosen.name,
