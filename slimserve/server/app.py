@@ -68,7 +68,7 @@ def create_app(
     Variants beyond `memory_budget_mb` stay on disk until a request needs them. `default_budget` applies
     to routed requests that carry no budget of their own."""
     pool = VariantPool(engines, metrics, memory_budget_mb)
-    router = Router()
+    router = Router(shared_compute=any(e.shares_compute for e in engines))
     server_budget = default_budget or Budget()
 
     @asynccontextmanager
@@ -200,6 +200,7 @@ def create_app(
     ) -> Dispatch:
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
         the router's next choice before the client sees 429."""
+        arrived = time.perf_counter()
         entries, routed = pool.targets(model)
         decision: Decision | None = None
         budget: Budget | None = None
@@ -224,6 +225,9 @@ def create_app(
                     engine, max(len(p) for p in prompts), requested_max, max_param, default_max_tokens
                 )
                 handles = submit(engine, prompts, max_tokens)
+                if budget is not None and budget.latency_ms is not None:
+                    for handle in handles:  # the router protects this deadline when it places later requests
+                        handle.deadline = arrived + budget.latency_ms / 1000
             except APIError as exc:
                 if exc.status == 429 and routed and position + 1 < len(order):
                     last_error = exc

@@ -77,6 +77,8 @@ class RequestHandle:
         self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = False
+        self.deadline: float | None = None
+        """`time.perf_counter()` by which the client's latency budget wants it done (routed requests only)."""
 
     def cancel(self) -> None:
         """Stop generating (client gone, or another choice failed); the engine drops it at its next step."""
@@ -114,6 +116,8 @@ class ServingEngine(Protocol):
     variant: Any
     profile: LatencyProfile | None
     max_batch_size: int
+    shares_compute: bool
+    """Its steps take turns with other variants' on the same cores (CPU), rather than its own device share."""
 
     def start(self) -> None: ...
     def wait_ready(self, timeout: float | None = None) -> bool: ...
@@ -130,10 +134,13 @@ class ServingEngine(Protocol):
     def running(self) -> int: ...
     @property
     def waiting(self) -> int: ...
+    def deadlines(self) -> list[tuple[float, int]]: ...
 
 
 class TransformersEngine:
     """Continuous batching over a transformers causal LM; its steps run on the shared compute thread."""
+
+    shares_compute = True
 
     def __init__(
         self,
@@ -194,6 +201,14 @@ class TransformersEngine:
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
         return self.state is EngineState.READY
+
+    def deadlines(self) -> list[tuple[float, int]]:
+        """(deadline, tokens still to generate) of each running sequence that has a latency budget."""
+        return [
+            (s.handle.deadline, s.params.max_tokens - len(s.generated))
+            for s in list(self._rows)
+            if not s.done and s.handle.deadline is not None
+        ]
 
     @property
     def tokenizer(self) -> Any:

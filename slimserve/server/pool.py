@@ -93,6 +93,9 @@ class PoolEntry:
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size
 
+    def deadlines(self) -> list[tuple[float, int]]:
+        return self.engine.deadlines() if self.started else []
+
     @property
     def busy(self) -> bool:
         return self.reserved > 0 or self.running > 0 or self.waiting > 0

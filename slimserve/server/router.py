@@ -196,6 +196,9 @@ class Candidate(Protocol):
     def waiting(self) -> int: ...
     @property
     def max_batch_size(self) -> int: ...
+    def deadlines(self) -> list[tuple[float, int]]:
+        """(`time.perf_counter()` deadline, tokens left) of its running sequences that have a budget."""
+        ...
 
 
 C = TypeVar("C", bound=Candidate)
@@ -227,6 +230,29 @@ def step_ms_elsewhere(candidates: Sequence[Candidate], shared: bool) -> dict[str
     busy = {c.name: c.profile.step_ms(c.running + c.waiting) for c in candidates if c.running + c.waiting > 0}
     total = sum(busy.values())
     return {c.name: total - busy.get(c.name, 0.0) for c in candidates}
+
+
+def deadline_harm(candidates: Sequence[Candidate], target: Candidate, prompt_tokens: int, shared: bool) -> int:
+    """How many running sequences, predicted to meet their deadline now, would miss it if one more request
+    joined `target`: its prefill, then a larger batch there (or, on shared cores, one more variant's step
+    in every round) for each token they still have to generate."""
+    now = time.perf_counter()
+    busy = {c.name: c.running + c.waiting for c in candidates}
+    step_now = {c.name: c.profile.step_ms(busy[c.name]) if busy[c.name] else 0.0 for c in candidates}
+    after = target.profile.step_ms(busy[target.name] + 1)
+    added = after - step_now[target.name]
+    prefill = target.profile.ttft_ms(prompt_tokens)
+    round_ms = sum(step_now.values())
+    pushed = 0
+    for c in candidates:
+        if not shared and c is not target:
+            continue  # on its own device share, a variant's sequences are slowed only by its own batch
+        per_token = round_ms if shared else step_now[c.name]
+        for deadline, remaining in c.deadlines():
+            slack = 1000 * (deadline - now) - remaining * per_token
+            if 0 <= slack < prefill + remaining * added:
+                pushed += 1
+    return pushed
 
 
 @dataclass
@@ -286,45 +312,60 @@ class Router:
         elsewhere = step_ms_elsewhere(candidates, self.shared_compute)
         predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens, elsewhere[c.name]) for c in usable}
 
+        harm = {c.name: deadline_harm(usable, c, prompt_tokens, self.shared_compute) for c in usable}
         met: bool | None
 
         def quality(c: Candidate) -> float:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
 
-        def best_first(group: list[C]) -> list[C]:
-            """By quality, then by predicted latency among variants of equal quality (within the tolerance)."""
+        def best_first(group: list[C], tolerance: float) -> list[C]:
+            """By quality, then by predicted latency among variants of equal quality (within `tolerance`)."""
             if not group:
                 return []
             top = min(quality(c) for c in group)
-            equal = [c for c in group if quality(c) <= top * (1 + self.quality_tolerance)]
+            equal = [c for c in group if quality(c) <= top * (1 + tolerance)]
             rest = [c for c in group if c not in equal]
-            return sorted(equal, key=lambda c: predicted[c.name]) + best_first(rest)
+            return sorted(equal, key=lambda c: predicted[c.name]) + best_first(rest, tolerance)
 
         good_enough = [c for c in usable if quality(c) <= budget.max_ppl_ratio]
         if not good_enough:
-            order = best_first(usable)
+            order = best_first(usable, self.quality_tolerance)
             reason = f"no variant reaches quality ratio {budget.max_ppl_ratio:g}: best available"
             met = False
         elif budget.latency_ms is None:
-            order = best_first(good_enough)
+            # no budget: the best quality itself (naming the teacher's family gets the teacher), unless that
+            # would push running requests over their budgets
+            least = min(harm[c.name] for c in good_enough)
+            safe = [c for c in good_enough if harm[c.name] == least]
+            order = best_first(safe, 0.0) + best_first([c for c in good_enough if c not in safe], 0.0)
             reason = "no latency budget: best quality"
             met = None
         else:
             limit = budget.latency_ms * (1 - self.headroom)
-            fits = [c for c in good_enough if predicted[c.name] <= limit]
+
+            def score(c: C) -> tuple[int, int]:
+                """Requests kept within budget (this one, minus running ones it would push over), then
+                fewer pushed over: earlier requests' budgets are not traded for this one's."""
+                return (int(predicted[c.name] <= limit) - harm[c.name], -harm[c.name])
+
+            top = max(score(c) for c in good_enough)
+            best = [c for c in good_enough if score(c) == top]
+            fits = [c for c in best if predicted[c.name] <= limit]
             if fits:
-                order = best_first(fits)
-                order += sorted((c for c in good_enough if c not in fits), key=lambda c: predicted[c.name])
+                order = best_first(fits, self.quality_tolerance)
                 reason = "best quality predicted within the latency budget"
                 met = True
             else:
-                order = sorted(good_enough, key=lambda c: predicted[c.name])
+                order = sorted(best, key=lambda c: predicted[c.name])
                 met = predicted[order[0].name] <= budget.latency_ms
                 reason = (
                     "fastest: predicted within the budget but not its headroom"
                     if met
                     else "no variant predicted within the latency budget: fastest"
                 )
+            order += sorted((c for c in good_enough if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
+        if harm[order[0].name]:
+            reason += f"; pushes {harm[order[0].name]} running request(s) over their budget"
         chosen = order[0]
         decision = Decision(
             variant=chosen.name,

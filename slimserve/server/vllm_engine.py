@@ -235,6 +235,13 @@ class VLLMEngine:
     def waiting(self) -> int:
         return max(0, self._active - self.max_batch_size)
 
+    shares_compute = False
+
+    def deadlines(self) -> list[tuple[float, int]]:
+        """Not tracked: on a GPU each variant has its own share of the device, so routing one request
+        does not slow another variant's sequences (the router only uses this with shared compute)."""
+        return []
+
     def _require_ready(self) -> None:
         if self.state is not EngineState.READY:
             reason = f": {self.error}" if self.error else ""

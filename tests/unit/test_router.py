@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,15 @@ from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import Budget, BudgetError, LatencyProfile, Router, parse_budget, predict_ms
+from slimserve.server.router import (
+    Budget,
+    BudgetError,
+    LatencyProfile,
+    Router,
+    deadline_harm,
+    parse_budget,
+    predict_ms,
+)
 from tests.tiny import make_tiny_variant
 
 
@@ -32,6 +40,10 @@ class Described:
     running: int = 0
     waiting: int = 0
     max_batch_size: int = 8
+    pending: list[tuple[float, int]] = field(default_factory=list)
+
+    def deadlines(self) -> list[tuple[float, int]]:
+        return self.pending
 
 
 def _variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
@@ -65,14 +77,32 @@ def test_equal_quality_goes_to_the_faster_variant_and_a_headroom_is_kept() -> No
     near_exact = _variant("int8-exact", step_ms=25, ppl_ratio=1.002, memory_mb=400)
     # +0.2% counts as the teacher's quality: the faster variant serves, leaving the cores to others
     assert Router().choose([TEACHER, near_exact], Budget(latency_ms=60_000), 20, 100)[1].variant == "int8-exact"
-    assert Router().choose([TEACHER, near_exact], Budget(), 20, 100)[1].variant == "int8-exact"
-    assert Router(quality_tolerance=0).choose([TEACHER, near_exact], Budget(), 20, 100)[1].variant == "teacher"
+    assert Router(quality_tolerance=0).choose([TEACHER, near_exact], Budget(60_000), 20, 100)[1].variant == "teacher"
+    # with no budget at all, the best quality itself: naming the teacher's family gets the teacher
+    assert Router().choose([TEACHER, near_exact], Budget(), 20, 100)[1].variant == "teacher"
     # a budget the teacher fits only without the 10% headroom kept for requests that arrive later
     budget = Budget(latency_ms=predict_ms(TEACHER, 20, 100) / 0.95)
     assert Router(headroom=0).choose(FAMILY, budget, 20, 100)[1].variant == "teacher"
     assert Router(headroom=0.1).choose(FAMILY, budget, 20, 100)[1].variant == "int8"
     alone = Router(headroom=0.1).choose([TEACHER], budget, 20, 100)[1]
     assert alone.budget_met and "headroom" in alone.reason
+
+
+def test_a_request_is_not_placed_where_it_pushes_running_ones_over_their_budget() -> None:
+    now = time.perf_counter()
+    # int4 runs one sequence with 100 tokens to go at 20 ms each (2.0 s) and 2.5 s left: 0.5 s of slack
+    protected = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=1, pending=[(now + 2.5, 100)])
+    decision = Router().choose([TEACHER, INT8, protected], Budget(latency_ms=60_000), 20, 100)[1]
+    # the teacher would add its 40 ms step to every round (4 s more); joining int4's batch costs ~0.3 s
+    assert decision.variant == "int4" and decision.budget_met
+    assert deadline_harm([TEACHER, INT8, protected], TEACHER, 20, shared=True) == 1
+    assert deadline_harm([TEACHER, INT8, protected], protected, 20, shared=True) == 0
+    assert deadline_harm([TEACHER, INT8, protected], TEACHER, 20, shared=False) == 0  # own device shares
+    unprotected = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=1)
+    assert Router().choose([TEACHER, INT8, unprotected], Budget(latency_ms=60_000), 20, 100)[1].variant == "teacher"
+    # a sequence that will miss its budget anyway is not protected at others' expense
+    lost = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=1, pending=[(now + 1.0, 100)])
+    assert Router().choose([TEACHER, INT8, lost], Budget(latency_ms=60_000), 20, 100)[1].variant == "teacher"
 
 
 def test_memory_and_quality_budgets_exclude_variants() -> None:
