@@ -54,7 +54,7 @@ bench-quant: setup
 bench-distill: setup  # ~30 min: KD vs CE students and the teacher's int4 QAT variant
 	$(BIN)/python benchmarks/distill_bench.py --write docs/BENCHMARKS.md
 
-bench-router: setup  # uses the variants bench-quant leaves in $$SLIMSERVE_HOME/bench
+bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md
 
 clean:
