@@ -38,6 +38,8 @@ from slimserve.compression.data import eval_text
 from slimserve.models import DEFAULT_VARIANT, VariantManifest, VariantRegistry, slimserve_home
 
 POLICIES = ("router", "teacher", "smallest", "random")
+DUMP: list[dict[str, Any]] | None = None
+"""Per request outcomes (with the router's prediction), when --dump is given."""
 
 
 @dataclass
@@ -82,7 +84,20 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
         extra_headers=headers,
     )
     completion = raw.parse()
-    return completion.model, 1000 * (time.perf_counter() - started)
+    elapsed = 1000 * (time.perf_counter() - started)
+    if DUMP is not None:
+        DUMP.append(
+            {
+                "variant": completion.model,
+                "ms": round(elapsed),
+                "predicted_ms": raw.headers.get("x-slimserve-predicted-ms"),
+                "budget_ms": round(job.budget_ms) if headers else None,
+                "max_tokens": job.max_tokens,
+                "completion_tokens": completion.usage.completion_tokens if completion.usage else None,
+                "at": round(job.at, 2),
+            }
+        )
+    return completion.model, elapsed
 
 
 async def replay(base: str, policy: str, jobs: list[Job], names: dict[str, str], seed: int) -> list[tuple[str, float]]:
@@ -123,8 +138,12 @@ def main() -> int:
     parser.add_argument("--tight-ms", type=float, default=800)
     parser.add_argument("--loose-ms", type=float, default=12000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to run")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--dump", type=Path, default=None, help="write every request's outcome here (JSON lines)")
     args = parser.parse_args()
+    global DUMP
+    DUMP = [] if args.dump else None
 
     registry = VariantRegistry()
     teacher = registry.resolve(DEFAULT_VARIANT)
@@ -155,7 +174,7 @@ def main() -> int:
         fastest = min(speed, key=lambda n: speed[n][1])
         ttft, per_token = speed[fastest]
         print(f"   unloaded: {json.dumps({k: [round(v, 1) for v in s] for k, s in speed.items()})}", flush=True)
-        for policy in POLICIES:
+        for policy in args.policies:
             results = asyncio.run(replay(base, policy, jobs, names, args.seed))
             for job, (variant, latency) in zip(jobs, results, strict=True):
                 feasible = job.budget_ms >= ttft + job.max_tokens * per_token
@@ -170,6 +189,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             process.kill()
 
+    if args.dump and DUMP is not None:
+        args.dump.write_text("".join(json.dumps(row) + "\n" for row in DUMP))
     body = render(outcomes, args, names, quality, state)
     print(body)
     if args.write:
@@ -203,6 +224,28 @@ def summary(rows: list[Outcome]) -> dict[str, Any]:
     }
 
 
+def verdict(outcomes: list[Outcome]) -> str:
+    """The issue's goal, said plainly from the figures: >= 95% of feasible requests within budget, with a
+    better (lower) mean quality ratio than always-smallest."""
+    by_policy = {
+        p: summary([o for o in outcomes if o.policy == p]) for p in POLICIES if any(o.policy == p for o in outcomes)
+    }
+    if "router" not in by_policy:
+        return "Goal: not assessed (the router policy was not run)."
+    router = by_policy["router"]
+    hit, quality = router["within_budget_feasible"], router["mean_quality"]
+    parts = [f"router {hit:.1%} of feasible requests within budget at mean quality {quality:.3f}"]
+    better_quality: bool | None = None
+    if "smallest" in by_policy:
+        smallest = by_policy["smallest"]
+        better_quality = quality < smallest["mean_quality"]
+        parts.append(f"always-smallest {smallest['within_budget_feasible']:.1%} at {smallest['mean_quality']:.3f}")
+    met = hit >= 0.95 and better_quality is not False
+    status = "met" if met and better_quality else ("NOT met" if not met else "met for budgets (quality not compared)")
+    goal = "Goal (>= 95% of feasible requests within budget, better quality than always-smallest)"
+    return f"{goal}: **{status}**: {'; '.join(parts)}."
+
+
 def render(
     outcomes: list[Outcome],
     args: argparse.Namespace,
@@ -226,13 +269,14 @@ def render(
         "| policy | within budget (all) | within budget (feasible) | mean quality ratio | median latency ms | served |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for policy in POLICIES:
+    for policy in args.policies:
         s = summary([o for o in outcomes if o.policy == policy])
         served = ", ".join(f"{v.replace(names['teacher'], 'T')}: {c}" for v, c in s["served"].items())
         lines.append(
             f"| {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} ({s['feasible']}) | "
             f"{s['mean_quality']:.3f} | {s['median_latency_ms']:.0f} | {served} |"
         )
+    lines += ["", verdict(outcomes)]
     profiles = {v["name"]: v["profile"] for v in state.get("variants", [])}
     lines += [
         "",

@@ -185,6 +185,7 @@ def create_app(
             "memory_budget_mb": pool.memory_budget_mb,
             "resident_mb": round(pool.resident_mb(), 1),
             "default_budget": {k: v for k, v in asdict(server_budget).items() if v is not None and v != math.inf},
+            "calibration": round(router.calibration, 3),
             "variants": variants,
             "decisions": router.recent(),
         }
@@ -242,7 +243,7 @@ def create_app(
                 met = "none" if decision.budget_met is None else ("met" if decision.budget_met else "missed")
                 metrics.routed.labels(entry.name, met).inc()
             request.state.model = engine.name
-            return Dispatch(engine, prompts, max_tokens, handles, decision, budget, time.perf_counter())
+            return Dispatch(engine, prompts, max_tokens, handles, decision, budget, arrived)
         assert last_error is not None
         raise last_error
 
@@ -254,9 +255,12 @@ def create_app(
             headers["X-Slimserve-Predicted-Ms"] = f"{sent.decision.predicted_ms:.0f}"
         return headers
 
-    def record_outcome(sent: Dispatch) -> None:
+    def record_outcome(sent: Dispatch, generated: int | None = None) -> None:
+        """Budget met or not (metrics); a routed request that ran its full length also calibrates the router."""
+        elapsed_ms = 1000 * (time.perf_counter() - sent.started)
+        if sent.decision is not None and generated is not None and generated >= sent.decision.max_tokens:
+            router.observe(sent.decision, elapsed_ms)
         if sent.budget is not None and sent.budget.latency_ms is not None:
-            elapsed_ms = 1000 * (time.perf_counter() - sent.started)
             outcome = "within" if elapsed_ms <= sent.budget.latency_ms else "over"
             metrics.budget_outcome.labels(sent.engine.name, outcome).inc()
 
@@ -326,7 +330,7 @@ def create_app(
             return _sse_response(tracked(sent, events), headers)
 
         results = await flow.collect(request, handles)
-        record_outcome(sent)
+        record_outcome(sent, max(r.completion_tokens for r in results))
         response.headers.update(headers)
         choices = [
             ChatChoice(
@@ -408,7 +412,7 @@ def create_app(
             return _sse_response(tracked(sent, events), headers)
 
         results = await flow.collect(request, handles)
-        record_outcome(sent)
+        record_outcome(sent, max(r.completion_tokens for r in results))
         response.headers.update(headers)
         choices = []
         for i, r in enumerate(results):

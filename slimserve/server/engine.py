@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from slimserve.models.loader import LoadedVariant
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.batch import PaddedKVBatch
-from slimserve.server.compute import ComputeThread
+from slimserve.server.compute import SAFETY, ComputeThread, Turn
 from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
@@ -134,7 +134,7 @@ class ServingEngine(Protocol):
     def running(self) -> int: ...
     @property
     def waiting(self) -> int: ...
-    def deadlines(self) -> list[tuple[float, int]]: ...
+    def deadlines(self) -> list[tuple[float | None, int]]: ...
 
 
 class TransformersEngine:
@@ -202,13 +202,9 @@ class TransformersEngine:
         self._ready.wait(timeout)
         return self.state is EngineState.READY
 
-    def deadlines(self) -> list[tuple[float, int]]:
-        """(deadline, tokens still to generate) of each running sequence that has a latency budget."""
-        return [
-            (s.handle.deadline, s.params.max_tokens - len(s.generated))
-            for s in list(self._rows)
-            if not s.done and s.handle.deadline is not None
-        ]
+    def deadlines(self) -> list[tuple[float | None, int]]:
+        """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
+        return [(s.handle.deadline, s.params.max_tokens - len(s.generated)) for s in list(self._rows) if not s.done]
 
     @property
     def tokenizer(self) -> Any:
@@ -309,6 +305,30 @@ class TransformersEngine:
 
     def detached(self) -> bool:
         return self._stopped.is_set()
+
+    def pending(self) -> Turn | None:
+        """How urgently this engine needs its next turn (see `compute`); None when it has nothing to do."""
+        if self.state is not EngineState.READY or self.variant is None:
+            return Turn(step_s=0.0, prefill=True)  # stopping: one more turn aborts what is left and detaches
+        rows = [s for s in list(self._rows) if not s.done]
+        admitting = self._waiting > 0 and len(rows) < self.max_batch_size
+        if not rows and not admitting:
+            return None
+        step_s = self.profile.step_ms(len(rows)) / 1000 if self.profile is not None else 0.05
+        now = time.perf_counter()
+        latest: float | None = None
+        best_effort = past_saving = False
+        for seq in rows:
+            remaining = seq.params.max_tokens - len(seq.generated)
+            deadline = seq.handle.deadline
+            if deadline is None:
+                best_effort = True
+            elif deadline - now < remaining * step_s:  # not even its own steps alone fit any more
+                past_saving = True
+            else:
+                start = deadline - remaining * step_s * SAFETY
+                latest = start if latest is None else min(latest, start)
+        return Turn(step_s, admitting, latest, best_effort, past_saving)
 
     def _stop(self) -> None:
         for seq in self._rows:

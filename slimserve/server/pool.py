@@ -93,7 +93,7 @@ class PoolEntry:
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size
 
-    def deadlines(self) -> list[tuple[float, int]]:
+    def deadlines(self) -> list[tuple[float | None, int]]:
         return self.engine.deadlines() if self.started else []
 
     @property

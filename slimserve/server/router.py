@@ -5,8 +5,10 @@ minimum quality (the variant's held-out perplexity as a ratio to the teacher's, 
 router predicts each candidate's latency for *this* request from a live profile (time to first token as
 a function of prompt length, time per decode step as a function of batch size, the queue ahead, the load
 time when the variant is not resident), starting from the figures `slimserve eval` wrote into the
-manifest and corrected by what the engine measures while serving. It picks the highest-quality variant
-predicted to meet the budget; if none can, the fastest, and says so.
+manifest and corrected by what the engine measures while serving. On the CPU, where every variant's steps
+share the cores, the prediction follows the compute thread's earliest-deadline-first turns: a request is
+placed where it meets its budget without pushing running requests over theirs. It picks the
+highest-quality variant predicted to meet the budget; if none can, the fastest, and says so.
 """
 
 from __future__ import annotations
@@ -196,63 +198,129 @@ class Candidate(Protocol):
     def waiting(self) -> int: ...
     @property
     def max_batch_size(self) -> int: ...
-    def deadlines(self) -> list[tuple[float, int]]:
-        """(`time.perf_counter()` deadline, tokens left) of its running sequences that have a budget."""
+    def deadlines(self) -> list[tuple[float | None, int]]:
+        """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences."""
         ...
 
 
 C = TypeVar("C", bound=Candidate)
 
 
-def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, elsewhere_ms: float = 0.0) -> float:
-    """End-to-end latency of this request on `candidate`, given what is running and waiting there now.
-
-    `elsewhere_ms`: the decode-step time of the other busy variants sharing this machine's cores; engines
-    take turns on the CPU, so each of this request's steps also waits for one step of each of them.
-    """
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """End-to-end latency of this request on `candidate` as its own batch runs it (a device share of its
+    own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size."""
     profile = candidate.profile
-    ahead = candidate.waiting
-    batch = min(candidate.running + ahead + 1, candidate.max_batch_size)
+    step = profile.step_ms(min(candidate.running + candidate.waiting + 1, candidate.max_batch_size))
     load = 0.0 if candidate.resident else profile.load_ms
-    step = profile.step_ms(batch) + elsewhere_ms
-    # sequences waiting ahead are prefilled first; beyond the batch size, a slot frees only as others finish
-    queue = ahead * profile.ttft_ms(prompt_tokens)
+    queue = queued_ms(candidate, prompt_tokens, max_tokens, step)
+    return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * step
+
+
+def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms: float) -> float:
+    """Waiting before its prefill: sequences queued ahead are prefilled first, and beyond the batch size a
+    slot frees only as running sequences finish."""
+    ahead = candidate.waiting
+    queue = ahead * candidate.profile.ttft_ms(prompt_tokens)
     overflow = candidate.running + ahead + 1 - candidate.max_batch_size
     if overflow > 0:
-        queue += overflow / candidate.max_batch_size * max_tokens * step
-    return load + queue + profile.ttft_ms(prompt_tokens) + elsewhere_ms + max_tokens * step
+        queue += overflow / candidate.max_batch_size * max_tokens * step_ms
+    return queue
 
 
-def step_ms_elsewhere(candidates: Sequence[Candidate], shared: bool) -> dict[str, float]:
-    """Per candidate: the summed decode-step time of the *other* busy candidates (0 when not `shared`)."""
-    if not shared:
-        return {c.name: 0.0 for c in candidates}
-    busy = {c.name: c.profile.step_ms(c.running + c.waiting) for c in candidates if c.running + c.waiting > 0}
-    total = sum(busy.values())
-    return {c.name: total - busy.get(c.name, 0.0) for c in candidates}
+def deadline_harm(candidates: Sequence[Candidate], target: Candidate, prompt_tokens: int) -> int:
+    """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
+    meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
+    larger batch for each token they still have to generate)."""
+    now = time.perf_counter()
+    busy = target.running + target.waiting
+    step_now = target.profile.step_ms(busy) if busy else 0.0
+    added = target.profile.step_ms(busy + 1) - step_now
+    prefill = target.profile.ttft_ms(prompt_tokens)
+    pushed = 0
+    for deadline, remaining in target.deadlines():
+        if deadline is None:
+            continue
+        slack = 1000 * (deadline - now) - remaining * step_now
+        if 0 <= slack < prefill + remaining * added:
+            pushed += 1
+    return pushed
 
 
-def deadline_harm(candidates: Sequence[Candidate], target: Candidate, prompt_tokens: int, shared: bool) -> int:
-    """How many running sequences, predicted to meet their deadline now, would miss it if one more request
-    joined `target`: its prefill, then a larger batch there (or, on shared cores, one more variant's step
-    in every round) for each token they still have to generate."""
+@dataclass(frozen=True)
+class Plan:
+    """A new request on one candidate, as earliest-deadline-first would run it on the shared cores."""
+
+    finish_ms: float
+    """Predicted time until its last token: the work due before its deadline (every engine's steps
+    until its sequences due by then are done, prefills, its own steps) plus its load time."""
+    harm: int
+    """Running sequences predicted to meet their deadlines now that would miss them with it admitted."""
+    load: float
+    """Share of the time until its deadline that the work due by then (its own included) takes."""
+
+
+def edf_plan(
+    candidates: Sequence[Candidate],
+    target: Candidate,
+    prompt_tokens: int,
+    max_tokens: int,
+    deadline_ms: float | None,
+    scale: float = 1.0,
+) -> Plan:
+    """Place a request with `deadline_ms` (from now; None: no budget) on `target`, under the compute thread's
+    earliest-deadline-first turns (`compute`).
+
+    The demand test of EDF scheduling: by each deadline d, the cores must have done every step due by d.
+    A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
+    once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
+    its batch size. Sequences without a budget are due at the round-robin pace, as the compute thread
+    runs them; ones past saving yield to everything else and do not count. The new request adds its
+    prefill at once and makes its engine's batch one larger. `scale`: real time per profile time (the
+    router's calibration); deadlines are compared with the profiles' work in profile time.
+    """
     now = time.perf_counter()
     busy = {c.name: c.running + c.waiting for c in candidates}
-    step_now = {c.name: c.profile.step_ms(busy[c.name]) if busy[c.name] else 0.0 for c in candidates}
-    after = target.profile.step_ms(busy[target.name] + 1)
-    added = after - step_now[target.name]
-    prefill = target.profile.ttft_ms(prompt_tokens)
-    round_ms = sum(step_now.values())
-    pushed = 0
+    steps_before = {c.name: c.profile.step_ms(busy[c.name]) for c in candidates if busy[c.name]}
+    steps_after = dict(steps_before, **{target.name: target.profile.step_ms(busy[target.name] + 1)})
+    pace = sum(steps_after.values())  # one round of every busy engine
+    due: list[float] = []  # ms from now
+    engine: list[str] = []
+    steps_left: list[int] = []
+    budgeted: list[bool] = []
     for c in candidates:
-        if not shared and c is not target:
-            continue  # on its own device share, a variant's sequences are slowed only by its own batch
-        per_token = round_ms if shared else step_now[c.name]
         for deadline, remaining in c.deadlines():
-            slack = 1000 * (deadline - now) - remaining * per_token
-            if 0 <= slack < prefill + remaining * added:
-                pushed += 1
-    return pushed
+            if deadline is None:  # no budget: the compute thread runs it at the round-robin pace
+                due.append(remaining * pace)
+            elif 1000 * (deadline - now) / scale >= remaining * steps_before.get(c.name, 0.0):
+                due.append(1000 * (deadline - now) / scale)
+            else:  # past saving (not even its own steps alone fit): it yields to everything else
+                due.append(math.inf)
+            engine.append(c.name)
+            steps_left.append(remaining)
+            budgeted.append(deadline is not None and due[-1] != math.inf)
+    prefill = target.profile.ttft_ms(prompt_tokens)
+
+    def demand(jobs: list[int], steps: dict[str, float], first_ms: float) -> dict[int, float]:
+        """Per job: the work (ms) that must be done by its due time."""
+        longest: dict[str, int] = {}
+        work = {}
+        for job in sorted(jobs, key=lambda j: due[j]):
+            longest[engine[job]] = max(longest.get(engine[job], 0), steps_left[job])
+            work[job] = first_ms + sum(steps.get(name, 0.0) * left for name, left in longest.items())
+        return work
+
+    running = list(range(len(due)))
+    before = demand(running, steps_before, 0.0)
+    due.append(deadline_ms / scale if deadline_ms is not None else prefill + max_tokens * pace)
+    engine.append(target.name)
+    steps_left.append(max_tokens)
+    budgeted.append(False)
+    after = demand([*running, len(due) - 1], steps_after, prefill)
+    harm = sum(1 for j in running if budgeted[j] and before[j] <= due[j] < after[j])
+    load = 0.0 if target.resident else target.profile.load_ms
+    queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
+    finish = load + queue + after[len(due) - 1]
+    return Plan(finish * scale, harm, finish / max(due[-1], 1e-3))
 
 
 @dataclass
@@ -279,6 +347,7 @@ class Router:
         shared_compute: bool = True,
         headroom: float = 0.1,
         quality_tolerance: float = 0.005,
+        reserve: float = 0.75,
     ) -> None:
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.shared_compute = shared_compute
@@ -290,6 +359,15 @@ class Router:
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
         which leaves the cores to requests that need them (an int8 variant at +0.0% serves instead of the
         teacher)."""
+        self.calibration = 1.0
+        """Actual / predicted latency of recent routed requests (a moving average): predictions are scaled
+        by it, so a machine busier than the profiles know sends requests to faster variants."""
+        self.calibration_smoothing = 0.2
+        self.reserve = reserve
+        """Share of the time until a request's deadline kept free for requests that arrive after it: a
+        better variant is chosen only while the work due by then (its own included) leaves that much;
+        otherwise the variant that adds least work (usually joining a batch already running), since every
+        busy variant adds its whole step to the cores' rounds."""
         self._lock = threading.Lock()
 
     def choose(
@@ -309,10 +387,17 @@ class Router:
                     HEADER_MEMORY,
                 )
             usable = fitting
-        elsewhere = step_ms_elsewhere(candidates, self.shared_compute)
-        predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens, elsewhere[c.name]) for c in usable}
-
-        harm = {c.name: deadline_harm(usable, c, prompt_tokens, self.shared_compute) for c in usable}
+        limit = budget.latency_ms * (1 - self.headroom) if budget.latency_ms is not None else None
+        scale = self.calibration
+        if self.shared_compute:
+            plans = {c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limit, scale) for c in usable}
+            predicted = {name: plan.finish_ms for name, plan in plans.items()}
+            harm = {name: plan.harm for name, plan in plans.items()}
+            load = {name: plan.load for name, plan in plans.items()}
+        else:
+            predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
+            harm = {c.name: deadline_harm(candidates, c, prompt_tokens) for c in usable}
+            load = {name: ms / limit if limit else 0.0 for name, ms in predicted.items()}
         met: bool | None
 
         def quality(c: Candidate) -> float:
@@ -341,7 +426,7 @@ class Router:
             reason = "no latency budget: best quality"
             met = None
         else:
-            limit = budget.latency_ms * (1 - self.headroom)
+            assert limit is not None
 
             def score(c: C) -> tuple[int, int]:
                 """Requests kept within budget (this one, minus running ones it would push over), then
@@ -351,9 +436,17 @@ class Router:
             top = max(score(c) for c in good_enough)
             best = [c for c in good_enough if score(c) == top]
             fits = [c for c in best if predicted[c.name] <= limit]
-            if fits:
-                order = best_first(fits, self.quality_tolerance)
+            roomy = [c for c in fits if load[c.name] <= 1 - self.reserve]
+            if roomy:
+                order = best_first(roomy, self.quality_tolerance)
+                order += sorted((c for c in fits if c not in roomy), key=lambda c: load[c.name])
                 reason = "best quality predicted within the latency budget"
+                met = True
+            elif fits:
+                order = sorted(fits, key=lambda c: load[c.name])
+                reason = (
+                    "within the latency budget, loading the cores least (they are busy: room kept for later requests)"
+                )
                 met = True
             else:
                 order = sorted(best, key=lambda c: predicted[c.name])
@@ -380,6 +473,18 @@ class Router:
         with self._lock:
             self.decisions.append(decision)
         return order, decision
+
+    def observe(self, decision: Decision, elapsed_ms: float) -> None:
+        """A routed request finished its full length in `elapsed_ms`: calibrate later predictions.
+
+        Profiles time each step alone; what they miss (the event loop's share of the cores, prefills and
+        steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
+        of actual to predicted latency, followed here as a moving average."""
+        if decision.predicted_ms <= 0:
+            return
+        ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
+        with self._lock:
+            self.calibration += self.calibration_smoothing * (ratio - self.calibration)
 
     def recent(self, count: int = 20) -> list[dict[str, Any]]:
         with self._lock:

@@ -237,7 +237,7 @@ class VLLMEngine:
 
     shares_compute = False
 
-    def deadlines(self) -> list[tuple[float, int]]:
+    def deadlines(self) -> list[tuple[float | None, int]]:
         """Not tracked: on a GPU each variant has its own share of the device, so routing one request
         does not slow another variant's sequences (the router only uses this with shared compute)."""
         return []

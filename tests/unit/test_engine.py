@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,4 +175,49 @@ def test_engines_take_turns_on_one_compute_thread_and_stop_independently(
         assert asyncio.run(one()) == expected
     finally:
         for engine in engines:
+            engine.shutdown()
+
+
+def test_a_sequence_due_sooner_steps_ahead_of_one_with_time_to_spare(tiny_variant_dir: Path) -> None:
+    """Earliest deadline first: once a tight request arrives, its steps run back to back and the loose
+    request (a minute of budget) waits, then finishes; round-robin would alternate them."""
+    compute = ComputeThread(name="compute-edf")
+    forwards: list[str] = []
+
+    def loader(name: str) -> Callable[[], LoadedVariant]:
+        def load() -> LoadedVariant:
+            loaded = load_variant(tiny_variant_dir, dtype="fp32")
+            loaded.model.register_forward_hook(lambda *_: forwards.append(name))
+            return loaded
+
+        return load
+
+    engines = {
+        n: TransformersEngine(loader(n), name=n, metrics=ServerMetrics(), compute=compute) for n in ("loose", "tight")
+    }
+    for engine in engines.values():
+        engine.start()
+        assert engine.wait_ready(60)
+
+    async def scenario() -> tuple[int, int]:
+        loop_params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+        loose = engines["loose"].submit([5, 6, 7], loop_params)
+        loose.deadline = time.perf_counter() + 60
+        events = loose.events()
+        for _ in range(3):  # the loose request is under way
+            await anext(events)
+        tight = engines["tight"].submit([8, 9], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        tight.deadline = time.perf_counter() + 5
+        tight_tokens, _ = await _run(tight)
+        rest = [t for e in [e async for e in events] for t in e.token_ids]
+        return len(tight_tokens), 3 + len(rest)
+
+    try:
+        assert asyncio.run(scenario()) == (12, 60)
+        first, last = forwards.index("tight"), len(forwards) - 1 - forwards[::-1].index("tight")
+        between = forwards[first : last + 1]
+        assert between.count("tight") == 12  # its prefill and 11 decode steps
+        assert between.count("loose") <= 1  # at most a step already chosen when it arrived
+    finally:
+        for engine in engines.values():
             engine.shutdown()

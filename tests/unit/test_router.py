@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
-from slimserve.server.engine import TransformersEngine
+from slimserve.server.engine import RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import (
     Budget,
@@ -21,9 +21,11 @@ from slimserve.server.router import (
     LatencyProfile,
     Router,
     deadline_harm,
+    edf_plan,
     parse_budget,
     predict_ms,
 )
+from slimserve.server.sampling import SamplingParams
 from tests.tiny import make_tiny_variant
 
 
@@ -40,10 +42,11 @@ class Described:
     running: int = 0
     waiting: int = 0
     max_batch_size: int = 8
-    pending: list[tuple[float, int]] = field(default_factory=list)
+    pending: list[tuple[float | None, int]] = field(default_factory=list)
+    """Running sequences' (deadline, tokens left); any others of `running` have no budget, 50 tokens left."""
 
-    def deadlines(self) -> list[tuple[float, int]]:
-        return self.pending
+    def deadlines(self) -> list[tuple[float | None, int]]:
+        return [*self.pending, *[(None, 50)] * (self.running - len(self.pending))]
 
 
 def _variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
@@ -60,7 +63,7 @@ FAMILY = [TEACHER, INT8, INT4]
 
 
 def test_tight_budgets_go_to_fast_variants_and_loose_ones_to_the_best() -> None:
-    router = Router()
+    router = Router(reserve=0)  # no room kept for later requests: see the reserve's own test
     # 100 tokens: teacher ~4.1 s, int8 ~2.6 s, int4 ~2.1 s
     assert router.choose(FAMILY, Budget(latency_ms=10_000), 20, 100)[1].variant == "teacher"
     assert router.choose(FAMILY, Budget(latency_ms=3_000), 20, 100)[1].variant == "int8"
@@ -77,14 +80,17 @@ def test_equal_quality_goes_to_the_faster_variant_and_a_headroom_is_kept() -> No
     near_exact = _variant("int8-exact", step_ms=25, ppl_ratio=1.002, memory_mb=400)
     # +0.2% counts as the teacher's quality: the faster variant serves, leaving the cores to others
     assert Router().choose([TEACHER, near_exact], Budget(latency_ms=60_000), 20, 100)[1].variant == "int8-exact"
+    assert (
+        Router(reserve=0).choose([TEACHER, near_exact], Budget(latency_ms=60_000), 20, 100)[1].variant == "int8-exact"
+    )
     assert Router(quality_tolerance=0).choose([TEACHER, near_exact], Budget(60_000), 20, 100)[1].variant == "teacher"
     # with no budget at all, the best quality itself: naming the teacher's family gets the teacher
     assert Router().choose([TEACHER, near_exact], Budget(), 20, 100)[1].variant == "teacher"
     # a budget the teacher fits only without the 10% headroom kept for requests that arrive later
     budget = Budget(latency_ms=predict_ms(TEACHER, 20, 100) / 0.95)
-    assert Router(headroom=0).choose(FAMILY, budget, 20, 100)[1].variant == "teacher"
-    assert Router(headroom=0.1).choose(FAMILY, budget, 20, 100)[1].variant == "int8"
-    alone = Router(headroom=0.1).choose([TEACHER], budget, 20, 100)[1]
+    assert Router(headroom=0, reserve=0).choose(FAMILY, budget, 20, 100)[1].variant == "teacher"
+    assert Router(headroom=0.1, reserve=0).choose(FAMILY, budget, 20, 100)[1].variant == "int8"
+    alone = Router(headroom=0.1, reserve=0).choose([TEACHER], budget, 20, 100)[1]
     assert alone.budget_met and "headroom" in alone.reason
 
 
@@ -92,17 +98,50 @@ def test_a_request_is_not_placed_where_it_pushes_running_ones_over_their_budget(
     now = time.perf_counter()
     # int4 runs one sequence with 100 tokens to go at 20 ms each (2.0 s) and 2.5 s left: 0.5 s of slack
     protected = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=1, pending=[(now + 2.5, 100)])
-    decision = Router().choose([TEACHER, INT8, protected], Budget(latency_ms=60_000), 20, 100)[1]
-    # the teacher would add its 40 ms step to every round (4 s more); joining int4's batch costs ~0.3 s
-    assert decision.variant == "int4" and decision.budget_met
-    assert deadline_harm([TEACHER, INT8, protected], TEACHER, 20, shared=True) == 1
-    assert deadline_harm([TEACHER, INT8, protected], protected, 20, shared=True) == 0
-    assert deadline_harm([TEACHER, INT8, protected], TEACHER, 20, shared=False) == 0  # own device shares
+    family = [TEACHER, INT8, protected]
+    # a new request of 40 tokens due in 1.08 s (1.2 s less the headroom) runs first under EDF. On int8
+    # (15 ms prefill + 40 x 25 ms) it fits, but int4's sequence then finishes at 3.0 s; joining int4's
+    # batch (40 x 22.9 ms) fits and leaves int4's sequence at 2.3 s
+    on_int8 = edf_plan(family, INT8, 20, 40, 1080)
+    assert (on_int8.finish_ms, on_int8.harm) == (pytest.approx(1015), 1)
+    assert edf_plan(family, protected, 20, 40, 1080).harm == 0
+    decision = Router(reserve=0).choose(family, Budget(latency_ms=1200), 20, 40)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", True)
+    # a sequence without a budget is not protected (it advances at the round-robin pace)...
     unprotected = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=1)
-    assert Router().choose([TEACHER, INT8, unprotected], Budget(latency_ms=60_000), 20, 100)[1].variant == "teacher"
-    # a sequence that will miss its budget anyway is not protected at others' expense
+    assert Router(reserve=0).choose([TEACHER, INT8, unprotected], Budget(latency_ms=1200), 20, 40)[1].variant == "int8"
+    # ...nor is one that will miss its budget anyway
     lost = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=1, pending=[(now + 1.0, 100)])
-    assert Router().choose([TEACHER, INT8, lost], Budget(latency_ms=60_000), 20, 100)[1].variant == "teacher"
+    assert Router(reserve=0).choose([TEACHER, INT8, lost], Budget(latency_ms=1200), 20, 40)[1].variant == "int8"
+    # a loose request waits behind int4's sequence instead of delaying it: the teacher serves it
+    loose = edf_plan(family, TEACHER, 20, 100, 54_000)
+    assert loose.harm == 0 and loose.finish_ms == pytest.approx(15 + 100 * 20 + 100 * 40)
+    assert Router().choose(family, Budget(latency_ms=60_000), 20, 100)[1].variant == "teacher"
+
+
+def test_busy_cores_keep_room_for_later_requests() -> None:
+    """A better variant is taken only while the work due by the deadline leaves the reserve free."""
+    # 100 tokens, 5 s budget (4.5 s with the headroom): teacher 4.0 s (89% of it), int8 2.5 s, int4 2.0 s
+    assert Router(reserve=0).choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1].variant == "teacher"
+    assert Router(reserve=0.5).choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1].variant == "int4"
+    decision = Router(reserve=0.5).choose(FAMILY, Budget(latency_ms=7_000), 20, 100)[1]
+    assert decision.variant == "int8" and decision.budget_met  # 2.5 of 6.3 s leaves half; the teacher would not
+    assert Router(reserve=0.5).choose(FAMILY, Budget(latency_ms=60_000), 20, 100)[1].variant == "teacher"
+    # with the cores busy, joining a running batch adds least work: int4 already steps for 6 sequences
+    crowded = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=6)
+    busy = Router(reserve=0.5).choose([TEACHER, INT8, crowded], Budget(latency_ms=7_000), 20, 100)[1]
+    assert busy.variant == "int4" and "least" in busy.reason
+
+
+def test_the_router_calibrates_its_predictions_from_finished_requests() -> None:
+    router = Router(reserve=0)
+    first = router.choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1]
+    assert first.variant == "teacher"
+    for _ in range(20):  # requests take twice as long as the profiles predict
+        router.observe(first, 2 * first.predicted_ms)
+    assert router.calibration == pytest.approx(2.0, rel=0.02)
+    again = router.choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1]
+    assert again.variant == "int4" and again.predicted_ms == pytest.approx(2 * 2015, rel=0.02)
 
 
 def test_memory_and_quality_budgets_exclude_variants() -> None:
@@ -288,12 +327,51 @@ def test_a_variant_serving_a_request_is_never_evicted(tmp_path: Path) -> None:
         pool.shutdown()
 
 
-def test_on_shared_cores_a_busy_variant_slows_the_others() -> None:
-    from slimserve.server.router import step_ms_elsewhere
+def test_on_shared_cores_work_due_earlier_runs_first() -> None:
+    now = time.perf_counter()
+    tight = Budget(latency_ms=1200)  # 40 tokens on int8: 15 ms prefill + 40 x 25 ms, due in 1080 ms
+    # the teacher's running request has a minute to spare: under EDF it waits, int8 serves the tight one
+    relaxed = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=1, pending=[(now + 60, 100)])
+    assert edf_plan([relaxed, INT8], INT8, 20, 40, 1080).finish_ms == pytest.approx(1015)
+    assert Router().choose([relaxed, INT8], tight, 20, 40)[1].budget_met
+    # one due in a second must run its 20 steps (800 ms) first: int8's request cannot finish in time
+    urgent = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=1, pending=[(now + 1.0, 20)])
+    assert edf_plan([urgent, INT8], INT8, 20, 40, 1080).finish_ms == pytest.approx(15 + 800 + 1000)
+    assert not Router().choose([urgent, INT8], tight, 20, 40)[1].budget_met
+    # no budget: it advances at the round-robin pace (one 40 ms + 25 ms round per token, due in 3.25 s)
+    best_effort = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=1)
+    assert edf_plan([best_effort, INT8], INT8, 20, 40, 1080).finish_ms == pytest.approx(1015)
+    assert edf_plan([best_effort, INT8], INT8, 20, 40, 5000).finish_ms == pytest.approx(15 + 50 * 40 + 1000)
+    # on a device share of its own (vLLM), only the variant's own batch counts
+    assert Router(shared_compute=False).choose([urgent, INT8], tight, 20, 40)[1].budget_met
+    assert deadline_harm([urgent, INT8], urgent, 20) == 0
 
-    busy = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=4)
-    idle = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400)
-    elsewhere = step_ms_elsewhere([busy, idle], shared=True)
-    assert elsewhere["int8"] == pytest.approx(busy.profile.step_ms(4)) and elsewhere["teacher"] == 0.0
-    assert predict_ms(idle, 20, 100, elsewhere["int8"]) > predict_ms(idle, 20, 100) + 100 * 40
-    assert step_ms_elsewhere([busy, idle], shared=False) == {"teacher": 0.0, "int8": 0.0}
+
+def test_a_routed_request_carries_its_deadline_to_the_engine(tmp_path: Path) -> None:
+    """The compute thread and the router see each routed sequence's deadline: arrival + latency budget."""
+    metrics = ServerMetrics()
+    engines = _engines(tmp_path, metrics)
+    handles: list[tuple[str, RequestHandle]] = []
+    for engine in engines:
+        submit = engine.submit
+
+        def spy(prompt: list[int], params: SamplingParams, submit=submit, name=engine.name) -> RequestHandle:  # type: ignore[no-untyped-def]
+            handle = submit(prompt, params)
+            handles.append((name, handle))
+            return handle
+
+        engine.submit = spy  # type: ignore[method-assign]
+    with TestClient(create_app(engines, metrics), raise_server_exceptions=False) as c:
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        before = time.perf_counter()
+        assert _ask(c, "auto", {"X-Latency-Budget-Ms": "30000"}).status_code == 200  # type: ignore[attr-defined]
+        after = time.perf_counter()
+        assert _ask(c, "auto").status_code == 200  # type: ignore[attr-defined]
+        assert _ask(c, "tiny-small", {"X-Latency-Budget-Ms": "30000"}).status_code == 200  # type: ignore[attr-defined]
+    (_, budgeted), (_, unbudgeted), (_, exact) = handles
+    assert budgeted.deadline is not None and before + 30 <= budgeted.deadline <= after + 30
+    assert unbudgeted.deadline is None  # no budget: best effort
+    assert exact.deadline is None  # an exact name bypasses the router and its budget
