@@ -227,7 +227,7 @@ def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms
     return queue
 
 
-def deadline_harm(candidates: Sequence[Candidate], target: Candidate, prompt_tokens: int) -> int:
+def deadline_harm(target: Candidate, prompt_tokens: int) -> int:
     """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
     meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
     larger batch for each token they still have to generate)."""
@@ -396,7 +396,7 @@ class Router:
             load = {name: plan.load for name, plan in plans.items()}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
-            harm = {c.name: deadline_harm(candidates, c, prompt_tokens) for c in usable}
+            harm = {c.name: deadline_harm(c, prompt_tokens) for c in usable}
             load = {name: ms / limit if limit else 0.0 for name, ms in predicted.items()}
         met: bool | None
 

@@ -344,7 +344,7 @@ def test_on_shared_cores_work_due_earlier_runs_first() -> None:
     assert edf_plan([best_effort, INT8], INT8, 20, 40, 5000).finish_ms == pytest.approx(15 + 50 * 40 + 1000)
     # on a device share of its own (vLLM), only the variant's own batch counts
     assert Router(shared_compute=False).choose([urgent, INT8], tight, 20, 40)[1].budget_met
-    assert deadline_harm([urgent, INT8], urgent, 20) == 0
+    assert deadline_harm(urgent, 20) == 0
 
 
 def test_a_routed_request_carries_its_deadline_to_the_engine(tmp_path: Path) -> None:
