@@ -127,11 +127,14 @@ class ComputeThread:
 
     def _run(self) -> None:
         last_ran: dict[int, float] = {}
+        stalled: set[int] = set()  # engines whose last turn found nothing to do, until the next wake()
         with torch.inference_mode():
             while True:
+                if self._work.is_set():
+                    stalled.clear()
                 self._work.clear()  # a wake() from here on makes the wait below return at once
                 with self._lock:
-                    engines = list(self._engines)
+                    engines = [e for e in self._engines if id(e) not in stalled]
                 turns = [(e, e.pending()) for e in engines]
                 busy = [(e, turn) for e, turn in turns if turn is not None]
                 if not busy:
@@ -144,7 +147,8 @@ class ComputeThread:
                 )
                 engine = busy[chosen][0]
                 try:
-                    engine.step()
+                    if not engine.step():  # its urgency was stale: do not let it win every turn for nothing
+                        stalled.add(id(engine))
                 except Exception:  # an engine's own errors fail its requests; this is a last resort
                     log.exception("compute turn of %s failed", engine.name)
                 last_ran[id(engine)] = time.perf_counter()

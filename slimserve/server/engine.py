@@ -223,21 +223,21 @@ class TransformersEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         """Queue one sequence; raises EngineBusyError when `max_waiting` sequences already wait."""
         variant = self._require_variant()
-        with self._lock:
-            if self._waiting >= self.max_waiting:
-                raise EngineBusyError(f"{self._waiting} sequences are already waiting for {self.name}")
-            self._waiting += 1
-            self.metrics.queue_depth.labels(self.name).set(self._waiting)
         handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop())
         vocab = int(variant.model.config.vocab_size)
-        sequence = _Sequence(
+        sequence = _Sequence(  # built first: a sampler that rejects its parameters leaves no count behind
             handle=handle,
             params=params,
             sampler=Sampler(params, vocab),
             detokenizer=IncrementalDetokenizer(variant.tokenizer, prompt_ids, params.stop),
             submitted_at=time.perf_counter(),
         )
-        self._inbox.put(sequence)
+        with self._lock:
+            if self._waiting >= self.max_waiting:
+                raise EngineBusyError(f"{self._waiting} sequences are already waiting for {self.name}")
+            self._waiting += 1
+            self.metrics.queue_depth.labels(self.name).set(self._waiting)
+            self._inbox.put(sequence)
         self.compute.wake()
         return handle
 
