@@ -221,3 +221,21 @@ def test_a_sequence_due_sooner_steps_ahead_of_one_with_time_to_spare(tiny_varian
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+def test_a_rejected_request_leaves_no_waiting_count(tiny_variant_dir: Path) -> None:
+    """Parameters the sampler rejects fail the submit and nothing else: a stale waiting count would make the
+    compute thread see a prefill to run forever."""
+    engine = _engine(tiny_variant_dir)
+
+    async def scenario() -> list[int]:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            engine.submit([5, 6], SamplingParams(max_tokens=4, logit_bias={10**9: 1.0}))
+        assert engine.waiting == 0 and engine.pending() is None
+        handle = engine.submit([5, 6], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        return (await _run(handle))[0]
+
+    try:
+        assert len(asyncio.run(scenario())) == 4
+    finally:
+        engine.shutdown()
