@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,20 +119,12 @@ def _rss_kb(field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-@torch.inference_mode()
-def runtime_in_this_process(ref: str, config: EvalConfig) -> dict[str, float]:
-    """Load time, peak RSS delta and speed; meant to run in a fresh process (see `runtime`)."""
-    text = eval_text()
-    rss_before = _rss_kb("VmRSS")
-    started = time.perf_counter()
-    variant = load_variant(ref, dtype=config.runtime_dtype)
-    load_s = time.perf_counter() - started
-    peak_delta_mb = (_rss_kb("VmHWM") - rss_before) / 1024
+def _generate_timer(variant: LoadedVariant, prompts: torch.Tensor) -> Callable[[int, int, int], float]:
+    """A function timing greedy generation of `new_tokens` for `rows` prompts from `offset` (seconds)."""
     model, tokenizer = variant.model, variant.tokenizer
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    prompts = torch.stack([ids[i * 1000 : i * 1000 + config.prompt_tokens] for i in range(8)])  # (8, P)
 
-    def generate(batch: torch.Tensor, new_tokens: int) -> float:
+    def generate(rows: int, new_tokens: int, offset: int) -> float:
+        batch = prompts[offset : offset + rows]
         started = time.perf_counter()
         model.generate(
             batch,
@@ -143,23 +136,69 @@ def runtime_in_this_process(ref: str, config: EvalConfig) -> dict[str, float]:
         )
         return time.perf_counter() - started
 
-    def median(times: list[float]) -> float:
-        return sorted(times)[len(times) // 2]
+    return generate
 
-    generate(prompts[:1], 4)  # warm-up
-    ttft = median([generate(prompts[i % 8 : i % 8 + 1], 1) for i in range(config.repeats)])
-    b1 = median([generate(prompts[i % 8 : i % 8 + 1], config.decode_tokens) for i in range(config.repeats)])
-    b8 = median([generate(prompts, config.decode_tokens) for _ in range(config.repeats)])
-    return {
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+@torch.inference_mode()
+def runtime_in_this_process(ref: str, config: EvalConfig, reference: str | None = None) -> dict[str, float]:
+    """Load time, peak RSS delta and speed; meant to run in a fresh process (see `runtime`).
+
+    With a `reference` (the teacher), both decode in alternation afterwards, round by round, and the
+    median per-round ratio is reported as `speedup_b1`: on a shared machine whose speed drifts by tens of
+    percent between minutes, only figures taken side by side compare.
+    """
+    text = eval_text()
+    rss_before = _rss_kb("VmRSS")
+    started = time.perf_counter()
+    variant = load_variant(ref, dtype=config.runtime_dtype)
+    load_s = time.perf_counter() - started
+    peak_delta_mb = (_rss_kb("VmHWM") - rss_before) / 1024
+    ids = variant.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    prompts = torch.stack([ids[i * 1000 : i * 1000 + config.prompt_tokens] for i in range(8)])  # (8, P)
+    generate = _generate_timer(variant, prompts)
+
+    generate(1, 4, 0)  # warm-up
+    ttft = _median([generate(1, 1, i % 8) for i in range(config.repeats)])
+    b1 = _median([generate(1, config.decode_tokens, i % 8) for i in range(config.repeats)])
+    b8 = _median([generate(8, config.decode_tokens, 0) for _ in range(config.repeats)])
+    figures = {
         "load_s": round(load_s, 2),
         "rss_mb": round(peak_delta_mb, 1),
         "ttft_ms_128": round(ttft * 1000, 1),
         "decode_tok_s_b1": round(config.decode_tokens / (b1 - ttft), 2),
         "decode_tok_s_b8": round(8 * config.decode_tokens / (b8 - ttft), 2),
     }
+    if reference is not None:
+        teacher = load_variant(reference, dtype=config.runtime_dtype)
+        figures["speedup_b1"] = round(_side_by_side(generate, teacher, prompts, config), 3)
+    return figures
 
 
-def runtime(ref: str, config: EvalConfig) -> dict[str, float]:
+def _side_by_side(
+    generate: Callable[[int, int, int], float], reference: LoadedVariant, prompts: torch.Tensor, config: EvalConfig
+) -> float:
+    """Median over rounds of reference decode time / variant decode time (batch 1), taken in alternation."""
+    generate_reference = _generate_timer(reference, prompts)
+    generate_reference(1, 4, 0)  # warm-up
+
+    def decode_s(timer: Callable[[int, int, int], float], offset: int) -> float:
+        return timer(1, config.decode_tokens, offset) - timer(1, 1, offset)
+
+    ratios = []
+    for i in range(max(config.repeats, 5)):  # who goes first alternates, so drift favours neither
+        if i % 2 == 0:
+            variant_s, reference_s = decode_s(generate, i % 8), decode_s(generate_reference, i % 8)
+        else:
+            reference_s, variant_s = decode_s(generate_reference, i % 8), decode_s(generate, i % 8)
+        ratios.append(reference_s / variant_s)
+    return _median(ratios)
+
+
+def runtime(ref: str, config: EvalConfig, reference: str | None = None) -> dict[str, float]:
     """Runtime figures from a fresh Python process, so the parent's memory and threads do not interfere."""
     command = [
         sys.executable,
@@ -170,6 +209,8 @@ def runtime(ref: str, config: EvalConfig) -> dict[str, float]:
         "--config",
         json.dumps(asdict(config)),
     ]
+    if reference is not None:
+        command += ["--reference", reference]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"runtime measurement of {ref} failed:\n{done.stderr[-2000:]}")
@@ -215,7 +256,10 @@ def evaluate(
     elif is_teacher:
         metrics |= {"kl_to_teacher": 0.0, "top1_agreement": 1.0, "teacher": teacher_name}
     if measure_runtime:
-        metrics |= runtime(str(found.path), config)
+        reference = str(teacher_path) if teacher_path is not None and not is_teacher else None
+        metrics |= runtime(str(found.path), config, reference)
+        if is_teacher:
+            metrics["speedup_b1"] = 1.0
     if write:
         manifest = found.manifest
         manifest.metrics = {**manifest.metrics, **metrics}
@@ -227,9 +271,10 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description="internal: runtime measurement in a fresh process")
     parser.add_argument("--runtime", required=True)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--reference", help="a variant to decode in alternation with it (speedup_b1)")
     args = parser.parse_args()
     config = EvalConfig(**json.loads(args.config))
-    print(json.dumps(runtime_in_this_process(args.runtime, config)))
+    print(json.dumps(runtime_in_this_process(args.runtime, config, args.reference)))
 
 
 if __name__ == "__main__":

@@ -8,17 +8,24 @@ from typing import Any
 from slimserve.models.registry import VariantRegistry
 
 
-def pareto_front(points: dict[str, dict[str, float]]) -> set[str]:
+def speed_key(points: dict[str, dict[str, Any]]) -> str:
+    """The speed figure to compare on: the side-by-side ratio to the teacher where every variant has one
+    (absolute tokens/s taken minutes apart drift with the machine), else decode tokens/s."""
+    return "speedup_b1" if points and all("speedup_b1" in p for p in points.values()) else "decode_tok_s_b1"
+
+
+def pareto_front(points: dict[str, dict[str, Any]]) -> set[str]:
     """Names not dominated: no other variant is at least as good on perplexity, size and decode speed
     and strictly better on one (lower perplexity, smaller, faster)."""
+    speed = speed_key(points)
 
     def dominates(a: dict[str, float], b: dict[str, float]) -> bool:
         at_least = a["perplexity"] <= b["perplexity"] and a["size_bytes"] <= b["size_bytes"]
-        at_least = at_least and a.get("decode_tok_s_b1", 0.0) >= b.get("decode_tok_s_b1", 0.0)
+        at_least = at_least and a.get(speed, 0.0) >= b.get(speed, 0.0)
         strictly = (
             a["perplexity"] < b["perplexity"]
             or a["size_bytes"] < b["size_bytes"]
-            or a.get("decode_tok_s_b1", 0.0) > b.get("decode_tok_s_b1", 0.0)
+            or a.get(speed, 0.0) > b.get(speed, 0.0)
         )
         return at_least and strictly
 
@@ -29,19 +36,21 @@ def table(teacher: str, metrics: dict[str, dict[str, Any]], registry: VariantReg
     base = metrics.get(teacher, {})
     front = pareto_front(metrics)
     lines = [
-        "| variant | method | bits | params (M) | weights MB | tok/s b1 | tok/s b8 | perplexity (vs teacher) | "
-        "KL | top-1 agree | Pareto |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| variant | method | bits | params (M) | weights MB | tok/s b1 | tok/s b8 | b1 vs teacher (side by side) | "
+        "perplexity (vs teacher) | KL | top-1 agree | Pareto |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for name, m in sorted(metrics.items(), key=lambda kv: kv[1]["size_bytes"], reverse=True):
         manifest = registry.resolve(name).manifest
         ratio = m["perplexity"] / base["perplexity"] - 1 if base.get("perplexity") else 0.0
         speed = m.get("decode_tok_s_b1")
         speed_b8 = m.get("decode_tok_s_b8")
+        speedup = m.get("speedup_b1")
         lines.append(
             f"| {name} | {manifest.method} | {manifest.bits} | {manifest.parameters / 1e6:.1f} | "
             f"{m['size_bytes'] / 1e6:.1f} | {f'{speed:.1f}' if speed else '-'} | "
-            f"{f'{speed_b8:.1f}' if speed_b8 else '-'} | {m['perplexity']:.3f} ({ratio:+.1%}) | "
+            f"{f'{speed_b8:.1f}' if speed_b8 else '-'} | {f'{speedup:.2f}x' if speedup else '-'} | "
+            f"{m['perplexity']:.3f} ({ratio:+.1%}) | "
             f"{m.get('kl_to_teacher', float('nan')):.4f} | {m.get('top1_agreement', float('nan')):.1%} | "
             f"{'*' if name in front else ''} |"
         )
@@ -57,7 +66,11 @@ def plot(path: Path, teacher: str, metrics: dict[str, dict[str, Any]]) -> None:
 
     front = pareto_front(metrics)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    panels = [("size_bytes", "weights (MB)", 1e6), ("decode_tok_s_b1", "decode tokens/s, batch 1", 1.0)]
+    speed = speed_key(metrics)
+    speed_label = (
+        "decode speed vs teacher, batch 1, side by side" if speed == "speedup_b1" else "decode tokens/s, batch 1"
+    )
+    panels = [("size_bytes", "weights (MB)", 1e6), (speed, speed_label, 1.0)]
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
         for name, m in metrics.items():
             if key not in m:

@@ -69,3 +69,14 @@ def test_evaluate_records_quality_and_runtime_in_the_manifest(slimserve_home: Pa
 def test_bad_config_names_the_flag() -> None:
     with pytest.raises(ValueError, match="--stride"):
         EvalConfig(window=64, stride=128)
+
+
+def test_a_variant_is_timed_side_by_side_with_its_teacher(slimserve_home: Path) -> None:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "deep", name="deep", layers=8)
+    make_tiny_variant(registry.variants_dir / "shallow", name="shallow", layers=1, seed=1)
+    config = EvalConfig(max_tokens=200, window=64, stride=32, decode_tokens=16)
+    shallow = evaluate("shallow", teacher="deep", config=config, write=False)
+    # decoded in alternation with the teacher: one block against eight is faster whatever the machine does
+    assert shallow["speedup_b1"] > 1.2
+    assert evaluate("deep", teacher="deep", config=config, write=False)["speedup_b1"] == 1.0
