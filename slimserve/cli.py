@@ -430,7 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--beta", type=float, default=0.5, help="jsd mixture weight (GKD's beta)")
     d.add_argument("--temperature", type=float, default=1.0)
     d.add_argument("--alpha", type=float, default=0.0, help="weight of cross-entropy on the data (1 = no KD)")
-    d.add_argument("--data", nargs="+", default=[], help="text files/directories [default: pydoc_data training split]")
+    d.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        help="text files/directories, or builtin:pydoc / builtin:docstrings [default: builtin:pydoc]",
+    )
     d.add_argument("--generated", type=int, default=0, help="teacher answers to this many built-in prompts")
     d.add_argument("--on-policy", type=float, default=0.0, help="share of steps on student samples (GKD lambda)")
     d.add_argument("--seq-len", type=int, default=256)

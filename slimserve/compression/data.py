@@ -1,4 +1,5 @@
-"""Text that needs no network: Python's own language reference (`pydoc_data`), split once and for all.
+"""Text that needs no network: Python's own language reference (`pydoc_data`), split once and for all,
+and the docstrings of the standard library.
 
 Every fourth topic (in sorted order) is held out for evaluation; the rest is for calibration and
 training, so no compression step ever sees the text it is judged on.
@@ -6,9 +7,13 @@ training, so no compression step ever sees the text it is judged on.
 
 from __future__ import annotations
 
+import ast
+import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 HELD_OUT_EVERY = 4
+_NOT_LIBRARY = {"test", "tests", "idle_test", "site-packages", "dist-packages", "turtledemo", "pydoc_data"}
 
 
 def _topics() -> list[tuple[str, str]]:
@@ -36,3 +41,32 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
     return text
+
+
+def stdlib_docstrings(min_chars: int = 200) -> list[str]:
+    """Module, class and function docstrings of the running Python's standard library (~1.3M characters
+    on 3.11), tests excluded: English about programming, several times the pydoc training split, so a
+    distillation run of half an hour does not repeat its text. Differs a little between Python versions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if any(part in _NOT_LIBRARY or part.startswith("test") for part in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    docs.append(doc)
+    return docs
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {
+    "builtin:pydoc": train_texts,
+    "builtin:docstrings": stdlib_docstrings,
+}
+"""Corpora named in `--data` / a recipe's `data:` instead of a path."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from slimserve.compression.data import eval_text, read_text, train_texts
+from slimserve.compression.data import BUILTIN_CORPORA, eval_text, read_text, train_texts
 from slimserve.compression.losses import DIVERGENCES, distillation_loss
 from slimserve.compression.student import StudentError, StudentSpec, build_student
 from slimserve.models.manifest import VariantManifest, weights_size_bytes
@@ -77,7 +77,8 @@ class DistillConfig:
     alpha: float = 0.0
     """Weight of cross-entropy on the data (0: pure KD, 1: plain language-model training)."""
     data: list[str] = field(default_factory=list)
-    """Text files or directories (*.txt, *.md); default: the training split of Python's pydoc_data topics."""
+    """Text files or directories (*.txt, *.md) and built-in corpora (`builtin:pydoc`, the training split of
+    Python's pydoc_data topics; `builtin:docstrings`, the standard library's docstrings); default: builtin:pydoc."""
     generated: int = 0
     """Teacher answers to this many built-in prompts added to the data (sequence-level KD)."""
     generation_tokens: int = 96
@@ -128,16 +129,23 @@ class DistillConfig:
         if self.dtype not in ("bf16", "fp32"):
             raise DistillError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
         for item in self.data:
-            if not Path(item).exists():
+            if item.startswith("builtin:") and item not in BUILTIN_CORPORA:
+                raise DistillError(f"unknown corpus {item!r}; built-in ones are {', '.join(BUILTIN_CORPORA)}")
+            if item not in BUILTIN_CORPORA and not Path(item).exists():
                 raise DistillError(f"data {item} does not exist")
 
 
 def corpus_texts(paths: list[str]) -> list[str]:
-    """Texts of the given files and directories (recursively: *.txt, *.md), or the default split."""
+    """Texts of the given built-in corpora, files and directories (recursively: *.txt, *.md), or the
+    default split."""
     if not paths:
         return train_texts()
     texts: list[str] = []
-    for item in map(Path, paths):
+    for name in paths:
+        if name in BUILTIN_CORPORA:
+            texts += BUILTIN_CORPORA[name]()
+            continue
+        item = Path(name)
         files = sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".md")) if item.is_dir() else [item]
         for file in files:
             try:

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimserve.compression.distill import DistillConfig, DistillError, distill, lr_multiplier, training_progress
+from slimserve.compression.data import eval_text, train_texts
+from slimserve.compression.distill import (
+    DistillConfig,
+    DistillError,
+    corpus_texts,
+    distill,
+    lr_multiplier,
+    training_progress,
+)
 from slimserve.compression.losses import distillation_loss, token_divergence
 from slimserve.compression.student import StudentError, StudentSpec, build_student, choose_layers
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
@@ -125,6 +133,8 @@ def test_bad_requests_fail_before_any_training(registry: VariantRegistry, tmp_pa
         distill(_config(data=[str(empty)]), registry)
     with pytest.raises(DistillError, match="does not exist"):
         _config(data=[str(tmp_path / "missing")])
+    with pytest.raises(DistillError, match="builtin:docstrings"):
+        _config(data=["builtin:wikipedia"])
     other_vocab = tmp_path / "student.json"
     config = json.loads((registry.variants_dir / "teacher" / "config.json").read_text())
     config["vocab_size"] += 7
@@ -135,6 +145,17 @@ def test_bad_requests_fail_before_any_training(registry: VariantRegistry, tmp_pa
         _config(divergence="l2")
     assert not (registry.home / "runs").exists() or not any((registry.home / "runs").rglob("step-*"))
     assert sorted(p.name for p in registry.variants_dir.iterdir()) == ["teacher"]
+
+
+def test_builtin_corpora_add_library_docstrings_and_keep_out_the_held_out_text() -> None:
+    pydoc = corpus_texts(["builtin:pydoc"])
+    assert pydoc == train_texts() == corpus_texts([])
+    both = corpus_texts(["builtin:pydoc", "builtin:docstrings"])
+    docstrings = both[len(pydoc) :]
+    # several times the pydoc training split, so a long run need not repeat its text
+    assert sum(map(len, docstrings)) > 3 * sum(map(len, pydoc))
+    held_out = eval_text()
+    assert not any(doc[:200] in held_out for doc in docstrings)
 
 
 def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: VariantRegistry) -> None:
