@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -336,6 +336,8 @@ class Decision:
     prompt_tokens: int = 0
     max_tokens: int = 0
     budget: dict[str, Any] = field(default_factory=dict)
+    reserve: float = 0.0
+    """Share of the time to the deadline kept free for later requests when this one was placed."""
 
 
 class Router:
@@ -347,7 +349,8 @@ class Router:
         shared_compute: bool = True,
         headroom: float = 0.1,
         quality_tolerance: float = 0.005,
-        reserve: float = 0.75,
+        reserve: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.shared_compute = shared_compute
@@ -367,8 +370,31 @@ class Router:
         """Share of the time until a request's deadline kept free for requests that arrive after it: a
         better variant is chosen only while the work due by then (its own included) leaves that much;
         otherwise the variant that adds least work (usually joining a batch already running), since every
-        busy variant adds its whole step to the cores' rounds."""
+        busy variant adds its whole step to the cores' rounds. None: the expected load of the requests
+        still to come (`expected_load`), so a quiet server gives loose budgets the best variant and a
+        busy one keeps the cores for the requests that will follow."""
+        self.clock = clock
+        self.arrivals: deque[tuple[float, float]] = deque(maxlen=64)
+        """(time, least work in ms) of recent routed requests: their rate and size predict what comes next."""
+        self.arrival_window_s = 60.0
         self._lock = threading.Lock()
+
+    def expected_load(self, now: float | None = None) -> float:
+        """Share of the cores the coming requests will need even on the fastest variant: recent arrivals
+        per second x their least work (seconds each) over the last `arrival_window_s` (at least 10 s,
+        so a burst of two does not look like a flood)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            recent = [work for at, work in self.arrivals if now - at <= self.arrival_window_s]
+            first = min((at for at, _ in self.arrivals if now - at <= self.arrival_window_s), default=now)
+        if not recent:
+            return 0.0
+        span_s = min(max(now - first, 10.0), self.arrival_window_s)
+        return len(recent) / span_s * (sum(recent) / len(recent)) / 1000
+
+    def current_reserve(self) -> float:
+        """The reserve in force now: the fixed one, or the expected load (capped at 90%)."""
+        return self.reserve if self.reserve is not None else min(self.expected_load(), 0.9)
 
     def choose(
         self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int
@@ -389,6 +415,10 @@ class Router:
             usable = fitting
         limit = budget.latency_ms * (1 - self.headroom) if budget.latency_ms is not None else None
         scale = self.calibration
+        reserve = self.current_reserve()
+        least_work = min(c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable)
+        with self._lock:
+            self.arrivals.append((self.clock(), least_work * scale))
         if self.shared_compute:
             plans = {c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limit, scale) for c in usable}
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
@@ -436,7 +466,7 @@ class Router:
             top = max(score(c) for c in good_enough)
             best = [c for c in good_enough if score(c) == top]
             fits = [c for c in best if predicted[c.name] <= limit]
-            roomy = [c for c in fits if load[c.name] <= 1 - self.reserve]
+            roomy = [c for c in fits if load[c.name] <= 1 - reserve]
             if roomy:
                 order = best_first(roomy, self.quality_tolerance)
                 order += sorted((c for c in fits if c not in roomy), key=lambda c: load[c.name])
@@ -469,6 +499,7 @@ class Router:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
+            reserve=round(reserve, 3),
         )
         with self._lock:
             self.decisions.append(decision)

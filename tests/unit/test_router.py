@@ -133,6 +133,29 @@ def test_busy_cores_keep_room_for_later_requests() -> None:
     assert busy.variant == "int4" and "least" in busy.reason
 
 
+def test_the_reserve_follows_the_load_of_arriving_requests() -> None:
+    """By default the room kept for later requests is what they are expected to need: their rate x the
+    least work each takes (here 100 tokens on int4: 15 + 100 x 20 ms = 2.015 s)."""
+    now = [0.0]
+    router = Router(clock=lambda: now[0])
+    budget = Budget(latency_ms=5_000)  # teacher 4.0 s = 89% of 4.5 s, int8 56%, int4 45%
+    quiet = router.choose(FAMILY, budget, 20, 100)[1]
+    assert (quiet.variant, quiet.reserve) == ("teacher", 0.0)
+    for _ in range(20):  # one request every 10 s: 0.1/s x 2.015 s ~ 20% of the cores
+        now[0] += 10
+        router.choose(FAMILY, Budget(latency_ms=60_000), 20, 100)
+    now[0] += 5
+    moderate = router.choose(FAMILY, budget, 20, 100)[1]
+    assert moderate.variant == "int8" and 0.15 < moderate.reserve < 0.3
+    for _ in range(30):  # one a second: more than the cores can give, even all on int4
+        now[0] += 1
+        router.choose(FAMILY, Budget(latency_ms=60_000), 20, 100)
+    busy = router.choose(FAMILY, budget, 20, 100)[1]
+    assert busy.variant == "int4" and busy.reserve == 0.9
+    now[0] += 120  # quiet again: the past minute is what counts
+    assert router.choose(FAMILY, budget, 20, 100)[1].variant == "teacher"
+
+
 def test_the_router_calibrates_its_predictions_from_finished_requests() -> None:
     router = Router(reserve=0)
     first = router.choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1]
