@@ -1,11 +1,12 @@
 """Routing benchmark: one mixed workload replayed against four policies on the same server.
 
-    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.6] [--write FILE]
+    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.3 0.6] [--write FILE]
 
 The server serves the default teacher and compressed variants of it (default: the measured variants of the
 teacher that `make compress` registered, else the int8 and int4 variants `make bench-quant` leaves in
 `$SLIMSERVE_HOME/bench`; their manifests carry measured quality and speed).
-The workload is seeded: Poisson arrivals, prompts of 10-250 tokens cut from held-out text, max_tokens of
+The workload is seeded: Poisson arrivals (at each given rate: a moderate load and one near what the
+cores can serve), prompts of 10-250 tokens cut from held-out text, max_tokens of
 16-128, and a latency budget per request drawn log-uniformly from tight to loose. Policies:
   router    model=auto with the budget in X-Latency-Budget-Ms
   teacher   always the teacher, by name
@@ -52,6 +53,7 @@ class Job:
 
 @dataclass
 class Outcome:
+    rate: float
     policy: str
     variant: str
     latency_ms: float
@@ -134,7 +136,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=None, help="compressed variants (names or directories)")
     parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--rate", type=float, default=0.6, help="mean arrivals per second")
+    parser.add_argument("--rate", type=float, nargs="+", default=[0.3, 0.6], help="mean arrivals per second (each)")
     parser.add_argument("--tight-ms", type=float, default=800)
     parser.add_argument("--loose-ms", type=float, default=12000)
     parser.add_argument("--seed", type=int, default=0)
@@ -166,7 +168,6 @@ def main() -> int:
     print("==", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
-    jobs = workload(args.requests, args.rate, args.seed, args.tight_ms, args.loose_ms)
     outcomes: list[Outcome] = []
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", process)
@@ -174,13 +175,18 @@ def main() -> int:
         fastest = min(speed, key=lambda n: speed[n][1])
         ttft, per_token = speed[fastest]
         print(f"   unloaded: {json.dumps({k: [round(v, 1) for v in s] for k, s in speed.items()})}", flush=True)
-        for policy in args.policies:
-            results = asyncio.run(replay(base, policy, jobs, names, args.seed))
-            for job, (variant, latency) in zip(jobs, results, strict=True):
-                feasible = job.budget_ms >= ttft + job.max_tokens * per_token
-                outcomes.append(Outcome(policy, variant, latency, job.budget_ms, feasible, quality[variant]))
-            rows = [o for o in outcomes if o.policy == policy]
-            print(f"   {policy}: {summary(rows)}", flush=True)
+        for rate in args.rate:
+            jobs = workload(args.requests, rate, args.seed, args.tight_ms, args.loose_ms)
+            for policy in args.policies:
+                results = asyncio.run(replay(base, policy, jobs, names, args.seed))
+                for row in DUMP or []:
+                    row.setdefault("rate", rate)
+                    row.setdefault("policy", policy)
+                for job, (variant, latency) in zip(jobs, results, strict=True):
+                    feasible = job.budget_ms >= ttft + job.max_tokens * per_token
+                    outcomes.append(Outcome(rate, policy, variant, latency, job.budget_ms, feasible, quality[variant]))
+                rows = [o for o in outcomes if o.policy == policy and o.rate == rate]
+                print(f"   {rate}/s {policy}: {summary(rows)}", flush=True)
         state = json.loads(__import__("httpx").get(f"http://127.0.0.1:{port}/v1/slimserve/router", timeout=10).text)
     finally:
         process.terminate()
@@ -224,9 +230,10 @@ def summary(rows: list[Outcome]) -> dict[str, Any]:
     }
 
 
-def verdict(outcomes: list[Outcome]) -> str:
-    """The issue's goal, said plainly from the figures: >= 95% of feasible requests within budget, with a
-    better (lower) mean quality ratio than always-smallest."""
+def verdict(outcomes: list[Outcome], rate: float) -> str:
+    """The issue's goal, said plainly from the figures at one arrival rate: >= 95% of feasible requests
+    within budget, with a better (lower) mean quality ratio than always-smallest."""
+    outcomes = [o for o in outcomes if o.rate == rate]
     by_policy = {
         p: summary([o for o in outcomes if o.policy == p]) for p in POLICIES if any(o.policy == p for o in outcomes)
     }
@@ -242,7 +249,7 @@ def verdict(outcomes: list[Outcome]) -> str:
         parts.append(f"always-smallest {smallest['within_budget_feasible']:.1%} at {smallest['mean_quality']:.3f}")
     met = hit >= 0.95 and better_quality is not False
     status = "met" if met and better_quality else ("NOT met" if not met else "met for budgets (quality not compared)")
-    goal = "Goal (>= 95% of feasible requests within budget, better quality than always-smallest)"
+    goal = f"At {rate}/s, goal (>= 95% of feasible requests within budget, better quality than always-smallest)"
     return f"{goal}: **{status}**: {'; '.join(parts)}."
 
 
@@ -261,22 +268,25 @@ def render(
         f"- machine: {machine()}",
         f"- server: the teacher and {', '.join(names['others'])}, all resident; quality = held-out perplexity "
         "/ the teacher's: " + ", ".join(f"{n} {q:.3f}" for n, q in sorted(quality.items(), key=lambda kv: kv[1])),
-        f"- workload: {args.requests} chat requests, Poisson arrivals at {args.rate}/s, prompts of 8-180 words of "
-        f"held-out text, max_tokens in {{16, 32, 64, 128}}, latency budgets log-uniform in "
+        f"- workload: {args.requests} chat requests, Poisson arrivals at {' and '.join(map(str, args.rate))}/s, "
+        "prompts of 8-180 words of held-out text, max_tokens in {16, 32, 64, 128}, latency budgets log-uniform in "
         f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; the same seeded workload for every policy.",
         "- feasible: the budget is at least the fastest variant's unloaded latency for the request.",
         "",
-        "| policy | within budget (all) | within budget (feasible) | mean quality ratio | median latency ms | served |",
-        "|---|---:|---:|---:|---:|---|",
+        "| rate | policy | within budget (all) | within budget (feasible) | mean quality ratio | median latency ms "
+        "| served |",
+        "|---:|---|---:|---:|---:|---:|---|",
     ]
-    for policy in args.policies:
-        s = summary([o for o in outcomes if o.policy == policy])
-        served = ", ".join(f"{v.replace(names['teacher'], 'T')}: {c}" for v, c in s["served"].items())
-        lines.append(
-            f"| {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} ({s['feasible']}) | "
-            f"{s['mean_quality']:.3f} | {s['median_latency_ms']:.0f} | {served} |"
-        )
-    lines += ["", verdict(outcomes)]
+    for rate in args.rate:
+        for policy in args.policies:
+            s = summary([o for o in outcomes if o.policy == policy and o.rate == rate])
+            served = ", ".join(f"{v.replace(names['teacher'], 'T')}: {c}" for v, c in s["served"].items())
+            lines.append(
+                f"| {rate}/s | {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} "
+                f"({s['feasible']}) | {s['mean_quality']:.3f} | {s['median_latency_ms']:.0f} | {served} |"
+            )
+    lines.append("")
+    lines += [f"- {verdict(outcomes, rate)}" for rate in args.rate]
     profiles = {v["name"]: v["profile"] for v in state.get("variants", [])}
     lines += [
         "",
