@@ -84,6 +84,9 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
         max_tokens=job.max_tokens,
         temperature=0,
         extra_headers=headers,
+        # every request runs to max_tokens: variants stop at EOS at different points, and a policy whose
+        # variant stops early would look faster for doing less work (`ignore_eos` as in vLLM)
+        extra_body={"ignore_eos": True},
     )
     completion = raw.parse()
     elapsed = 1000 * (time.perf_counter() - started)
@@ -269,7 +272,8 @@ def render(
         f"- server: the teacher and {', '.join(names['others'])}, all resident; quality = held-out perplexity "
         "/ the teacher's: " + ", ".join(f"{n} {q:.3f}" for n, q in sorted(quality.items(), key=lambda kv: kv[1])),
         f"- workload: {args.requests} chat requests, Poisson arrivals at {' and '.join(map(str, args.rate))}/s, "
-        "prompts of 8-180 words of held-out text, max_tokens in {16, 32, 64, 128}, latency budgets log-uniform in "
+        "prompts of 8-180 words of held-out text, max_tokens in {16, 32, 64, 128} (ignore_eos: each runs to its "
+        "max_tokens), latency budgets log-uniform in "
         f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; the same seeded workload for every policy.",
         "- feasible: the budget is at least the fastest variant's unloaded latency for the request.",
         "",
