@@ -294,6 +294,7 @@ def evaluate(
         text=read_text(text) if text else None,
         config=EvalConfig(max_tokens=max_tokens),
         measure_runtime=runtime,
+        write=text is None,  # the manifest keeps the standard held-out figures that the router compares
     )
     if as_json:
         print(json.dumps(metrics, indent=2))
@@ -410,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("variant", help="variant directory or registered name")
     e.add_argument("--teacher", default=None, help="variant to compare against [default: the manifest's base_model]")
-    e.add_argument("--text", default=None, help="held-out text file [default: pydoc_data held-out topics]")
+    e.add_argument(
+        "--text",
+        default=None,
+        help="held-out text file; its figures are printed, not recorded [default: pydoc_data held-out topics]",
+    )
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens of text scored")
     e.add_argument("--no-runtime", dest="runtime", action="store_false", help="skip load/memory/speed figures")
     e.add_argument("--json", dest="as_json", action="store_true", help="print the figures as JSON")

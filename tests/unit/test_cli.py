@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from slimserve.cli import build_parser, main
+from slimserve.models import VariantManifest
 from tests.tiny import make_tiny_variant
 
 
@@ -82,3 +84,19 @@ def test_quantize_unknown_method_is_rejected_by_name(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["quantize", "tiny", "--method", "int3"])
     assert "int8-dynamic" in capsys.readouterr().err
+
+
+def test_eval_on_a_users_text_prints_without_touching_the_manifest(
+    slimserve_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = make_tiny_variant(slimserve_home / "variants" / "tiny-a", name="tiny-a")
+    assert main(["eval", "tiny-a", "--no-runtime", "--max-tokens", "200"]) == 0
+    standard = VariantManifest.read(path).metrics
+    assert standard["eval_text"] == "pydoc_data held-out topics"
+    text = tmp_path / "other.txt"
+    text.write_text("A different domain: recipes for bread, with flour, water and salt. " * 30)
+    capsys.readouterr()
+    assert main(["eval", "tiny-a", "--text", str(text), "--no-runtime", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval_text"] == "user text" and printed["perplexity"] != standard["perplexity"]
+    assert VariantManifest.read(path).metrics == standard  # what the router compares is unchanged
