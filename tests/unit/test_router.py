@@ -291,6 +291,9 @@ def test_the_family_name_routes_by_budget_and_exact_names_bypass_the_router(clie
     assert {v["name"] for v in state["variants"]} == {"tiny-teacher", "tiny-small"}
     assert [d["variant"] for d in state["decisions"]] == ["tiny-small", "tiny-small", "tiny-teacher"]
     assert any(v["profile"]["observations"] > 0 for v in state["variants"])  # fed by real traffic
+    # three routed arrivals in the last minute: the reserve is the load they predict, as each decision shows
+    assert 0 < state["reserve"] <= 0.9 and state["reserve"] == pytest.approx(min(state["expected_load"], 0.9), rel=0.05)
+    assert state["decisions"][-1]["reserve"] > 0
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["tiny-teacher"]["slimserve"]["routes"] == ["tiny-teacher", "tiny-small"]
     assert models["tiny-small"]["slimserve"]["quality_ratio"] == pytest.approx(1.1)
