@@ -39,6 +39,9 @@ from slimserve.compression.data import eval_text
 from slimserve.models import DEFAULT_VARIANT, VariantManifest, VariantRegistry, slimserve_home
 
 POLICIES = ("router", "teacher", "smallest", "random")
+ROOMY = 1.5
+"""Budgets at least this multiple of the best unloaded latency are also reported apart: a budget within a few
+percent of what one variant does alone is met only when nothing else runs, whatever the policy."""
 DUMP: list[dict[str, Any]] | None = None
 """Per request outcomes (with the router's prediction), when --dump is given."""
 
@@ -60,6 +63,8 @@ class Outcome:
     budget_ms: float
     feasible: bool
     quality: float
+    slack: float
+    """Budget / the best unloaded latency of any variant for this request (>= 1: feasible)."""
 
 
 def workload(count: int, rate: float, seed: int, tight_ms: float, loose_ms: float) -> list[Job]:
@@ -101,6 +106,9 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
                 "max_tokens": job.max_tokens,
                 "completion_tokens": completion.usage.completion_tokens if completion.usage else None,
                 "at": round(job.at, 2),
+                "start_pc": round(started, 3),
+                "routing": raw.headers.get("x-slimserve-budget"),
+                "prompt_tokens": completion.usage.prompt_tokens if completion.usage else None,
             }
         )
     return completion.model, elapsed, completion.usage.prompt_tokens if completion.usage else 0
@@ -207,8 +215,10 @@ def main() -> int:
                     row.setdefault("policy", policy)
                 for job, (variant, latency, prompt_tokens) in zip(jobs, results, strict=True):
                     best_alone = min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values())
-                    feasible = job.budget_ms >= best_alone
-                    outcomes.append(Outcome(rate, policy, variant, latency, job.budget_ms, feasible, quality[variant]))
+                    slack = job.budget_ms / best_alone
+                    outcomes.append(
+                        Outcome(rate, policy, variant, latency, job.budget_ms, slack >= 1, quality[variant], slack)
+                    )
                 rows = [o for o in outcomes if o.policy == policy and o.rate == rate]
                 print(f"   {rate}/s {policy}: {summary(rows)}", flush=True)
         state = json.loads(__import__("httpx").get(f"http://127.0.0.1:{port}/v1/slimserve/router", timeout=10).text)
@@ -244,10 +254,13 @@ def default_variants(registry: VariantRegistry, teacher: str) -> list[str]:
 
 def summary(rows: list[Outcome]) -> dict[str, Any]:
     feasible = [o for o in rows if o.feasible]
+    roomy = [o for o in rows if o.slack >= ROOMY]
     return {
         "within_budget": sum(o.latency_ms <= o.budget_ms for o in rows) / len(rows),
         "within_budget_feasible": sum(o.latency_ms <= o.budget_ms for o in feasible) / max(len(feasible), 1),
         "feasible": len(feasible),
+        "within_budget_roomy": sum(o.latency_ms <= o.budget_ms for o in roomy) / max(len(roomy), 1),
+        "roomy": len(roomy),
         "mean_quality": mean(o.quality for o in rows),
         "median_latency_ms": median(o.latency_ms for o in rows),
         "served": {v: sum(o.variant == v for o in rows) for v in sorted({o.variant for o in rows})},
@@ -265,12 +278,18 @@ def verdict(outcomes: list[Outcome], rate: float) -> str:
         return "Goal: not assessed (the router policy was not run)."
     router = by_policy["router"]
     hit, quality = router["within_budget_feasible"], router["mean_quality"]
-    parts = [f"router {hit:.1%} of feasible requests within budget at mean quality {quality:.3f}"]
+    parts = [
+        f"router {hit:.1%} of feasible requests within budget ({router['within_budget_roomy']:.1%} of roomy ones) "
+        f"at mean quality {quality:.3f}"
+    ]
     better_quality: bool | None = None
     if "smallest" in by_policy:
         smallest = by_policy["smallest"]
         better_quality = quality < smallest["mean_quality"]
-        parts.append(f"always-smallest {smallest['within_budget_feasible']:.1%} at {smallest['mean_quality']:.3f}")
+        parts.append(
+            f"always-smallest {smallest['within_budget_feasible']:.1%} ({smallest['within_budget_roomy']:.1%}) "
+            f"at {smallest['mean_quality']:.3f}"
+        )
     met = hit >= 0.95 and better_quality is not False
     status = "met" if met and better_quality else ("NOT met" if not met else "met for budgets (quality not compared)")
     goal = f"At {rate}/s, goal (>= 95% of feasible requests within budget, better quality than always-smallest)"
@@ -298,11 +317,12 @@ def render(
         f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; the same seeded workload for every policy.",
         "- feasible: some variant alone on the server would meet the budget: for this request's prompt length "
         "and max_tokens, the least of every variant's unloaded latency (TTFT linear in prompt tokens from a short "
-        "and a 220-word prompt, plus max_tokens - 1 steps at batch 1).",
+        "and a 220-word prompt, plus max_tokens - 1 steps at batch 1). Roomy: the budget is at least "
+        f"{ROOMY:g}x that least latency.",
         "",
-        "| rate | policy | within budget (all) | within budget (feasible) | mean quality ratio | median latency ms "
-        "| served |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| rate | policy | within budget (all) | within budget (feasible) | within budget (roomy) | mean quality ratio "
+        "| median latency ms | served |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for rate in args.rate:
         for policy in args.policies:
@@ -310,7 +330,8 @@ def render(
             served = ", ".join(f"{v.replace(names['teacher'], 'T')}: {c}" for v, c in s["served"].items())
             lines.append(
                 f"| {rate}/s | {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} "
-                f"({s['feasible']}) | {s['mean_quality']:.3f} | {s['median_latency_ms']:.0f} | {served} |"
+                f"({s['feasible']}) | {s['within_budget_roomy']:.1%} ({s['roomy']}) | {s['mean_quality']:.3f} "
+                f"| {s['median_latency_ms']:.0f} | {served} |"
             )
     lines.append("")
     lines += [f"- {verdict(outcomes, rate)}" for rate in args.rate]
