@@ -17,7 +17,14 @@ from slimserve.compression.distill import (
     training_progress,
 )
 from slimserve.compression.losses import distillation_loss, token_divergence
-from slimserve.compression.student import StudentError, StudentSpec, build_student, choose_layers
+from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.student import (
+    StudentError,
+    StudentSpec,
+    build_student,
+    choose_layers,
+    mlp_channel_importance,
+)
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
 from tests.tiny import make_tiny_variant, tiny_model
 
@@ -78,6 +85,30 @@ def test_student_keeps_the_most_influential_blocks_and_still_generates() -> None
     assert out.shape == (1, 13)
     # the teacher is untouched
     assert teacher.config.num_hidden_layers == 6 and len(teacher.model.layers) == 6
+
+
+def test_width_pruning_keeps_each_blocks_most_active_mlp_channels() -> None:
+    teacher = tiny_model(300, layers=2, hidden=64)
+    student, report = build_student(teacher, StudentSpec(mlp_ratio=0.5), SEQUENCES)
+    importance = mlp_channel_importance(teacher, SEQUENCES)
+    assert report["intermediate_size"] == 64
+    for source, pruned, scores in zip(teacher.model.layers, student.model.layers, importance, strict=True):
+        keep = torch.sort(torch.topk(scores, 64).indices).values
+        torch.testing.assert_close(pruned.mlp.gate_proj.weight, source.mlp.gate_proj.weight[keep])
+        torch.testing.assert_close(pruned.mlp.up_proj.weight, source.mlp.up_proj.weight[keep])
+        torch.testing.assert_close(pruned.mlp.down_proj.weight, source.mlp.down_proj.weight[:, keep])
+
+
+def test_a_width_pruned_student_registers_loads_and_quantizes_to_int4(registry: VariantRegistry) -> None:
+    spec = StudentSpec(layers=3, mlp_ratio=0.5, calibration_tokens=512)
+    path = distill(_config(student=spec, max_steps=2), registry)
+    loaded = load_variant(path, dtype="fp32", registry=registry)
+    assert loaded.model.config.intermediate_size == 64
+    assert [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers] == [64] * 3
+    quantized = quantize_variant(str(path), QuantizeConfig(method="int4-gptq", calibration_tokens=512), registry)
+    model = load_variant(quantized, dtype="bf16", registry=registry).model
+    out = model.generate(SEQUENCES[0][None, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
 
 
 def test_choose_layers_refuses_a_deeper_student() -> None:
