@@ -43,7 +43,7 @@ integration: setup
 bench: bench-serve bench-quant bench-router
 
 compress: setup
-	$(BIN)/slimserve compress smollm2-135m $(if $(MINUTES),--distill-minutes $(MINUTES),)
+	$(BIN)/slimserve compress smollm2-135m --overwrite $(if $(MINUTES),--distill-minutes $(MINUTES),)
 
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md

@@ -239,19 +239,19 @@ def distill(a: argparse.Namespace) -> None:
         print(f"wrote {exported}")
 
 
-def compress(recipe_path: str, distill_minutes: float | None, check: bool) -> None:
+def compress(recipe_path: str, distill_minutes: float | None, check: bool, overwrite: bool = False) -> None:
     """Run (or with `check` only validate) a compression recipe."""
     from slimserve.compression.recipe import load_recipe, run_recipe, validate
 
     recipe = load_recipe(recipe_path)
     registry = VariantRegistry()
-    produced = validate(recipe, registry)
+    produced = validate(recipe, registry, overwrite)
     if check:
         print(
             f"recipe {recipe.name}: teacher {recipe.teacher}; {len(recipe.steps)} steps; writes {', '.join(produced)}"
         )
         return
-    result = run_recipe(recipe, registry, distill_minutes=distill_minutes)
+    result = run_recipe(recipe, registry, distill_minutes=distill_minutes, overwrite=overwrite)
     print(json.dumps(result["seconds"]))
 
 
@@ -464,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", help="recipe YAML file or the name of a shipped preset (e.g. smollm2-135m)")
     c.add_argument("--distill-minutes", type=float, default=None, help="override every distill step's budget")
     c.add_argument("--check", action="store_true", help="validate the recipe and print its plan; run nothing")
+    c.add_argument("--overwrite", action="store_true", help="replace variants of this recipe that already exist")
 
     v = verbs.add_parser("variants", help="inspect the variant registry")
     vv = v.add_subparsers(dest="action", required=True)
@@ -493,7 +494,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),
     "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json),
     "distill": lambda a: distill(a),
-    "compress": lambda a: compress(a.recipe, a.distill_minutes, a.check),
+    "compress": lambda a: compress(a.recipe, a.distill_minutes, a.check, a.overwrite),
 }
 
 

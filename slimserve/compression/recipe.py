@@ -16,6 +16,7 @@ unknown step kinds and sources that neither exist nor are produced by an earlier
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,10 @@ def output_name(step: Step, recipe: Recipe, registry: VariantRegistry) -> str | 
     return None
 
 
-def validate(recipe: Recipe, registry: VariantRegistry) -> list[str]:
-    """Check sources and names before anything runs; returns the names the recipe will produce."""
+def validate(recipe: Recipe, registry: VariantRegistry, overwrite: bool = False) -> list[str]:
+    """Check sources and names before anything runs; returns the names the recipe will produce.
+
+    A variant the recipe would write that is already registered is an error unless `overwrite`."""
     if not registry.exists(recipe.teacher):
         raise RecipeError(f"teacher {recipe.teacher!r} is not a registered variant or variant directory")
     produced: list[str] = []
@@ -162,18 +165,25 @@ def validate(recipe: Recipe, registry: VariantRegistry) -> list[str]:
         if name is not None:
             if name in produced:
                 raise RecipeError(f"step {index}: two steps write the variant {name!r}")
-            if (registry.variants_dir / name).exists():
-                raise RecipeError(f"step {index}: variant {name!r} already exists; remove it or rename the step")
+            if (registry.variants_dir / name).exists() and not overwrite:
+                raise RecipeError(
+                    f"step {index}: variant {name!r} already exists; remove it, rename the step or pass --overwrite"
+                )
             produced.append(name)
     return produced
 
 
 def run_recipe(
-    recipe: Recipe, registry: VariantRegistry | None = None, distill_minutes: float | None = None
+    recipe: Recipe,
+    registry: VariantRegistry | None = None,
+    distill_minutes: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run every step in order; returns {variant name: metrics} of the evaluated variants and writes the report.
 
     `distill_minutes` overrides every distill step's wall-clock budget (smaller runs of the same recipe).
+    `overwrite` replaces variants the recipe writes that already exist, each only when its own step starts (a
+    run that fails early leaves the later ones in place).
     """
     from slimserve.compression.distill import distill
     from slimserve.compression.evaluate import EvalConfig, evaluate
@@ -181,16 +191,19 @@ def run_recipe(
     from slimserve.compression.report import write_report
 
     registry = registry or VariantRegistry()
-    produced = validate(recipe, registry)
+    produced = validate(recipe, registry, overwrite)
     teacher = registry.resolve(recipe.teacher)
     metrics: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     for index, step in enumerate(recipe.steps, start=1):
         started = time.perf_counter()
         label = f"step {index}/{len(recipe.steps)}"
+        name = output_name(step, recipe, registry)
+        if overwrite and name is not None and (registry.variants_dir / name).exists():
+            print(f"[{label}] replacing the registered {name}", flush=True)
+            shutil.rmtree(registry.variants_dir / name)
         if isinstance(step, QuantizeStep):
             source = str(teacher.path) if step.source == "teacher" else step.source
-            name = output_name(step, recipe, registry)
             print(f"[{label}] quantize {source} -> {name} ({step.config.method})", flush=True)
             quantize_variant(source, dataclasses.replace(step.config, name=name), registry)
         elif isinstance(step, DistillStep):

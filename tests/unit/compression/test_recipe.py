@@ -67,6 +67,19 @@ def test_recipe_errors_name_the_problem_before_anything_runs(registry: VariantRe
     assert [v.name for v in registry.list()] == ["teacher"]
 
 
+def test_a_rerun_refuses_existing_variants_unless_told_to_overwrite(registry: VariantRegistry) -> None:
+    step = {"quantize": {"source": "teacher", "method": "int8-weight", "name": "teacher-int8"}}
+    recipe = parse_recipe({"name": "again", "teacher": "teacher", "steps": [step]})
+    run_recipe(recipe, registry)
+    stale = registry.variants_dir / "teacher-int8" / "stale.txt"
+    stale.write_text("from the first run")
+    with pytest.raises(RecipeError, match=r"'teacher-int8' already exists.*--overwrite"):
+        run_recipe(recipe, registry)
+    assert stale.exists()  # the refusal touched nothing
+    run_recipe(recipe, registry, overwrite=True)
+    assert not stale.exists() and VariantManifest.read(registry.variants_dir / "teacher-int8").bits == 8
+
+
 def test_the_shipped_preset_parses() -> None:
     recipe = load_recipe("smollm2-135m")
     assert recipe.teacher == "smollm2-135m-instruct" and len(recipe.steps) == 6
