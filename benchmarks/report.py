@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import sys
 from pathlib import Path
 
 HEADER = "# Benchmarks\n\nFigures measured with the commands shown; each section is rewritten by its own command.\n"
@@ -42,3 +43,22 @@ def write_section(path: Path, key: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def heading(title: str, script: str) -> list[str]:
+    """A section's first lines: its title, then the command that produced it, the date and the machine."""
+    return [
+        title,
+        "",
+        f"- command: `python {script} {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- date: {today()}",
+        f"- machine: {machine()}",
+    ]
+
+
+def publish(body: str, path: str | Path | None, key: str) -> None:
+    """Print a section and, when a file is given, write it there as section `key`."""
+    print(body)
+    if path:
+        write_section(Path(path), key, body)
+        print(f"wrote {path}")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from report import machine, today, write_section
+from report import heading, publish
 
 from slimserve.compression.distill import DistillConfig, distill
 from slimserve.compression.evaluate import EvalConfig, evaluate, runtime
@@ -84,11 +84,7 @@ def main() -> int:
 
     body = "\n".join(
         [
-            "## Student shapes: `python benchmarks/student_shapes.py`",
-            "",
-            f"- command: `python benchmarks/student_shapes.py {' '.join(sys.argv[1:])}`".rstrip(),
-            f"- date: {today()}",
-            f"- machine: {machine()}",
+            *heading("## Student shapes: `python benchmarks/student_shapes.py`", "benchmarks/student_shapes.py"),
             f"- each student trained {args.minutes:g} min (forward-KL KD, lr {args.lr:g}, batch 4 x 256, "
             "pydoc + docstrings), blocks chosen by influence, MLP channels by activation; speed = the teacher's "
             "batch-1 decode time / the student's, side by side (median of 5 rounds)."
@@ -99,10 +95,7 @@ def main() -> int:
             *rows,
         ]
     )
-    print(body)
-    if args.write:
-        write_section(Path(args.write), "student-shapes", body)
-        print(f"wrote {args.write}")
+    publish(body, args.write, "student-shapes")
     return 0
 
 
@@ -136,11 +129,10 @@ def speed_only(args: argparse.Namespace) -> int:
         print(rows[-1], flush=True)
     body = "\n".join(
         [
-            "### Speed of each shape (untrained): `python benchmarks/student_shapes.py --speed-only`",
-            "",
-            f"- command: `python benchmarks/student_shapes.py {' '.join(sys.argv[1:])}`".rstrip(),
-            f"- date: {today()}",
-            f"- machine: {machine()}",
+            *heading(
+                "### Speed of each shape (untrained): `python benchmarks/student_shapes.py --speed-only`",
+                "benchmarks/student_shapes.py",
+            ),
             "- batch-1 decode of 64 tokens after a 128-token prompt, bf16, the teacher's time / the student's, "
             "side by side in one process (median of 5 alternating rounds).",
             "",
@@ -149,10 +141,7 @@ def speed_only(args: argparse.Namespace) -> int:
             *rows,
         ]
     )
-    print(body)
-    if args.write:
-        write_section(Path(args.write), "student-shapes-speed", body)
-        print(f"wrote {args.write}")
+    publish(body, args.write, "student-shapes-speed")
     return 0
 
 
