@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--shape", nargs="+", default=["20:1.0", "24:0.75", "30:0.58"])
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget of each student")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--freeze-embeddings", action="store_true", help="train with the embedding/head frozen")
     parser.add_argument("--text", type=str, default=None, help="a second held-out text to score")
     parser.add_argument("--speed-only", action="store_true", help="untrained students: side-by-side speed only")
     parser.add_argument("--write", type=str, default=None)
@@ -59,7 +60,16 @@ def main() -> int:
     rows = []
     for shape in args.shape:
         layers, ratio = parse_shape(shape)
-        path = cut(str(teacher.path), layers, ratio, scratch, lr=args.lr, max_steps=1_000_000, max_minutes=args.minutes)
+        path = cut(
+            str(teacher.path),
+            layers,
+            ratio,
+            scratch,
+            lr=args.lr,
+            max_steps=1_000_000,
+            max_minutes=args.minutes,
+            freeze_embeddings=args.freeze_embeddings,
+        )
         m = evaluate(str(path), teacher=str(teacher.path), config=config, registry=scratch)
         manifest = VariantManifest.read(path)
         cell = "-"
@@ -86,7 +96,8 @@ def main() -> int:
         [
             *heading("## Student shapes: `python benchmarks/student_shapes.py`", "benchmarks/student_shapes.py"),
             f"- each student trained {args.minutes:g} min (forward-KL KD, lr {args.lr:g}, batch 4 x 256, "
-            "pydoc + docstrings), blocks chosen by influence, MLP channels by activation; speed = the teacher's "
+            + ("embedding/head frozen, " if args.freeze_embeddings else "")
+            + "pydoc + docstrings), blocks chosen by influence, MLP channels by activation; speed = the teacher's "
             "batch-1 decode time / the student's, side by side (median of 5 rounds)."
             + (f" Second text: {Path(args.text).name}, teacher {teacher_other:.3f}." if other else ""),
             "",

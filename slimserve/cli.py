@@ -224,6 +224,7 @@ def distill(a: argparse.Namespace) -> None:
         max_minutes=a.max_minutes,
         dtype=a.dtype,
         lora_rank=a.lora_rank,
+        freeze_embeddings=a.freeze_embeddings,
         qat=a.qat,
         checkpoint_every=a.checkpoint_every,
         resume=a.resume,
@@ -450,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=int, default=200)
     d.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
     d.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    d.add_argument(
+        "--freeze-embeddings", action="store_true", help="keep the token embedding/output head at the teacher's"
+    )
     d.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters (peft), merged at the end")
     d.add_argument("--qat", choices=["int4", "int8"], default=None, help="fake-quantized training, then export")
     d.add_argument("--checkpoint-every", type=int, default=50)

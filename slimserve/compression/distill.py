@@ -95,6 +95,9 @@ class DistillConfig:
     """Wall-clock budget; the run stops (checkpointed) at whichever of this and max_steps comes first."""
     dtype: str = "bf16"
     """Autocast dtype of the forward passes on CPU/GPU (`fp32` to disable)."""
+    freeze_embeddings: bool = False
+    """Keep the (tied) token embedding and output head at the teacher's values: on a 49k-token vocabulary
+    they are a third of a small student's weights, and their gradient a sizeable share of each step."""
     lora_rank: int = 0
     """> 0: train LoRA adapters of this rank (peft) instead of all weights, merged at the end."""
     qat: str | None = None
@@ -299,6 +302,10 @@ class Distiller:
                 student, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets)
             )
 
+        if config.freeze_embeddings:
+            for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+                if module is not None:
+                    module.weight.requires_grad_(False)
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0}
@@ -310,7 +317,8 @@ class Distiller:
             ),
         )
         student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-        teacher = teacher.to(accelerator.device)
+        # the teacher only runs forward under autocast: holding it in bf16 saves the per-step weight casts
+        teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if config.dtype == "bf16" else None)
 
         checkpoints = self.run_dir / "checkpoints"
         if config.resume:

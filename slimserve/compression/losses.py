@@ -29,11 +29,12 @@ def token_divergence(
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
     if not 0.0 < beta < 1.0 and divergence == "jsd":
         raise ValueError(f"jsd needs beta in (0, 1), got {beta}")
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_logits, teacher_logits = _soften(student_logits, temperature), _soften(teacher_logits, temperature)
+    teacher = F.log_softmax(teacher_logits, dim=-1)
     if divergence == "forward_kl":
-        value = (teacher.exp() * (teacher - student)).sum(dim=-1)
-    elif divergence == "reverse_kl":
+        return _forward_kl(student_logits, teacher) * temperature**2
+    student = F.log_softmax(student_logits, dim=-1)
+    if divergence == "reverse_kl":
         value = (student.exp() * (student - teacher)).sum(dim=-1)
     else:
         mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), dim=0)
@@ -41,6 +42,30 @@ def token_divergence(
         kl_student = (student.exp() * (student - mixture)).sum(dim=-1)
         value = beta * kl_teacher + (1 - beta) * kl_student
     return value * temperature**2
+
+
+def _soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits in fp32 divided by the temperature; at 1 the division, a full pass over (positions x
+    vocabulary) and its backward, is skipped."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _forward_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, as cross-entropy against the teacher's probabilities minus the
+    teacher's entropy (a constant for the student).
+
+    Why not `sum(p * (log p - log q))`: cross_entropy with probability targets is one fused
+    log-softmax/NLL kernel with a fused backward, where the direct form makes four passes over
+    (positions x vocabulary) tensors and keeps them for autograd: with the temperature-1 division skipped
+    (`_soften`), the student's forward + backward at batch 4 x 256 took 3.4 s instead of 3.7 s on 2 cores.
+    """
+    vocab = student_logits.shape[-1]
+    probs = teacher_log_probs.exp()  # (..., V)
+    cross = F.cross_entropy(student_logits.reshape(-1, vocab), probs.reshape(-1, vocab), reduction="none")
+    with torch.no_grad():
+        entropy = -(probs * teacher_log_probs).sum(dim=-1)  # (...)
+    return cross.view(entropy.shape) - entropy
 
 
 def distillation_loss(

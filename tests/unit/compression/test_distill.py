@@ -116,6 +116,32 @@ def test_choose_layers_refuses_a_deeper_student() -> None:
         choose_layers([0.1] * 4, 5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_forward_kl_matches_its_definition_in_value_and_gradient(temperature: float) -> None:
+    """The fused form (cross-entropy to the teacher's probabilities less their entropy) is the KL itself."""
+    teacher = torch.randn(2, 7, 300)
+    student = torch.randn(2, 7, 300, requires_grad=True)
+    fused = token_divergence(student, teacher, "forward_kl", temperature=temperature)
+    p = torch.log_softmax(teacher / temperature, dim=-1)
+    q = torch.log_softmax(student / temperature, dim=-1)
+    direct = (p.exp() * (p - q)).sum(dim=-1) * temperature**2
+    torch.testing.assert_close(fused, direct)
+    (fused_grad,) = torch.autograd.grad(fused.sum(), student)
+    (direct_grad,) = torch.autograd.grad(direct.sum(), student)
+    torch.testing.assert_close(fused_grad, direct_grad)
+
+
+def test_frozen_embeddings_stay_the_teachers_while_the_blocks_learn(registry: VariantRegistry) -> None:
+    path = distill(_config(max_steps=4, freeze_embeddings=True), registry)
+    teacher = load_variant(registry.variants_dir / "teacher", dtype="fp32", registry=registry).model
+    student = load_variant(path, dtype="fp32", registry=registry).model
+    torch.testing.assert_close(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    torch.testing.assert_close(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+    kept = VariantManifest.read(path).provenance["student"]["kept_layers"]
+    moved = student.model.layers[0].mlp.up_proj.weight - teacher.model.layers[kept[0]].mlp.up_proj.weight
+    assert moved.abs().max() > 1e-4
+
+
 def test_kd_loss_decreases_and_the_student_is_registered(registry: VariantRegistry) -> None:
     path = distill(_config(), registry)
     manifest = VariantManifest.read(path)
