@@ -179,6 +179,7 @@ def create_app(
                         "load_ms": round(entry.profile.load_ms, 0),
                         "observations": entry.profile.observations,
                     },
+                    "margin": round(router.margin(entry.name), 3),
                 }
             )
         return {

@@ -350,14 +350,25 @@ class Router:
         headroom: float = 0.1,
         quality_tolerance: float = 0.005,
         reserve: float | None = None,
+        coverage: float = 0.95,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not 0.0 < coverage <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.shared_compute = shared_compute
         """Variants share the same cores (the CPU backend): a busy variant slows the others' steps."""
         self.headroom = headroom
-        """Share of the latency budget kept free when choosing: requests that arrive later join the batch
-        and slow this one down, which no prediction made now can see."""
+        """Share of the latency budget kept free when choosing, until a variant has its own `margin`:
+        requests that arrive later join the batch and slow this one down, which no prediction made now
+        can see."""
+        self.coverage = coverage
+        """Share of a variant's routed requests its margin is meant to keep within their predicted
+        latency (the quantile of its overruns taken as the margin)."""
+        self.overruns: dict[str, deque[float]] = {}
+        """Per variant: actual / predicted latency of its recent routed requests (predictions calibrated)."""
+        self.overrun_history = 40
+        self.min_overruns = 8
         self.quality_tolerance = quality_tolerance
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
         which leaves the cores to requests that need them (an int8 variant at +0.0% serves instead of the
@@ -392,6 +403,22 @@ class Router:
         span_s = min(max(now - first, 10.0), self.arrival_window_s)
         return len(recent) / span_s * (sum(recent) / len(recent)) / 1000
 
+    def margin(self, name: str) -> float:
+        """How many times its prediction a request on this variant may take: the `coverage` quantile of its
+        recent overruns (at least 1, at most 4), or the fixed headroom until `min_overruns` have finished.
+
+        Why per variant: the mean calibration makes predictions right on average, but a budget is met or
+        missed one request at a time, and how far the tail runs differs by variant. A slow variant's
+        requests overlap more later arrivals, which take the cores first when their deadlines are
+        earlier, so its predictions overrun more often and by more than the fastest one's.
+        """
+        with self._lock:
+            ratios = sorted(self.overruns.get(name, ()))
+        if len(ratios) < self.min_overruns:
+            return 1 / (1 - self.headroom)
+        index = min(len(ratios) - 1, math.ceil(self.coverage * len(ratios)) - 1)
+        return min(max(ratios[index], 1.0), 4.0)
+
     def current_reserve(self) -> float:
         """The reserve in force now: the fixed one, or the expected load (capped at 90%)."""
         return self.reserve if self.reserve is not None else min(self.expected_load(), 0.9)
@@ -413,21 +440,24 @@ class Router:
                     HEADER_MEMORY,
                 )
             usable = fitting
-        limit = budget.latency_ms * (1 - self.headroom) if budget.latency_ms is not None else None
+        # per variant, the budget less the margin its predictions have needed (`margin`)
+        limits = {c.name: budget.latency_ms / self.margin(c.name) for c in usable} if budget.latency_ms else {}
         scale = self.calibration
         reserve = self.current_reserve()
         least_work = min(c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable)
         with self._lock:
             self.arrivals.append((self.clock(), least_work * scale))
         if self.shared_compute:
-            plans = {c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limit, scale) for c in usable}
+            plans = {
+                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale) for c in usable
+            }
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
             load = {name: plan.load for name, plan in plans.items()}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens) for c in usable}
-            load = {name: ms / limit if limit else 0.0 for name, ms in predicted.items()}
+            load = {name: ms / limits[name] if limits else 0.0 for name, ms in predicted.items()}
         met: bool | None
 
         def quality(c: Candidate) -> float:
@@ -456,16 +486,15 @@ class Router:
             reason = "no latency budget: best quality"
             met = None
         else:
-            assert limit is not None
 
             def score(c: C) -> tuple[int, int]:
                 """Requests kept within budget (this one, minus running ones it would push over), then
                 fewer pushed over: earlier requests' budgets are not traded for this one's."""
-                return (int(predicted[c.name] <= limit) - harm[c.name], -harm[c.name])
+                return (int(predicted[c.name] <= limits[c.name]) - harm[c.name], -harm[c.name])
 
             top = max(score(c) for c in good_enough)
             best = [c for c in good_enough if score(c) == top]
-            fits = [c for c in best if predicted[c.name] <= limit]
+            fits = [c for c in best if predicted[c.name] <= limits[c.name]]
             roomy = [c for c in fits if load[c.name] <= 1 - reserve]
             if roomy:
                 order = best_first(roomy, self.quality_tolerance)
@@ -482,7 +511,7 @@ class Router:
                 order = sorted(best, key=lambda c: predicted[c.name])
                 met = predicted[order[0].name] <= budget.latency_ms
                 reason = (
-                    "fastest: predicted within the budget but not its headroom"
+                    "fastest: predicted within the budget but not its margin"
                     if met
                     else "no variant predicted within the latency budget: fastest"
                 )
@@ -516,6 +545,9 @@ class Router:
         ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
         with self._lock:
             self.calibration += self.calibration_smoothing * (ratio - self.calibration)
+            self.overruns.setdefault(decision.variant, deque(maxlen=self.overrun_history)).append(
+                elapsed_ms / decision.predicted_ms
+            )
 
     def recent(self, count: int = 20) -> list[dict[str, Any]]:
         with self._lock:

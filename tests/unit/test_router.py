@@ -91,7 +91,7 @@ def test_equal_quality_goes_to_the_faster_variant_and_a_headroom_is_kept() -> No
     assert Router(headroom=0, reserve=0).choose(FAMILY, budget, 20, 100)[1].variant == "teacher"
     assert Router(headroom=0.1, reserve=0).choose(FAMILY, budget, 20, 100)[1].variant == "int8"
     alone = Router(headroom=0.1, reserve=0).choose([TEACHER], budget, 20, 100)[1]
-    assert alone.budget_met and "headroom" in alone.reason
+    assert alone.budget_met and "margin" in alone.reason
 
 
 def test_a_request_is_not_placed_where_it_pushes_running_ones_over_their_budget() -> None:
@@ -165,6 +165,28 @@ def test_the_router_calibrates_its_predictions_from_finished_requests() -> None:
     assert router.calibration == pytest.approx(2.0, rel=0.02)
     again = router.choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1]
     assert again.variant == "int4" and again.predicted_ms == pytest.approx(2 * 2015, rel=0.02)
+
+
+def test_each_variant_keeps_the_margin_its_own_requests_needed() -> None:
+    """A variant whose requests ran 1.5x over their predictions is chosen only where 1.5x its prediction
+    fits; one whose predictions held keeps a margin of 1 instead of the 10% headroom."""
+    router = Router(reserve=0)
+    budget = Budget(latency_ms=predict_ms(TEACHER, 20, 100) * 1.3)  # fits with 10% headroom, not with 50%
+    teacher = router.choose(FAMILY, budget, 20, 100)[1]
+    assert teacher.variant == "teacher" and router.margin("teacher") == pytest.approx(1 / 0.9)
+    for overrun in [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.5, 1.5, 1.5, 1.5]:  # 10 requests, the slowest 1.5x
+        router.observe(teacher, overrun * teacher.predicted_ms)
+    assert router.margin("teacher") == pytest.approx(1.5)
+    router.calibration = 1.0  # keep the mean correction out of this test: only the margin changes
+    moved = router.choose(FAMILY, budget, 20, 100)[1]
+    assert moved.variant == "int8" and moved.budget_met
+    on_int4 = router.choose([INT4], Budget(latency_ms=10_000), 20, 100)[1]
+    for _ in range(10):  # int4's predictions held: its margin is 1, not the 10% headroom
+        router.observe(on_int4, on_int4.predicted_ms * 0.97)
+    assert router.margin("int4") == 1.0
+    tight = Budget(latency_ms=predict_ms(INT4, 20, 100) * 1.05)  # inside the headroom, outside no margin
+    decision = router.choose(FAMILY, tight, 20, 100)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", True) and "fastest" not in decision.reason
 
 
 def test_memory_and_quality_budgets_exclude_variants() -> None:
