@@ -1,6 +1,7 @@
 """Routing benchmark: one mixed workload replayed against four policies on the same server.
 
-    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.3 0.6] [--write FILE]
+    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.3 0.6] [--seed 0 1]
+                                      [--policies router smallest ...] [--write FILE]
 
 The server serves the default teacher and compressed variants of it (default: the measured variants of the
 teacher that `make compress` registered, else the int8 and int4 variants `make bench-quant` leaves in
@@ -12,6 +13,8 @@ cores can serve), prompts of 10-250 tokens cut from held-out text, max_tokens of
   teacher   always the teacher, by name
   smallest  always the smallest variant, by name
   random    a uniformly random variant, by name
+Each seed is a different workload replayed against every policy: figures pool all seeds' requests, and the
+router's and always-smallest's share per seed is listed too (two cores drift, so one replay proves little).
 A request is "feasible" when some variant alone on the server would meet its budget (measured before the
 runs: time to first token as a function of prompt length, then time per token at batch 1).
 """
@@ -65,6 +68,7 @@ class Outcome:
     quality: float
     slack: float
     """Budget / the best unloaded latency of any variant for this request (>= 1: feasible)."""
+    seed: int = 0
 
 
 def workload(count: int, rate: float, seed: int, tight_ms: float, loose_ms: float) -> list[Job]:
@@ -168,7 +172,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, nargs="+", default=[0.3, 0.6], help="mean arrivals per second (each)")
     parser.add_argument("--tight-ms", type=float, default=800)
     parser.add_argument("--loose-ms", type=float, default=12000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one workload per seed")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to run")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--dump", type=Path, default=None, help="write every request's outcome here (JSON lines)")
@@ -206,21 +210,25 @@ def main() -> int:
             for k, a in alone.items()
         }
         print(f"   unloaded (TTFT ms + ms per prompt token, ms per output token): {json.dumps(shown)}", flush=True)
-        for rate in args.rate:
-            jobs = workload(args.requests, rate, args.seed, args.tight_ms, args.loose_ms)
-            for policy in args.policies:
-                results = asyncio.run(replay(base, policy, jobs, names, args.seed))
-                for row in DUMP or []:
-                    row.setdefault("rate", rate)
-                    row.setdefault("policy", policy)
-                for job, (variant, latency, prompt_tokens) in zip(jobs, results, strict=True):
-                    best_alone = min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values())
-                    slack = job.budget_ms / best_alone
-                    outcomes.append(
-                        Outcome(rate, policy, variant, latency, job.budget_ms, slack >= 1, quality[variant], slack)
-                    )
-                rows = [o for o in outcomes if o.policy == policy and o.rate == rate]
-                print(f"   {rate}/s {policy}: {summary(rows)}", flush=True)
+        for seed in args.seed:
+            for rate in args.rate:
+                jobs = workload(args.requests, rate, seed, args.tight_ms, args.loose_ms)
+                for policy in args.policies:
+                    results = asyncio.run(replay(base, policy, jobs, names, seed))
+                    for row in DUMP or []:
+                        row.setdefault("rate", rate)
+                        row.setdefault("policy", policy)
+                        row.setdefault("seed", seed)
+                    for job, (variant, latency, prompt_tokens) in zip(jobs, results, strict=True):
+                        best_alone = min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values())
+                        slack = job.budget_ms / best_alone
+                        outcomes.append(
+                            Outcome(
+                                rate, policy, variant, latency, job.budget_ms, slack >= 1, quality[variant], slack, seed
+                            )
+                        )
+                    rows = [o for o in outcomes if o.policy == policy and o.rate == rate and o.seed == seed]
+                    print(f"   seed {seed} {rate}/s {policy}: {summary(rows)}", flush=True)
         state = json.loads(__import__("httpx").get(f"http://127.0.0.1:{port}/v1/slimserve/router", timeout=10).text)
     finally:
         process.terminate()
@@ -311,27 +319,34 @@ def render(
         f"- machine: {machine()}",
         f"- server: the teacher and {', '.join(names['others'])}, all resident; quality = held-out perplexity "
         "/ the teacher's: " + ", ".join(f"{n} {q:.3f}" for n, q in sorted(quality.items(), key=lambda kv: kv[1])),
-        f"- workload: {args.requests} chat requests, Poisson arrivals at {' and '.join(map(str, args.rate))}/s, "
+        f"- workload: {args.requests} chat requests per seed ({', '.join(map(str, args.seed))}), "
+        f"Poisson arrivals at {' and '.join(map(str, args.rate))}/s, "
         "prompts of 8-180 words of held-out text, max_tokens in {16, 32, 64, 128} (ignore_eos: each runs to its "
         "max_tokens), latency budgets log-uniform in "
-        f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; the same seeded workload for every policy.",
+        f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; each seed's workload is replayed against every "
+        "policy; figures pool the seeds (per seed: the feasible share, in seed order).",
         "- feasible: some variant alone on the server would meet the budget: for this request's prompt length "
         "and max_tokens, the least of every variant's unloaded latency (TTFT linear in prompt tokens from a short "
         "and a 220-word prompt, plus max_tokens - 1 steps at batch 1). Roomy: the budget is at least "
         f"{ROOMY:g}x that least latency.",
         "",
         "| rate | policy | within budget (all) | within budget (feasible) | within budget (roomy) | mean quality ratio "
-        "| median latency ms | served |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| median latency ms | feasible, per seed | served |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for rate in args.rate:
         for policy in args.policies:
             s = summary([o for o in outcomes if o.policy == policy and o.rate == rate])
             served = ", ".join(f"{v.replace(names['teacher'], 'T')}: {c}" for v, c in s["served"].items())
+            per_seed = ", ".join(
+                f"{summary(of_seed)['within_budget_feasible']:.0%}"
+                for seed in args.seed
+                if (of_seed := [o for o in outcomes if (o.policy, o.rate, o.seed) == (policy, rate, seed)])
+            )
             lines.append(
                 f"| {rate}/s | {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} "
                 f"({s['feasible']}) | {s['within_budget_roomy']:.1%} ({s['roomy']}) | {s['mean_quality']:.3f} "
-                f"| {s['median_latency_ms']:.0f} | {served} |"
+                f"| {s['median_latency_ms']:.0f} | {per_seed} | {served} |"
             )
     lines.append("")
     lines += [f"- {verdict(outcomes, rate)}" for rate in args.rate]
