@@ -283,6 +283,7 @@ def evaluate(
     max_tokens: int = 4096,
     runtime: bool = True,
     as_json: bool = False,
+    reference_dtype: str | None = None,
 ) -> None:
     """Measure a variant (quality vs the teacher, size, memory, speed) and record it in its manifest."""
     from slimserve.compression.data import read_text
@@ -293,7 +294,7 @@ def evaluate(
         variant,
         teacher=teacher,
         text=read_text(text) if text else None,
-        config=EvalConfig(max_tokens=max_tokens),
+        config=EvalConfig(max_tokens=max_tokens, reference_dtype=reference_dtype),
         measure_runtime=runtime,
         write=text is None,  # the manifest keeps the standard held-out figures that the router compares
     )
@@ -420,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens of text scored")
     e.add_argument("--no-runtime", dest="runtime", action="store_false", help="skip load/memory/speed figures")
     e.add_argument("--json", dest="as_json", action="store_true", help="print the figures as JSON")
+    e.add_argument(
+        "--reference-dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="the teacher's dtype in the side-by-side timing; other than bf16 it is recorded as "
+        "speedup_b1_vs_DTYPE [default: bf16, as the server runs it]",
+    )
 
     d = verbs.add_parser(
         "distill",
@@ -496,7 +504,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),
-    "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json),
+    "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json, a.reference_dtype),
     "distill": lambda a: distill(a),
     "compress": lambda a: compress(a.recipe, a.distill_minutes, a.check, a.overwrite),
 }

@@ -48,6 +48,10 @@ class EvalConfig:
     """Prompt length for time to first token and decode speed."""
     repeats: int = 3
     """Speed runs per figure; the median is reported (2 shared cores are noisy)."""
+    reference_dtype: str | None = None
+    """Dtype of the teacher in the side-by-side timing (default: runtime_dtype). Another dtype answers
+    "how much faster than the teacher in fp32" in one measurement; it is recorded as
+    `speedup_b1_vs_<dtype>`, leaving `speedup_b1` (same dtype on both sides) as it was."""
 
     def __post_init__(self) -> None:
         if not 0 < self.stride <= self.window:
@@ -56,6 +60,8 @@ class EvalConfig:
             raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
         if self.max_tokens < 2:
             raise ValueError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+        if self.reference_dtype not in (None, "bf16", "fp32"):
+            raise ValueError(f"--reference-dtype must be bf16 or fp32, got {self.reference_dtype!r}")
 
 
 @dataclass
@@ -173,8 +179,10 @@ def runtime_in_this_process(ref: str, config: EvalConfig, reference: str | None 
         "decode_tok_s_b8": round(8 * config.decode_tokens / (b8 - ttft), 2),
     }
     if reference is not None:
-        teacher = load_variant(reference, dtype=config.runtime_dtype)
-        figures["speedup_b1"] = round(_side_by_side(generate, teacher, prompts, config), 3)
+        reference_dtype = config.reference_dtype or config.runtime_dtype
+        teacher = load_variant(reference, dtype=reference_dtype)
+        key = "speedup_b1" if reference_dtype == config.runtime_dtype else f"speedup_b1_vs_{reference_dtype}"
+        figures[key] = round(_side_by_side(generate, teacher, prompts, config), 3)
     return figures
 
 

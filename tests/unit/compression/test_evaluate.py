@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,19 @@ def test_a_variant_is_timed_side_by_side_with_its_teacher(slimserve_home: Path) 
     # decoded in alternation with the teacher: one block against eight is faster whatever the machine does
     assert shallow["speedup_b1"] > 1.2
     assert evaluate("deep", teacher="deep", config=config, write=False)["speedup_b1"] == 1.0
+
+
+def test_a_reference_in_another_dtype_is_recorded_apart(slimserve_home: Path) -> None:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "deep", name="deep", layers=8)
+    make_tiny_variant(registry.variants_dir / "shallow", name="shallow", layers=1, seed=1)
+    config = EvalConfig(max_tokens=200, window=64, stride=32, decode_tokens=16)
+    evaluate("shallow", teacher="deep", config=config)
+    same_dtype = VariantManifest.read(registry.variants_dir / "shallow").metrics["speedup_b1"]
+    against_fp32 = evaluate("shallow", teacher="deep", config=replace(config, reference_dtype="fp32"))
+    # tiny models gain nothing from bf16, so only the bookkeeping is asserted here, not the ratio
+    assert "speedup_b1" not in against_fp32 and against_fp32["speedup_b1_vs_fp32"] > 0
+    metrics = VariantManifest.read(registry.variants_dir / "shallow").metrics
+    assert metrics["speedup_b1"] == same_dtype and metrics["speedup_b1_vs_fp32"] == against_fp32["speedup_b1_vs_fp32"]
+    with pytest.raises(ValueError, match="--reference-dtype"):
+        EvalConfig(reference_dtype="fp8")
