@@ -350,13 +350,13 @@ def render(
             )
     lines.append("")
     lines += [f"- {verdict(outcomes, rate)}" for rate in args.rate]
-    profiles = {v["name"]: v["profile"] for v in state.get("variants", [])}
+    profiles = {v["name"]: {**v["profile"], "margin": v.get("margin")} for v in state.get("variants", [])}
     lines += [
         "",
-        "Router profiles after the runs (ms): "
+        "Router profiles after the runs (ms; margin: the factor each variant's budget was divided by): "
         + "; ".join(
             f"{n.replace(names['teacher'], 'T')}: TTFT(128) {p['ttft_ms_128']}, step b1 {p['step_ms_b1']}, "
-            f"b8 {p['step_ms_b8']}"
+            f"b8 {p['step_ms_b8']}, margin {p['margin']}"
             for n, p in profiles.items()
         ),
     ]
