@@ -408,9 +408,8 @@ class Router:
         recent overruns (at least 1, at most 4), or the fixed headroom until `min_overruns` have finished.
 
         Why per variant: the mean calibration makes predictions right on average, but a budget is met or
-        missed one request at a time, and how far the tail runs differs by variant. A slow variant's
-        requests overlap more later arrivals, which take the cores first when their deadlines are
-        earlier, so its predictions overrun more often and by more than the fastest one's.
+        missed one request at a time, and how far the tail runs can differ by variant: a slow variant's
+        requests last longer, so more later arrivals with earlier deadlines take the cores before them.
         """
         with self._lock:
             ratios = sorted(self.overruns.get(name, ()))
