@@ -64,11 +64,14 @@ class Outcome:
     variant: str
     latency_ms: float
     budget_ms: float
-    feasible: bool
     quality: float
     slack: float
     """Budget / the best unloaded latency of any variant for this request (>= 1: feasible)."""
     seed: int = 0
+
+    @property
+    def feasible(self) -> bool:
+        return self.slack >= 1
 
 
 def workload(count: int, rate: float, seed: int, tight_ms: float, loose_ms: float) -> list[Job]:
@@ -106,7 +109,7 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
                 "variant": completion.model,
                 "ms": round(elapsed),
                 "predicted_ms": raw.headers.get("x-slimserve-predicted-ms"),
-                "budget_ms": round(job.budget_ms) if headers else None,
+                "budget_ms": round(job.budget_ms) if job.budget_ms else None,  # every policy's job has one
                 "max_tokens": job.max_tokens,
                 "completion_tokens": completion.usage.completion_tokens if completion.usage else None,
                 "at": round(job.at, 2),
@@ -210,6 +213,8 @@ def main() -> int:
             for k, a in alone.items()
         }
         print(f"   unloaded (TTFT ms + ms per prompt token, ms per output token): {json.dumps(shown)}", flush=True)
+        for row in DUMP or []:  # the unloaded measurements are not part of any policy's replay
+            row["policy"] = "unloaded"
         for seed in args.seed:
             for rate in args.rate:
                 jobs = workload(args.requests, rate, seed, args.tight_ms, args.loose_ms)
@@ -223,9 +228,7 @@ def main() -> int:
                         best_alone = min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values())
                         slack = job.budget_ms / best_alone
                         outcomes.append(
-                            Outcome(
-                                rate, policy, variant, latency, job.budget_ms, slack >= 1, quality[variant], slack, seed
-                            )
+                            Outcome(rate, policy, variant, latency, job.budget_ms, quality[variant], slack, seed)
                         )
                     rows = [o for o in outcomes if o.policy == policy and o.rate == rate and o.seed == seed]
                     print(f"   seed {seed} {rate}/s {policy}: {summary(rows)}", flush=True)
