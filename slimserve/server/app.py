@@ -200,7 +200,7 @@ def create_app(
         build_prompts: Callable[[ServingEngine], list[list[int]]],
         requested_max: int | None,
         max_param: str,
-        submit: Callable[[ServingEngine, list[list[int]], int], list[RequestHandle]],
+        submit: Callable[[ServingEngine, list[list[int]], int, float | None], list[RequestHandle]],
     ) -> Dispatch:
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
         the router's next choice before the client sees 429."""
@@ -228,10 +228,10 @@ def create_app(
                 max_tokens = flow.resolve_max_tokens(
                     engine, max(len(p) for p in prompts), requested_max, max_param, default_max_tokens
                 )
-                handles = submit(engine, prompts, max_tokens)
-                if budget is not None and budget.latency_ms is not None:
-                    for handle in handles:  # the router protects this deadline when it places later requests
-                        handle.deadline = arrived + budget.latency_ms / 1000
+                # the router protects this deadline when it places later requests; the compute thread orders
+                # turns by it
+                deadline = arrived + budget.latency_ms / 1000 if budget and budget.latency_ms else None
+                handles = submit(engine, prompts, max_tokens, deadline)
             except APIError as exc:
                 if exc.status == 429 and routed and position + 1 < len(order):
                     last_error = exc
@@ -283,9 +283,11 @@ def create_app(
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = (body.top_logprobs or 0) if body.logprobs else None
 
-        def submit(engine: ServingEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
+        def submit(
+            engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
+        ) -> list[RequestHandle]:
             make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
-            return flow.submit_all(engine, prompts, make, body.n)
+            return flow.submit_all(engine, prompts, make, body.n, deadline)
 
         sent = await dispatch(
             request,
@@ -355,9 +357,11 @@ def create_app(
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
 
-        def submit(engine: ServingEngine, prompts: list[list[int]], max_tokens: int) -> list[RequestHandle]:
+        def submit(
+            engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
+        ) -> list[RequestHandle]:
             make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
-            return flow.submit_all(engine, prompts, make, body.n)
+            return flow.submit_all(engine, prompts, make, body.n, deadline)
 
         sent = await dispatch(
             request,

@@ -111,14 +111,19 @@ def resolve_max_tokens(
 
 
 def submit_all(
-    engine: ServingEngine, prompts: list[list[int]], make_params: Callable[[int], SamplingParams], n: int
+    engine: ServingEngine,
+    prompts: list[list[int]],
+    make_params: Callable[[int], SamplingParams],
+    n: int,
+    deadline: float | None = None,
 ) -> list[RequestHandle]:
-    """Submit prompts x n sequences (choice index = prompt * n + j); all or none."""
+    """Submit prompts x n sequences (choice index = prompt * n + j); all or none. `deadline`: when the
+    request's latency budget ends (`time.perf_counter()`), if it has one."""
     handles: list[RequestHandle] = []
     try:
         for p, ids in enumerate(prompts):
             for j in range(n):
-                handles.append(engine.submit(ids, make_params(p * n + j)))
+                handles.append(engine.submit(ids, make_params(p * n + j), deadline))
     except EngineBusyError as exc:
         for h in handles:
             h.cancel()

@@ -17,9 +17,10 @@ import contextlib
 import enum
 import itertools
 import logging
-import queue
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -70,14 +71,20 @@ class GenerationEvent:
 class RequestHandle:
     """A submitted sequence: iterate its events from the event loop, or cancel it."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None = None,
+    ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.loop = loop
         self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = False
-        self.deadline: float | None = None
+        self.deadline = deadline
         """`time.perf_counter()` by which the client's latency budget wants it done (routed requests only)."""
 
     def cancel(self) -> None:
@@ -93,7 +100,7 @@ class RequestHandle:
                 return
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is found in (and removed from) the queue as itself
 class _Sequence:
     handle: RequestHandle
     params: SamplingParams
@@ -123,7 +130,10 @@ class ServingEngine(Protocol):
     def wait_ready(self, timeout: float | None = None) -> bool: ...
     def fresh(self) -> ServingEngine: ...
     def shutdown(self, timeout: float = 10.0) -> None: ...
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle: ...
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
+        """Queue one sequence; `deadline` (`time.perf_counter()`) is when its latency budget ends, if any."""
+        ...
+
     @property
     def tokenizer(self) -> Any: ...
     @property
@@ -166,8 +176,8 @@ class TransformersEngine:
         self.profile: LatencyProfile | None = None
         """Live latency profile the router reads; the compute thread feeds it prefill and step times."""
         self.compute = compute or ComputeThread.shared()
-        self._inbox: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
-        self._waiting = 0
+        self._inbox: deque[_Sequence] = deque()
+        """Sequences waiting for a batch slot, oldest first (guarded by `_lock`)."""
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._ready = threading.Event()
@@ -196,7 +206,7 @@ class TransformersEngine:
     @property
     def waiting(self) -> int:
         """Sequences queued for a batch slot."""
-        return self._waiting
+        return len(self._inbox)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
@@ -220,10 +230,11 @@ class TransformersEngine:
             self._sampling_defaults = self._require_variant().sampling_defaults
         return self._sampling_defaults
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue one sequence; raises EngineBusyError when `max_waiting` sequences already wait."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
+        """Queue one sequence; raises EngineBusyError when `max_waiting` sequences already wait. Its `deadline`
+        is known before the compute thread first sees it, so its prefill takes its earliest-deadline turn."""
         variant = self._require_variant()
-        handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop())
+        handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop(), deadline)
         vocab = int(variant.model.config.vocab_size)
         sequence = _Sequence(  # built first: a sampler that rejects its parameters leaves no count behind
             handle=handle,
@@ -233,11 +244,10 @@ class TransformersEngine:
             submitted_at=time.perf_counter(),
         )
         with self._lock:
-            if self._waiting >= self.max_waiting:
-                raise EngineBusyError(f"{self._waiting} sequences are already waiting for {self.name}")
-            self._waiting += 1
-            self.metrics.queue_depth.labels(self.name).set(self._waiting)
-            self._inbox.put(sequence)
+            if len(self._inbox) >= self.max_waiting:
+                raise EngineBusyError(f"{len(self._inbox)} sequences are already waiting for {self.name}")
+            self._inbox.append(sequence)
+            self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
         self.compute.wake()
         return handle
 
@@ -307,55 +317,92 @@ class TransformersEngine:
         return self._stopped.is_set()
 
     def pending(self) -> Turn | None:
-        """How urgently this engine needs its next turn (see `compute`); None when it has nothing to do."""
+        """How urgently this engine needs its next turn (see `compute`); None when it has nothing to do.
+
+        A waiting sequence counts like a running one whose work ahead is its prefill and every token: one
+        without a budget (or cancelled) is prefilled at once, one with a budget when its deadline needs it,
+        so a loose request's prefill does not cut into a tight request's steps on another engine."""
         if self.state is not EngineState.READY or self.variant is None:
             return Turn(step_s=0.0, prefill=True)  # stopping: one more turn aborts what is left and detaches
         rows = [s for s in list(self._rows) if not s.done]
-        admitting = self._waiting > 0 and len(rows) < self.max_batch_size
-        if not rows and not admitting:
+        admissible = self._admissible(rows)
+        if not rows and not admissible:
             return None
-        step_s = self.profile.step_ms(len(rows)) / 1000 if self.profile is not None else 0.05
         now = time.perf_counter()
         latest: float | None = None
         best_effort = past_saving = False
-        for seq in rows:
-            remaining = seq.params.max_tokens - len(seq.generated)
-            deadline = seq.handle.deadline
-            if deadline is None:
+        prefill_now = any(s.handle.deadline is None or s.handle.cancelled.is_set() for s in admissible)
+        work = [(s, False) for s in rows] + [(s, True) for s in admissible if s.handle.deadline is not None]
+        for seq, waiting in work:
+            start = self._latest_start(seq, len(rows), now, waiting)
+            if start is None:
                 best_effort = True
-            elif deadline - now < remaining * step_s:  # not even its own steps alone fit any more
+            elif start == math.inf:
                 past_saving = True
             else:
-                start = deadline - remaining * step_s * SAFETY
                 latest = start if latest is None else min(latest, start)
-        return Turn(step_s, admitting, latest, best_effort, past_saving)
+        return Turn(self._step_s(len(rows)), prefill_now, latest, best_effort, past_saving)
+
+    def _step_s(self, batch: int) -> float:
+        return self.profile.step_ms(batch) / 1000 if self.profile is not None else 0.05
+
+    def _latest_start(self, seq: _Sequence, running: int, now: float, waiting: bool = False) -> float | None:
+        """`time.perf_counter()` by which `seq`'s work ahead (its prefill if waiting, then its remaining
+        steps, planned at `SAFETY` times their predicted length) must start to meet its deadline; None
+        without a budget, inf once not even that work alone fits (past saving)."""
+        deadline = seq.handle.deadline
+        if deadline is None:
+            return None
+        if waiting:
+            prefill_s = self.profile.ttft_ms(len(seq.handle.prompt_ids)) / 1000 if self.profile is not None else 0.05
+            ahead_s = prefill_s + seq.params.max_tokens * self._step_s(running + 1)
+        else:
+            ahead_s = (seq.params.max_tokens - len(seq.generated)) * self._step_s(running)
+        if deadline - now < ahead_s:
+            return math.inf
+        return deadline - ahead_s * SAFETY
+
+    def _admissible(self, rows: list[_Sequence]) -> list[_Sequence]:
+        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, except that
+        while a running sequence is due now, only those due now too (or without a budget) join."""
+        with self._lock:
+            waiting = list(self._inbox)[: max(0, self.max_batch_size - len(rows))]
+        if not waiting:
+            return []
+        now = time.perf_counter()
+        starts = [self._latest_start(s, len(rows), now) for s in rows]
+        if not any(start is not None and start <= now for start in starts):
+            return waiting
+        return [
+            s
+            for s in waiting
+            if s.handle.deadline is None
+            or s.handle.cancelled.is_set()
+            or (self._latest_start(s, len(rows), now, waiting=True) or 0.0) <= now
+        ]
+
+    def _take_waiting(self) -> _Sequence | None:
+        with self._lock:
+            seq = self._inbox.popleft() if self._inbox else None
+            self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
+        return seq
 
     def _stop(self) -> None:
         for seq in self._rows:
             self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated), "server shutting down"))
-        while True:
-            try:
-                seq = self._inbox.get(block=False)
-            except queue.Empty:
-                break
-            with self._lock:
-                self._waiting -= 1
-            self._finish(seq, GenerationEvent("", [], [], "abort", 0, "server shutting down"))
+        while (waiting := self._take_waiting()) is not None:
+            self._finish(waiting, GenerationEvent("", [], [], "abort", 0, "server shutting down"))
         self._rows, self._batch = [], PaddedKVBatch()
         self._stopped.set()
 
     def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
         """Prefill waiting sequences into free batch slots; True if any was taken from the queue."""
         taken = False
-        while len(rows) < self.max_batch_size:
-            try:
-                seq = self._inbox.get(block=False)
-            except queue.Empty:
-                return taken
-            taken = True
+        for seq in self._admissible(rows):
             with self._lock:
-                self._waiting -= 1
-                self.metrics.queue_depth.labels(self.name).set(self._waiting)
+                self._inbox.remove(seq)
+                self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
+            taken = True
             if seq.handle.cancelled.is_set():
                 self._finish(seq, GenerationEvent("", [], [], "abort", 0))
                 continue

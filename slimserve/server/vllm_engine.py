@@ -247,8 +247,9 @@ class VLLMEngine:
             reason = f": {self.error}" if self.error else ""
             raise EngineNotReadyError(f"model {self.name!r} is {self.state.value}{reason}")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Start one sequence in vLLM; its events arrive on the handle like the CPU engine's."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
+        """Start one sequence in vLLM; its events arrive on the handle like the CPU engine's. vLLM schedules
+        by its own policy (each variant has its own device share); the deadline is only kept on the handle."""
         self._require_ready()
         if self._active >= self.max_batch_size + self.max_waiting:
             raise EngineBusyError(f"{self._active} sequences are already in flight on {self.name}")
@@ -256,7 +257,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop())
+        handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop(), deadline)
         sampling = VllmSamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
         self._active += 1
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)

@@ -3,8 +3,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,8 +19,10 @@ from slimserve.server.engine import (
     GenerationEvent,
     RequestHandle,
     TransformersEngine,
+    _Sequence,
 )
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import SamplingParams
 
 
@@ -221,6 +224,83 @@ def test_a_sequence_due_sooner_steps_ahead_of_one_with_time_to_spare(tiny_varian
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+def test_a_loose_request_is_prefilled_after_a_tight_one_is_done_not_in_its_way(tiny_variant_dir: Path) -> None:
+    """A waiting request takes its turn by its deadline like a running one: a request with a minute of
+    budget arriving on another engine while a tight one runs is not prefilled until the tight one is done
+    (a prefill ahead of everything would cut into the tight request's few spare milliseconds); one without
+    a budget still starts at once."""
+    compute = ComputeThread(name="compute-edf-prefill")
+    forwards: list[str] = []
+
+    def loader(name: str) -> Callable[[], LoadedVariant]:
+        def load() -> LoadedVariant:
+            loaded = load_variant(tiny_variant_dir, dtype="fp32")
+            loaded.model.register_forward_hook(lambda *_: forwards.append(name))
+            return loaded
+
+        return load
+
+    names = ("tight", "loose", "unbudgeted")
+    engines = {n: TransformersEngine(loader(n), name=n, metrics=ServerMetrics(), compute=compute) for n in names}
+    for engine in engines.values():
+        engine.start()
+        assert engine.wait_ready(60)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def scenario(late: str, late_deadline: float | None) -> None:
+        tight = engines["tight"].submit([8, 9], params, deadline=time.perf_counter() + 5)
+        events = tight.events()
+        for _ in range(3):  # the tight request is under way
+            await anext(events)
+        other = engines[late].submit([5, 6, 7], params, deadline=late_deadline)
+        await asyncio.gather(_run(other), _drain(events))
+
+    try:
+        asyncio.run(scenario("loose", time.perf_counter() + 60))
+        last_tight = len(forwards) - 1 - forwards[::-1].index("tight")
+        assert forwards.count("tight") == 40 and forwards[: last_tight + 1].count("loose") == 0
+        forwards.clear()
+        asyncio.run(scenario("unbudgeted", None))
+        last_tight = len(forwards) - 1 - forwards[::-1].index("tight")
+        assert forwards[: last_tight + 1].count("unbudgeted") >= 1  # best effort: prefilled at once, then round-robin
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+
+
+def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_to_spare() -> None:
+    """On the same engine: while a running request's deadline leaves no slack (its remaining steps already
+    need more than the time left over `SAFETY`), a loose request is not prefilled into its batch (a prefill
+    and a larger batch would slow every step it has left); one due now itself, or without a budget, is."""
+    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
+    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
+    engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
+    loop = asyncio.new_event_loop()
+
+    def sequence(max_tokens: int, deadline_in_s: float | None) -> _Sequence:
+        deadline = None if deadline_in_s is None else time.perf_counter() + deadline_in_s
+        handle = RequestHandle("r", [1, 2, 3], loop, deadline)
+        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, 0.0)  # type: ignore[arg-type]
+
+    try:
+        # 40 steps at 50 ms need 2 s, 2.5 s with SAFETY: a 2.2 s budget has no time to spare
+        engine._rows = [sequence(40, 2.2)]
+        loose, unbudgeted, urgent = sequence(40, 60.0), sequence(40, None), sequence(10, 0.6)
+        engine._inbox.extend([loose, unbudgeted, urgent])
+        assert engine._admissible(engine._rows) == [unbudgeted, urgent]
+        turn = engine.pending()
+        assert turn is not None and turn.prefill and turn.latest_start is not None
+        engine._rows = [sequence(40, 30.0)]  # time to spare: everyone waiting joins
+        assert engine._admissible(engine._rows) == [loose, unbudgeted, urgent]
+    finally:
+        loop.close()
+
+
+async def _drain(events: AsyncIterator[Any]) -> None:
+    async for _ in events:
+        pass
 
 
 def test_a_rejected_request_leaves_no_waiting_count(tiny_variant_dir: Path) -> None:

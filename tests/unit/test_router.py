@@ -396,15 +396,19 @@ def test_on_shared_cores_work_due_earlier_runs_first() -> None:
 
 
 def test_a_routed_request_carries_its_deadline_to_the_engine(tmp_path: Path) -> None:
-    """The compute thread and the router see each routed sequence's deadline: arrival + latency budget."""
+    """The compute thread and the router see each routed sequence's deadline (arrival + latency budget), from
+    the submit on: the compute thread may take its first look at the queue before the submit returns."""
     metrics = ServerMetrics()
     engines = _engines(tmp_path, metrics)
     handles: list[tuple[str, RequestHandle]] = []
     for engine in engines:
         submit = engine.submit
 
-        def spy(prompt: list[int], params: SamplingParams, submit=submit, name=engine.name) -> RequestHandle:  # type: ignore[no-untyped-def]
-            handle = submit(prompt, params)
+        def spy(  # type: ignore[no-untyped-def]
+            prompt: list[int], params: SamplingParams, deadline: float | None = None, submit=submit, name=engine.name
+        ) -> RequestHandle:
+            handle = submit(prompt, params, deadline)
+            assert handle.deadline == deadline  # set on the handle before it is queued
             handles.append((name, handle))
             return handle
 
