@@ -240,9 +240,10 @@ def create_app(
             finally:
                 pool.release(entry)
             if decision is not None:
-                if position > 0:
+                if position > 0:  # what the router learns from this request is about the variant that served it
                     decision.reason += f"; {order[0].name} was full, shed to {entry.name}"
                     decision.variant = entry.name
+                    decision.predicted_ms = decision.candidates.get(entry.name, decision.predicted_ms)
                 met = "none" if decision.budget_met is None else ("met" if decision.budget_met else "missed")
                 metrics.routed.labels(entry.name, met).inc()
             request.state.model = engine.name

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from slimserve.models.manifest import VariantManifest
+from slimserve.server.compute import BACKGROUND_S
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
@@ -274,8 +275,9 @@ def edf_plan(
     A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
     once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
     its batch size. Sequences without a budget are due at the round-robin pace, as the compute thread
-    runs them; ones past saving yield to everything else and do not count. The new request adds its
-    prefill at once and makes its engine's batch one larger. `scale`: real time per profile time (the
+    runs them; ones past saving yield to everything else but still step once per `BACKGROUND_S`, which
+    counts as work due by each deadline. The new request adds its prefill and makes its engine's batch
+    one larger. `scale`: real time per profile time (the
     router's calibration); deadlines are compared with the profiles' work in profile time.
     """
     now = time.perf_counter()
@@ -300,13 +302,26 @@ def edf_plan(
             budgeted.append(deadline is not None and due[-1] != math.inf)
     prefill = target.profile.ttft_ms(prompt_tokens)
 
+    background: dict[str, int] = {}  # per engine: the most steps left of its sequences past saving
+    for name, left, when in zip(engine, steps_left, due, strict=True):
+        if when == math.inf:
+            background[name] = max(background.get(name, 0), left)
+
     def demand(jobs: list[int], steps: dict[str, float], first_ms: float) -> dict[int, float]:
         """Per job: the work (ms) that must be done by its due time."""
         longest: dict[str, int] = {}
         work = {}
         for job in sorted(jobs, key=lambda j: due[j]):
+            if due[job] == math.inf:
+                continue
             longest[engine[job]] = max(longest.get(engine[job], 0), steps_left[job])
-            work[job] = first_ms + sum(steps.get(name, 0.0) * left for name, left in longest.items())
+            pending = sum(steps.get(name, 0.0) * left for name, left in longest.items())
+            behind = sum(
+                steps.get(name, 0.0) * min(left, due[job] / (1000 * BACKGROUND_S))
+                for name, left in background.items()
+                if name not in longest
+            )
+            work[job] = first_ms + pending + behind
         return work
 
     running = list(range(len(due)))

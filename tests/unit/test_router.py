@@ -390,6 +390,9 @@ def test_on_shared_cores_work_due_earlier_runs_first() -> None:
     best_effort = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=1)
     assert edf_plan([best_effort, INT8], INT8, 20, 40, 1080).finish_ms == pytest.approx(1015)
     assert edf_plan([best_effort, INT8], INT8, 20, 40, 5000).finish_ms == pytest.approx(15 + 50 * 40 + 1000)
+    # one past saving yields, but still steps once a second: about one 40 ms step by the deadline 1.08 s out
+    hopeless = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=1, pending=[(now + 0.1, 100)])
+    assert edf_plan([hopeless, INT8], INT8, 20, 40, 1080).finish_ms == pytest.approx(1015 + 40 * 1.08, rel=1e-3)
     # on a device share of its own (vLLM), only the variant's own batch counts
     assert Router(shared_compute=False).choose([urgent, INT8], tight, 20, 40)[1].budget_met
     assert deadline_harm(urgent, 20) == 0
@@ -427,3 +430,27 @@ def test_a_routed_request_carries_its_deadline_to_the_engine(tmp_path: Path) -> 
     assert budgeted.deadline is not None and before + 30 <= budgeted.deadline <= after + 30
     assert unbudgeted.deadline is None  # no budget: best effort
     assert exact.deadline is None  # an exact name bypasses the router and its budget
+
+
+def test_a_request_shed_from_a_full_variant_is_predicted_and_learned_as_the_one_that_served_it(
+    tmp_path: Path,
+) -> None:
+    """The teacher's queue takes nothing (max_waiting 0): a loose request the router sends there falls
+    through to the small variant, and the decision it leaves (header, inspection, what the margins learn
+    from) carries the small variant's prediction, not the teacher's."""
+    metrics = ServerMetrics()
+    engines = _engines(tmp_path, metrics)
+    next(e for e in engines if e.name == "tiny-teacher").max_waiting = 0
+    with TestClient(create_app(engines, metrics), raise_server_exceptions=False) as c:
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        response = _ask(c, "auto", {"X-Latency-Budget-Ms": "60000"})
+        assert response.status_code == 200  # type: ignore[attr-defined]
+        assert response.headers["x-slimserve-variant"] == "tiny-small"  # type: ignore[attr-defined]
+        decision = c.get("/v1/slimserve/router").json()["decisions"][-1]
+    assert "tiny-teacher was full, shed to tiny-small" in decision["reason"]
+    assert decision["variant"] == "tiny-small"
+    assert decision["predicted_ms"] == decision["candidates"]["tiny-small"] != decision["candidates"]["tiny-teacher"]
+    assert response.headers["x-slimserve-predicted-ms"] == f"{decision['predicted_ms']:.0f}"  # type: ignore[attr-defined]
