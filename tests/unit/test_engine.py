@@ -181,26 +181,33 @@ def test_engines_take_turns_on_one_compute_thread_and_stop_independently(
             engine.shutdown()
 
 
-def test_a_sequence_due_sooner_steps_ahead_of_one_with_time_to_spare(tiny_variant_dir: Path) -> None:
-    """Earliest deadline first: once a tight request arrives, its steps run back to back and the loose
-    request (a minute of budget) waits, then finishes; round-robin would alternate them."""
-    compute = ComputeThread(name="compute-edf")
+def _engines_recording_forwards(
+    variant_dir: Path, names: tuple[str, ...]
+) -> tuple[dict[str, TransformersEngine], list[str]]:
+    """Started engines on one compute thread of their own, and the list their forwards append their names to,
+    in the order the compute thread ran them."""
+    compute = ComputeThread(name=f"compute-{'-'.join(names)}")
     forwards: list[str] = []
 
     def loader(name: str) -> Callable[[], LoadedVariant]:
         def load() -> LoadedVariant:
-            loaded = load_variant(tiny_variant_dir, dtype="fp32")
+            loaded = load_variant(variant_dir, dtype="fp32")
             loaded.model.register_forward_hook(lambda *_: forwards.append(name))
             return loaded
 
         return load
 
-    engines = {
-        n: TransformersEngine(loader(n), name=n, metrics=ServerMetrics(), compute=compute) for n in ("loose", "tight")
-    }
+    engines = {n: TransformersEngine(loader(n), name=n, metrics=ServerMetrics(), compute=compute) for n in names}
     for engine in engines.values():
         engine.start()
         assert engine.wait_ready(60)
+    return engines, forwards
+
+
+def test_a_sequence_due_sooner_steps_ahead_of_one_with_time_to_spare(tiny_variant_dir: Path) -> None:
+    """Earliest deadline first: once a tight request arrives, its steps run back to back and the loose
+    request (a minute of budget) waits, then finishes; round-robin would alternate them."""
+    engines, forwards = _engines_recording_forwards(tiny_variant_dir, ("loose", "tight"))
 
     async def scenario() -> tuple[int, int]:
         loop_params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
@@ -231,22 +238,7 @@ def test_a_loose_request_is_prefilled_after_a_tight_one_is_done_not_in_its_way(t
     budget arriving on another engine while a tight one runs is not prefilled until the tight one is done
     (a prefill ahead of everything would cut into the tight request's few spare milliseconds); one without
     a budget still starts at once."""
-    compute = ComputeThread(name="compute-edf-prefill")
-    forwards: list[str] = []
-
-    def loader(name: str) -> Callable[[], LoadedVariant]:
-        def load() -> LoadedVariant:
-            loaded = load_variant(tiny_variant_dir, dtype="fp32")
-            loaded.model.register_forward_hook(lambda *_: forwards.append(name))
-            return loaded
-
-        return load
-
-    names = ("tight", "loose", "unbudgeted")
-    engines = {n: TransformersEngine(loader(n), name=n, metrics=ServerMetrics(), compute=compute) for n in names}
-    for engine in engines.values():
-        engine.start()
-        assert engine.wait_ready(60)
+    engines, forwards = _engines_recording_forwards(tiny_variant_dir, ("tight", "loose", "unbudgeted"))
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     async def scenario(late: str, late_deadline: float | None) -> None:
