@@ -10,9 +10,11 @@ decode step of the batch) per turn.
 Whose turn it is follows earliest-deadline-first: a sequence with a latency budget must start its next
 step by its deadline minus its remaining tokens' steps, so an engine serving a tight request steps
 ahead of one whose requests have time to spare (those catch up later, still within their budgets).
-Waiting sequences are prefilled first (a new request starts at once); sequences without a budget
-advance at the round-robin pace (one step per round of busy engines); ones that can no longer make
-their budget yield to every engine due sooner (at least one step a second). Round-robin alone made
+A waiting sequence's prefill counts like a running one's steps: without a budget it comes first (the
+request starts at once), with one by the latest start its prefill and tokens allow, so a loose request's
+prefill does not cut into a tight one's spare time. Sequences without a budget advance at the
+round-robin pace (one step per round of busy engines); ones that can no longer make their budget yield
+to every engine due sooner (at least one step a second). Round-robin alone made
 every busy variant slow every other's requests by a full step, whatever their budgets.
 """
 
@@ -45,7 +47,7 @@ class Turn:
     step_s: float
     """Predicted seconds of its next decode step."""
     prefill: bool = False
-    """Sequences wait for admission (or the engine is stopping): step as soon as possible."""
+    """Sequences without a budget wait for admission (or the engine is stopping): step as soon as possible."""
     latest_start: float | None = None
     """`time.perf_counter()` by which its next step must start so that its budgeted sequences still
     finish on time (None: none that can still make it)."""
