@@ -203,7 +203,7 @@ def main() -> int:
     parser.add_argument("--per-worker", type=int, default=3, help="requests each client sends in sequence")
     parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per request")
     parser.add_argument("--eos-id", type=int, default=2, help="token id banned so every request runs to max-tokens")
-    parser.add_argument("--dtype", default="bf16", help="slimserve compute dtype")
+    parser.add_argument("--dtype", default="fast", help="slimserve compute dtype")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="measure slimserve only")
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()

@@ -40,8 +40,8 @@ class EvalConfig:
     """New tokens scored per window; the rest of the window is context."""
     quality_dtype: str = "fp32"
     """Dtype for quality figures of float variants (quantized ones compute in their own dtype)."""
-    runtime_dtype: str = "bf16"
-    """Dtype for speed figures: what the server runs."""
+    runtime_dtype: str = "fast"
+    """Dtype for speed figures: what the server runs (`fast`: bf16 where the machine runs it natively)."""
     decode_tokens: int = 64
     """Tokens generated per speed measurement."""
     prompt_tokens: int = 128
@@ -60,8 +60,8 @@ class EvalConfig:
             raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
         if self.max_tokens < 2:
             raise ValueError(f"--max-tokens must be at least 2, got {self.max_tokens}")
-        if self.reference_dtype not in (None, "bf16", "fp32"):
-            raise ValueError(f"--reference-dtype must be bf16 or fp32, got {self.reference_dtype!r}")
+        if self.reference_dtype not in (None, "bf16", "fp32", "fast"):
+            raise ValueError(f"--reference-dtype must be bf16, fp32 or fast, got {self.reference_dtype!r}")
 
 
 @dataclass

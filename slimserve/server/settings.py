@@ -20,7 +20,11 @@ class ServerSettings(BaseSettings):
         description="Variant directories or registered names to serve; the first is the default.",
     )
     api_key: str | None = Field(None, description="If set, /v1/* requires 'Authorization: Bearer <key>'.")
-    dtype: str = Field("bf16", description="Compute dtype for float variants: bf16 (fast on CPU), fp32, auto.")
+    dtype: str = Field(
+        "fast",
+        description="Compute dtype for float variants: fast (bf16 where the machine runs it natively, else as "
+        "stored), bf16, fp32, auto (as stored).",
+    )
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together per engine step.")
     max_waiting: int = Field(64, ge=1, description="Sequences that may wait for a batch slot; past it, 429.")
     default_max_tokens: int = Field(
