@@ -553,8 +553,14 @@ class Router:
 
         Profiles time each step alone; what they miss (the event loop's share of the cores, prefills and
         steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
-        of actual to predicted latency, followed here as a moving average."""
-        if decision.predicted_ms <= 0:
+        of actual to predicted latency, followed here as a moving average.
+
+        A request the router already predicted to miss is left out: once it cannot make its budget the
+        compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
+        not the profiles. Counted, such requests (the fallback lands on the fastest variant) raised the
+        calibration and drove the fastest variant's margin to its cap, so later budgets it could meet
+        looked out of reach and fell back to it as predicted misses: a loop feeding itself."""
+        if decision.predicted_ms <= 0 or decision.budget_met is False:
             return
         ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
         with self._lock:

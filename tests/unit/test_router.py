@@ -167,6 +167,23 @@ def test_the_router_calibrates_its_predictions_from_finished_requests() -> None:
     assert again.variant == "int4" and again.predicted_ms == pytest.approx(2 * 2015, rel=0.02)
 
 
+def test_requests_predicted_to_miss_teach_the_router_nothing() -> None:
+    """A request no variant could serve in time falls back to the fastest and then runs in the background:
+    its overrun must not raise the calibration or the fastest variant's margin, which would make budgets
+    that variant can meet look out of reach."""
+    router = Router(reserve=0)
+    hopeless = router.choose(FAMILY, Budget(latency_ms=500), 20, 100)[1]
+    assert (hopeless.variant, hopeless.budget_met) == ("int4", False)
+    for _ in range(20):
+        router.observe(hopeless, 4 * hopeless.predicted_ms)
+    assert router.calibration == 1.0 and router.margin("int4") == pytest.approx(1 / 0.9)
+    fitting = router.choose(FAMILY, Budget(latency_ms=2_300), 20, 100)[1]
+    assert (fitting.variant, fitting.budget_met) == ("int4", True)
+    for _ in range(10):  # the ones it placed within budget still teach it
+        router.observe(fitting, 1.2 * fitting.predicted_ms)
+    assert router.margin("int4") == pytest.approx(1.2) and router.calibration > 1.1
+
+
 def test_each_variant_keeps_the_margin_its_own_requests_needed() -> None:
     """A variant whose requests ran 1.5x over their predictions is chosen only where 1.5x its prediction
     fits; one whose predictions held keeps a margin of 1 instead of the 10% headroom."""
