@@ -557,9 +557,9 @@ class Router:
 
         A request the router already predicted to miss is left out: once it cannot make its budget the
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
-        not the profiles. Counted, such requests (the fallback lands on the fastest variant) raised the
-        calibration and drove the fastest variant's margin to its cap, so later budgets it could meet
-        looked out of reach and fell back to it as predicted misses: a loop feeding itself."""
+        not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
+        calibration and the fastest variant's margin (a routing run ended with every int4 variant's at the
+        cap), so later budgets it could meet look out of reach and fall back to it as predicted misses."""
         if decision.predicted_ms <= 0 or decision.budget_met is False:
             return
         ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
