@@ -23,9 +23,15 @@ def machine() -> str:
         pass
     import torch
 
+    from slimserve.models.cpu_kernels import cpu_has_vnni
+    from slimserve.models.loader import native_bf16
+
     threads = torch.get_num_threads()
     python = platform.python_version()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), Python {python}"
+    # the instruction set decides which dtype and kernels are fast: figures of different ones do not compare
+    isa = f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native_bf16() else 'no'}"
+    isa += f", VNNI {'yes' if cpu_has_vnni() else 'no'}"
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), Python {python}"
 
 
 def today() -> str:
