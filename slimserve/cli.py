@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", dest="as_json", action="store_true", help="print the figures as JSON")
     e.add_argument(
         "--reference-dtype",
-        choices=["bf16", "fp32"],
+        choices=["fast", "bf16", "fp32"],
         default=None,
         help="the teacher's dtype in the side-by-side timing; other than the server's (fast) it is recorded as "
         "speedup_b1_vs_DTYPE [default: fast, as the server runs it]",
