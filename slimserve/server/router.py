@@ -228,6 +228,23 @@ def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms
     return queue
 
 
+def added_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """Core time this request adds when `target` serves it: its prefill, then at each of its steps the growth
+    of the engine's step from the batch it joins (a whole step where it would run alone), plus the load if
+    `target` is not resident. On shared cores this, not its own latency, is what it costs every other
+    request: an idle engine's steps are added to every round, one more row in a running batch costs little."""
+    profile = target.profile
+    others = sorted((left for _, left in target.deadlines()), reverse=True)
+    others += [max_tokens] * target.waiting  # queued ahead: taken as long as this one
+    work = profile.ttft_ms(prompt_tokens) + (0.0 if target.resident else profile.load_ms)
+    alongside = min(len(others), target.max_batch_size - 1)
+    for step in range(max_tokens):
+        while alongside and others[alongside - 1] <= step:  # the shortest have finished by this step
+            alongside -= 1
+        work += profile.step_ms(alongside + 1) - (profile.step_ms(alongside) if alongside else 0.0)
+    return work
+
+
 def deadline_harm(target: Candidate, prompt_tokens: int) -> int:
     """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
     meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
@@ -425,9 +442,15 @@ class Router:
         Why per variant: the mean calibration makes predictions right on average, but a budget is met or
         missed one request at a time, and how far the tail runs can differ by variant: a slow variant's
         requests last longer, so more later arrivals with earlier deadlines take the cores before them.
+        On shared cores a variant with too few of its own takes every variant's overruns until it has
+        them: they come from the same cores' interference, and the fixed headroom made a variant that had
+        hardly served look surer than the one serving most (a routing run sent it budgets the fastest
+        variant, at its margin, was predicted to miss).
         """
         with self._lock:
             ratios = sorted(self.overruns.get(name, ()))
+            if len(ratios) < self.min_overruns and self.shared_compute:
+                ratios = sorted(r for overruns in self.overruns.values() for r in overruns)
         if len(ratios) < self.min_overruns:
             return 1 / (1 - self.headroom)
         index = min(len(ratios) - 1, math.ceil(self.coverage * len(ratios)) - 1)
@@ -468,10 +491,13 @@ class Router:
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
             load = {name: plan.load for name, plan in plans.items()}
+            # what it costs the others: on shared cores the cheapest choice when the cores are busy
+            cost = {c.name: added_work_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens) for c in usable}
             load = {name: ms / limits[name] if limits else 0.0 for name, ms in predicted.items()}
+            cost = predicted  # a device share of its own: its latency is all it costs
         met: bool | None
 
         def quality(c: Candidate) -> float:
@@ -512,17 +538,20 @@ class Router:
             roomy = [c for c in fits if load[c.name] <= 1 - reserve]
             if roomy:
                 order = best_first(roomy, self.quality_tolerance)
-                order += sorted((c for c in fits if c not in roomy), key=lambda c: load[c.name])
+                order += sorted((c for c in fits if c not in roomy), key=lambda c: (cost[c.name], load[c.name]))
                 reason = "best quality predicted within the latency budget"
                 met = True
             elif fits:
-                order = sorted(fits, key=lambda c: load[c.name])
-                reason = (
-                    "within the latency budget, loading the cores least (they are busy: room kept for later requests)"
-                )
+                order = sorted(fits, key=lambda c: (cost[c.name], load[c.name]))
+                reason = "within the latency budget, adding least work (the cores are busy: room kept for later requests)"
                 met = True
             else:
-                order = sorted(best, key=lambda c: predicted[c.name])
+                # it misses whatever serves it: on shared cores, where it adds least work (the variant
+                # predicted to finish it soonest is often an idle slower one, whose steps then slow every
+                # round; a routing run spread its fallbacks over five variants so)
+                order = sorted(
+                    best, key=lambda c: (predicted[c.name] > budget.latency_ms, cost[c.name], predicted[c.name])
+                )
                 met = predicted[order[0].name] <= budget.latency_ms
                 reason = (
                     "fastest: predicted within the budget but not its margin"

@@ -20,6 +20,7 @@ from slimserve.server.router import (
     BudgetError,
     LatencyProfile,
     Router,
+    added_work_ms,
     deadline_harm,
     edf_plan,
     parse_budget,
@@ -204,6 +205,34 @@ def test_each_variant_keeps_the_margin_its_own_requests_needed() -> None:
     tight = Budget(latency_ms=predict_ms(INT4, 20, 100) * 1.05)  # inside the headroom, outside no margin
     decision = router.choose(FAMILY, tight, 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int4", True) and "fastest" not in decision.reason
+
+
+def test_a_request_that_will_miss_goes_where_it_adds_least_work() -> None:
+    """On shared cores an idle slower variant finishes a hopeless request sooner than the busy fastest one,
+    but its steps would then slow every round; one more row in int4's running batch costs little."""
+    crowded = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=6)  # 50 tokens left each
+    family = [TEACHER, INT8, crowded]
+    # 100 tokens on int4: its 7-row steps (37.1 ms) for all 100; on idle int8: 100 x 25 ms
+    assert edf_plan(family, INT8, 20, 100, 300).finish_ms < edf_plan(family, crowded, 20, 100, 300).finish_ms
+    # added: its prefill, 50 x (step(7) - step(6)) while the others run, then 50 whole steps alone
+    assert added_work_ms(crowded, 20, 100) == pytest.approx(15 + 50 * 20 / 7 + 50 * 20)
+    assert added_work_ms(INT8, 20, 100) == pytest.approx(15 + 100 * 25)
+    decision = Router(reserve=0).choose(family, Budget(latency_ms=300), 20, 100)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
+
+
+def test_a_variant_without_overruns_of_its_own_takes_the_shared_cores_ones() -> None:
+    """Overruns on shared cores come from the same interference whichever variant ran: a variant that has
+    hardly served must not look surer (the 10% headroom) than one whose requests ran 2x over."""
+    router = Router(reserve=0)
+    on_int4 = router.choose([INT4], Budget(latency_ms=10_000), 20, 100)[1]
+    for _ in range(10):
+        router.observe(on_int4, 2 * on_int4.predicted_ms)
+    assert router.margin("int4") == pytest.approx(2.0) and router.margin("teacher") == pytest.approx(2.0)
+    router.calibration = 1.0  # only the margins count here
+    # 100 tokens: teacher ~4.0 s; a 5.5 s budget fits it with the headroom, not at 2x
+    assert router.choose(FAMILY, Budget(latency_ms=5_500), 20, 100)[1].variant == "int8"  # 2.5 s x 2 fits
+    assert Router(shared_compute=False).margin("teacher") == pytest.approx(1 / 0.9)
 
 
 def test_memory_and_quality_budgets_exclude_variants() -> None:
