@@ -37,6 +37,23 @@ def cpu_has_vnni() -> bool:
     return any(f" {flag}" in flags for flag in ("avx512_vnni", "avx_vnni"))
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """True where bf16 matmuls run on native instructions: a CUDA GPU, or a CPU that oneDNN gives a bf16
+    path (AVX-512 or AMX on x86, BF16 on Arm).
+
+    Why it matters: on a 2-core AVX2-only EPYC (no AVX-512), measured with transformers `generate` after a
+    128-token prompt, the fp32 teacher decoded 12.9 tok/s at batch 1 and 35.2 at batch 8, bf16 8.2 and
+    13.6; a distillation step under bf16 autocast took 228 s against 12 s in fp32. Where AVX-512 is
+    present, bf16 decodes about twice as fast as fp32."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """y = x @ (W_int8 * scale).T + b, computed by torch's fused CPU kernel without materializing W."""
 
@@ -62,6 +79,11 @@ class Int8WeightOnlyLinear(nn.Module):
         rows = x.reshape(-1, shape[-1])  # (M, K)
         if rows.shape[0] <= FUSED_KERNEL_MAX_ROWS.get(x.dtype, 0):
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, scales)  # (M, N)
+        elif x.dtype == torch.bfloat16 and not native_bf16():
+            # the same in fp32 where bf16 GEMMs are emulated: 128 rows through the teacher's int8 layers took
+            # 1.9 s in bf16 on an AVX2-only EPYC
+            weight = self.weight_int8.float() * self.scales[:, None]
+            y = torch.nn.functional.linear(rows.float(), weight).to(x.dtype)
         else:  # prefill and wide batches: one dequantization, then a regular GEMM, is faster
             y = torch.nn.functional.linear(rows, self.weight_int8.to(x.dtype) * scales[:, None])
         if self.bias is not None:

@@ -6,7 +6,6 @@ loads the same variant directory itself and needs only the registry's path and m
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -22,6 +21,7 @@ from slimserve.models.cpu_kernels import (
     TIED_INT8_EMBEDDING,
     accelerate_compressed_linears,
     is_compressed_tensors,
+    native_bf16,
     tie_int8_embedding,
 )
 from slimserve.models.manifest import VariantManifest
@@ -45,23 +45,6 @@ _LOADING = threading.Lock()
 
 FAST = "fast"
 """The default compute dtype: bf16 where the machine runs it natively, else as stored (`fast_float_dtype`)."""
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """True where bf16 matmuls run on native instructions: a CUDA GPU, or a CPU that oneDNN gives a bf16
-    path (AVX-512 or AMX on x86, BF16 on Arm).
-
-    Why it matters: on a 2-core AVX2-only EPYC (no AVX-512), measured with transformers `generate` after a
-    128-token prompt, the fp32 teacher decoded 12.9 tok/s at batch 1 and 35.2 at batch 8, bf16 8.2 and
-    13.6; a distillation step under bf16 autocast took 228 s against 12 s in fp32. Where AVX-512 is
-    present, bf16 decodes about twice as fast as fp32."""
-    if torch.cuda.is_available():
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def fast_float_dtype(stored: torch.dtype = torch.float32) -> torch.dtype:
