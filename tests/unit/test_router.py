@@ -20,7 +20,7 @@ from slimserve.server.router import (
     BudgetError,
     LatencyProfile,
     Router,
-    added_work_ms,
+    batched_work_ms,
     deadline_harm,
     edf_plan,
     parse_budget,
@@ -207,18 +207,32 @@ def test_each_variant_keeps_the_margin_its_own_requests_needed() -> None:
     assert (decision.variant, decision.budget_met) == ("int4", True) and "fastest" not in decision.reason
 
 
-def test_a_request_that_will_miss_goes_where_it_adds_least_work() -> None:
+def test_a_request_that_will_miss_goes_where_a_shared_batch_costs_least() -> None:
     """On shared cores an idle slower variant finishes a hopeless request sooner than the busy fastest one,
     but its steps would then slow every round; one more row in int4's running batch costs little."""
     crowded = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=6)  # 50 tokens left each
     family = [TEACHER, INT8, crowded]
     # 100 tokens on int4: its 7-row steps (37.1 ms) for all 100; on idle int8: 100 x 25 ms
     assert edf_plan(family, INT8, 20, 100, 300).finish_ms < edf_plan(family, crowded, 20, 100, 300).finish_ms
-    # added: its prefill, 50 x (step(7) - step(6)) while the others run, then 50 whole steps alone
-    assert added_work_ms(crowded, 20, 100) == pytest.approx(15 + 50 * 20 / 7 + 50 * 20)
-    assert added_work_ms(INT8, 20, 100) == pytest.approx(15 + 100 * 25)
+    # in a batch of the 7 requests in flight: int4 steps 37.1 ms for 7 rows, int8 would step 46.4 ms
+    assert batched_work_ms(crowded, 20, 100, 7) == pytest.approx(15 + 100 * (20 + 6 / 7 * 20) / 7)
+    assert batched_work_ms(INT8, 20, 100, 7) == pytest.approx(15 + 100 * (25 + 6 / 7 * 25) / 7)
     decision = Router(reserve=0).choose(family, Budget(latency_ms=300), 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
+
+
+def test_busy_cores_gather_requests_on_the_variant_cheapest_per_batched_sequence() -> None:
+    """A slow variant already stepping a long sequence adds little per token for one more row, but piling
+    requests on it keeps it busy: under load they go where a batch of what is in flight costs least."""
+    now = time.perf_counter()
+    slow_busy = _variant("int8", step_ms=25, ppl_ratio=1.09, memory_mb=400, running=1, pending=[(now + 60, 400)])
+    fast = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
+    fast.profile.step_b8_ms = 25  # batches well: 8 rows for 25 ms
+    # equal quality; both fit 5 s (int8 joined: 100 x 28.6 ms, int4 alone: 100 x 20 ms), neither leaves the
+    # reserve for later requests free. One more row costs int8 3.6 ms a step, but a batch of the two
+    # requests in flight costs 14.3 ms a row on int8 and 10.4 on int4
+    decision = Router(reserve=0.9).choose([slow_busy, fast], Budget(latency_ms=5_000), 20, 100)[1]
+    assert decision.variant == "int4" and "least" in decision.reason
 
 
 def test_a_variant_without_overruns_of_its_own_takes_the_shared_cores_ones() -> None:
