@@ -545,12 +545,12 @@ class Router:
                 reason = "within the latency budget, adding least work (busy cores: room kept for later requests)"
                 met = True
             else:
-                # it misses whatever serves it: on shared cores, where it costs least (the variant
-                # predicted to finish it soonest is often an idle slower one, whose steps then slow every
-                # round; a routing run spread its fallbacks over five variants so)
-                latency_ms = budget.latency_ms
-                order = sorted(best, key=lambda c: (predicted[c.name] > latency_ms, cost[c.name], predicted[c.name]))
-                met = predicted[order[0].name] <= latency_ms
+                # none fits its margin: on shared cores, where it costs least (the variant predicted to
+                # finish it soonest is often an idle slower one, whose steps then slow every round; a
+                # routing run spread its fallbacks over five variants so, and one that still preferred
+                # variants predicted within the bare budget sent 15 of them to the fp32 student)
+                order = sorted(best, key=lambda c: (cost[c.name], predicted[c.name]))
+                met = predicted[order[0].name] <= budget.latency_ms
                 reason = (
                     "fastest: predicted within the budget but not its margin"
                     if met
