@@ -160,6 +160,14 @@ class LatencyProfile:
         f_scale, f_tilt = self._step_features(batch)
         return max(self.step_scale * f_scale + self.step_tilt * f_tilt, 0.1)
 
+    def manifest_ttft_ms(self, prompt_tokens: int) -> float:
+        """TTFT by the manifest's line alone, before any correction from traffic."""
+        return max(self._prefill_features(prompt_tokens)[0], 0.1)
+
+    def manifest_step_ms(self, batch: int) -> float:
+        """Step time by the manifest's figures alone, before any correction from traffic."""
+        return max(self._step_features(batch)[0], 0.1)
+
     def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
         f_scale, f_tilt = self._prefill_features(prompt_tokens)
         self.prefill_scale, self.prefill_tilt = _nlms(
@@ -236,11 +244,17 @@ def batched_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int, conc
     ranks the variants: an idle engine's steps are added to every round, and the marginal cost of one more
     row in a running batch of a slow variant looks cheap, so a routing run that followed it piled its
     requests onto the 8-bit student (33 of 60) and met 44% of feasible budgets where the int4 student,
-    whose batch of 8 costs a third as much per sequence, met three quarters alone."""
+    whose batch of 8 costs a third as much per sequence, met three quarters alone.
+
+    The figures are the manifest's, which `slimserve eval` measured on a quiet machine, not the ones
+    corrected from traffic: those carry the contention of whenever each variant ran, so the variant that
+    serves under load learns to look slow (after a routing run the int4 student's batch-1 step had grown
+    to 62 ms from 42 unloaded, the fp32 student's stayed at 60, and busy cores went to the fp32 student).
+    """
     profile = target.profile
     batch = max(1, min(concurrency, target.max_batch_size))
     load = 0.0 if target.resident else profile.load_ms
-    return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(batch) / batch
+    return load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * profile.manifest_step_ms(batch) / batch
 
 
 def deadline_harm(target: Candidate, prompt_tokens: int) -> int:

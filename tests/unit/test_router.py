@@ -235,6 +235,20 @@ def test_busy_cores_gather_requests_on_the_variant_cheapest_per_batched_sequence
     assert decision.variant == "int4" and "least" in decision.reason
 
 
+def test_busy_cores_rank_variants_by_their_measured_figures_not_by_the_contention_they_served_under() -> None:
+    """The variant that serves under load learns slower profiles (its steps share the cores with the event
+    loop and the others); ranked by them, busy cores would drift to a variant that is slower alone."""
+    fast = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
+    slow = _variant("student", step_ms=30, ppl_ratio=1.09, memory_mb=400)
+    for _ in range(50):  # int4 served under load: its steps took 40 ms
+        fast.profile.observe_step(1, 0.040)
+    assert fast.profile.step_ms(1) == pytest.approx(40, rel=0.01)
+    assert fast.profile.step_ms(1) > slow.profile.step_ms(1)
+    assert batched_work_ms(fast, 20, 100, 1) == pytest.approx(15 + 100 * 20)
+    hopeless = Router(reserve=0).choose([slow, fast], Budget(latency_ms=300), 20, 100)[1]
+    assert (hopeless.variant, hopeless.budget_met) == ("int4", False)
+
+
 def test_a_variant_without_overruns_of_its_own_takes_the_shared_cores_ones() -> None:
     """Overruns on shared cores come from the same interference whichever variant ran: a variant that has
     hardly served must not look surer (the 10% headroom) than one whose requests ran 2x over."""
