@@ -6,7 +6,7 @@ PORT   ?= 8000
 HOST   ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill compress clean
+.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,9 @@ bench-quant: setup
 
 bench-distill: setup  # ~30 min: KD vs CE students and the teacher's int4 QAT variant
 	$(BIN)/python benchmarks/distill_bench.py --write docs/BENCHMARKS.md
+
+bench-dtype: setup  # fp32 against bf16 compute per variant, timed side by side: what --dtype fast picks from
+	$(BIN)/python benchmarks/dtype_speed.py --write docs/BENCHMARKS.md
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md
