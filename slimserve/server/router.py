@@ -8,7 +8,10 @@ time when the variant is not resident), starting from the figures `slimserve eva
 manifest and corrected by what the engine measures while serving. On the CPU, where every variant's steps
 share the cores, the prediction follows the compute thread's earliest-deadline-first turns: a request is
 placed where it meets its budget without pushing running requests over theirs. It picks the
-highest-quality variant predicted to meet the budget; if none can, the fastest, and says so.
+highest-quality variant predicted to meet the budget; if none can, the fastest, and says so. While the
+cores are busy (the expected load leaves no room for a better variant), and for a request no variant
+can serve in time, "fastest" on shared cores means the variant whose batch of the requests in flight
+costs least per sequence (`batched_work_ms`): load is shed to one fast engine's batch, not spread.
 """
 
 from __future__ import annotations
