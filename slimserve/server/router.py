@@ -246,8 +246,8 @@ def batched_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int, conc
     On busy shared cores this, not its own latency nor the growth of the batch it would join, is what
     ranks the variants: an idle engine's steps are added to every round, and the marginal cost of one more
     row in a running batch of a slow variant looks cheap, so a routing run that followed it piled its
-    requests onto the 8-bit student (33 of 60) and met 44% of feasible budgets where the int4 student,
-    whose batch of 8 costs a third as much per sequence, met three quarters alone.
+    requests onto the 8-bit student (33 of 60) and met 44% of feasible budgets, where sending everything
+    to the int4 student, whose batch of 8 costs a third as much per sequence, had met three quarters.
 
     The figures are the manifest's, which `slimserve eval` measured on a quiet machine, not the ones
     corrected from traffic: those carry the contention of whenever each variant ran, so the variant that
