@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from report import heading, publish
 
-from slimserve.compression.data import eval_text
-from slimserve.compression.evaluate import _generate_timer, _median
+from slimserve.compression.evaluate import generate_timer, median, speed_prompts
 from slimserve.models import DEFAULT_VARIANT, VariantRegistry, load_variant
 from slimserve.models.loader import native_bf16
 
@@ -34,9 +33,7 @@ def measure(ref: str, rounds: int) -> dict[str, dict[str, float]]:
     timers = {}
     for dtype in DTYPES:
         variant = load_variant(ref, dtype=dtype)
-        ids = variant.tokenizer(eval_text(), return_tensors="pt")["input_ids"][0]
-        prompts = torch.stack([ids[i * 1000 : i * 1000 + PROMPT_TOKENS] for i in range(8)])
-        timers[dtype] = _generate_timer(variant, prompts)
+        timers[dtype] = generate_timer(variant, speed_prompts(variant.tokenizer, PROMPT_TOKENS))
         timers[dtype](1, 4, 0)  # warm-up
     samples: dict[str, dict[str, list[float]]] = {d: {"ttft": [], "b1": [], "b8": []} for d in DTYPES}
     for i in range(rounds):
@@ -47,7 +44,7 @@ def measure(ref: str, rounds: int) -> dict[str, dict[str, float]]:
             samples[dtype]["b1"].append(NEW_TOKENS / max(generate(1, NEW_TOKENS, i % 8) - ttft, 1e-6))
             samples[dtype]["b8"].append(8 * NEW_TOKENS / max(generate(8, NEW_TOKENS, 0) - ttft, 1e-6))
     return {
-        d: {"ttft_ms": 1000 * _median(s["ttft"]), "b1": _median(s["b1"]), "b8": _median(s["b8"])}
+        d: {"ttft_ms": 1000 * median(s["ttft"]), "b1": median(s["b1"]), "b8": median(s["b8"])}
         for d, s in samples.items()
     }
 

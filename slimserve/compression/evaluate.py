@@ -125,7 +125,13 @@ def _rss_kb(field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _generate_timer(variant: LoadedVariant, prompts: torch.Tensor) -> Callable[[int, int, int], float]:
+def speed_prompts(tokenizer: Any, prompt_tokens: int) -> torch.Tensor:
+    """Eight prompts of `prompt_tokens` held-out tokens, 1000 tokens apart: what speed figures are timed on."""
+    ids = tokenizer(eval_text(), return_tensors="pt")["input_ids"][0]
+    return torch.stack([ids[i * 1000 : i * 1000 + prompt_tokens] for i in range(8)])  # (8, P)
+
+
+def generate_timer(variant: LoadedVariant, prompts: torch.Tensor) -> Callable[[int, int, int], float]:
     """A function timing greedy generation of `new_tokens` for `rows` prompts from `offset` (seconds)."""
     model, tokenizer = variant.model, variant.tokenizer
 
@@ -145,7 +151,7 @@ def _generate_timer(variant: LoadedVariant, prompts: torch.Tensor) -> Callable[[
     return generate
 
 
-def _median(values: list[float]) -> float:
+def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
@@ -157,20 +163,18 @@ def runtime_in_this_process(ref: str, config: EvalConfig, reference: str | None 
     median per-round ratio is reported as `speedup_b1`: on a shared machine whose speed drifts by tens of
     percent between minutes, only figures taken side by side compare.
     """
-    text = eval_text()
     rss_before = _rss_kb("VmRSS")
     started = time.perf_counter()
     variant = load_variant(ref, dtype=config.runtime_dtype)
     load_s = time.perf_counter() - started
     peak_delta_mb = (_rss_kb("VmHWM") - rss_before) / 1024
-    ids = variant.tokenizer(text, return_tensors="pt")["input_ids"][0]
-    prompts = torch.stack([ids[i * 1000 : i * 1000 + config.prompt_tokens] for i in range(8)])  # (8, P)
-    generate = _generate_timer(variant, prompts)
+    prompts = speed_prompts(variant.tokenizer, config.prompt_tokens)
+    generate = generate_timer(variant, prompts)
 
     generate(1, 4, 0)  # warm-up
-    ttft = _median([generate(1, 1, i % 8) for i in range(config.repeats)])
-    b1 = _median([generate(1, config.decode_tokens, i % 8) for i in range(config.repeats)])
-    b8 = _median([generate(8, config.decode_tokens, 0) for _ in range(config.repeats)])
+    ttft = median([generate(1, 1, i % 8) for i in range(config.repeats)])
+    b1 = median([generate(1, config.decode_tokens, i % 8) for i in range(config.repeats)])
+    b8 = median([generate(8, config.decode_tokens, 0) for _ in range(config.repeats)])
     figures = {
         "load_s": round(load_s, 2),
         "rss_mb": round(peak_delta_mb, 1),
@@ -190,7 +194,7 @@ def _side_by_side(
     generate: Callable[[int, int, int], float], reference: LoadedVariant, prompts: torch.Tensor, config: EvalConfig
 ) -> float:
     """Median over rounds of reference decode time / variant decode time (batch 1), taken in alternation."""
-    generate_reference = _generate_timer(reference, prompts)
+    generate_reference = generate_timer(reference, prompts)
     generate_reference(1, 4, 0)  # warm-up
 
     def decode_s(timer: Callable[[int, int, int], float], offset: int) -> float:
@@ -203,7 +207,7 @@ def _side_by_side(
         else:
             reference_s, variant_s = decode_s(generate_reference, i % 8), decode_s(generate, i % 8)
         ratios.append(reference_s / variant_s)
-    return _median(ratios)
+    return median(ratios)
 
 
 def runtime(ref: str, config: EvalConfig, reference: str | None = None) -> dict[str, float]:
