@@ -118,7 +118,7 @@ def test_choose_layers_refuses_a_deeper_student() -> None:
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_the_forward_kl_matches_its_definition_in_value_and_gradient(temperature: float) -> None:
-    """The fused form (cross-entropy to the teacher's probabilities less their entropy) is the KL itself."""
+    """The hand-written forward and backward are the KL itself and its gradient, for any upstream weights."""
     teacher = torch.randn(2, 7, 300)
     student = torch.randn(2, 7, 300, requires_grad=True)
     fused = token_divergence(student, teacher, "forward_kl", temperature=temperature)
@@ -126,8 +126,9 @@ def test_the_forward_kl_matches_its_definition_in_value_and_gradient(temperature
     q = torch.log_softmax(student / temperature, dim=-1)
     direct = (p.exp() * (p - q)).sum(dim=-1) * temperature**2
     torch.testing.assert_close(fused, direct)
-    (fused_grad,) = torch.autograd.grad(fused.sum(), student)
-    (direct_grad,) = torch.autograd.grad(direct.sum(), student)
+    weights = torch.rand(2, 7)  # per-position upstream gradient, as the mask and token count give
+    (fused_grad,) = torch.autograd.grad((fused * weights).sum(), student)
+    (direct_grad,) = torch.autograd.grad((direct * weights).sum(), student)
     torch.testing.assert_close(fused_grad, direct_grad)
 
 
