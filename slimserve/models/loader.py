@@ -24,6 +24,7 @@ from slimserve.models.cpu_kernels import (
     native_bf16,
     tie_int8_embedding,
 )
+from slimserve.models.fp32_attention import use_fp32_attention
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 
@@ -144,6 +145,8 @@ def load_variant(
             accelerate_compressed_linears(model)
         if tied_int8:
             tie_int8_embedding(model, torch_dtype)
+    if torch_dtype == torch.bfloat16 and not native_bf16():
+        use_fp32_attention(model)  # emulated bf16 attention was about twice as slow as fp32 here
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
