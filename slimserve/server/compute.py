@@ -7,15 +7,18 @@ variants resident, one thread per engine would oversubscribe the two cores the s
 engines take turns on this one thread, one step (admitting and prefilling new sequences, then one
 decode step of the batch) per turn.
 
-Whose turn it is follows earliest-deadline-first: a sequence with a latency budget must start its next
-step by its deadline minus its remaining tokens' steps, so an engine serving a tight request steps
-ahead of one whose requests have time to spare (those catch up later, still within their budgets).
-A waiting sequence's prefill counts like a running one's steps: without a budget it comes first (the
-request starts at once), with one by the latest start its prefill and tokens allow, so a loose request's
-prefill does not cut into a tight one's spare time. Sequences without a budget advance at the
-round-robin pace (one step per round of busy engines); ones that can no longer make their budget yield
-to every engine due sooner (at least one step a second). Round-robin alone made
-every busy variant slow every other's requests by a full step, whatever their budgets.
+Whose turn it is follows earliest-deadline-first: among engines serving sequences with a latency budget,
+the one whose earliest deadline comes first steps, so a tight request's steps run back to back ahead of
+one with time to spare (those catch up later, still within their budgets where the cores allow). This is
+the order the router's `edf_plan` predicts finish times under. Ordering by latest start instead
+(deadline less the remaining steps, least laxity first) ran a long request ahead of a short one due
+sooner until both were at the edge of their budgets: the router had predicted the short one's 16 tokens
+in 1.6 s and they took 6.8. A waiting sequence's prefill counts like a running one's steps: without a
+budget it comes first (the request starts at once), with one by its deadline. Sequences without a budget
+advance at the round-robin pace (one step per round of busy engines), and ones that can no longer make
+their budget at least once a second; either steps ahead of budgeted work only while that work's latest
+start leaves time. Round-robin alone made every busy variant slow every other's requests by a full step,
+whatever their budgets.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +55,8 @@ class Turn:
     latest_start: float | None = None
     """`time.perf_counter()` by which its next step must start so that its budgeted sequences still
     finish on time (None: none that can still make it)."""
+    deadline: float | None = None
+    """The earliest deadline of those budgeted sequences: the earliest-deadline-first order among engines."""
     best_effort: bool = False
     """It runs sequences without a budget: they advance at the round-robin pace."""
     past_saving: bool = False
@@ -75,18 +81,29 @@ class Steppable(Protocol):
         ...
 
 
-def due(turn: Turn, last_ran: float, busy_engines: int) -> float:
-    """The time by which this engine should step next; the compute thread steps the earliest first."""
-    if turn.prefill:
-        return -math.inf
+def paced(turn: Turn, last_ran: float, busy_engines: int) -> float:
+    """When this engine's sequences without a budget, or past saving, are due their next step (inf: none)."""
     candidates = [math.inf]
-    if turn.latest_start is not None:
-        candidates.append(turn.latest_start)
     if turn.best_effort:  # the round-robin pace: once per round of every busy engine's step
         candidates.append(last_ran + turn.step_s * busy_engines)
     if turn.past_saving:
         candidates.append(last_ran + BACKGROUND_S)
     return min(candidates)
+
+
+def next_turn(turns: Sequence[Turn], last_ran: Sequence[float]) -> int:
+    """Index of the engine to step next: prefills without a budget first, then the budgeted engine due
+    first by deadline, unless paced work is due before every budgeted engine's latest start; among
+    equals, the engine that has waited longest."""
+    prefills = [i for i, turn in enumerate(turns) if turn.prefill]
+    if prefills:
+        return min(prefills, key=lambda i: last_ran[i])
+    budgeted = [i for i, turn in enumerate(turns) if turn.latest_start is not None]
+    pace = [paced(turn, last_ran[i], len(turns)) for i, turn in enumerate(turns)]
+    earliest_pace = min(range(len(turns)), key=lambda i: (pace[i], last_ran[i]))
+    if not budgeted or pace[earliest_pace] < min(turns[i].latest_start or math.inf for i in budgeted):
+        return earliest_pace
+    return min(budgeted, key=lambda i: (turns[i].deadline or math.inf, last_ran[i]))
 
 
 class ComputeThread:
@@ -142,11 +159,7 @@ class ComputeThread:
                 if not busy:
                     self._work.wait()
                     continue
-                # earliest due first; among equals, the engine that has waited longest
-                _, _, chosen = min(
-                    (due(turn, last_ran.get(id(e), 0.0), len(busy)), last_ran.get(id(e), 0.0), i)
-                    for i, (e, turn) in enumerate(busy)
-                )
+                chosen = next_turn([turn for _, turn in busy], [last_ran.get(id(e), 0.0) for e, _ in busy])
                 engine = busy[chosen][0]
                 try:
                     if not engine.step():  # its urgency was stale: do not let it win every turn for nothing

@@ -330,6 +330,7 @@ class TransformersEngine:
             return None
         now = time.perf_counter()
         latest: float | None = None
+        deadline: float | None = None
         best_effort = past_saving = False
         prefill_now = any(s.handle.deadline is None or s.handle.cancelled.is_set() for s in admissible)
         work = [(s, False) for s in rows] + [(s, True) for s in admissible if s.handle.deadline is not None]
@@ -341,7 +342,16 @@ class TransformersEngine:
                 past_saving = True
             else:
                 latest = start if latest is None else min(latest, start)
-        return Turn(self._step_s(len(rows)), prefill_now, latest, best_effort, past_saving)
+                due = seq.handle.deadline or math.inf  # set: a sequence without one has no latest start
+                deadline = due if deadline is None else min(deadline, due)
+        return Turn(
+            self._step_s(len(rows)),
+            prefill=prefill_now,
+            latest_start=latest,
+            deadline=deadline,
+            best_effort=best_effort,
+            past_saving=past_saving,
+        )
 
     def _step_s(self, batch: int) -> float:
         return self.profile.step_ms(batch) / 1000 if self.profile is not None else 0.05
