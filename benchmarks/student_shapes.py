@@ -26,6 +26,7 @@ from slimserve.compression.distill import DistillConfig, distill
 from slimserve.compression.evaluate import EvalConfig, evaluate, runtime
 from slimserve.compression.student import StudentSpec
 from slimserve.models import DEFAULT_VARIANT, VariantManifest, VariantRegistry, slimserve_home
+from slimserve.models.cpu_kernels import native_bf16
 
 
 def parse_shape(text: str) -> tuple[int, float]:
@@ -144,7 +145,8 @@ def speed_only(args: argparse.Namespace) -> int:
                 "### Speed of each shape (untrained): `python benchmarks/student_shapes.py --speed-only`",
                 "benchmarks/student_shapes.py",
             ),
-            "- batch-1 decode of 64 tokens after a 128-token prompt, bf16, the teacher's time / the student's, "
+            f"- batch-1 decode of 64 tokens after a 128-token prompt, {'bf16' if native_bf16() else 'fp32'} (what "
+            "`fast` picks here), the teacher's time / the student's, "
             "side by side in one process (median of 5 alternating rounds).",
             "",
             "| blocks | MLP kept | params (M) | b1 vs teacher |",
