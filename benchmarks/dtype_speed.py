@@ -20,7 +20,7 @@ from report import heading, publish
 
 from slimserve.compression.evaluate import generate_timer, median, speed_prompts
 from slimserve.models import DEFAULT_VARIANT, VariantRegistry, load_variant
-from slimserve.models.loader import native_bf16
+from slimserve.models.cpu_kernels import native_bf16
 
 DTYPES = ("fp32", "bf16")
 NEW_TOKENS = 32

@@ -98,12 +98,16 @@ def next_turn(turns: Sequence[Turn], last_ran: Sequence[float]) -> int:
     prefills = [i for i, turn in enumerate(turns) if turn.prefill]
     if prefills:
         return min(prefills, key=lambda i: last_ran[i])
-    budgeted = [i for i, turn in enumerate(turns) if turn.latest_start is not None]
+    starts = {i: turn.latest_start for i, turn in enumerate(turns) if turn.latest_start is not None}
     pace = [paced(turn, last_ran[i], len(turns)) for i, turn in enumerate(turns)]
     earliest_pace = min(range(len(turns)), key=lambda i: (pace[i], last_ran[i]))
-    if not budgeted or pace[earliest_pace] < min(turns[i].latest_start or math.inf for i in budgeted):
+    if not starts or pace[earliest_pace] < min(starts.values()):
         return earliest_pace
-    return min(budgeted, key=lambda i: (turns[i].deadline or math.inf, last_ran[i]))
+    return min(starts, key=lambda i: (_or_inf(turns[i].deadline), last_ran[i]))
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 class ComputeThread:

@@ -342,8 +342,9 @@ class TransformersEngine:
                 past_saving = True
             else:
                 latest = start if latest is None else min(latest, start)
-                due = seq.handle.deadline or math.inf  # set: a sequence without one has no latest start
-                deadline = due if deadline is None else min(deadline, due)
+                due = seq.handle.deadline  # set: a sequence without one has no latest start
+                if due is not None:
+                    deadline = due if deadline is None else min(deadline, due)
         return Turn(
             self._step_s(len(rows)),
             prefill=prefill_now,
