@@ -2,7 +2,8 @@
 
 Sequences join after their own prefill (no padding inside a prefill, so no fully-masked query rows)
 and leave the moment they finish; the batch is re-padded on the left to the longest cache. This is
-continuous batching at token granularity on top of transformers' `DynamicCache`.
+continuous batching at token granularity on top of transformers' `DynamicCache`. Rows can also be split
+off into a batch of their own and merged back (the engine steps urgent rows apart, see `engine`).
 """
 
 from __future__ import annotations
@@ -32,16 +33,42 @@ class PaddedKVBatch:
     def add(self, cache: DynamicCache) -> None:
         """Append one prefilled sequence (batch of 1, no padding) as the last row."""
         _check_full_attention(cache)
-        new_len = cache.get_seq_length()
-        new_mask = torch.ones(1, new_len, dtype=torch.long)
-        if self.cache is None:
-            self.cache, self.mask = cache, new_mask
+        joining = PaddedKVBatch()
+        joining.cache, joining.mask = cache, torch.ones(1, cache.get_seq_length(), dtype=torch.long)
+        self.merge(joining)
+
+    def merge(self, other: PaddedKVBatch) -> None:
+        """Append every row of `other` after this batch's rows (both re-padded to the longer); `other` is
+        consumed: its tensors now belong to this batch."""
+        if other.cache is None:
             return
-        width = max(self.length, new_len)
-        for old_layer, new_layer in zip(_layers(self.cache), _layers(cache), strict=True):
-            old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
-            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
-        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(new_mask, width)])
+        if self.cache is None:
+            self.cache, self.mask = other.cache, other.mask
+            return
+        width = max(self.length, other.length)
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(other.mask, width)])
+
+    def split(self, rows: list[int]) -> PaddedKVBatch:
+        """Move `rows` (in this order) into a new batch, which is returned; this batch keeps the others."""
+        split = PaddedKVBatch()
+        if not rows:
+            return split
+        assert self.cache is not None
+        index = torch.tensor(rows, dtype=torch.long)
+        split.mask = self.mask[index]
+        first_real = int(split.mask.any(dim=0).long().argmax())
+        split.mask = split.mask[:, first_real:]
+        split.cache = DynamicCache()  # full-attention layers, appended by `update` (`_check_full_attention`)
+        for layer_idx, layer in enumerate(_layers(self.cache)):
+            split.cache.update(
+                layer.keys[index, :, first_real:].contiguous(), layer.values[index, :, first_real:].contiguous(), layer_idx
+            )
+        chosen = set(rows)
+        self.keep([i for i in range(self.size) if i not in chosen])
+        return split
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Extend the mask for one new token per row; return (attention_mask, position_ids)."""

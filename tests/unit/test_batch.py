@@ -75,3 +75,40 @@ def test_keep_nothing_empties_the_batch(tiny_loaded: LoadedVariant) -> None:
     batch.add(cache)
     batch.keep([])
     assert batch.size == 0 and batch.cache is None
+
+
+@torch.inference_mode()
+def test_rows_split_off_and_merged_back_match_solo_decoding(tiny_loaded: LoadedVariant) -> None:
+    """Stepping some rows apart (the engine's urgent rows) and merging them back keeps every row's logits."""
+    model = tiny_loaded.model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    steps = [[40, 41, 42, 43, 44, 45], [50, 51, 52, 53], [60, 61, 62, 63, 64, 65]]
+    expected = [_alone(model, p, s) for p, s in zip(prompts, steps, strict=True)]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+
+    def step(batch: PaddedKVBatch, rows: list[int]) -> None:
+        tokens = torch.tensor([[steps[r][len(got[r])]] for r in rows])
+        mask, positions = batch.step_inputs()
+        out = model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+        )
+        for i, r in enumerate(rows):
+            got[r].append(out.logits[i, -1])
+
+    batch = PaddedKVBatch()
+    for prompt in prompts:
+        batch.add(_prefill(model, prompt)[0])
+    step(batch, [0, 1, 2])
+    apart = batch.split([2, 0])  # rows 0 and 2 go ahead, in that order; row 1 waits
+    assert (apart.size, batch.size) == (2, 1)
+    step(apart, [2, 0])
+    step(apart, [2, 0])
+    batch.merge(apart)  # row 1 is two tokens behind the others, so the merged batch re-pads
+    step(batch, [1, 2, 0])
+    step(batch, [1, 2, 0])
+    step(batch, [1, 2, 0])
+
+    for r in range(3):
+        assert got[r], f"row {r} never stepped"
+        for k, logits in enumerate(got[r]):
+            torch.testing.assert_close(logits, expected[r][k + 1], atol=1e-4, rtol=1e-4)

@@ -311,3 +311,44 @@ def test_a_rejected_request_leaves_no_waiting_count(tiny_variant_dir: Path) -> N
         assert len(asyncio.run(scenario())) == 4
     finally:
         engine.shutdown()
+
+
+def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
+    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
+) -> None:
+    """Preemption inside one engine: a request whose budget the whole batch's steps would miss, but its own
+    steps alone can meet, is stepped apart while the rest of the batch waits; then the batch goes on as one.
+    Every request still gets the tokens it gets alone."""
+    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
+    loaded = load_variant(tiny_variant_dir, dtype="fp32")
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
+    engine.state, engine.variant = EngineState.READY, loaded
+    # predicted steps: 100 ms for one row, 400 for four; `smoothing=0` keeps them (the tiny model's real
+    # steps take a millisecond)
+    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    loose_prompts = [[5, 6, 7], [20, 21, 22, 23], [30, 31]]
+    tight_prompt = [40, 41, 42, 43, 44]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    tight_params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[list[list[int]], list[int], list[tuple[int, ...]]]:
+        loose = [engine.submit(p, params, deadline=time.perf_counter() + 600) for p in loose_prompts]
+        for _ in range(4):
+            engine.step()
+        # 10 tokens: 1 s alone, 5 s at the batch of four's 400 ms x SAFETY; the budget is 3 s
+        tight = engine.submit(tight_prompt, tight_params, deadline=time.perf_counter() + 3)
+        progress = []  # per turn: tokens each request has streamed so far
+        while engine.running or engine.waiting:
+            engine.step()
+            await asyncio.sleep(0)  # deliver the turn's events
+            progress.append(tuple(h.queue.qsize() for h in [*loose, tight]))
+        loose_tokens = [(await _run(h))[0] for h in loose]
+        return loose_tokens, (await _run(tight))[0], progress
+
+    loose_tokens, tight_tokens, progress = asyncio.run(scenario())
+    assert loose_tokens == [_reference_greedy(tiny_loaded, p, 20) for p in loose_prompts]
+    assert tight_tokens == _reference_greedy(tiny_loaded, tight_prompt, 10)
+    tight_done = progress.index(next(p for p in progress if p[3] == 10))  # the turn it got its last token
+    assert tight_done == 8  # its prefill and first step in one turn, then eight more, back to back
+    assert len({p[:3] for p in progress[: tight_done + 1]}) == 1  # the loose requests waited meanwhile
+    assert progress[-1][:3] == (20, 20, 20)  # then they went on and finished
