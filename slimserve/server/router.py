@@ -306,7 +306,7 @@ def edf_plan(
     The demand test of EDF scheduling: by each deadline d, the cores must have done every step due by d.
     A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
     once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
-    its batch size. Sequences without a budget are due at the round-robin pace, as the compute thread
+    the number of its sequences due by d (urgent rows step apart from the rest of their batch). Sequences without a budget are due at the round-robin pace, as the compute thread
     runs them; ones past saving yield to everything else but still step once per `BACKGROUND_S`, which
     counts as work due by each deadline. The new request adds its prefill and makes its engine's batch
     one larger. `scale`: real time per profile time (the
@@ -339,15 +339,27 @@ def edf_plan(
         if when == math.inf:
             background[name] = max(background.get(name, 0), left)
 
+    profiles = {c.name: c.profile for c in candidates}
+
     def demand(jobs: list[int], steps: dict[str, float], first_ms: float) -> dict[int, float]:
-        """Per job: the work (ms) that must be done by its due time."""
+        """Per job: the work (ms) that must be done by its due time. An engine steps its rows due first apart
+        from the rest of its batch when they need it (`TransformersEngine._regroup`), so the work due by a
+        deadline runs at the step time of that engine's rows due by then, not of its whole batch; once a row
+        due by then cannot finish in time even alone, it is not stepped apart, and neither is the rest."""
         longest: dict[str, int] = {}
+        apart: dict[str, int] = {}  # per engine: rows due so far, or 0 once they step as the whole batch
         work = {}
         for job in sorted(jobs, key=lambda j: due[j]):
             if due[job] == math.inf:
                 continue
-            longest[engine[job]] = max(longest.get(engine[job], 0), steps_left[job])
-            pending = sum(steps.get(name, 0.0) * left for name, left in longest.items())
+            name = engine[job]
+            longest[name] = max(longest.get(name, 0), steps_left[job])
+            savable = due[job] >= steps_left[job] * profiles[name].step_ms(1)
+            apart[name] = apart.get(name, 0) + 1 if savable and apart.get(name, -1) != 0 else 0
+            pending = sum(
+                (min(steps.get(n, 0.0), profiles[n].step_ms(apart[n])) if apart[n] else steps.get(n, 0.0)) * left
+                for n, left in longest.items()
+            )
             behind = sum(
                 steps.get(name, 0.0) * min(left, due[job] / (1000 * BACKGROUND_S))
                 for name, left in background.items()

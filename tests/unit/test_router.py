@@ -221,6 +221,20 @@ def test_a_request_that_will_miss_goes_where_a_shared_batch_costs_least() -> Non
     assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
 
 
+def test_a_tight_request_joining_a_busy_batch_is_predicted_at_the_pace_of_its_own_steps() -> None:
+    """The engine steps a row apart from the rest of its batch when its deadline needs it, so a tight request
+    on a batch of loose ones costs its own steps, not the batch's; one it cannot save runs with the batch."""
+    now = time.perf_counter()
+    loose = [(now + 60, 50)] * 6
+    busy = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=6, pending=loose)
+    # 40 tokens due in 1.08 s: 15 ms prefill + 40 x 20 ms alone (the batch of 7 would take 40 x 37.1 ms)
+    assert edf_plan([busy], busy, 20, 40, 1080).finish_ms == pytest.approx(15 + 40 * 20)
+    # the loose rows' own deadline still counts them as one batch of 7 (and nobody is pushed over)
+    assert edf_plan([busy], busy, 20, 40, 1080).harm == 0
+    # due in 0.5 s, its 40 tokens cannot make it even alone: it steps with the batch
+    assert edf_plan([busy], busy, 20, 40, 500).finish_ms == pytest.approx(15 + 40 * (20 + 6 / 7 * 20))
+
+
 def test_busy_cores_gather_requests_on_the_variant_cheapest_per_batched_sequence() -> None:
     """A slow variant already stepping a long sequence adds little per token for one more row, but piling
     requests on it keeps it busy: under load they go where a batch of what is in flight costs least."""
