@@ -64,7 +64,9 @@ class PaddedKVBatch:
         split.cache = DynamicCache()  # full-attention layers, appended by `update` (`_check_full_attention`)
         for layer_idx, layer in enumerate(_layers(self.cache)):
             split.cache.update(
-                layer.keys[index, :, first_real:].contiguous(), layer.values[index, :, first_real:].contiguous(), layer_idx
+                layer.keys[index, :, first_real:].contiguous(),
+                layer.values[index, :, first_real:].contiguous(),
+                layer_idx,
             )
         chosen = set(rows)
         self.keep([i for i in range(self.size) if i not in chosen])

@@ -306,11 +306,12 @@ def edf_plan(
     The demand test of EDF scheduling: by each deadline d, the cores must have done every step due by d.
     A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
     once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
-    the number of its sequences due by d (urgent rows step apart from the rest of their batch). Sequences without a budget are due at the round-robin pace, as the compute thread
-    runs them; ones past saving yield to everything else but still step once per `BACKGROUND_S`, which
-    counts as work due by each deadline. The new request adds its prefill and makes its engine's batch
-    one larger. `scale`: real time per profile time (the
-    router's calibration); deadlines are compared with the profiles' work in profile time.
+    the number of its sequences due by d (urgent rows step apart from the rest of their batch). Sequences
+    without a budget are due at the round-robin pace, as the compute thread runs them; ones past saving
+    yield to everything else but still step once per `BACKGROUND_S`, which counts as work due by each
+    deadline. The new request adds its prefill and makes its engine's batch one larger. `scale`: real time
+    per profile time (the router's calibration); deadlines are compared with the profiles' work in profile
+    time.
     """
     now = time.perf_counter()
     busy = {c.name: c.running + c.waiting for c in candidates}
