@@ -1,4 +1,5 @@
-"""The generation engine: continuous batching of every request to one variant in one batch.
+"""The generation engine: continuous batching of every request to one variant in one batch, whose rows
+with a deadline it would miss step apart from the rest while they need to (`TransformersEngine._regroup`).
 
 Its prefill and decode steps run on the process's one compute thread (`compute.ComputeThread`), taking
 turns with the other resident variants' engines; loading runs on a thread of its own, so a variant
