@@ -1,14 +1,16 @@
 """Routing benchmark: one mixed workload replayed against four policies on the same server.
 
-    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.3 0.6] [--seed 0 1]
-                                      [--policies router smallest ...] [--write FILE]
+    python benchmarks/router_bench.py [--variants NAME_OR_DIR ...] [--requests 60] [--rate 0.3 0.6] [--load 0.5]
+                                      [--seed 0 1] [--policies router smallest ...] [--write FILE]
 
 The server serves the default teacher and compressed variants of it (default: the measured variants of the
 teacher that `make compress` registered, else the int8 and int4 variants `make bench-quant` leaves in
 `$SLIMSERVE_HOME/bench`; their manifests carry measured quality and speed).
 The workload is seeded: Poisson arrivals (at each given rate: a moderate load and one near what the
 cores can serve), prompts of 10-250 tokens cut from held-out text, max_tokens of
-16-128, and a latency budget per request drawn log-uniformly from tight to loose. Policies:
+16-128, and a latency budget per request drawn log-uniformly from tight to loose. `--load U` adds the rate
+at which the requests would keep the fastest variant busy a share U of the time if each ran alone (measured
+on this machine before the runs), so one figure of load means the same on a slower CPU. Policies:
   router    model=auto with the budget in X-Latency-Budget-Ms
   teacher   always the teacher, by name
   smallest  always the smallest variant, by name
@@ -179,7 +181,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=None, help="compressed variants (names or directories)")
     parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--rate", type=float, nargs="+", default=[0.3, 0.6], help="mean arrivals per second (each)")
+    parser.add_argument("--rate", type=float, nargs="+", default=None, help="mean arrivals per second (each)")
+    parser.add_argument(
+        "--load",
+        type=float,
+        nargs="+",
+        default=[],
+        help="offered load: share of the time the fastest variant alone is busy",
+    )
     parser.add_argument("--tight-ms", type=float, default=800)
     parser.add_argument("--loose-ms", type=float, default=12000)
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one workload per seed")
@@ -222,6 +231,10 @@ def main() -> int:
         print(f"   unloaded (TTFT ms + ms per prompt token, ms per output token): {json.dumps(shown)}", flush=True)
         for row in DUMP or []:  # the unloaded measurements are not part of any policy's replay
             row["policy"] = "unloaded"
+        args.rate = (args.rate or ([] if args.load else [0.3, 0.6])) + [
+            rate_for_load(load, alone, args, str(teacher.path)) for load in args.load
+        ]
+        print(f"   rates: {args.rate} /s", flush=True)
         for seed in args.seed:
             for rate in args.rate:
                 jobs = workload(args.requests, rate, seed, args.tight_ms, args.loose_ms)
@@ -255,6 +268,22 @@ def main() -> int:
         write_section(args.write, "router-bench", body)
         print(f"wrote {args.write}")
     return 0
+
+
+def rate_for_load(load: float, alone: dict[str, Alone], args: argparse.Namespace, tokenizer_dir: str) -> float:
+    """Arrivals per second at which the workload's requests, each on whichever variant alone serves it
+    soonest, would keep the cores busy a share `load` of the time (the mean of that least latency sets it;
+    a workload's requests do not depend on its rate, only their arrival times scale)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    least_s = []
+    for seed in args.seed:
+        for job in workload(args.requests, 1.0, seed, args.tight_ms, args.loose_ms):
+            messages = [{"role": "user", "content": job.prompt}]
+            prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            least_s.append(min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values()) / 1000)
+    return round(load / mean(least_s), 3)
 
 
 def default_variants(registry: VariantRegistry, teacher: str) -> list[str]:
@@ -352,7 +381,9 @@ def render(
         f"- server: the teacher and {', '.join(names['others'])}, all resident; quality = held-out perplexity "
         "/ the teacher's: " + ", ".join(f"{n} {q:.3f}" for n, q in sorted(quality.items(), key=lambda kv: kv[1])),
         f"- workload: {args.requests} chat requests per seed ({', '.join(map(str, args.seed))}), "
-        f"Poisson arrivals at {' and '.join(map(str, args.rate))}/s, "
+        f"Poisson arrivals at {' and '.join(map(str, args.rate))}/s"
+        + (f" (the last {len(args.load)}: offered load {', '.join(map(str, args.load))})" if args.load else "")
+        + ", "
         "prompts of 8-180 words of held-out text, max_tokens in {16, 32, 64, 128} (ignore_eos: each runs to its "
         "max_tokens), latency budgets log-uniform in "
         f"[{args.tight_ms:.0f}, {args.loose_ms:.0f}] ms, greedy; each seed's workload is replayed against every "
