@@ -1,6 +1,9 @@
 """Where a routing benchmark's misses are, from its `--dump`: within budget per slack bin and policy.
 
-    python benchmarks/router_misses.py DUMP.jsonl
+    python benchmarks/router_misses.py DUMP.jsonl [--list]
+
+`--list` adds every feasible request the router missed: its slack, tokens, budget, the variant it went to,
+the router's prediction and verdict, what it took, and what each other policy took for the same request.
 
 Slack is recomputed as the benchmark does (budget / the least unloaded latency of any variant for the
 request's prompt length and max_tokens), from the dump's unloaded measurements (`policy: "unloaded"`:
@@ -32,7 +35,7 @@ def alone_from_dump(rows: list[dict[str, Any]]) -> dict[str, Alone]:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] != "--list"):
         print(__doc__, file=sys.stderr)
         return 2
     rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
@@ -60,7 +63,40 @@ def main() -> int:
     rates = sorted({o.rate for o in outcomes})
     policies = list(dict.fromkeys(o.policy for o in outcomes))
     print("\n".join(by_slack(outcomes, rates, policies)))
+    if len(sys.argv) == 3:
+        print("\n".join(router_misses(rows, alone)))
     return 0
+
+
+def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[str]:
+    """One line per feasible request the router missed, with the other policies' latency for it."""
+    same: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        if row.get("policy") not in (None, "unloaded") and row.get("budget_ms"):
+            same[(row["rate"], row["seed"], row["at"])][row["policy"]] = row
+    lines = [
+        "",
+        "| rate | seed | at s | slack | prompt / max tokens | budget ms | variant | predicted ms | took ms | others |",
+    ]
+    lines.append("|---:|---:|---:|---:|---|---:|---|---:|---:|---|")
+    for (rate, seed, at), by_policy in sorted(same.items()):
+        row = by_policy.get("router")
+        if row is None or row["ms"] <= row["budget_ms"]:
+            continue
+        slack = row["budget_ms"] / min(a.latency_ms(row["prompt_tokens"], row["max_tokens"]) for a in alone.values())
+        if slack < 1:
+            continue
+        others = ", ".join(
+            f"{policy} {other['ms']}{'' if other['ms'] <= other['budget_ms'] else ' (missed)'}"
+            for policy, other in by_policy.items()
+            if policy != "router"
+        )
+        lines.append(
+            f"| {rate} | {seed} | {at} | {slack:.2f} | {row['prompt_tokens']} / {row['max_tokens']} "
+            f"| {row['budget_ms']} | {row['variant']} | {row['predicted_ms']} ({row['routing']}) | {row['ms']} "
+            f"| {others} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from router_misses import alone_from_dump
+
 from slimserve.models import VariantRegistry
 
 
@@ -41,21 +43,6 @@ class Costs:
         if rows <= 8:
             return self.step_b1_ms + (self.step_b8_ms - self.step_b1_ms) * (rows - 1) / 7
         return self.step_b8_ms * rows / 8
-
-
-def unloaded_costs(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
-    """Per variant (TTFT base ms, ms per prompt token, ms per output token), as `router_bench.Alone` fits them:
-    one-token requests with a short and a long prompt (after a warm-up), then the short one run to 64 tokens."""
-    by_variant: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["policy"] == "unloaded":
-            by_variant.setdefault(row["variant"], []).append(row)
-    fitted = {}
-    for name, timings in by_variant.items():
-        short, long, many = timings[-3], timings[-2], timings[-1]
-        slope = max(long["ms"] - short["ms"], 0) / max(long["prompt_tokens"] - short["prompt_tokens"], 1)
-        fitted[name] = (short["ms"] - slope * short["prompt_tokens"], slope, (many["ms"] - short["ms"]) / 63)
-    return fitted
 
 
 @dataclass(eq=False)
@@ -122,10 +109,15 @@ def main() -> int:
     parser.add_argument("--variant", default=None, help="variant to model (default: what --policy served)")
     parser.add_argument("--policy", default="smallest", help="whose requests to replay (all saw the same arrivals)")
     parser.add_argument("--safety", type=float, default=1.25, help="edf-apart: steps planned at this multiple")
+    parser.add_argument("--rate", type=float, default=None, help="only the requests of this arrival rate")
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.dump.read_text().splitlines() if line.strip()]
-    alone = unloaded_costs(rows)
-    jobs = [r for r in rows if r["policy"] == args.policy and r.get("budget_ms")]
+    alone = alone_from_dump(rows)
+    jobs = [
+        r
+        for r in rows
+        if r["policy"] == args.policy and r.get("budget_ms") and (args.rate is None or r.get("rate") == args.rate)
+    ]
     if not jobs:
         print(f"no requests of policy {args.policy!r} with a budget in {args.dump}")
         return 2
@@ -137,11 +129,12 @@ def main() -> int:
     if not b8_tok_s:
         print(f"{name} has no measured decode_tok_s_b8 in its manifest (run slimserve eval)")
         return 2
-    base, per_token, step_b1 = alone[name]
-    costs = Costs(base, per_token, step_b1, 8 * 1000 / float(b8_tok_s))
+    model = alone[name]
+    base, per_token = model.ttft_base_ms, model.ttft_per_prompt_token_ms
+    costs = Costs(base, per_token, model.per_token_ms, 8 * 1000 / float(b8_tok_s))
 
     def best_alone_ms(job: dict[str, Any]) -> float:
-        return min(b + p * job["prompt_tokens"] + (job["max_tokens"] - 1) * s for b, p, s in alone.values())
+        return min(a.latency_ms(job["prompt_tokens"], job["max_tokens"]) for a in alone.values())
 
     feasible = [j["budget_ms"] >= best_alone_ms(j) for j in jobs]
     measured = sum(f and j["ms"] <= j["budget_ms"] for f, j in zip(feasible, jobs, strict=True))
@@ -152,8 +145,10 @@ def main() -> int:
     print(f"  measured in the run ({args.policy}): {measured}/{sum(feasible)} feasible budgets met")
     for scheduler in ("fcfs", "edf", "edf-apart"):
         met = 0
-        for seed in sorted({j.get("seed", 0) for j in jobs}):
-            part = [(j, f) for j, f in zip(jobs, feasible, strict=True) if j.get("seed", 0) == seed]
+        for rate, seed in sorted({(j.get("rate"), j.get("seed", 0)) for j in jobs}):
+            part = [
+                (j, f) for j, f in zip(jobs, feasible, strict=True) if (j.get("rate"), j.get("seed", 0)) == (rate, seed)
+            ]
             done = replay([j for j, _ in part], costs, scheduler, args.safety)
             met += sum(
                 f and r.finished_ms is not None and r.finished_ms <= r.due_ms

@@ -30,6 +30,12 @@ from slimserve.server.compute import BACKGROUND_S
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
 
+MAX_MARGIN = 2.0
+"""The largest factor a variant's budgets are divided by. Overruns beyond it come from cores taken by other
+engines' work that no prediction made at arrival sees; a routing run at offered load 0.5 ended with margins
+of 3.5-3.7 (the cap was 4), so 78 of its 120 requests were predicted to miss on every variant and went by
+cost alone, where always-smallest met 86% of the feasible budgets to the router's 77%."""
+
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
 HEADER_QUALITY = "x-min-quality"
@@ -465,7 +471,8 @@ class Router:
 
     def margin(self, name: str) -> float:
         """How many times its prediction a request on this variant may take: the `coverage` quantile of its
-        recent overruns (at least 1, at most 4), or the fixed headroom until `min_overruns` have finished.
+        recent overruns (at least 1, at most `MAX_MARGIN`), or the fixed headroom until `min_overruns` have
+        finished.
 
         Why per variant: the mean calibration makes predictions right on average, but a budget is met or
         missed one request at a time, and how far the tail runs can differ by variant: a slow variant's
@@ -482,7 +489,7 @@ class Router:
         if len(ratios) < self.min_overruns:
             return 1 / (1 - self.headroom)
         index = min(len(ratios) - 1, math.ceil(self.coverage * len(ratios)) - 1)
-        return min(max(ratios[index], 1.0), 4.0)
+        return min(max(ratios[index], 1.0), MAX_MARGIN)
 
     def current_reserve(self) -> float:
         """The reserve in force now: the fixed one, or the expected load (capped at 90%)."""

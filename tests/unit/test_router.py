@@ -16,6 +16,7 @@ from slimserve.server.app import create_app
 from slimserve.server.engine import RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import (
+    MAX_MARGIN,
     Budget,
     BudgetError,
     LatencyProfile,
@@ -205,6 +206,17 @@ def test_each_variant_keeps_the_margin_its_own_requests_needed() -> None:
     tight = Budget(latency_ms=predict_ms(INT4, 20, 100) * 1.05)  # inside the headroom, outside no margin
     decision = router.choose(FAMILY, tight, 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int4", True) and "fastest" not in decision.reason
+
+
+def test_a_margin_stops_at_the_cap_however_far_the_worst_requests_ran_over() -> None:
+    """A few requests held up 3-4x by other engines' work must not make every budget look out of reach."""
+    router = Router(reserve=0)
+    decision = router.choose([INT4], Budget(latency_ms=10_000), 20, 100)[1]
+    for overrun in [1.0] * 8 + [3.5, 3.7]:
+        router.observe(decision, overrun * decision.predicted_ms)
+    assert router.margin("int4") == pytest.approx(MAX_MARGIN)
+    fits_twice = Budget(latency_ms=predict_ms(INT4, 20, 100) * 2.05)
+    assert router.choose([INT4], fits_twice, 20, 100)[1].budget_met
 
 
 def test_a_request_that_will_miss_goes_where_a_shared_batch_costs_least() -> None:
