@@ -33,7 +33,7 @@ QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "a
 MAX_MARGIN = 2.0
 """The largest factor a variant's budgets are divided by. Overruns beyond it come from cores taken by other
 engines' work that no prediction made at arrival sees; a routing run at offered load 0.5 ended with margins
-of 3.5-3.7 (the cap was 4), so 78 of its 120 requests were predicted to miss on every variant and went by
+of 3.5-3.7 (the cap was 4), so 80 of its 120 requests were predicted to miss on every variant and went by
 cost alone, where always-smallest met 86% of the feasible budgets to the router's 77%."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
