@@ -438,17 +438,25 @@ class TransformersEngine:
     def _latest_start(self, seq: _Sequence, running: int, now: float, waiting: bool = False) -> float | None:
         """`time.perf_counter()` by which `seq`'s work ahead (its prefill if waiting, then its remaining
         steps, planned at `SAFETY` times their predicted length) must start to meet its deadline; None
-        without a budget, inf once not even that work alone fits (past saving)."""
+        without a budget, inf once not even that work alone fits (past saving).
+
+        Its steps are planned at its batch's pace while that still fits, else at its own: `_regroup` then
+        steps it apart from the rest. Judged at the batch's pace alone, a tight request on a busy engine
+        counted as past saving, so the compute thread gave its engine only background turns while another
+        engine had budgeted work, though stepped apart it could still have made it."""
         deadline = seq.handle.deadline
         if deadline is None:
             return None
         if waiting:
-            prefill_s = self.profile.ttft_ms(len(seq.handle.prompt_ids)) / 1000 if self.profile is not None else 0.05
-            ahead_s = prefill_s + seq.params.max_tokens * self._step_s(running + 1)
+            first_s = self.profile.ttft_ms(len(seq.handle.prompt_ids)) / 1000 if self.profile is not None else 0.05
+            steps, batch = seq.params.max_tokens, running + 1
         else:
-            ahead_s = (seq.params.max_tokens - len(seq.generated)) * self._step_s(running)
+            first_s, steps, batch = 0.0, seq.params.max_tokens - len(seq.generated), running
+        ahead_s = first_s + steps * self._step_s(batch)
         if deadline - now < ahead_s:
-            return math.inf
+            ahead_s = first_s + steps * self._step_s(1)
+            if deadline - now < ahead_s:
+                return math.inf
         return deadline - ahead_s * SAFETY
 
     def _admissible(self, rows: list[_Sequence]) -> list[_Sequence]:

@@ -266,6 +266,21 @@ def batched_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int, conc
     return load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * profile.manifest_step_ms(batch) / batch
 
 
+def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """Latency of this request on `candidate` with the cores to itself: its load if not resident, its
+    prefill, then its steps at batch size one. Earliest-deadline-first turns and rows stepped apart
+    (`TransformersEngine._regroup`) give a tight request about this while the rest waits.
+
+    A request no variant is predicted to make at the load in flight went by `batched_work_ms`, which
+    ranks by throughput, not by its own chance: in a routing run at 0.3/s, 19 of the 24 such requests
+    that some variant alone could have met went to one that was not the fastest alone for them (4 made
+    it; 2 of the 5 sent to the fastest did). When steps of its own can still make it, the variant
+    fastest alone is its best chance, and the "fastest" the router promises when none fits."""
+    profile = candidate.profile
+    load = 0.0 if candidate.resident else profile.load_ms
+    return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(1)
+
+
 def deadline_harm(target: Candidate, prompt_tokens: int) -> int:
     """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
     meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
@@ -332,9 +347,9 @@ def edf_plan(
         for deadline, remaining in c.deadlines():
             if deadline is None:  # no budget: the compute thread runs it at the round-robin pace
                 due.append(remaining * pace)
-            elif 1000 * (deadline - now) / scale >= remaining * steps_before.get(c.name, 0.0):
+            elif 1000 * (deadline - now) / scale >= remaining * c.profile.step_ms(1):
                 due.append(1000 * (deadline - now) / scale)
-            else:  # past saving (not even its own steps alone fit): it yields to everything else
+            else:  # past saving (not even its own steps, stepped apart, fit): it yields to everything else
                 due.append(math.inf)
             engine.append(c.name)
             steps_left.append(remaining)
@@ -585,8 +600,12 @@ class Router:
                 # none fits its margin: on shared cores, where it costs least (the variant predicted to
                 # finish it soonest is often an idle slower one, whose steps then slow every round; a
                 # routing run spread its fallbacks over five variants so, and one that still preferred
-                # variants predicted within the bare budget sent 15 of them to the fp32 student)
+                # variants predicted within the bare budget sent 15 of them to the fp32 student), unless
+                # only steps of its own can make it: then the variant fastest alone (`alone_ms`)
+                alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) * scale for c in best}
                 order = sorted(best, key=lambda c: (cost[c.name], predicted[c.name]))
+                if any(alone[c.name] <= budget.latency_ms for c in best):
+                    order = sorted(best, key=lambda c: alone[c.name])
                 met = predicted[order[0].name] <= budget.latency_ms
                 reason = (
                     "fastest: predicted within the budget but not its margin"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimserve.models import LoadedVariant, load_variant
-from slimserve.server.compute import ComputeThread
+from slimserve.server.compute import SAFETY, ComputeThread
 from slimserve.server.engine import (
     EngineBusyError,
     EngineNotReadyError,
@@ -286,6 +286,34 @@ def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_t
         assert turn is not None and turn.prefill and turn.latest_start is not None
         engine._rows = [sequence(40, 30.0)]  # time to spare: everyone waiting joins
         assert engine._admissible(engine._rows) == [loose, unbudgeted, urgent]
+    finally:
+        loop.close()
+
+
+def test_a_row_the_batch_pace_would_miss_but_its_own_steps_can_save_is_not_past_saving() -> None:
+    """The compute thread's urgency follows `_regroup`: a running row whose remaining steps no longer fit at
+    its batch's pace, but do stepped apart, keeps a latest start and its deadline (EDF turns), instead of
+    counting as past saving (background turns only); a row that not even its own steps can save is."""
+    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
+    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
+    engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0)
+    loop = asyncio.new_event_loop()
+
+    def sequence(max_tokens: int, deadline_in_s: float) -> _Sequence:
+        handle = RequestHandle("r", [1, 2, 3], loop, time.perf_counter() + deadline_in_s)
+        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, 0.0)  # type: ignore[arg-type]
+
+    try:
+        # five rows step at 100 ms: 10 steps need 1 s in the batch, 0.2 s alone
+        tight = sequence(10, 0.5)
+        engine._rows = [sequence(40, 60.0) for _ in range(4)] + [tight]
+        turn = engine.pending()
+        assert turn is not None and not turn.past_saving
+        assert turn.deadline == tight.handle.deadline
+        assert turn.latest_start is not None and turn.latest_start <= tight.handle.deadline - 0.2 * SAFETY + 1e-6
+        engine._rows[-1] = sequence(10, 0.1)  # 0.2 s of steps even alone: past saving
+        turn = engine.pending()
+        assert turn is not None and turn.past_saving and turn.deadline is not None and turn.deadline > 50
     finally:
         loop.close()
 

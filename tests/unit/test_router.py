@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from slimserve.server.router import (
     BudgetError,
     LatencyProfile,
     Router,
+    alone_ms,
     batched_work_ms,
     deadline_harm,
     edf_plan,
@@ -233,6 +235,26 @@ def test_a_request_that_will_miss_goes_where_a_shared_batch_costs_least() -> Non
     assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
 
 
+def test_a_request_only_its_own_steps_can_save_goes_to_the_variant_fastest_alone() -> None:
+    """When no variant fits the budget less its margin, a request that steps of its own could still finish
+    in time goes to the variant fastest alone (its best chance under EDF turns), not to the batch that is
+    cheapest per sequence, where even alone it would miss."""
+    now = time.perf_counter()
+    cheap = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400, running=6, pending=[(now + 60, 50)] * 6)
+    cheap.profile.step_b8_ms = 26  # batches well: a shared batch costs least per sequence here
+    idle = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
+    assert batched_work_ms(cheap, 20, 40, 7) < batched_work_ms(idle, 20, 40, 7)
+    router = Router()
+    router.overruns["int8"] = deque([2.0] * router.min_overruns)  # margins of 2: 500 ms of the 1 s budget
+    # 40 tokens alone: 15 ms prefill + 40 x 20 ms = 815 ms on int4, 1015 ms on int8
+    assert alone_ms(idle, 20, 40) == pytest.approx(815) and alone_ms(cheap, 20, 40) == pytest.approx(1015)
+    decision = router.choose([cheap, idle], Budget(latency_ms=1000), 20, 40)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", True) and "not its margin" in decision.reason
+    # a budget not even the fastest alone can meet still goes where a shared batch costs least
+    decision = router.choose([cheap, idle], Budget(latency_ms=700), 20, 40)[1]
+    assert (decision.variant, decision.budget_met) == ("int8", False)
+
+
 def test_a_tight_request_joining_a_busy_batch_is_predicted_at_the_pace_of_its_own_steps() -> None:
     """The engine steps a row apart from the rest of its batch when its deadline needs it, so a tight request
     on a batch of loose ones costs its own steps, not the batch's; one it cannot save runs with the batch."""
@@ -245,6 +267,11 @@ def test_a_tight_request_joining_a_busy_batch_is_predicted_at_the_pace_of_its_ow
     assert edf_plan([busy], busy, 20, 40, 1080).harm == 0
     # due in 0.5 s, its 40 tokens cannot make it even alone: it steps with the batch
     assert edf_plan([busy], busy, 20, 40, 500).finish_ms == pytest.approx(15 + 40 * (20 + 6 / 7 * 20))
+    # a running row the batch's pace would miss (20 tokens in 0.5 s: 20 x 37.1 ms) but its own steps make
+    # (20 x 20 ms) can still be saved: a 200-token prompt's 105 ms prefill ahead of it pushes it over
+    rows = [(now + 0.5, 20), *loose[:5]]
+    tight = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=6, pending=rows)
+    assert edf_plan([tight], tight, 200, 10, 5_000).harm == 1
 
 
 def test_busy_cores_gather_requests_on_the_variant_cheapest_per_batched_sequence() -> None:
