@@ -36,6 +36,15 @@ engines' work that no prediction made at arrival sees; a routing run at offered 
 of 3.5-3.7 (the cap was 4), so 80 of its 120 requests were predicted to miss on every variant and went by
 cost alone, where always-smallest met 86% of the feasible budgets to the router's 77%."""
 
+WORKHORSE_BATCH = 8
+"""Batch size at which busy cores rank variants by cost (`batched_work_ms`). Ranked at the requests in flight
+instead, the cheapest variant flipped with their number where two are close: by the manifest figures of an
+AVX2 machine the int4 student's steps cost least per sequence up to 5 in flight, the 8-bit student's from 6
+on, and the 8-bit student prefills faster. A routing run at offered load 0.5 sent 35 of its 60 requests to
+the one and 20 to the other. Two busy engines on two cores step in turns, each round costing both their
+steps, where one engine's batch steps its rows at once: always-smallest met 81% of the feasible budgets of
+that workload's first seed, the router 74%."""
+
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
 HEADER_QUALITY = "x-min-quality"
@@ -246,8 +255,9 @@ def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms
 
 
 def batched_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int, concurrency: int) -> float:
-    """Core time this request costs on `target` if the requests now in flight shared its batch: its prefill,
-    then its share of `max_tokens` steps at that batch size (plus the load if `target` is not resident).
+    """Core time this request costs on `target` in a batch of `concurrency` sequences: its prefill, then its
+    share of `max_tokens` steps at that batch size (plus the load if `target` is not resident). The router
+    ranks at `WORKHORSE_BATCH`, whatever is in flight.
 
     On busy shared cores this, not its own latency nor the growth of the batch it would join, is what
     ranks the variants: an idle engine's steps are added to every round, and the marginal cost of one more
@@ -275,7 +285,12 @@ def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float
     ranks by throughput, not by its own chance: in a routing run at 0.3/s, 19 of the 24 such requests
     that some variant alone could have met went to one that was not the fastest alone for them (4 made
     it; 2 of the 5 sent to the fastest did). When steps of its own can still make it, the variant
-    fastest alone is its best chance, and the "fastest" the router promises when none fits."""
+    fastest alone is its best chance, and the "fastest" the router promises when none fits.
+
+    It is the live profile's figure, not scaled by the router's calibration, like the engine's test of
+    whether a row can still be saved: the engine corrects the profile from the steps it times, and the
+    calibration carries the waiting of requests that run with the others, which a row stepped apart
+    ahead of them does not do."""
     profile = candidate.profile
     load = 0.0 if candidate.resident else profile.load_ms
     return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(1)
@@ -541,9 +556,9 @@ class Router:
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
             load = {name: plan.load for name, plan in plans.items()}
-            # what it costs the others: on shared cores the cheapest choice when the cores are busy
-            concurrency = 1 + sum(c.running + c.waiting for c in candidates)
-            cost = {c.name: batched_work_ms(c, prompt_tokens, max_tokens, concurrency) for c in usable}
+            # what it costs the others: on shared cores the cheapest choice when the cores are busy, ranked
+            # at a full batch (`WORKHORSE_BATCH`) so that busy cores gather their requests on one engine
+            cost = {c.name: batched_work_ms(c, prompt_tokens, max_tokens, WORKHORSE_BATCH) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens) for c in usable}
@@ -602,7 +617,7 @@ class Router:
                 # routing run spread its fallbacks over five variants so, and one that still preferred
                 # variants predicted within the bare budget sent 15 of them to the fp32 student), unless
                 # only steps of its own can make it: then the variant fastest alone (`alone_ms`)
-                alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) * scale for c in best}
+                alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) for c in best}
                 order = sorted(best, key=lambda c: (cost[c.name], predicted[c.name]))
                 if any(alone[c.name] <= budget.latency_ms for c in best):
                     order = sorted(best, key=lambda c: alone[c.name])

@@ -18,6 +18,7 @@ from slimserve.server.engine import RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import (
     MAX_MARGIN,
+    WORKHORSE_BATCH,
     Budget,
     BudgetError,
     LatencyProfile,
@@ -286,6 +287,20 @@ def test_busy_cores_gather_requests_on_the_variant_cheapest_per_batched_sequence
     # requests in flight costs 14.3 ms a row on int8 and 10.4 on int4
     decision = Router(reserve=0.9).choose([slow_busy, fast], Budget(latency_ms=5_000), 20, 100)[1]
     assert decision.variant == "int4" and "least" in decision.reason
+
+
+def test_busy_cores_rank_variants_at_a_full_batch_whatever_is_in_flight() -> None:
+    """Ranked at the requests in flight, the cheaper of two close variants flipped with their number, and busy
+    cores ran two engines whose steps add up in every round; ranked at a full batch, they gather on one."""
+    poor = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
+    poor.profile.step_b8_ms = 60  # 7.5 ms per sequence at 8 rows
+    good = _variant("int8", step_ms=24, ppl_ratio=1.09, memory_mb=400)
+    good.profile.step_b8_ms = 30  # 3.75 ms per sequence at 8 rows
+    assert batched_work_ms(poor, 20, 100, 1) < batched_work_ms(good, 20, 100, 1)
+    assert batched_work_ms(good, 20, 100, WORKHORSE_BATCH) < batched_work_ms(poor, 20, 100, WORKHORSE_BATCH)
+    # nothing in flight, both fit 5 s, neither leaves the reserve free: the one cheaper in a full batch
+    decision = Router(reserve=0.9).choose([poor, good], Budget(latency_ms=5_000), 20, 100)[1]
+    assert decision.variant == "int8" and "least" in decision.reason
 
 
 def test_busy_cores_rank_variants_by_their_measured_figures_not_by_the_contention_they_served_under() -> None:
