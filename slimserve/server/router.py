@@ -10,8 +10,9 @@ share the cores, the prediction follows the compute thread's earliest-deadline-f
 placed where it meets its budget without pushing running requests over theirs. It picks the
 highest-quality variant predicted to meet the budget; if none can, the fastest, and says so. While the
 cores are busy (the expected load leaves no room for a better variant), and for a request no variant
-can serve in time, "fastest" on shared cores means the variant whose batch of the requests in flight
-costs least per sequence (`batched_work_ms`): load is shed to one fast engine's batch, not spread.
+can serve in time, "fastest" on shared cores means the variant whose full batch costs least per sequence
+(`batched_work_ms` at `WORKHORSE_BATCH`): load is shed to one fast engine's batch, not spread; a request
+that only steps of its own can still save goes to the variant fastest alone (`alone_ms`).
 """
 
 from __future__ import annotations
