@@ -12,7 +12,7 @@ highest-quality variant predicted to meet the budget; if none can, the fastest, 
 cores are busy (the expected load leaves no room for a better variant), and for a request no variant
 can serve in time, "fastest" on shared cores means the variant whose full batch costs least per sequence
 (`batched_work_ms` at `WORKHORSE_BATCH`): load is shed to one fast engine's batch, not spread; a request
-that only steps of its own can still save goes to the variant fastest alone (`alone_ms`).
+that only steps of its own can still save goes to the cheapest variant whose steps alone make it (`alone_ms`).
 """
 
 from __future__ import annotations
@@ -285,8 +285,11 @@ def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float
     A request no variant is predicted to make at the load in flight went by `batched_work_ms`, which
     ranks by throughput, not by its own chance: in a routing run at 0.3/s, 19 of the 24 such requests
     that some variant alone could have met went to one that was not the fastest alone for them (4 made
-    it; 2 of the 5 sent to the fastest did). When steps of its own can still make it, the variant
-    fastest alone is its best chance, and the "fastest" the router promises when none fits.
+    it; 2 of the 5 sent to the fastest did). When steps of its own can still make it, it goes to the
+    cheapest variant fast enough alone: the workhorse if it is, so a second engine, whose steps would
+    take turns with the workhorse's, wakes only when needed (a routing run that sent such requests to
+    the variant fastest alone missed four on the int4 student at 1.4-1.6x their prediction while the
+    8-bit student's batch took turns with it).
 
     It is the live profile's figure, not scaled by the router's calibration, like the engine's test of
     whether a row can still be saved: the engine corrects the profile from the steps it times, and the
@@ -617,11 +620,11 @@ class Router:
                 # finish it soonest is often an idle slower one, whose steps then slow every round; a
                 # routing run spread its fallbacks over five variants so, and one that still preferred
                 # variants predicted within the bare budget sent 15 of them to the fp32 student), unless
-                # only steps of its own can make it: then the variant fastest alone (`alone_ms`)
+                # only steps of its own can make it: then the cheapest of the variants whose steps alone
+                # (`alone_ms`) make it, so a second engine wakes only when the workhorse cannot
                 alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) for c in best}
-                order = sorted(best, key=lambda c: (cost[c.name], predicted[c.name]))
-                if any(alone[c.name] <= budget.latency_ms for c in best):
-                    order = sorted(best, key=lambda c: alone[c.name])
+                slow = {name: ms > (budget.latency_ms or math.inf) for name, ms in alone.items()}
+                order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
                 met = predicted[order[0].name] <= budget.latency_ms
                 reason = (
                     "fastest: predicted within the budget but not its margin"

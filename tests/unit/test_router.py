@@ -236,10 +236,10 @@ def test_a_request_that_will_miss_goes_where_a_shared_batch_costs_least() -> Non
     assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
 
 
-def test_a_request_only_its_own_steps_can_save_goes_to_the_variant_fastest_alone() -> None:
+def test_a_request_only_its_own_steps_can_save_goes_where_they_can() -> None:
     """When no variant fits the budget less its margin, a request that steps of its own could still finish
-    in time goes to the variant fastest alone (its best chance under EDF turns), not to the batch that is
-    cheapest per sequence, where even alone it would miss."""
+    in time goes to a variant fast enough alone (its chance under EDF turns), not to the batch that is
+    cheapest per sequence where even alone it would miss; if that batch is fast enough alone, there."""
     now = time.perf_counter()
     cheap = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400, running=6, pending=[(now + 60, 50)] * 6)
     cheap.profile.step_b8_ms = 26  # batches well: a shared batch costs least per sequence here
@@ -251,6 +251,9 @@ def test_a_request_only_its_own_steps_can_save_goes_to_the_variant_fastest_alone
     assert alone_ms(idle, 20, 40) == pytest.approx(815) and alone_ms(cheap, 20, 40) == pytest.approx(1015)
     decision = router.choose([cheap, idle], Budget(latency_ms=1000), 20, 40)[1]
     assert (decision.variant, decision.budget_met) == ("int4", True) and "not its margin" in decision.reason
+    # both fast enough alone: the cheaper batch, so no second engine wakes
+    decision = router.choose([cheap, idle], Budget(latency_ms=1100), 20, 40)[1]
+    assert decision.variant == "int8" and "not its margin" in decision.reason
     # a budget not even the fastest alone can meet still goes where a shared batch costs least
     decision = router.choose([cheap, idle], Budget(latency_ms=700), 20, 40)[1]
     assert (decision.variant, decision.budget_met) == ("int8", False)
