@@ -282,19 +282,16 @@ def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float
     prefill, then its steps at batch size one. Earliest-deadline-first turns and rows stepped apart
     (`TransformersEngine._regroup`) give a tight request about this while the rest waits.
 
-    A request no variant is predicted to make at the load in flight went by `batched_work_ms`, which
-    ranks by throughput, not by its own chance: in a routing run at 0.3/s, 19 of the 24 such requests
-    that some variant alone could have met went to one that was not the fastest alone for them (4 made
-    it; 2 of the 5 sent to the fastest did). When steps of its own can still make it, it goes to the
-    cheapest variant fast enough alone: the workhorse if it is, so a second engine, whose steps would
-    take turns with the workhorse's, wakes only when needed (a routing run that sent such requests to
-    the variant fastest alone missed four on the int4 student at 1.4-1.6x their prediction while the
-    8-bit student's batch took turns with it).
+    A request no variant fits goes to the cheapest variant fast enough alone, not the cheapest outright:
+    in a routing run at 0.3/s, 19 of 24 such requests that some variant alone could have met went by cost
+    to one that was not the fastest alone for them, and 4 made it. Not the fastest alone either: the
+    workhorse, when fast enough, keeps a second engine's steps out of its rounds (a run that chose the
+    fastest sent four to the idle int4 student, which took 1.4-1.6x their prediction while the 8-bit
+    student's batch ran).
 
-    It is the live profile's figure, not scaled by the router's calibration, like the engine's test of
-    whether a row can still be saved: the engine corrects the profile from the steps it times, and the
-    calibration carries the waiting of requests that run with the others, which a row stepped apart
-    ahead of them does not do."""
+    It is the live profile's figure, unscaled by the router's calibration, as in the engine's test of
+    whether a row can still be saved: the calibration carries the waiting of requests that run with the
+    others, which a row stepped apart ahead of them does not do."""
     profile = candidate.profile
     load = 0.0 if candidate.resident else profile.load_ms
     return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(1)
@@ -574,13 +571,16 @@ class Router:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
 
         def best_first(group: list[C], tolerance: float) -> list[C]:
-            """By quality, then by predicted latency among variants of equal quality (within `tolerance`)."""
+            """By quality, then by cost among variants of equal quality (within `tolerance`), then by predicted
+            latency. On shared cores the cost is a full batch's (`WORKHORSE_BATCH`): by predicted latency an
+            idle equal looks faster: one routing run sent 13 of its 120 requests, the next 13 of its first
+            60, to the fp32 student, whose perplexity equals the 8-bit student's, the workhorse's."""
             if not group:
                 return []
             top = min(quality(c) for c in group)
             equal = [c for c in group if quality(c) <= top * (1 + tolerance)]
             rest = [c for c in group if c not in equal]
-            return sorted(equal, key=lambda c: predicted[c.name]) + best_first(rest, tolerance)
+            return sorted(equal, key=lambda c: (cost[c.name], predicted[c.name])) + best_first(rest, tolerance)
 
         good_enough = [c for c in usable if quality(c) <= budget.max_ppl_ratio]
         if not good_enough:

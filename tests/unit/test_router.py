@@ -306,6 +306,21 @@ def test_busy_cores_rank_variants_at_a_full_batch_whatever_is_in_flight() -> Non
     assert decision.variant == "int8" and "least" in decision.reason
 
 
+def test_among_equal_qualities_busy_cores_join_the_cheaper_batch_not_an_idle_engine() -> None:
+    """An idle variant of the same quality is predicted to finish sooner than joining a running batch, but
+    waking it adds its steps to every round: among equals, the one whose full batch costs least serves."""
+    now = time.perf_counter()
+    busy = _variant("int8", step_ms=25, ppl_ratio=1.4, memory_mb=100, running=3, pending=[(now + 120, 50)] * 3)
+    busy.profile.step_b8_ms = 30
+    idle = _variant("fp32", step_ms=22, ppl_ratio=1.4, memory_mb=400)
+    idle.profile.step_b8_ms = 60
+    router = Router(reserve=0)
+    plans = {c.name: edf_plan([busy, idle], c, 20, 100, 60_000).finish_ms for c in (busy, idle)}
+    assert plans["fp32"] < plans["int8"]
+    decision = router.choose([busy, idle], Budget(latency_ms=60_000), 20, 100)[1]
+    assert decision.variant == "int8" and decision.reason.startswith("best quality")
+
+
 def test_busy_cores_rank_variants_by_their_measured_figures_not_by_the_contention_they_served_under() -> None:
     """The variant that serves under load learns slower profiles (its steps share the cores with the event
     loop and the others); ranked by them, busy cores would drift to a variant that is slower alone."""
