@@ -244,7 +244,7 @@ def test_a_request_only_its_own_steps_can_save_goes_where_they_can() -> None:
     cheap = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400, running=6, pending=[(now + 60, 50)] * 6)
     cheap.profile.step_b8_ms = 26  # batches well: a shared batch costs least per sequence here
     idle = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
-    assert batched_work_ms(cheap, 20, 40, 7) < batched_work_ms(idle, 20, 40, 7)
+    assert batched_work_ms(cheap, 20, 40, WORKHORSE_BATCH) < batched_work_ms(idle, 20, 40, WORKHORSE_BATCH)
     router = Router()
     router.overruns["int8"] = deque([2.0] * router.min_overruns)  # margins of 2: 500 ms of the 1 s budget
     # 40 tokens alone: 15 ms prefill + 40 x 20 ms = 815 ms on int4, 1015 ms on int8
