@@ -34,6 +34,11 @@ def alone_from_dump(rows: list[dict[str, Any]]) -> dict[str, Alone]:
     return alone
 
 
+def slack(row: dict[str, Any], alone: dict[str, Alone]) -> float:
+    """A request's budget over the least unloaded latency of any variant for its lengths."""
+    return float(row["budget_ms"]) / min(a.latency_ms(row["prompt_tokens"], row["max_tokens"]) for a in alone.values())
+
+
 def main() -> int:
     if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] != "--list"):
         print(__doc__, file=sys.stderr)
@@ -47,7 +52,6 @@ def main() -> int:
     for row in rows:
         if row.get("policy") in (None, "unloaded") or not row.get("budget_ms"):
             continue
-        best = min(a.latency_ms(row["prompt_tokens"], row["max_tokens"]) for a in alone.values())
         outcomes.append(
             Outcome(
                 row["rate"],
@@ -56,7 +60,7 @@ def main() -> int:
                 row["ms"],
                 row["budget_ms"],
                 0.0,
-                row["budget_ms"] / best,
+                slack(row, alone),
                 row["seed"],
             )
         )
@@ -83,8 +87,7 @@ def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[s
         row = by_policy.get("router")
         if row is None or row["ms"] <= row["budget_ms"]:
             continue
-        slack = row["budget_ms"] / min(a.latency_ms(row["prompt_tokens"], row["max_tokens"]) for a in alone.values())
-        if slack < 1:
+        if slack(row, alone) < 1:
             continue
         others = ", ".join(
             f"{policy} {other['ms']}{'' if other['ms'] <= other['budget_ms'] else ' (missed)'}"
@@ -92,7 +95,7 @@ def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[s
             if policy != "router"
         )
         lines.append(
-            f"| {rate} | {seed} | {at} | {slack:.2f} | {row['prompt_tokens']} / {row['max_tokens']} "
+            f"| {rate} | {seed} | {at} | {slack(row, alone):.2f} | {row['prompt_tokens']} / {row['max_tokens']} "
             f"| {row['budget_ms']} | {row['variant']} | {row['predicted_ms']} ({row['routing']}) | {row['ms']} "
             f"| {others} |"
         )
