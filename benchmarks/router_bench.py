@@ -118,6 +118,7 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
                 "at": round(job.at, 2),
                 "start_pc": round(started, 3),
                 "routing": raw.headers.get("x-slimserve-budget"),
+                "reason": raw.headers.get("x-slimserve-route-reason"),
                 "prompt_tokens": completion.usage.prompt_tokens if completion.usage else None,
             }
         )

@@ -3,7 +3,13 @@
     python benchmarks/router_misses.py DUMP.jsonl [--list]
 
 `--list` adds every feasible request the router missed: its slack, tokens, budget, the variant it went to,
-the router's prediction and verdict, what it took, and what each other policy took for the same request.
+the router's prediction, verdict and rule (dumps since the `X-Slimserve-Route-Reason` header), what it took,
+and what each other policy took for the same request.
+
+A second table splits each policy's requests into those that ran alone (no other request of the replay in
+flight at any moment of theirs) and those that overlapped one: alone, a request's latency over the unloaded
+prediction for its variant measures how far the machine drifted from when it was measured, and what is
+missed alone no policy could have met.
 
 Slack is recomputed as the benchmark does (budget / the least unloaded latency of any variant for the
 request's prompt length and max_tokens), from the dump's unloaded measurements (`policy: "unloaded"`:
@@ -16,6 +22,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from router_bench import Alone, Outcome, by_slack
@@ -67,9 +74,40 @@ def main() -> int:
     rates = sorted({o.rate for o in outcomes})
     policies = list(dict.fromkeys(o.policy for o in outcomes))
     print("\n".join(by_slack(outcomes, rates, policies)))
+    print("\n".join(alone_or_overlapped(rows, alone)))
     if len(sys.argv) == 3:
         print("\n".join(router_misses(rows, alone)))
     return 0
+
+
+def alone_or_overlapped(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[str]:
+    """Per policy: requests that ran with nothing else in flight against those that overlapped another."""
+    lines = [
+        "",
+        "| policy | ran | requests | feasible within budget | median took / unloaded prediction (own variant) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    replays: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("policy") not in (None, "unloaded") and row.get("budget_ms") and row["variant"] in alone:
+            replays[(row["policy"], row["rate"], row["seed"])].append(row)
+    for policy in dict.fromkeys(key[0] for key in replays):
+        groups: dict[str, list[dict[str, Any]]] = {"alone": [], "overlapped": []}
+        for key, replay in replays.items():
+            if key[0] != policy:
+                continue
+            spans = [(r["start_pc"], r["start_pc"] + r["ms"] / 1000) for r in replay]
+            for row, (start, end) in zip(replay, spans, strict=True):
+                overlaps = sum(s < end and e > start for s, e in spans) > 1  # itself counts once
+                groups["overlapped" if overlaps else "alone"].append(row)
+        for ran, group in groups.items():
+            if not group:
+                continue
+            feasible = [r for r in group if slack(r, alone) >= 1]
+            met = sum(r["ms"] <= r["budget_ms"] for r in feasible)
+            drift = median(r["ms"] / alone[r["variant"]].latency_ms(r["prompt_tokens"], r["max_tokens"]) for r in group)
+            lines.append(f"| {policy} | {ran} | {len(group)} | {met}/{len(feasible)} | {drift:.2f} |")
+    return lines
 
 
 def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[str]:
@@ -80,9 +118,10 @@ def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[s
             same[(row["rate"], row["seed"], row["at"])][row["policy"]] = row
     lines = [
         "",
-        "| rate | seed | at s | slack | prompt / max tokens | budget ms | variant | predicted ms | took ms | others |",
+        "| rate | seed | at s | slack | prompt / max tokens | budget ms | variant | predicted ms | took ms | others "
+        "| rule |",
     ]
-    lines.append("|---:|---:|---:|---:|---|---:|---|---:|---:|---|")
+    lines.append("|---:|---:|---:|---:|---|---:|---|---:|---:|---|---|")
     for (rate, seed, at), by_policy in sorted(same.items()):
         row = by_policy.get("router")
         if row is None or row["ms"] <= row["budget_ms"]:
@@ -97,7 +136,7 @@ def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[s
         lines.append(
             f"| {rate} | {seed} | {at} | {slack(row, alone):.2f} | {row['prompt_tokens']} / {row['max_tokens']} "
             f"| {row['budget_ms']} | {row['variant']} | {row['predicted_ms']} ({row['routing']}) | {row['ms']} "
-            f"| {others} |"
+            f"| {others} | {row.get('reason') or '-'} |"
         )
     return lines
 

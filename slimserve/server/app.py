@@ -257,6 +257,9 @@ def create_app(
             met = sent.decision.budget_met
             headers["X-Slimserve-Budget"] = "none" if met is None else ("predicted-met" if met else "predicted-missed")
             headers["X-Slimserve-Predicted-Ms"] = f"{sent.decision.predicted_ms:.0f}"
+            # which rule chose (the same text as in /v1/slimserve/router's decisions), so a client or a
+            # benchmark can tell a shed or a fallback from the best fit without polling that endpoint
+            headers["X-Slimserve-Route-Reason"] = sent.decision.reason
         return headers
 
     def record_outcome(sent: Dispatch, generated: int | None = None) -> None:

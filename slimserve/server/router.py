@@ -631,6 +631,8 @@ class Router:
                     if met
                     else "no variant predicted within the latency budget: fastest"
                 )
+                if not slow[order[0].name]:
+                    reason += " (the cheapest whose steps alone make it)"
             order += sorted((c for c in good_enough if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
         if harm[order[0].name]:
             reason += f"; pushes {harm[order[0].name]} running request(s) over their budget"

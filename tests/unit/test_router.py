@@ -614,3 +614,4 @@ def test_a_request_shed_from_a_full_variant_is_predicted_and_learned_as_the_one_
     assert decision["variant"] == "tiny-small"
     assert decision["predicted_ms"] == decision["candidates"]["tiny-small"] != decision["candidates"]["tiny-teacher"]
     assert response.headers["x-slimserve-predicted-ms"] == f"{decision['predicted_ms']:.0f}"  # type: ignore[attr-defined]
+    assert response.headers["x-slimserve-route-reason"] == decision["reason"]  # type: ignore[attr-defined]
