@@ -8,6 +8,7 @@ token) are measured in a fresh subprocess, so one variant's allocations never in
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -76,47 +77,129 @@ class QualityReport:
     """The teacher's perplexity on the same windows (the reference of quality ratios)."""
 
 
-@torch.inference_mode()
-def quality(
-    variant: LoadedVariant, text: str, config: EvalConfig, teacher: LoadedVariant | None = None
-) -> QualityReport:
-    """Sliding-window perplexity; with a teacher, KL and top-1 agreement on the very same positions."""
-    if teacher is not None and len(teacher.tokenizer) != len(variant.tokenizer):
-        raise ValueError(
-            f"teacher and variant tokenizers differ ({len(teacher.tokenizer)} vs {len(variant.tokenizer)} tokens)"
-        )
-    ids = variant.tokenizer(text, return_tensors="pt")["input_ids"][0, : config.max_tokens]  # (T,)
-    if ids.numel() < 2:
-        raise ValueError("evaluation text is shorter than two tokens")
-    nll_sum, teacher_nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0.0, 0, 0
+def _windows(ids: torch.Tensor, config: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor, slice]]:
+    """(window (1, W), its scored targets (N,), the logit rows that predict them) for sliding-window scoring:
+    each window scores only the tokens the previous one did not, with the rest of it as context."""
+    windows = []
     prev_end = 0
-    starts = list(range(0, ids.numel() - 1, config.stride))
-    for begin in tqdm(starts, desc=f"eval {variant.name}", unit="window", leave=False):
+    for begin in range(0, ids.numel() - 1, config.stride):
         end = min(begin + config.window, ids.numel())
         first_target = max(prev_end, begin + 1)
         if first_target >= end:
             break
-        window = ids[begin:end].unsqueeze(0)  # (1, W)
-        targets = ids[first_target:end]  # (N,)
-        rows = slice(first_target - 1 - begin, end - 1 - begin)
+        windows.append(
+            (ids[begin:end].unsqueeze(0), ids[first_target:end], slice(first_target - 1 - begin, end - 1 - begin))
+        )
+        prev_end = end
+        if end == ids.numel():
+            break
+    return windows
+
+
+def _text_ids(variant: LoadedVariant, text: str, config: EvalConfig) -> torch.Tensor:
+    ids = variant.tokenizer(text, return_tensors="pt")["input_ids"][0, : config.max_tokens]  # (T,)
+    if ids.numel() < 2:
+        raise ValueError("evaluation text is shorter than two tokens")
+    return ids
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's log-probabilities on every scoring window of one text, computed once for all the
+    variants measured against it: a recipe evaluates six, and each used to run the teacher over the text
+    again (on a 2-core AVX2 CPU about half a minute per variant, for the same numbers)."""
+
+    name: str
+    ids: torch.Tensor
+    """The scored text's token ids (a variant's tokenizer must give the same)."""
+    vocab_size: int
+    window: int
+    stride: int
+    text_sha1: str
+    """Of the text and the token budget they were taken on (`matches`)."""
+    log_probs: list[torch.Tensor]
+    """Per window of `_windows`: (N, V) float32 log-probabilities of the scored positions."""
+    nll_sum: float
+    scored: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.scored)
+
+    def matches(self, text: str, config: EvalConfig) -> bool:
+        """Taken on this text, token budget and windows."""
+        return (self.text_sha1, self.window, self.stride) == (_digest(text, config), config.window, config.stride)
+
+
+def _digest(text: str, config: EvalConfig) -> str:
+    return hashlib.sha1(f"{config.max_tokens}\n{text}".encode()).hexdigest()
+
+
+@torch.inference_mode()
+def teacher_scores(teacher: LoadedVariant, text: str, config: EvalConfig) -> TeacherScores:
+    """Run the teacher once over the scoring windows of `text` (see `TeacherScores`)."""
+    ids = _text_ids(teacher, text, config)
+    log_probs, nll_sum, scored = [], 0.0, 0
+    windows = _windows(ids, config)
+    for window, targets, rows in tqdm(windows, desc=f"eval {teacher.name}", unit="window", leave=False):
+        logq = torch.log_softmax(teacher.model(window).logits[0, rows].float(), dim=-1)  # (N, V)
+        nll_sum += float(-logq.gather(1, targets.unsqueeze(1)).sum())
+        scored += targets.numel()
+        log_probs.append(logq)
+    return TeacherScores(
+        teacher.name,
+        ids,
+        len(teacher.tokenizer),
+        config.window,
+        config.stride,
+        _digest(text, config),
+        log_probs,
+        nll_sum,
+        scored,
+    )
+
+
+@torch.inference_mode()
+def quality(
+    variant: LoadedVariant,
+    text: str,
+    config: EvalConfig,
+    teacher: LoadedVariant | TeacherScores | None = None,
+) -> QualityReport:
+    """Sliding-window perplexity; with a teacher (or its scores on this text), KL and top-1 agreement on
+    the very same positions."""
+    vocab_of_teacher = len(teacher.tokenizer) if isinstance(teacher, LoadedVariant) else None
+    if isinstance(teacher, TeacherScores):
+        vocab_of_teacher = teacher.vocab_size
+    if vocab_of_teacher is not None and vocab_of_teacher != len(variant.tokenizer):
+        raise ValueError(
+            f"teacher and variant tokenizers differ ({vocab_of_teacher} vs {len(variant.tokenizer)} tokens)"
+        )
+    ids = _text_ids(variant, text, config)
+    scores = teacher_scores(teacher, text, config) if isinstance(teacher, LoadedVariant) else teacher
+    if scores is not None and (not scores.matches(text, config) or not torch.equal(scores.ids, ids)):
+        raise ValueError(
+            f"the teacher's scores ({scores.name}) were taken on other text or windows than this evaluation's"
+        )
+    nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0, 0
+    windows = _windows(ids, config)
+    for index, (window, targets, rows) in enumerate(
+        tqdm(windows, desc=f"eval {variant.name}", unit="window", leave=False)
+    ):
         logp = torch.log_softmax(variant.model(window).logits[0, rows].float(), dim=-1)  # (N, V)
         nll_sum += float(-logp.gather(1, targets.unsqueeze(1)).sum())
-        if teacher is not None:
-            logq = torch.log_softmax(teacher.model(window).logits[0, rows].float(), dim=-1)  # (N, V)
-            teacher_nll_sum += float(-logq.gather(1, targets.unsqueeze(1)).sum())
+        if scores is not None:
+            logq = scores.log_probs[index]
             vocab = min(logp.shape[1], logq.shape[1])
             logp_v, logq_v = logp[:, :vocab], logq[:, :vocab]
             kl_sum += float((logq_v.exp() * (logq_v - logp_v)).sum())
             agree += int((logp_v.argmax(-1) == logq_v.argmax(-1)).sum())
         scored += targets.numel()
-        prev_end = end
-        if end == ids.numel():
-            break
     report = QualityReport(perplexity=math.exp(nll_sum / scored), scored_tokens=scored)
-    if teacher is not None:
+    if scores is not None:
         report.kl_to_teacher = kl_sum / scored
         report.top1_agreement = agree / scored
-        report.teacher_perplexity = math.exp(teacher_nll_sum / scored)
+        report.teacher_perplexity = scores.perplexity
     return report
 
 
@@ -159,9 +242,10 @@ def median(values: list[float]) -> float:
 def runtime_in_this_process(ref: str, config: EvalConfig, reference: str | None = None) -> dict[str, float]:
     """Load time, peak RSS delta and speed; meant to run in a fresh process (see `runtime`).
 
-    With a `reference` (the teacher), both decode in alternation afterwards, round by round, and the
-    median per-round ratio is reported as `speedup_b1`: on a shared machine whose speed drifts by tens of
-    percent between minutes, only figures taken side by side compare.
+    With a `reference` (the teacher), both decode in alternation, round by round, and the median per-round
+    ratio is reported as `speedup_b1`: on a shared machine whose speed drifts by tens of percent between
+    minutes, only figures taken side by side compare. The variant's own time to first token and batch-1
+    speed are then the medians of its side of those rounds (timing it apart as well only repeated them).
     """
     rss_before = _rss_kb("VmRSS")
     started = time.perf_counter()
@@ -172,42 +256,64 @@ def runtime_in_this_process(ref: str, config: EvalConfig, reference: str | None 
     generate = generate_timer(variant, prompts)
 
     generate(1, 4, 0)  # warm-up
-    ttft = median([generate(1, 1, i % 8) for i in range(config.repeats)])
-    b1 = median([generate(1, config.decode_tokens, i % 8) for i in range(config.repeats)])
+    figures: dict[str, float] = {}
+    if reference is None:
+        ttft = median([generate(1, 1, i % 8) for i in range(config.repeats)])
+        b1 = median([generate(1, config.decode_tokens, i % 8) for i in range(config.repeats)])
+    else:
+        reference_dtype = config.reference_dtype or config.runtime_dtype
+        teacher = load_variant(reference, dtype=reference_dtype)
+        key = "speedup_b1" if reference_dtype == config.runtime_dtype else f"speedup_b1_vs_{reference_dtype}"
+        rounds = _side_by_side(generate, teacher, prompts, config)
+        figures[key] = round(median(rounds.ratios), 3)
+        ttft, b1 = median(rounds.first_s), median(rounds.full_s)
+        del teacher
     b8 = median([generate(8, config.decode_tokens, 0) for _ in range(config.repeats)])
-    figures = {
+    return {
         "load_s": round(load_s, 2),
         "rss_mb": round(peak_delta_mb, 1),
         "ttft_ms_128": round(ttft * 1000, 1),
         "decode_tok_s_b1": round(config.decode_tokens / (b1 - ttft), 2),
         "decode_tok_s_b8": round(8 * config.decode_tokens / (b8 - ttft), 2),
+        **figures,
     }
-    if reference is not None:
-        reference_dtype = config.reference_dtype or config.runtime_dtype
-        teacher = load_variant(reference, dtype=reference_dtype)
-        key = "speedup_b1" if reference_dtype == config.runtime_dtype else f"speedup_b1_vs_{reference_dtype}"
-        figures[key] = round(_side_by_side(generate, teacher, prompts, config), 3)
-    return figures
+
+
+@dataclass
+class Rounds:
+    """The variant's side of side-by-side timing rounds, and each round's reference / variant decode time."""
+
+    ratios: list[float]
+    first_s: list[float]
+    """Its time to the first token (a one-token generation), per round."""
+    full_s: list[float]
+    """Its time for `decode_tokens` tokens, prompt included, per round."""
 
 
 def _side_by_side(
     generate: Callable[[int, int, int], float], reference: LoadedVariant, prompts: torch.Tensor, config: EvalConfig
-) -> float:
-    """Median over rounds of reference decode time / variant decode time (batch 1), taken in alternation."""
+) -> Rounds:
+    """Rounds of batch-1 decoding of the variant and the reference in alternation (at least five)."""
     generate_reference = generate_timer(reference, prompts)
     generate_reference(1, 4, 0)  # warm-up
+    rounds = Rounds([], [], [])
 
-    def decode_s(timer: Callable[[int, int, int], float], offset: int) -> float:
-        return timer(1, config.decode_tokens, offset) - timer(1, 1, offset)
+    def variant_decode_s(offset: int) -> float:
+        full, first = generate(1, config.decode_tokens, offset), generate(1, 1, offset)
+        rounds.first_s.append(first)
+        rounds.full_s.append(full)
+        return full - first
 
-    ratios = []
+    def reference_decode_s(offset: int) -> float:
+        return generate_reference(1, config.decode_tokens, offset) - generate_reference(1, 1, offset)
+
     for i in range(max(config.repeats, 5)):  # who goes first alternates, so drift favours neither
         if i % 2 == 0:
-            variant_s, reference_s = decode_s(generate, i % 8), decode_s(generate_reference, i % 8)
+            variant_s, reference_s = variant_decode_s(i % 8), reference_decode_s(i % 8)
         else:
-            reference_s, variant_s = decode_s(generate_reference, i % 8), decode_s(generate, i % 8)
-        ratios.append(reference_s / variant_s)
-    return median(ratios)
+            reference_s, variant_s = reference_decode_s(i % 8), variant_decode_s(i % 8)
+        rounds.ratios.append(reference_s / variant_s)
+    return rounds
 
 
 def runtime(ref: str, config: EvalConfig, reference: str | None = None) -> dict[str, float]:
@@ -237,21 +343,36 @@ def evaluate(
     measure_runtime: bool = True,
     write: bool = True,
     registry: VariantRegistry | None = None,
+    scores: TeacherScores | None = None,
 ) -> dict[str, Any]:
-    """Measure a variant and (by default) record the figures in its manifest's `metrics`."""
+    """Measure a variant and (by default) record the figures in its manifest's `metrics`.
+
+    `scores`: the teacher's scores on this text and windows (`teacher_scores`), when several variants are
+    measured against one teacher; the teacher itself is then not run again, not even for its own figures."""
     config = config or EvalConfig()
     registry = registry or VariantRegistry()
     found = registry.resolve(ref)
     teacher_ref = teacher if teacher is not None else found.manifest.base_model
-    loaded = load_variant(found.path, dtype=config.quality_dtype)
-    teacher_loaded = None
     teacher_path = registry.resolve(teacher_ref).path if teacher_ref and registry.exists(teacher_ref) else None
     is_teacher = teacher_path is not None and teacher_path.resolve() == found.path.resolve()
-    if teacher_path is not None and not is_teacher:
-        teacher_loaded = load_variant(teacher_path, dtype=config.quality_dtype)
-    report = quality(loaded, text if text is not None else eval_text(), config, teacher_loaded)
-    teacher_name = teacher_loaded.name if teacher_loaded is not None else found.name
-    del loaded, teacher_loaded
+    scored_text = text if text is not None else eval_text()
+    if scores is not None:
+        expected = registry.resolve(teacher_ref).name if teacher_path is not None else None
+        if scores.name != expected:
+            raise ValueError(f"the teacher scores are {scores.name}'s, but {ref} is measured against {expected}")
+        if not scores.matches(scored_text, config):
+            raise ValueError(f"the teacher scores ({scores.name}) were taken on other text or windows")
+    if is_teacher and scores is not None:
+        report = QualityReport(perplexity=scores.perplexity, scored_tokens=scores.scored)
+        teacher_name = scores.name
+    else:
+        loaded = load_variant(found.path, dtype=config.quality_dtype)
+        reference: LoadedVariant | TeacherScores | None = scores
+        if reference is None and teacher_path is not None and not is_teacher:
+            reference = load_variant(teacher_path, dtype=config.quality_dtype)
+        report = quality(loaded, scored_text, config, reference)
+        teacher_name = reference.name if reference is not None else found.name
+        del loaded, reference
     metrics: dict[str, Any] = {
         "perplexity": round(report.perplexity, 4),
         "eval_tokens": report.scored_tokens,
@@ -268,8 +389,8 @@ def evaluate(
     elif is_teacher:
         metrics |= {"kl_to_teacher": 0.0, "top1_agreement": 1.0, "teacher": teacher_name}
     if measure_runtime:
-        reference = str(teacher_path) if teacher_path is not None and not is_teacher else None
-        metrics |= runtime(str(found.path), config, reference)
+        timed_beside = str(teacher_path) if teacher_path is not None and not is_teacher else None
+        metrics |= runtime(str(found.path), config, timed_beside)
         if is_teacher:
             metrics["speedup_b1"] = 1.0
     if write:

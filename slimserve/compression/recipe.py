@@ -185,10 +185,12 @@ def run_recipe(
     `overwrite` replaces variants the recipe writes that already exist, each only when its own step starts (a
     run that fails early leaves the later ones in place).
     """
+    from slimserve.compression.data import eval_text
     from slimserve.compression.distill import distill
-    from slimserve.compression.evaluate import EvalConfig, evaluate
+    from slimserve.compression.evaluate import EvalConfig, evaluate, teacher_scores
     from slimserve.compression.quantize import quantize_variant
     from slimserve.compression.report import write_report
+    from slimserve.models.loader import load_variant
 
     registry = registry or VariantRegistry()
     produced = validate(recipe, registry, overwrite)
@@ -216,15 +218,22 @@ def run_recipe(
             distill(config, registry)
         else:
             names = step.variants or [teacher.name, *produced]
+            eval_config = EvalConfig(max_tokens=step.max_tokens)
+            print(f"[{label}] score the held-out text with the teacher {teacher.name}", flush=True)
+            scores = teacher_scores(
+                load_variant(teacher.path, dtype=eval_config.quality_dtype), eval_text(), eval_config
+            )
             for name in names:
                 print(f"[{label}] evaluate {name}", flush=True)
                 metrics[name] = evaluate(
                     name,
                     teacher=str(teacher.path),
-                    config=EvalConfig(max_tokens=step.max_tokens),
+                    config=eval_config,
                     measure_runtime=step.runtime,
                     registry=registry,
+                    scores=scores,
                 )
+            del scores
         timings[label] = round(time.perf_counter() - started, 1)
     report_dir = Path(recipe.report) if recipe.report else registry.home / "reports" / recipe.name
     if metrics:

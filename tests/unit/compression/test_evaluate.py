@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimserve.compression.data import eval_text, train_texts
-from slimserve.compression.evaluate import EvalConfig, evaluate, quality
+from slimserve.compression.evaluate import EvalConfig, evaluate, quality, teacher_scores
 from slimserve.models import LoadedVariant, VariantManifest, VariantRegistry, load_variant
 from tests.tiny import make_tiny_variant
 
@@ -80,6 +80,8 @@ def test_a_variant_is_timed_side_by_side_with_its_teacher(slimserve_home: Path) 
     shallow = evaluate("shallow", teacher="deep", config=config, write=False)
     # decoded in alternation with the teacher: one block against eight is faster whatever the machine does
     assert shallow["speedup_b1"] > 1.2
+    # its own batch-1 figures come from its side of those rounds
+    assert shallow["ttft_ms_128"] > 0 and shallow["decode_tok_s_b1"] > 0
     assert evaluate("deep", teacher="deep", config=config, write=False)["speedup_b1"] == 1.0
 
 
@@ -97,3 +99,36 @@ def test_a_reference_in_another_dtype_is_recorded_apart(slimserve_home: Path) ->
     assert metrics["speedup_b1"] == same_dtype and metrics["speedup_b1_vs_fp32"] == against_fp32["speedup_b1_vs_fp32"]
     with pytest.raises(ValueError, match="--reference-dtype"):
         EvalConfig(reference_dtype="fp8")
+
+
+def test_the_teachers_scores_taken_once_give_what_running_it_again_gives(
+    tiny_loaded: LoadedVariant, tmp_path: Path
+) -> None:
+    config = EvalConfig(max_tokens=100, window=64, stride=32)
+    other = load_variant(make_tiny_variant(tmp_path / "other", layers=1, seed=1), dtype="fp32")
+    other.model.lm_head.weight = torch.nn.Parameter(torch.randn_like(other.model.lm_head.weight) * 8)
+    scores = teacher_scores(tiny_loaded, TEXT, config)
+    assert quality(other, TEXT, config, teacher=scores) == quality(other, TEXT, config, teacher=tiny_loaded)
+    assert scores.perplexity == pytest.approx(quality(tiny_loaded, TEXT, config).perplexity, rel=1e-6)
+    with pytest.raises(ValueError, match="other text or windows"):
+        quality(other, TEXT[:-40], config, teacher=scores)
+    with pytest.raises(ValueError, match="other text or windows"):
+        quality(other, TEXT, replace(config, stride=16), teacher=scores)
+
+
+def test_with_the_teachers_scores_the_teacher_is_not_run_again(slimserve_home: Path) -> None:
+    registry = VariantRegistry()
+    deep = make_tiny_variant(registry.variants_dir / "deep", name="deep", layers=4)
+    make_tiny_variant(registry.variants_dir / "shallow", name="shallow", layers=1, seed=1)
+    config = EvalConfig(max_tokens=200, window=64, stride=32)
+    before = evaluate("shallow", teacher="deep", config=config, measure_runtime=False, write=False)
+    teacher_before = evaluate("deep", teacher="deep", config=config, measure_runtime=False, write=False)
+    scores = teacher_scores(load_variant(deep, dtype="fp32"), eval_text(), config)
+    for weights in deep.glob("*.safetensors"):  # a teacher that can no longer load: only its scores remain
+        weights.write_bytes(b"")
+    after = evaluate("shallow", teacher="deep", config=config, measure_runtime=False, write=False, scores=scores)
+    assert after == before
+    teacher_after = evaluate("deep", teacher="deep", config=config, measure_runtime=False, write=False, scores=scores)
+    assert teacher_after["perplexity"] == pytest.approx(teacher_before["perplexity"], rel=1e-6)
+    with pytest.raises(ValueError, match="the teacher scores are deep's, but shallow is measured against shallow"):
+        evaluate("shallow", teacher="shallow", config=config, measure_runtime=False, write=False, scores=scores)
