@@ -18,7 +18,11 @@ on this machine before the runs), so one figure of load means the same on a slow
 Each seed is a different workload replayed against every policy: figures pool all seeds' requests, and the
 router's and always-smallest's share per seed is listed too (two cores drift, so one replay proves little).
 A request is "feasible" when some variant alone on the server would meet its budget (measured before the
-runs: time to first token as a function of prompt length, then time per token at batch 1).
+runs: time to first token as a function of prompt length, then time per token at batch 1). That is a
+prediction from a few requests, and two shared cores drift by tens of percent within minutes, so
+`--alone` (on by default) also replays each seed's requests one at a time, nothing else in flight, each on
+the variant predicted fastest for it: "met alone" is the set of budgets that replay met, measured rather
+than predicted, and each policy's share of it is reported beside the feasible one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
@@ -71,6 +76,9 @@ class Outcome:
     slack: float
     """Budget / the best unloaded latency of any variant for this request (>= 1: feasible)."""
     seed: int = 0
+    met_alone: bool | None = None
+    """Whether the same request, replayed alone on the variant predicted fastest for it, met its budget
+    (None: not replayed)."""
 
     @property
     def feasible(self) -> bool:
@@ -123,6 +131,14 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
             }
         )
     return completion.model, elapsed, completion.usage.prompt_tokens if completion.usage else 0
+
+
+async def replay_alone(base: str, jobs: list[Job], variants: list[str]) -> list[tuple[str, float, int]]:
+    """The jobs one after another, nothing else in flight, job i on `variants[i]`."""
+    client = AsyncOpenAI(base_url=base, api_key="bench", max_retries=0, timeout=600)
+    results = [await timed(client, variant, job, {}) for job, variant in zip(jobs, variants, strict=True)]
+    await client.close()
+    return results
 
 
 async def replay(
@@ -196,6 +212,12 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to run")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--dump", type=Path, default=None, help="write every request's outcome here (JSON lines)")
+    parser.add_argument(
+        "--alone",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay each seed's requests one at a time on the variant predicted fastest for each (met alone)",
+    )
     args = parser.parse_args()
     global DUMP
     DUMP = [] if args.dump else None
@@ -236,7 +258,21 @@ def main() -> int:
             rate_for_load(load, alone, args, str(teacher.path)) for load in args.load
         ]
         print(f"   rates: {args.rate} /s", flush=True)
+        tokens = prompt_tokens_of(str(teacher.path))
         for seed in args.seed:
+            met_alone: list[bool | None] = [None] * args.requests
+            if args.alone:  # arrival times do not matter one at a time: one replay serves every rate
+                jobs = workload(args.requests, 1.0, seed, args.tight_ms, args.loose_ms)
+                fastest = [
+                    min(alone, key=lambda n, j=job: alone[n].latency_ms(tokens(j), j.max_tokens)) for job in jobs
+                ]
+                results = asyncio.run(replay_alone(base, jobs, fastest))
+                met_alone = [latency <= job.budget_ms for job, (_, latency, _) in zip(jobs, results, strict=True)]
+                for row in DUMP or []:
+                    row.setdefault("rate", None)
+                    row.setdefault("policy", "alone")
+                    row.setdefault("seed", seed)
+                print(f"   seed {seed} alone: {sum(map(bool, met_alone))}/{len(jobs)} budgets met", flush=True)
             for rate in args.rate:
                 jobs = workload(args.requests, rate, seed, args.tight_ms, args.loose_ms)
                 for policy in args.policies:
@@ -245,11 +281,13 @@ def main() -> int:
                         row.setdefault("rate", rate)
                         row.setdefault("policy", policy)
                         row.setdefault("seed", seed)
-                    for job, (variant, latency, prompt_tokens) in zip(jobs, results, strict=True):
+                    for job, (variant, latency, prompt_tokens), alone_met in zip(jobs, results, met_alone, strict=True):
                         best_alone = min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values())
                         slack = job.budget_ms / best_alone
                         outcomes.append(
-                            Outcome(rate, policy, variant, latency, job.budget_ms, quality[variant], slack, seed)
+                            Outcome(
+                                rate, policy, variant, latency, job.budget_ms, quality[variant], slack, seed, alone_met
+                            )
                         )
                     rows = [o for o in outcomes if o.policy == policy and o.rate == rate and o.seed == seed]
                     print(f"   seed {seed} {rate}/s {policy}: {summary(rows)}", flush=True)
@@ -271,19 +309,28 @@ def main() -> int:
     return 0
 
 
+def prompt_tokens_of(tokenizer_dir: str) -> Callable[[Job], int]:
+    """A job's prompt length in tokens, as the server counts it (the chat template applied)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def count(job: Job) -> int:
+        messages = [{"role": "user", "content": job.prompt}]
+        return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+    return count
+
+
 def rate_for_load(load: float, alone: dict[str, Alone], args: argparse.Namespace, tokenizer_dir: str) -> float:
     """Arrivals per second at which the workload's requests, each on whichever variant alone serves it
     soonest, would keep the cores busy a share `load` of the time (the mean of that least latency sets it;
     a workload's requests do not depend on its rate, only their arrival times scale)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokens = prompt_tokens_of(tokenizer_dir)
     least_s = []
     for seed in args.seed:
         for job in workload(args.requests, 1.0, seed, args.tight_ms, args.loose_ms):
-            messages = [{"role": "user", "content": job.prompt}]
-            prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-            least_s.append(min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values()) / 1000)
+            least_s.append(min(a.latency_ms(tokens(job), job.max_tokens) for a in alone.values()) / 1000)
     return round(load / mean(least_s), 3)
 
 
@@ -303,7 +350,10 @@ def default_variants(registry: VariantRegistry, teacher: str) -> list[str]:
 def summary(rows: list[Outcome]) -> dict[str, Any]:
     feasible = [o for o in rows if o.feasible]
     roomy = [o for o in rows if o.slack >= ROOMY]
+    met_alone = [o for o in rows if o.met_alone]
     return {
+        "within_budget_met_alone": sum(o.latency_ms <= o.budget_ms for o in met_alone) / max(len(met_alone), 1),
+        "met_alone": len(met_alone),
         "within_budget": sum(o.latency_ms <= o.budget_ms for o in rows) / len(rows),
         "within_budget_feasible": sum(o.latency_ms <= o.budget_ms for o in feasible) / max(len(feasible), 1),
         "feasible": len(feasible),
@@ -349,16 +399,18 @@ def verdict(outcomes: list[Outcome], rate: float) -> str:
     router = by_policy["router"]
     hit, quality = router["within_budget_feasible"], router["mean_quality"]
     parts = [
-        f"router {hit:.1%} of feasible requests within budget ({router['within_budget_roomy']:.1%} of roomy ones) "
-        f"at mean quality {quality:.3f}"
+        f"router {hit:.1%} of feasible requests within budget ({router['within_budget_roomy']:.1%} of roomy ones"
+        + (f", {router['within_budget_met_alone']:.1%} of those met alone" if router["met_alone"] else "")
+        + f") at mean quality {quality:.3f}"
     ]
     better_quality: bool | None = None
     if "smallest" in by_policy:
         smallest = by_policy["smallest"]
         better_quality = quality < smallest["mean_quality"]
         parts.append(
-            f"always-smallest {smallest['within_budget_feasible']:.1%} ({smallest['within_budget_roomy']:.1%}) "
-            f"at {smallest['mean_quality']:.3f}"
+            f"always-smallest {smallest['within_budget_feasible']:.1%} ({smallest['within_budget_roomy']:.1%}"
+            + (f", {smallest['within_budget_met_alone']:.1%}" if smallest["met_alone"] else "")
+            + f") at {smallest['mean_quality']:.3f}"
         )
     met = hit >= 0.95 and better_quality is not False
     status = "met" if met and better_quality else ("NOT met" if not met else "met for budgets (quality not compared)")
@@ -392,11 +444,17 @@ def render(
         "- feasible: some variant alone on the server would meet the budget: for this request's prompt length "
         "and max_tokens, the least of every variant's unloaded latency (TTFT linear in prompt tokens from a short "
         "and a 220-word prompt, plus max_tokens - 1 steps at batch 1). Roomy: the budget is at least "
-        f"{ROOMY:g}x that least latency.",
+        f"{ROOMY:g}x that least latency."
+        + (
+            " Met alone: the budgets the same requests met when replayed one at a time, nothing else in flight, "
+            "each on the variant predicted fastest for it."
+            if args.alone
+            else ""
+        ),
         "",
-        "| rate | policy | within budget (all) | within budget (feasible) | within budget (roomy) | mean quality ratio "
-        "| median latency ms | feasible, per seed | served |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| rate | policy | within budget (all) | within budget (feasible) | within budget (roomy) "
+        "| within budget (met alone) | mean quality ratio | median latency ms | feasible, per seed | served |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for rate in args.rate:
         for policy in args.policies:
@@ -409,7 +467,9 @@ def render(
             )
             lines.append(
                 f"| {rate}/s | {policy} | {s['within_budget']:.1%} | {s['within_budget_feasible']:.1%} "
-                f"({s['feasible']}) | {s['within_budget_roomy']:.1%} ({s['roomy']}) | {s['mean_quality']:.3f} "
+                f"({s['feasible']}) | {s['within_budget_roomy']:.1%} ({s['roomy']}) "
+                + (f"| {s['within_budget_met_alone']:.1%} ({s['met_alone']}) " if s["met_alone"] else "| - ")
+                + f"| {s['mean_quality']:.3f} "
                 f"| {s['median_latency_ms']:.0f} | {per_seed} | {served} |"
             )
     lines.append("")

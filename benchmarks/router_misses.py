@@ -56,22 +56,24 @@ def main() -> int:
         print("no unloaded measurements in the dump (written by an older router_bench?)", file=sys.stderr)
         return 2
     outcomes = []
+    rates = sorted({row["rate"] for row in rows if row.get("policy") not in (None, "unloaded", "alone")})
     for row in rows:
         if row.get("policy") in (None, "unloaded") or not row.get("budget_ms"):
             continue
-        outcomes.append(
-            Outcome(
-                row["rate"],
-                row["policy"],
-                row["variant"],
-                row["ms"],
-                row["budget_ms"],
-                0.0,
-                slack(row, alone),
-                row["seed"],
+        # the one-at-a-time replay (`--alone`) has no rate: it stands beside every rate's policies
+        for rate in rates if row["policy"] == "alone" else [row["rate"]]:
+            outcomes.append(
+                Outcome(
+                    rate,
+                    row["policy"],
+                    row["variant"],
+                    row["ms"],
+                    row["budget_ms"],
+                    0.0,
+                    slack(row, alone),
+                    row["seed"],
+                )
             )
-        )
-    rates = sorted({o.rate for o in outcomes})
     policies = list(dict.fromkeys(o.policy for o in outcomes))
     print("\n".join(by_slack(outcomes, rates, policies)))
     print("\n".join(alone_or_overlapped(rows, alone)))
@@ -110,12 +112,18 @@ def alone_or_overlapped(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> 
     return lines
 
 
+def request_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The same request across replays (its arrival time differs with the rate; the alone replay has none)."""
+    return (row["seed"], row["prompt_tokens"], row["max_tokens"], row["budget_ms"])
+
+
 def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[str]:
     """One line per feasible request the router missed, with the other policies' latency for it."""
     same: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
-        if row.get("policy") not in (None, "unloaded") and row.get("budget_ms"):
+        if row.get("policy") not in (None, "unloaded", "alone") and row.get("budget_ms"):
             same[(row["rate"], row["seed"], row["at"])][row["policy"]] = row
+    met_alone = {request_key(row): row for row in rows if row.get("policy") == "alone"}
     lines = [
         "",
         "| rate | seed | at s | slack | prompt / max tokens | budget ms | variant | predicted ms | took ms | others "
@@ -130,8 +138,8 @@ def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[s
             continue
         others = ", ".join(
             f"{policy} {other['ms']}{'' if other['ms'] <= other['budget_ms'] else ' (missed)'}"
-            for policy, other in by_policy.items()
-            if policy != "router"
+            for policy, other in [*by_policy.items(), ("alone", met_alone.get(request_key(row)))]
+            if policy != "router" and other is not None
         )
         lines.append(
             f"| {rate} | {seed} | {at} | {slack(row, alone):.2f} | {row['prompt_tokens']} / {row['max_tokens']} "
