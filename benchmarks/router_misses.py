@@ -100,7 +100,8 @@ def alone_or_overlapped(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> 
                 continue
             spans = [(r["start_pc"], r["start_pc"] + r["ms"] / 1000) for r in replay]
             for row, (start, end) in zip(replay, spans, strict=True):
-                overlaps = sum(s < end and e > start for s, e in spans) > 1  # itself counts once
+                # itself counts once; 10 ms of slack for the dump's rounding (one-at-a-time requests abut)
+                overlaps = sum(s < end - 0.01 and e > start + 0.01 for s, e in spans) > 1
                 groups["overlapped" if overlaps else "alone"].append(row)
         for ran, group in groups.items():
             if not group:
