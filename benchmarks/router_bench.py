@@ -254,18 +254,16 @@ def main() -> int:
         print(f"   unloaded (TTFT ms + ms per prompt token, ms per output token): {json.dumps(shown)}", flush=True)
         for row in DUMP or []:  # the unloaded measurements are not part of any policy's replay
             row["policy"] = "unloaded"
+        tokens = prompt_tokens_of(str(teacher.path))
         args.rate = (args.rate or ([] if args.load else [0.3, 0.6])) + [
-            rate_for_load(load, alone, args, str(teacher.path)) for load in args.load
+            rate_for_load(load, alone, args, tokens) for load in args.load
         ]
         print(f"   rates: {args.rate} /s", flush=True)
-        tokens = prompt_tokens_of(str(teacher.path))
         for seed in args.seed:
             met_alone: list[bool | None] = [None] * args.requests
             if args.alone:  # arrival times do not matter one at a time: one replay serves every rate
                 jobs = workload(args.requests, 1.0, seed, args.tight_ms, args.loose_ms)
-                fastest = [
-                    min(alone, key=lambda n, j=job: alone[n].latency_ms(tokens(j), j.max_tokens)) for job in jobs
-                ]
+                fastest = [fastest_alone(alone, tokens(job), job.max_tokens) for job in jobs]
                 results = asyncio.run(replay_alone(base, jobs, fastest))
                 met_alone = [latency <= job.budget_ms for job, (_, latency, _) in zip(jobs, results, strict=True)]
                 for row in DUMP or []:
@@ -322,11 +320,17 @@ def prompt_tokens_of(tokenizer_dir: str) -> Callable[[Job], int]:
     return count
 
 
-def rate_for_load(load: float, alone: dict[str, Alone], args: argparse.Namespace, tokenizer_dir: str) -> float:
+def fastest_alone(alone: dict[str, Alone], prompt_tokens: int, max_tokens: int) -> str:
+    """The variant whose unloaded latency for these lengths is least."""
+    return min(alone, key=lambda name: alone[name].latency_ms(prompt_tokens, max_tokens))
+
+
+def rate_for_load(
+    load: float, alone: dict[str, Alone], args: argparse.Namespace, tokens: Callable[[Job], int]
+) -> float:
     """Arrivals per second at which the workload's requests, each on whichever variant alone serves it
     soonest, would keep the cores busy a share `load` of the time (the mean of that least latency sets it;
     a workload's requests do not depend on its rate, only their arrival times scale)."""
-    tokens = prompt_tokens_of(tokenizer_dir)
     least_s = []
     for seed in args.seed:
         for job in workload(args.requests, 1.0, seed, args.tight_ms, args.loose_ms):
