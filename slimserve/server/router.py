@@ -10,9 +10,10 @@ share the cores, the prediction follows the compute thread's earliest-deadline-f
 placed where it meets its budget without pushing running requests over theirs. It picks the
 highest-quality variant predicted to meet the budget; if none can, the fastest, and says so. While the
 cores are busy (the expected load leaves no room for a better variant), and for a request no variant
-can serve in time, "fastest" on shared cores means the variant whose full batch costs least per sequence
-(`batched_work_ms` at `WORKHORSE_BATCH`): load is shed to one fast engine's batch, not spread; a request
-that only steps of its own can still save goes to the cheapest variant whose steps alone make it (`alone_ms`).
+can serve in time, "fastest" on shared cores means the workhorse (`workhorse_ms`): the variant whose own
+steps finish this request soonest by its measured figures, or one already stepping a batch within
+`GATHER` of it, so load gathers on one fast engine's batch instead of spreading; a request that only
+steps of its own can still save goes to the workhorse of the variants whose steps alone make it (`alone_ms`).
 """
 
 from __future__ import annotations
@@ -37,14 +38,12 @@ engines' work that no prediction made at arrival sees; a routing run at offered 
 of 3.5-3.7 (the cap was 4), so 80 of its 120 requests were predicted to miss on every variant and went by
 cost alone, where always-smallest met 86% of the feasible budgets to the router's 77%."""
 
-WORKHORSE_BATCH = 8
-"""Batch size at which busy cores rank variants by cost (`batched_work_ms`). Ranked at the requests in flight
-instead, the cheapest variant flipped with their number where two are close: by the manifest figures of an
-AVX2 machine the int4 student's steps cost least per sequence up to 5 in flight, the 8-bit student's from 6
-on, and the 8-bit student prefills faster. A routing run at offered load 0.5 sent 35 of its 60 requests to
-the one and 20 to the other. Two busy engines on two cores step in turns, each round costing both their
-steps, where one engine's batch steps its rows at once: always-smallest met 81% of the feasible budgets of
-that workload's first seed, the router 74%."""
+GATHER = 0.15
+"""An engine already stepping a batch serves a fallback unless an idle one is this much faster alone: two busy
+engines on two cores step in turns, each round costing both their steps, where one engine's batch steps its
+rows at once. Two variants close in speed otherwise split the load by each request's shape (a routing run at
+offered load 0.5 that ranked them at the requests in flight sent 35 of its 60 requests to the int4 student
+and 20 to the 8-bit student, and met 74% of the feasible budgets of that seed to always-smallest's 81%)."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
@@ -255,16 +254,18 @@ def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms
     return queue
 
 
-def batched_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int, concurrency: int) -> float:
-    """Core time this request costs on `target` in a batch of `concurrency` sequences: its prefill, then its
-    share of `max_tokens` steps at that batch size (plus the load if `target` is not resident). The router
-    ranks at `WORKHORSE_BATCH`, whatever is in flight.
+def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """Cost of this request on `target` when the router sheds load: its prefill and `max_tokens` steps at
+    batch size one by the manifest's figures (plus the load if not resident), less `GATHER` of it if
+    `target` is already stepping a batch.
 
-    On busy shared cores this, not its own latency nor the growth of the batch it would join, is what
-    ranks the variants: an idle engine's steps are added to every round, and the marginal cost of one more
-    row in a running batch of a slow variant looks cheap, so a routing run that followed it piled its
-    requests onto the 8-bit student (33 of 60) and met 44% of feasible budgets, where sending everything
-    to the int4 student, whose batch of 8 costs a third as much per sequence, had met three quarters.
+    Batch one, not a full batch: ranked at a batch of 8 (the rule before), the variant that batches best
+    won even where it is the slowest for a request on its own. The manifests of an AVX-512 machine made
+    the fp32 student the cheapest in a full batch (151.7 tok/s against the int4 student's 145.0) while its
+    own steps are 1.7x slower (34.0 against 56.6 tok/s). On an AVX2 machine at load 0.5, 6 of the 9
+    requests the router predicted to miss but some variant's own steps could make went by that rank to the
+    8-bit or fp32 student; always-smallest met 7 of the 9, and 87.5% of the feasible budgets to the
+    router's 75.0%. Where budgets are at stake batches are small.
 
     The figures are the manifest's, which `slimserve eval` measured on a quiet machine, not the ones
     corrected from traffic: those carry the contention of whenever each variant ran, so the variant that
@@ -272,9 +273,9 @@ def batched_work_ms(target: Candidate, prompt_tokens: int, max_tokens: int, conc
     to 62 ms from 42 unloaded, the fp32 student's stayed at 60, and busy cores went to the fp32 student).
     """
     profile = target.profile
-    batch = max(1, min(concurrency, target.max_batch_size))
     load = 0.0 if target.resident else profile.load_ms
-    return load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * profile.manifest_step_ms(batch) / batch
+    alone = load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * profile.manifest_step_ms(1)
+    return alone * (1 - GATHER) if target.running + target.waiting else alone
 
 
 def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
@@ -557,9 +558,9 @@ class Router:
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
             load = {name: plan.load for name, plan in plans.items()}
-            # what it costs the others: on shared cores the cheapest choice when the cores are busy, ranked
-            # at a full batch (`WORKHORSE_BATCH`) so that busy cores gather their requests on one engine
-            cost = {c.name: batched_work_ms(c, prompt_tokens, max_tokens, WORKHORSE_BATCH) for c in usable}
+            # what it costs the others: on shared cores the cheapest choice when the cores are busy is the
+            # workhorse, the fastest alone or a running batch nearly as fast (`workhorse_ms`)
+            cost = {c.name: workhorse_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens) for c in usable}
@@ -572,7 +573,7 @@ class Router:
 
         def best_first(group: list[C], tolerance: float) -> list[C]:
             """By quality, then by cost among variants of equal quality (within `tolerance`), then by predicted
-            latency. On shared cores the cost is a full batch's (`WORKHORSE_BATCH`): by predicted latency an
+            latency. On shared cores the cost is the workhorse's (`workhorse_ms`): by predicted latency an
             idle equal looks faster: one routing run sent 13 of its 120 requests, the next 13 of its first
             60, to the fp32 student, whose perplexity equals the 8-bit student's, the workhorse's."""
             if not group:

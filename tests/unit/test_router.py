@@ -17,18 +17,18 @@ from slimserve.server.app import create_app
 from slimserve.server.engine import RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import (
+    GATHER,
     MAX_MARGIN,
-    WORKHORSE_BATCH,
     Budget,
     BudgetError,
     LatencyProfile,
     Router,
     alone_ms,
-    batched_work_ms,
     deadline_harm,
     edf_plan,
     parse_budget,
     predict_ms,
+    workhorse_ms,
 )
 from slimserve.server.sampling import SamplingParams
 from tests.tiny import make_tiny_variant
@@ -222,41 +222,40 @@ def test_a_margin_stops_at_the_cap_however_far_the_worst_requests_ran_over() -> 
     assert router.choose([INT4], fits_twice, 20, 100)[1].budget_met
 
 
-def test_a_request_that_will_miss_goes_where_a_shared_batch_costs_least() -> None:
+def test_a_request_that_will_miss_joins_the_workhorse_batch_not_an_idle_slower_engine() -> None:
     """On shared cores an idle slower variant finishes a hopeless request sooner than the busy fastest one,
     but its steps would then slow every round; one more row in int4's running batch costs little."""
     crowded = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300, running=6)  # 50 tokens left each
     family = [TEACHER, INT8, crowded]
     # 100 tokens on int4: its 7-row steps (37.1 ms) for all 100; on idle int8: 100 x 25 ms
     assert edf_plan(family, INT8, 20, 100, 300).finish_ms < edf_plan(family, crowded, 20, 100, 300).finish_ms
-    # in a batch of the 7 requests in flight: int4 steps 37.1 ms for 7 rows, int8 would step 46.4 ms
-    assert batched_work_ms(crowded, 20, 100, 7) == pytest.approx(15 + 100 * (20 + 6 / 7 * 20) / 7)
-    assert batched_work_ms(INT8, 20, 100, 7) == pytest.approx(15 + 100 * (25 + 6 / 7 * 25) / 7)
+    # by their own steps: 15 + 100 x 20 ms on int4, less the gathering discount of a running batch
+    assert workhorse_ms(crowded, 20, 100) == pytest.approx((15 + 100 * 20) * (1 - GATHER))
+    assert workhorse_ms(INT8, 20, 100) == pytest.approx(15 + 100 * 25)
     decision = Router(reserve=0).choose(family, Budget(latency_ms=300), 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
 
 
 def test_a_request_only_its_own_steps_can_save_goes_where_they_can() -> None:
     """When no variant fits the budget less its margin, a request that steps of its own could still finish
-    in time goes to a variant fast enough alone (its chance under EDF turns), not to the batch that is
-    cheapest per sequence where even alone it would miss; if that batch is fast enough alone, there."""
+    in time goes to a variant fast enough alone (its chance under EDF turns), not to the running batch it
+    would otherwise join where even alone it would miss; if that batch is fast enough alone, there."""
     now = time.perf_counter()
-    cheap = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400, running=6, pending=[(now + 60, 50)] * 6)
-    cheap.profile.step_b8_ms = 26  # batches well: a shared batch costs least per sequence here
+    busy = _variant("int8", step_ms=22, ppl_ratio=1.01, memory_mb=400, running=6, pending=[(now + 60, 50)] * 6)
     idle = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
-    assert batched_work_ms(cheap, 20, 40, WORKHORSE_BATCH) < batched_work_ms(idle, 20, 40, WORKHORSE_BATCH)
+    # 40 tokens alone: 15 ms prefill + 40 x 20 ms = 815 ms on int4, 895 ms on int8, which is within GATHER
+    assert alone_ms(idle, 20, 40) == pytest.approx(815) and alone_ms(busy, 20, 40) == pytest.approx(895)
+    assert workhorse_ms(busy, 20, 40) < workhorse_ms(idle, 20, 40)
     router = Router()
-    router.overruns["int8"] = deque([2.0] * router.min_overruns)  # margins of 2: 500 ms of the 1 s budget
-    # 40 tokens alone: 15 ms prefill + 40 x 20 ms = 815 ms on int4, 1015 ms on int8
-    assert alone_ms(idle, 20, 40) == pytest.approx(815) and alone_ms(cheap, 20, 40) == pytest.approx(1015)
-    decision = router.choose([cheap, idle], Budget(latency_ms=1000), 20, 40)[1]
-    assert (decision.variant, decision.budget_met) == ("int4", True) and "not its margin" in decision.reason
-    # both fast enough alone: the cheaper batch, so no second engine wakes
-    decision = router.choose([cheap, idle], Budget(latency_ms=1100), 20, 40)[1]
-    assert decision.variant == "int8" and "not its margin" in decision.reason
-    # a budget not even the fastest alone can meet still goes where a shared batch costs least
-    decision = router.choose([cheap, idle], Budget(latency_ms=700), 20, 40)[1]
-    assert (decision.variant, decision.budget_met) == ("int8", False)
+    router.overruns["int8"] = deque([2.0] * router.min_overruns)  # margins of 2: half of each budget
+    decision = router.choose([busy, idle], Budget(latency_ms=850), 20, 40)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", True) and "alone make it" in decision.reason
+    # both fast enough alone: the running batch, so no second engine wakes
+    decision = router.choose([busy, idle], Budget(latency_ms=1100), 20, 40)[1]
+    assert decision.variant == "int8" and "alone make it" in decision.reason
+    # a budget not even the fastest alone can meet still goes to the workhorse
+    decision = router.choose([busy, idle], Budget(latency_ms=700), 20, 40)[1]
+    assert (decision.variant, decision.budget_met) == ("int8", False) and "alone" not in decision.reason
 
 
 def test_a_tight_request_joining_a_busy_batch_is_predicted_at_the_pace_of_its_own_steps() -> None:
@@ -278,37 +277,39 @@ def test_a_tight_request_joining_a_busy_batch_is_predicted_at_the_pace_of_its_ow
     assert edf_plan([tight], tight, 200, 10, 5_000).harm == 1
 
 
-def test_busy_cores_gather_requests_on_the_variant_cheapest_per_batched_sequence() -> None:
+def test_busy_cores_do_not_join_a_slow_batch_when_an_idle_variant_is_much_faster_alone() -> None:
     """A slow variant already stepping a long sequence adds little per token for one more row, but piling
-    requests on it keeps it busy: under load they go where a batch of what is in flight costs least."""
+    requests on it keeps it busy: beyond `GATHER`, the variant fastest alone serves."""
     now = time.perf_counter()
     slow_busy = _variant("int8", step_ms=25, ppl_ratio=1.09, memory_mb=400, running=1, pending=[(now + 60, 400)])
     fast = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
-    fast.profile.step_b8_ms = 25  # batches well: 8 rows for 25 ms
     # equal quality; both fit 5 s (int8 joined: 100 x 28.6 ms, int4 alone: 100 x 20 ms), neither leaves the
-    # reserve for later requests free. One more row costs int8 3.6 ms a step, but a batch of the two
-    # requests in flight costs 14.3 ms a row on int8 and 10.4 on int4
+    # reserve for later requests free. int8's own steps are 25% slower, more than the gathering discount
+    assert workhorse_ms(fast, 20, 100) < workhorse_ms(slow_busy, 20, 100)
     decision = Router(reserve=0.9).choose([slow_busy, fast], Budget(latency_ms=5_000), 20, 100)[1]
     assert decision.variant == "int4" and "least" in decision.reason
 
 
-def test_busy_cores_rank_variants_at_a_full_batch_whatever_is_in_flight() -> None:
-    """Ranked at the requests in flight, the cheaper of two close variants flipped with their number, and busy
-    cores ran two engines whose steps add up in every round; ranked at a full batch, they gather on one."""
-    poor = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
-    poor.profile.step_b8_ms = 60  # 7.5 ms per sequence at 8 rows
-    good = _variant("int8", step_ms=24, ppl_ratio=1.09, memory_mb=400)
-    good.profile.step_b8_ms = 30  # 3.75 ms per sequence at 8 rows
-    assert batched_work_ms(poor, 20, 100, 1) < batched_work_ms(good, 20, 100, 1)
-    assert batched_work_ms(good, 20, 100, WORKHORSE_BATCH) < batched_work_ms(poor, 20, 100, WORKHORSE_BATCH)
-    # nothing in flight, both fit 5 s, neither leaves the reserve free: the one cheaper in a full batch
-    decision = Router(reserve=0.9).choose([poor, good], Budget(latency_ms=5_000), 20, 100)[1]
-    assert decision.variant == "int8" and "least" in decision.reason
+def test_busy_cores_rank_variants_by_their_own_steps_not_by_how_well_they_batch() -> None:
+    """Ranked at a full batch, the variant that batches best took the fallbacks even where its own steps
+    were much slower (the fp32 student on an AVX-512 machine: the cheapest at 8 rows, 1.7x slower alone);
+    where budgets are at stake batches are small."""
+    fast = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
+    fast.profile.step_b8_ms = 60  # 7.5 ms per sequence at 8 rows
+    batches_well = _variant("fp32", step_ms=30, ppl_ratio=1.09, memory_mb=400)
+    batches_well.profile.step_b8_ms = 45  # 5.6 ms per sequence at 8 rows
+    assert workhorse_ms(fast, 20, 100) < workhorse_ms(batches_well, 20, 100)
+    # nothing in flight, both fit 5 s, neither leaves the reserve free: the one faster alone
+    decision = Router(reserve=0.9).choose([batches_well, fast], Budget(latency_ms=5_000), 20, 100)[1]
+    assert decision.variant == "int4" and "least" in decision.reason
+    # and a request no variant can make
+    decision = Router(reserve=0).choose([batches_well, fast], Budget(latency_ms=300), 20, 100)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", False)
 
 
-def test_among_equal_qualities_busy_cores_join_the_cheaper_batch_not_an_idle_engine() -> None:
+def test_among_equal_qualities_busy_cores_join_the_running_batch_not_an_idle_engine() -> None:
     """An idle variant of the same quality is predicted to finish sooner than joining a running batch, but
-    waking it adds its steps to every round: among equals, the one whose full batch costs least serves."""
+    waking it adds its steps to every round: among equals, a running batch nearly as fast alone serves."""
     now = time.perf_counter()
     busy = _variant("int8", step_ms=25, ppl_ratio=1.4, memory_mb=100, running=3, pending=[(now + 120, 50)] * 3)
     busy.profile.step_b8_ms = 30
@@ -330,7 +331,7 @@ def test_busy_cores_rank_variants_by_their_measured_figures_not_by_the_contentio
         fast.profile.observe_step(1, 0.040)
     assert fast.profile.step_ms(1) == pytest.approx(40, rel=0.01)
     assert fast.profile.step_ms(1) > slow.profile.step_ms(1)
-    assert batched_work_ms(fast, 20, 100, 1) == pytest.approx(15 + 100 * 20)
+    assert workhorse_ms(fast, 20, 100) == pytest.approx(15 + 100 * 20)
     hopeless = Router(reserve=0).choose([slow, fast], Budget(latency_ms=300), 20, 100)[1]
     assert (hopeless.variant, hopeless.budget_met) == ("int4", False)
 
