@@ -121,9 +121,9 @@ def request_key(row: dict[str, Any]) -> tuple[Any, ...]:
 def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[str]:
     """One line per feasible request the router missed, with the other policies' latency for it."""
     same: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
-    for row in rows:
+    for row in rows:  # keyed by what the request is, not its arrival alone: two can arrive in one 10 ms
         if row.get("policy") not in (None, "unloaded", "alone") and row.get("budget_ms"):
-            same[(row["rate"], row["seed"], row["at"])][row["policy"]] = row
+            same[(row["rate"], row["seed"], row["at"], *request_key(row)[1:])][row["policy"]] = row
     met_alone = {request_key(row): row for row in rows if row.get("policy") == "alone"}
     lines = [
         "",
@@ -131,7 +131,7 @@ def router_misses(rows: list[dict[str, Any]], alone: dict[str, Alone]) -> list[s
         "| rule |",
     ]
     lines.append("|---:|---:|---:|---:|---|---:|---|---:|---:|---|---|")
-    for (rate, seed, at), by_policy in sorted(same.items()):
+    for (rate, seed, at, *_), by_policy in sorted(same.items()):
         row = by_policy.get("router")
         if row is None or row["ms"] <= row["budget_ms"]:
             continue
