@@ -221,16 +221,8 @@ class TransformersEngine:
         return self.state is EngineState.READY
 
     def deadlines(self) -> list[tuple[float | None, int]]:
-        """(deadline or None without a latency budget, tokens still to generate) of each running sequence, then
-        of each waiting one.
-
-        The waiting count too: a loose request sent to an idle engine is prefilled only when its deadline is the
-        earliest of every engine's (`pending`), so it can wait most of its budget in the queue; unseen there,
-        the router would place later requests as if it did not exist and push it over its budget."""
-        with self._lock:
-            waiting = list(self._inbox)
-        running = [s for s in self._running_rows() if not s.done]
-        return [(s.handle.deadline, s.params.max_tokens - len(s.generated)) for s in running + waiting]
+        """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
+        return [(s.handle.deadline, s.params.max_tokens - len(s.generated)) for s in self._running_rows() if not s.done]
 
     def _running_rows(self) -> list[_Sequence]:
         """Every sequence in either batch (a snapshot: the compute thread may move rows meanwhile)."""

@@ -226,8 +226,7 @@ class Candidate(Protocol):
     @property
     def max_batch_size(self) -> int: ...
     def deadlines(self) -> list[tuple[float | None, int]]:
-        """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences,
-        then of its waiting ones."""
+        """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences."""
         ...
 
 

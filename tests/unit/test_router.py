@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import deque
@@ -15,9 +14,8 @@ from fastapi.testclient import TestClient
 
 from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
-from slimserve.server.engine import EngineState, RequestHandle, TransformersEngine, _Sequence
+from slimserve.server.engine import RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.pool import PoolEntry
 from slimserve.server.router import (
     GATHER,
     MAX_MARGIN,
@@ -338,30 +336,6 @@ def test_busy_cores_rank_variants_by_their_measured_figures_not_by_the_contentio
     assert (hopeless.variant, hopeless.budget_met) == ("int4", False)
 
 
-def test_a_request_waiting_for_its_turn_counts_when_later_ones_are_placed() -> None:
-    """A loose request on an idle engine waits in its queue until its deadline comes first (its prefill takes
-    its earliest-deadline turn): the router must still see it, or a later request placed on another engine
-    would push it over its budget unseen."""
-    loop = asyncio.new_event_loop()
-    entries = []
-    for name in ("idle", "other"):
-        engine = TransformersEngine(lambda: None, name=name, metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-        engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-        engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=40.0, load_ms=0.0)
-        entries.append(PoolEntry(engine, engine.profile, started=True))
-    idle, other = entries
-    try:
-        handle = RequestHandle("loose", [1, 2, 3], loop, time.perf_counter() + 2.0)
-        idle.engine._inbox.append(_Sequence(handle, SamplingParams(max_tokens=64), None, None, 0.0))  # type: ignore[arg-type,union-attr]
-        assert idle.deadlines() == [(handle.deadline, 64)]
-        # 64 steps of 20 ms (1.28 s) on the other engine, due first, leave the waiting request's 1.28 s no room
-        # before its deadline in 2 s
-        assert edf_plan(entries, other, 3, 64, 1_500).harm == 1
-        assert edf_plan(entries, other, 3, 16, 1_500).harm == 0  # 0.32 s: room for both
-    finally:
-        loop.close()
-
-
 def test_a_variant_without_overruns_of_its_own_takes_the_shared_cores_ones() -> None:
     """Overruns on shared cores come from the same interference whichever variant ran: a variant that has
     hardly served must not look surer (the 10% headroom) than one whose requests ran 2x over."""
@@ -532,6 +506,7 @@ def test_variants_beyond_the_memory_budget_load_on_demand_and_idle_ones_are_evic
 
 
 def test_a_variant_serving_a_request_is_never_evicted(tmp_path: Path) -> None:
+    import asyncio
 
     from slimserve.server.errors import APIError
     from slimserve.server.pool import VariantPool
