@@ -307,7 +307,9 @@ class TransformersEngine:
 
     def step(self) -> bool:
         """One turn: admit and prefill waiting sequences into free slots, then one decode step (of the whole
-        batch, or of its urgent rows alone: `_regroup`)."""
+        batch, or of its urgent rows alone: `_regroup`). True if it ran either, even when every row it
+        stepped finished: a turn reported as idle leaves the engine out of the compute thread's turns until
+        the next request arrives, and the rest of its batch (or its waiting queue) with it."""
         variant = self.variant
         if self.state is not EngineState.READY or variant is None:
             self._stop()
@@ -316,6 +318,7 @@ class TransformersEngine:
         admitted = self._admit(variant, self._batch, self._rows, eos)
         self._drop_cancelled()
         batch, rows = self._regroup(time.perf_counter())
+        stepped = bool(rows)  # before the step: finished rows leave `rows` (`_compact`)
         if rows:
             try:
                 self._decode_step(variant, batch, rows, eos)
@@ -326,7 +329,7 @@ class TransformersEngine:
                 batch.keep([])
                 rows.clear()
         self.metrics.running.labels(self.name).set(len(self._rows) + len(self._express_rows))
-        return admitted or bool(rows)
+        return admitted or stepped
 
     def _regroup(self, now: float) -> tuple[PaddedKVBatch, list[_Sequence]]:
         """The rows to step this turn: the whole batch, or only those whose deadlines need its steps now.

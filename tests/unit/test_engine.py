@@ -380,3 +380,40 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     assert tight_done == 8  # its prefill and first step in one turn, then eight more, back to back
     assert len({p[:3] for p in progress[: tight_done + 1]}) == 1  # the loose requests waited meanwhile
     assert progress[-1][:3] == (20, 20, 20)  # then they went on and finished
+
+
+def test_the_batch_goes_on_by_itself_once_the_rows_stepped_apart_are_done(tiny_variant_dir: Path) -> None:
+    """On the compute thread: after a tight request stepped apart from a busy batch finishes, the rest of the
+    batch finishes without another request arriving. The turn in which the apart rows all finished used to
+    report no work (its list of stepped rows was empty by then), so the compute thread left the engine
+    until the next wake: in a routing replay, loose requests on that engine waited for the next arrival
+    and finished together with it, seconds past their budgets."""
+    compute = ComputeThread(name="compute-apart")
+    engine = TransformersEngine(
+        lambda: load_variant(tiny_variant_dir, dtype="fp32"), name="tiny", metrics=ServerMetrics(), compute=compute
+    )
+    engine.start()
+    assert engine.wait_ready(60)
+    # predicted steps of 100 ms alone, 400 ms for four (the tiny model's real ones take about a millisecond)
+    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def scenario() -> list[int]:
+        loose = [engine.submit(p, params, deadline=time.perf_counter() + 600) for p in ([5, 6, 7], [20, 21], [30])]
+        events = loose[0].events()
+        for _ in range(2):  # the batch is under way
+            await anext(events)
+        # 10 tokens: 1 s alone, 5 s at the batch of four's pace x SAFETY; the budget is 3 s: stepped apart
+        tight = engine.submit(
+            [40, 41, 42],
+            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+            deadline=time.perf_counter() + 3,
+        )
+        runs = await asyncio.wait_for(asyncio.gather(_run(tight), *(_run(h) for h in loose[1:])), 20)
+        rest = [t for e in [e async for e in events] for t in e.token_ids]
+        return [len(tokens) for tokens, _ in runs] + [2 + len(rest)]
+
+    try:
+        assert asyncio.run(scenario()) == [10, 40, 40, 40]
+    finally:
+        engine.shutdown()
