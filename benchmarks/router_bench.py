@@ -128,6 +128,7 @@ async def timed(client: AsyncOpenAI, model: str, job: Job, headers: dict[str, st
                 "routing": raw.headers.get("x-slimserve-budget"),
                 "reason": raw.headers.get("x-slimserve-route-reason"),
                 "prompt_tokens": completion.usage.prompt_tokens if completion.usage else None,
+                "sequences": raw.headers.get("x-slimserve-sequences"),  # as --trace-turns names them
             }
         )
     return completion.model, elapsed, completion.usage.prompt_tokens if completion.usage else 0
@@ -213,6 +214,9 @@ def main() -> int:
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--dump", type=Path, default=None, help="write every request's outcome here (JSON lines)")
     parser.add_argument(
+        "--trace-turns", type=Path, default=None, help="the server writes every compute turn here (JSON lines)"
+    )
+    parser.add_argument(
         "--alone",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -240,6 +244,8 @@ def main() -> int:
     command = [sys.executable, "-m", "slimserve", "serve", "--port", str(port), "--variant", teacher.name]
     for other in others:
         command += ["--variant", other]
+    if args.trace_turns:
+        command += ["--trace-turns", str(args.trace_turns)]
     print("==", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"

@@ -33,6 +33,7 @@ def serve(
     min_quality: str | None = None,
     backend: str = "transformers",
     explicit: bool = True,
+    trace_turns: str | None = None,
 ) -> None:
     """Start the OpenAI-compatible server; /health answers 503 until the variants that fit have loaded.
 
@@ -42,6 +43,7 @@ def serve(
 
     from slimserve.models.loader import load_variant, parse_dtype
     from slimserve.server.app import create_app
+    from slimserve.server.compute import ComputeThread
     from slimserve.server.engine import ServingEngine, TransformersEngine
     from slimserve.server.metrics import ServerMetrics
     from slimserve.server.router import Budget, parse_quality
@@ -60,6 +62,7 @@ def serve(
         memory_budget_mb=memory_budget_mb,
         latency_budget_ms=latency_budget_ms,
         min_quality=min_quality,
+        trace_turns=trace_turns,
     )
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
     default_budget = Budget(
@@ -88,6 +91,8 @@ def serve(
                 max_waiting=settings.max_waiting,
             )
         )
+    if settings.trace_turns and chosen == "transformers":
+        ComputeThread.shared().trace_turns(Path(settings.trace_turns))
     app = create_app(
         engines,
         metrics,
@@ -356,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--latency-budget-ms", type=float, default=None, help="default latency budget of routed requests")
     p.add_argument("--min-quality", default=None, help="default minimum quality of routed requests (ratio or tier)")
+    p.add_argument(
+        "--trace-turns",
+        default=None,
+        metavar="FILE",
+        help="append one JSON line per compute turn (CPU backend): when, how long, which variant, what it prefilled "
+        "and stepped",
+    )
 
     from slimserve.compression.quantize import METHODS
 
@@ -511,6 +523,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.min_quality,
         a.backend,
         explicit=bool(a.variants),
+        trace_turns=a.trace_turns,
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),

@@ -252,7 +252,11 @@ def create_app(
         raise last_error
 
     def routing_headers(sent: Dispatch) -> dict[str, str]:
-        headers = {"X-Slimserve-Variant": sent.engine.name}
+        # the engine's ids of its sequences, as the compute thread's turn trace (`--trace-turns`) names them
+        headers = {
+            "X-Slimserve-Variant": sent.engine.name,
+            "X-Slimserve-Sequences": ",".join(h.request_id for h in sent.handles),
+        }
         if sent.decision is not None:
             met = sent.decision.budget_met
             headers["X-Slimserve-Budget"] = "none" if met is None else ("predicted-met" if met else "predicted-missed")

@@ -23,13 +23,15 @@ whatever their budgets.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, TextIO
 
 import torch
 
@@ -80,6 +82,10 @@ class Steppable(Protocol):
         """True once the engine has stopped and wants no more turns."""
         ...
 
+    def last_turn(self) -> dict[str, Any]:
+        """What its last `step` did (sequences prefilled, rows stepped), for the turn trace."""
+        ...
+
 
 def paced(turn: Turn, last_ran: float, busy_engines: int) -> float:
     """When this engine's sequences without a budget, or past saving, are due their next step (inf: none)."""
@@ -122,6 +128,16 @@ class ComputeThread:
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._thread: threading.Thread | None = None
+        self._trace: TextIO | None = None
+
+    def trace_turns(self, path: Path | None) -> None:
+        """Append one JSON line per turn to `path` (None: stop): when it began (`time.perf_counter()`, the
+        same clock as a client's on this machine), how long it took, whose turn it was, what it did. What a
+        request's latency was spent on under load is otherwise not observable from outside."""
+        with self._lock:
+            if self._trace is not None:
+                self._trace.close()
+            self._trace = path.open("a", buffering=1) if path is not None else None
 
     @classmethod
     def shared(cls) -> ComputeThread:
@@ -165,13 +181,24 @@ class ComputeThread:
                     continue
                 chosen = next_turn([turn for _, turn in busy], [last_ran.get(id(e), 0.0) for e, _ in busy])
                 engine = busy[chosen][0]
+                began = time.perf_counter()
+                worked = False
                 try:
-                    if not engine.step():  # its urgency was stale: do not let it win every turn for nothing
+                    worked = engine.step()
+                    if not worked:  # its urgency was stale: do not let it win every turn for nothing
                         stalled.add(id(engine))
                 except Exception:  # an engine's own errors fail its requests; this is a last resort
                     log.exception("compute turn of %s failed", engine.name)
                 last_ran[id(engine)] = time.perf_counter()
+                if self._trace is not None and worked:
+                    self._write_trace(engine, began, last_ran[id(engine)] - began)
                 if engine.detached():
                     with self._lock:
                         self._engines.remove(engine)
                     last_ran.pop(id(engine), None)
+
+    def _write_trace(self, engine: Steppable, began: float, seconds: float) -> None:
+        line = json.dumps({"at": round(began, 4), "s": round(seconds, 4), "engine": engine.name, **engine.last_turn()})
+        with self._lock:
+            if self._trace is not None:
+                self._trace.write(line + "\n")

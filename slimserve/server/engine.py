@@ -193,6 +193,7 @@ class TransformersEngine:
         self._express = PaddedKVBatch()
         self._express_rows: list[_Sequence] = []
         """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (`_regroup`)."""
+        self._last_turn: dict[str, Any] = {}
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -315,10 +316,17 @@ class TransformersEngine:
             self._stop()
             return False
         eos = variant.eos_token_ids
+        self._last_turn = {"prefills": []}
         admitted = self._admit(variant, self._batch, self._rows, eos)
         self._drop_cancelled()
         batch, rows = self._regroup(time.perf_counter())
         stepped = bool(rows)  # before the step: finished rows leave `rows` (`_compact`)
+        if rows:
+            self._last_turn.update(
+                rows=[s.handle.request_id for s in rows],
+                apart=batch is self._express,
+                batch=len(self._rows) + len(self._express_rows),
+            )
         if rows:
             try:
                 self._decode_step(variant, batch, rows, eos)
@@ -396,6 +404,11 @@ class TransformersEngine:
 
     def detached(self) -> bool:
         return self._stopped.is_set()
+
+    def last_turn(self) -> dict[str, Any]:
+        """Its last turn's prefills (id, prompt and max tokens, seconds to the deadline then, seconds taken)
+        and the rows its decode step served (whether stepped apart, and the batch's size)."""
+        return self._last_turn
 
     def pending(self) -> Turn | None:
         """How urgently this engine needs its next turn (see `compute`); None when it has nothing to do.
@@ -510,8 +523,21 @@ class TransformersEngine:
             try:
                 began = time.perf_counter()
                 cache, logits = self._prefill(variant, seq.handle.prompt_ids)
+                took = time.perf_counter() - began
                 if self.profile is not None:
-                    self.profile.observe_prefill(len(seq.handle.prompt_ids), time.perf_counter() - began)
+                    self.profile.observe_prefill(len(seq.handle.prompt_ids), took)
+                deadline = seq.handle.deadline
+                self._last_turn.setdefault("prefills", []).append(
+                    {
+                        "id": seq.handle.request_id,
+                        "prompt": len(seq.handle.prompt_ids),
+                        "max": seq.params.max_tokens,
+                        "left_s": round(deadline - began, 4) if deadline is not None else None,
+                        "tokens": len(seq.handle.prompt_ids),
+                        "s": round(took, 4),
+                        "last": True,
+                    }
+                )
             except Exception as exc:
                 log.exception("prefill failed")
                 self._finish(seq, GenerationEvent("", [], [], "error", 0, str(exc)))

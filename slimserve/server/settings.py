@@ -43,3 +43,6 @@ class ServerSettings(BaseSettings):
     min_quality: str | None = Field(
         None, description="Default minimum quality of routed requests: a perplexity ratio or a tier."
     )
+    trace_turns: str | None = Field(
+        None, description="Append one JSON line per compute turn to this file (what each turn prefilled and stepped)."
+    )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -417,3 +418,39 @@ def test_the_batch_goes_on_by_itself_once_the_rows_stepped_apart_are_done(tiny_v
         assert asyncio.run(scenario()) == [10, 40, 40, 40]
     finally:
         engine.shutdown()
+
+
+def test_the_turn_trace_records_each_prefill_and_every_step_of_a_request(
+    tiny_variant_dir: Path, tmp_path: Path
+) -> None:
+    """`--trace-turns`: one line per turn, naming the sequence the engine returned for the request."""
+    compute = ComputeThread(name="compute-traced")
+    trace = tmp_path / "turns.jsonl"
+    compute.trace_turns(trace)
+    engine = TransformersEngine(
+        lambda: load_variant(tiny_variant_dir, dtype="fp32"), name="tiny", metrics=ServerMetrics(), compute=compute
+    )
+    engine.start()
+    assert engine.wait_ready(60)
+
+    async def main() -> RequestHandle:
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        handle = engine.submit([5, 6, 7, 8], params, deadline=time.perf_counter() + 30)
+        await _run(handle)
+        return handle
+
+    try:
+        began = time.perf_counter()
+        handle = asyncio.run(main())
+    finally:
+        engine.shutdown()
+        compute.trace_turns(None)
+    turns = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert {t["engine"] for t in turns} == {"tiny"}
+    prefills = [p for t in turns for p in t["prefills"]]
+    assert [(p["id"], p["prompt"], p["max"]) for p in prefills] == [(handle.request_id, 4, 6)]
+    assert 0 < prefills[0]["left_s"] <= 30
+    # the prefill gives the first token, each decode step one more
+    assert sum(handle.request_id in t.get("rows", []) for t in turns) == 5
+    assert all(began <= t["at"] and t["s"] >= 0 for t in turns)
+

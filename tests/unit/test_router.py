@@ -610,6 +610,8 @@ def test_a_request_shed_from_a_full_variant_is_predicted_and_learned_as_the_one_
         response = _ask(c, "auto", {"X-Latency-Budget-Ms": "60000"})
         assert response.status_code == 200  # type: ignore[attr-defined]
         assert response.headers["x-slimserve-variant"] == "tiny-small"  # type: ignore[attr-defined]
+        # the sequence as the engine that served it names it (the turn trace's id)
+        assert response.headers["x-slimserve-sequences"].startswith("tiny-small-")  # type: ignore[attr-defined]
         decision = c.get("/v1/slimserve/router").json()["decisions"][-1]
     assert "tiny-teacher was full, shed to tiny-small" in decision["reason"]
     assert decision["variant"] == "tiny-small"
