@@ -23,7 +23,19 @@ from typing import Any
 
 from router_misses import alone_from_dump, slack
 
-PARTS = ("wait", "own prefill", "own steps", "other prefills", "other steps", "off thread")
+PARTS = (
+    "wait: prefills",
+    "wait: steps",
+    "own prefill",
+    "own steps",
+    "other prefills",
+    "steps, same variant",
+    "steps, other variants",
+    "off thread",
+)
+"""Before its prefill, other requests' prefills and steps; its own prefill (all its chunks) and steps; then
+other requests' prefills, steps of its own variant's rows without it (rows stepped apart, or it waiting),
+and other variants' steps; the rest is time no compute turn ran."""
 
 
 @dataclass
@@ -60,8 +72,13 @@ def charge(row: dict[str, Any], turns: list[dict[str, Any]]) -> Spent:
             spent.own_steps += mine_step
             spent.apart_steps += mine_step and bool(turn.get("apart"))
             prefilled = True
+        elif not prefilled:
+            part = "wait: prefills" if turn.get("prefills") else "wait: steps"
+        elif turn.get("prefills"):
+            part = "other prefills"
         else:
-            part = ("other prefills" if turn.get("prefills") else "other steps") if prefilled else "wait"
+            part = "steps, same variant" if turn["engine"] == row["variant"] else "steps, other variants"
+        if not (mine_prefill or mine_step):
             spent.biggest_other_ms = max(spent.biggest_other_ms, 1000 * overlap)
         spent.parts[part] += 1000 * overlap
     spent.parts["off thread"] = max(0.0, spent.total_ms - 1000 * busy)
@@ -86,7 +103,7 @@ def main() -> int:
         return 2
     header = "| seed | rate | at s | slack | tokens | variant | budget ms | took ms | " + " | ".join(PARTS)
     print(header + " | own steps (apart) | longest other turn ms |")
-    print("|" + "---:|" * (len(PARTS) + 9))
+    print("|" + "---:|" * (len(PARTS) + 10))
     met: dict[bool, list[Spent]] = {True: [], False: []}
     for row in sorted(chosen, key=lambda r: (r["seed"], r["rate"], r["at"])):
         s = slack(row, alone)
