@@ -45,6 +45,13 @@ HOLD_STEPS = 8
 many steps to spare: without the margin it would move back and forth at the edge of its budget."""
 
 
+PREFILL_TOKENS = 128
+"""Prompt tokens one turn prefills: a longer prompt is prefilled in chunks of about this size, one per turn,
+so the compute thread can give another engine's urgent steps a turn between them (a prefill cannot be
+interrupted; chunked prefill as in vLLM and Sarathi-Serve). Each chunk costs one more forward's fixed
+share, which is why the chunk is not smaller."""
+
+
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -115,6 +122,37 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     last_token_at: float | None = None
     done: bool = False
+
+
+@dataclass(eq=False)
+class _Partial:
+    """A sequence whose prompt is partly in its cache (`PREFILL_TOKENS` per turn)."""
+
+    seq: _Sequence
+    cache: DynamicCache
+    done: int = 0
+    """Prompt tokens already in the cache."""
+    seconds: float = 0.0
+    """Compute time of its chunks so far (the prefill as the profile learns it, without others' turns)."""
+    left_s: float | None = None
+    """Seconds to its deadline when its first chunk began (the turn trace)."""
+
+
+def prompt_chunk(prompt: list[int], done: int) -> list[int]:
+    """The tokens of the next chunk of `prompt` after the first `done` (`prefill_chunks`)."""
+    start = 0
+    for size in prefill_chunks(len(prompt)):
+        if start >= done:
+            return prompt[start : start + size]
+        start += size
+    return []
+
+
+def prefill_chunks(prompt_tokens: int, per_turn: int = PREFILL_TOKENS) -> list[int]:
+    """Chunk sizes of a prompt's prefill: as few chunks of at most `per_turn` as it needs, of equal size."""
+    count = max(1, math.ceil(prompt_tokens / per_turn))
+    size, extra = divmod(prompt_tokens, count)
+    return [size + (i < extra) for i in range(count)]
 
 
 class ServingEngine(Protocol):
@@ -194,6 +232,8 @@ class TransformersEngine:
         self._express_rows: list[_Sequence] = []
         """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (`_regroup`)."""
         self._last_turn: dict[str, Any] = {}
+        self._partial: _Partial | None = None
+        """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -226,8 +266,10 @@ class TransformersEngine:
         return [(s.handle.deadline, s.params.max_tokens - len(s.generated)) for s in self._running_rows() if not s.done]
 
     def _running_rows(self) -> list[_Sequence]:
-        """Every sequence in either batch (a snapshot: the compute thread may move rows meanwhile)."""
-        return list(self._rows) + list(self._express_rows)
+        """Every sequence in either batch, and the one being prefilled in chunks (a snapshot: the compute
+        thread may move rows meanwhile)."""
+        partial = self._partial
+        return list(self._rows) + list(self._express_rows) + ([partial.seq] if partial is not None else [])
 
     @property
     def tokenizer(self) -> Any:
@@ -426,6 +468,8 @@ class TransformersEngine:
         latest: float | None = None
         deadline: float | None = None
         best_effort = past_saving = False
+        # a prompt under way in chunks is not a prefill that comes first: its next chunk takes the turn of a
+        # running sequence, so budgeted work due before it gets turns between its chunks
         prefill_now = any(s.handle.deadline is None or s.handle.cancelled.is_set() for s in admissible)
         work = [(s, False) for s in rows] + [(s, True) for s in admissible if s.handle.deadline is not None]
         for seq, waiting in work:
@@ -463,9 +507,14 @@ class TransformersEngine:
         deadline = seq.handle.deadline
         if deadline is None:
             return None
-        if waiting:
-            first_s = self.profile.ttft_ms(len(seq.handle.prompt_ids)) / 1000 if self.profile is not None else 0.05
-            steps, batch = seq.params.max_tokens, running + 1
+        partial = self._partial
+        if waiting or (partial is not None and seq is partial.seq):
+            prompt = len(seq.handle.prompt_ids)
+            first_s = self.profile.ttft_ms(prompt) / 1000 if self.profile is not None else 0.05
+            if not waiting:  # under way in chunks: what is left of its prompt, in a batch slot already its
+                assert partial is not None
+                first_s *= (prompt - partial.done) / prompt
+            steps, batch = seq.params.max_tokens, running + (1 if waiting else 0)
         else:
             first_s, steps, batch = 0.0, seq.params.max_tokens - len(seq.generated), running
         ahead_s = first_s + steps * self._step_s(batch)
@@ -503,6 +552,7 @@ class TransformersEngine:
     def _stop(self) -> None:
         for seq in self._running_rows():
             self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated), "server shutting down"))
+        self._partial = None
         while (waiting := self._take_waiting()) is not None:
             self._finish(waiting, GenerationEvent("", [], [], "abort", 0, "server shutting down"))
         self._rows, self._batch = [], PaddedKVBatch()
@@ -510,9 +560,19 @@ class TransformersEngine:
         self._stopped.set()
 
     def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
-        """Prefill waiting sequences into free batch slots; True if any was taken from the queue."""
-        taken = False
+        """Prefill into free batch slots, up to `PREFILL_TOKENS` prompt tokens this turn: first the next chunk
+        of a prompt under way, then waiting sequences, whose prompts start in this turn only while what it
+        prefilled leaves room for their first chunk. True if it prefilled or took anything from the queue."""
+        spent = 0
+        if self._partial is not None:
+            spent = self._prefill_chunk(variant, self._partial, batch, rows, eos)
+            if self._partial is not None:  # not done yet: its chunk was this turn's prefill
+                return True
+        taken = spent > 0
         for seq in self._admissible(self._running_rows()):
+            first = prefill_chunks(len(seq.handle.prompt_ids))[0]
+            if spent and spent + first > PREFILL_TOKENS:
+                break
             with self._lock:
                 self._inbox.remove(seq)
                 self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
@@ -520,39 +580,67 @@ class TransformersEngine:
             if seq.handle.cancelled.is_set():
                 self._finish(seq, GenerationEvent("", [], [], "abort", 0))
                 continue
-            try:
-                began = time.perf_counter()
-                cache, logits = self._prefill(variant, seq.handle.prompt_ids)
-                took = time.perf_counter() - began
-                if self.profile is not None:
-                    self.profile.observe_prefill(len(seq.handle.prompt_ids), took)
-                deadline = seq.handle.deadline
-                self._last_turn.setdefault("prefills", []).append(
-                    {
-                        "id": seq.handle.request_id,
-                        "prompt": len(seq.handle.prompt_ids),
-                        "max": seq.params.max_tokens,
-                        "left_s": round(deadline - began, 4) if deadline is not None else None,
-                        "tokens": len(seq.handle.prompt_ids),
-                        "s": round(took, 4),
-                        "last": True,
-                    }
-                )
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._finish(seq, GenerationEvent("", [], [], "error", 0, str(exc)))
-                continue
-            self._emit([(seq, logits[0])], eos)
-            if not seq.done:
-                batch.add(cache)
-                rows.append(seq)
+            deadline = seq.handle.deadline
+            partial = _Partial(
+                seq,
+                DynamicCache(config=variant.model.config),
+                left_s=round(deadline - time.perf_counter(), 4) if deadline is not None else None,
+            )
+            self._partial = partial
+            spent += self._prefill_chunk(variant, partial, batch, rows, eos)
+            if self._partial is not None:
+                break
         return taken
 
-    def _prefill(self, variant: LoadedVariant, prompt_ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-        cache = DynamicCache(config=variant.model.config)
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # (1, T)
+    def _prefill_chunk(
+        self, variant: LoadedVariant, partial: _Partial, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]
+    ) -> int:
+        """The next chunk of `partial`'s prompt (tokens prefilled returned); once the prompt is in, its first
+        token is sampled and it joins the batch."""
+        seq, prompt = partial.seq, partial.seq.handle.prompt_ids
+        if seq.handle.cancelled.is_set():
+            self._partial = None
+            self._finish(seq, GenerationEvent("", [], [], "abort", 0))
+            return 0
+        chunk = prompt_chunk(prompt, partial.done)
+        try:
+            began = time.perf_counter()
+            logits = self._prefill(variant, partial.cache, chunk)
+            partial.seconds += time.perf_counter() - began
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._partial = None
+            self._finish(seq, GenerationEvent("", [], [], "error", 0, str(exc)))
+            return len(chunk)
+        partial.done += len(chunk)
+        last = partial.done >= len(prompt)
+        self._last_turn.setdefault("prefills", []).append(
+            {
+                "id": seq.handle.request_id,
+                "prompt": len(prompt),
+                "max": seq.params.max_tokens,
+                "left_s": partial.left_s,
+                "tokens": len(chunk),
+                "s": round(time.perf_counter() - began, 4),
+                "last": last,
+            }
+        )
+        if not last:
+            return len(chunk)
+        self._partial = None
+        if self.profile is not None:
+            self.profile.observe_prefill(len(prompt), partial.seconds)
+        self._emit([(seq, logits[0])], eos)
+        if not seq.done:
+            batch.add(partial.cache)
+            rows.append(seq)
+        return len(chunk)
+
+    def _prefill(self, variant: LoadedVariant, cache: DynamicCache, chunk: list[int]) -> torch.Tensor:
+        """One chunk of a prompt into `cache`, after the tokens it holds (positions follow from its length)."""
+        input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
         out = variant.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1].float()  # (1, vocab)
+        return out.logits[:, -1].float()  # (1, vocab)
 
     def _decode_step(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> None:
         input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)

@@ -14,6 +14,7 @@ import torch
 from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.compute import SAFETY, ComputeThread
 from slimserve.server.engine import (
+    PREFILL_TOKENS,
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
@@ -21,6 +22,8 @@ from slimserve.server.engine import (
     RequestHandle,
     TransformersEngine,
     _Sequence,
+    prefill_chunks,
+    prompt_chunk,
 )
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
@@ -454,3 +457,54 @@ def test_the_turn_trace_records_each_prefill_and_every_step_of_a_request(
     assert sum(handle.request_id in t.get("rows", []) for t in turns) == 5
     assert all(began <= t["at"] and t["s"] >= 0 for t in turns)
 
+
+def test_prefill_chunks_split_a_long_prompt_evenly() -> None:
+    assert prefill_chunks(10) == [10]
+    assert prefill_chunks(PREFILL_TOKENS) == [PREFILL_TOKENS]
+    assert prefill_chunks(PREFILL_TOKENS + 1) == [65, 64]
+    assert prefill_chunks(300, per_turn=128) == [100, 100, 100]
+    prompt = list(range(300))
+    pieces, done = [], 0
+    while chunk := prompt_chunk(prompt, done):
+        pieces.append(chunk)
+        done += len(chunk)
+    assert [len(p) for p in pieces] == prefill_chunks(300)
+    assert [t for p in pieces for t in p] == prompt
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_turn_while_the_batch_goes_on(
+    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
+) -> None:
+    """A prompt longer than `PREFILL_TOKENS` takes one chunk per turn, and the running batch still steps in
+    each of those turns; the chunked prompt's tokens are the ones whole-prompt generation gives."""
+    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
+    loaded = load_variant(tiny_variant_dir, dtype="fp32")
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
+    engine.state, engine.variant = EngineState.READY, loaded
+    vocab = int(loaded.model.config.vocab_size)
+    long_prompt = [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]  # two chunks
+    short_prompt = [30, 31, 32]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[list[int], list[int], list[dict[str, Any]], list[tuple[int, int]]]:
+        short = engine.submit(short_prompt, params, deadline=time.perf_counter() + 600)
+        engine.step()  # the short prompt's prefill and its first decode step
+        long = engine.submit(long_prompt, params, deadline=time.perf_counter() + 600)
+        turns, progress = [], []
+        for _ in range(2):
+            engine.step()
+            await asyncio.sleep(0)  # deliver the turn's events
+            turns.append(dict(engine.last_turn()))
+            progress.append((short.queue.qsize(), long.queue.qsize()))
+            assert engine.running == 2 and engine.waiting == 0
+        while engine.running:
+            engine.step()
+        return (await _run(short))[0], (await _run(long))[0], turns, progress
+
+    short_tokens, long_tokens, turns, progress = asyncio.run(scenario())
+    chunks = [[(p["tokens"], p["last"]) for p in t["prefills"]] for t in turns]
+    assert chunks == [[(PREFILL_TOKENS - 5, False)], [(PREFILL_TOKENS - 5, True)]]
+    assert all(t["rows"] for t in turns)  # the short request stepped in both turns
+    assert progress == [(3, 0), (4, 2)]  # once its prompt is in: its first token, and a step with the batch
+    assert short_tokens == _reference_greedy(tiny_loaded, short_prompt, 8)
+    assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 8)
