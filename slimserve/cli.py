@@ -92,7 +92,10 @@ def serve(
             )
         )
     if settings.trace_turns and chosen == "transformers":
-        ComputeThread.shared().trace_turns(Path(settings.trace_turns))
+        try:
+            ComputeThread.shared().trace_turns(Path(settings.trace_turns))
+        except OSError as exc:
+            raise ValueError(f"--trace-turns: cannot write {settings.trace_turns}: {exc.strerror or exc}") from exc
     app = create_app(
         engines,
         metrics,

@@ -46,6 +46,15 @@ def test_serve_unknown_variant_fails_fast_with_a_clear_error(
     assert "no variant 'does-not-exist'" in capsys.readouterr().err
 
 
+def test_serve_with_an_unwritable_turn_trace_fails_before_serving(
+    slimserve_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    variant = make_tiny_variant(tmp_path / "tiny")
+    trace = tmp_path / "no-such-dir" / "turns.jsonl"
+    assert main(["serve", "--variant", str(variant), "--port", "0", "--trace-turns", str(trace)]) == 2
+    assert f"--trace-turns: cannot write {trace}" in capsys.readouterr().err
+
+
 def test_serve_on_vllm_without_a_gpu_says_what_is_missing(
     slimserve_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
