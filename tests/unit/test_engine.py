@@ -386,6 +386,45 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     assert progress[-1][:3] == (20, 20, 20)  # then they went on and finished
 
 
+def test_a_row_close_to_urgent_steps_apart_with_the_urgent_one(tiny_variant_dir: Path) -> None:
+    """Two tight requests in a busy batch, one urgent and one a few steps from it, step apart together while
+    the loose ones wait: left behind, the second turned urgent in its turn and the two took turns stepping
+    alone, each at a whole step's cost."""
+    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
+    loaded = load_variant(tiny_variant_dir, dtype="fp32")
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
+    engine.state, engine.variant = EngineState.READY, loaded
+    # predicted steps: 100 ms a row (400 for the batch of four); `smoothing=0` keeps them
+    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    tight_params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    async def scenario() -> list[tuple[int, ...]]:
+        loose = [engine.submit(p, params, deadline=time.perf_counter() + 600) for p in ([5, 6, 7], [20, 21])]
+        for _ in range(3):
+            engine.step()
+        # 10 tokens each at the batch of four's 400 ms x SAFETY: 5 s. The first (3 s) is urgent; the second
+        # (6 s) is not, but within HOLD_STEPS (3.2 s) of it until it has 5 tokens left
+        now = time.perf_counter()
+        tight = [engine.submit([40, 41], tight_params, deadline=now + 3)]
+        tight.append(engine.submit([50, 51, 52], tight_params, deadline=now + 6))
+        progress = []  # per turn: tokens each request has streamed so far
+        while engine.running or engine.waiting:
+            engine.step()
+            await asyncio.sleep(0)  # deliver the turn's events
+            progress.append(tuple(h.queue.qsize() for h in [*loose, *tight]))
+        return progress
+
+    progress = asyncio.run(scenario())
+    prefilled = next(i for i, p in enumerate(progress) if p[2] and p[3])
+    together = progress[prefilled : prefilled + 4]
+    assert [p[2] for p in together] == [p[3] for p in together]  # in step while the second is near urgent
+    assert together[-1][3] > together[0][3]
+    tight_done = next(i for i, p in enumerate(progress) if p[2] == 10)
+    assert len({p[:2] for p in progress[prefilled : tight_done + 1]}) == 1  # the loose requests waited
+    assert progress[-1][:2] == (20, 20)
+
+
 def test_the_batch_goes_on_by_itself_once_the_rows_stepped_apart_are_done(tiny_variant_dir: Path) -> None:
     """On the compute thread: after a tight request stepped apart from a busy batch finishes, the rest of the
     batch finishes without another request arriving. The turn in which the apart rows all finished used to
