@@ -390,9 +390,11 @@ class TransformersEngine:
         scheduler would: a batch step costs more the more rows it serves (the int4 student's: 44 ms at one
         row, 126 at eight here), so a tight request that joins a busy batch misses at the batch's pace
         where it would have made it alone. Once one row is urgent, every row within `HOLD_STEPS` of
-        being urgent steps with it: left waiting, such a row turned urgent a few steps later, the two took
-        turns stepping alone at one row's cost each, and a routing run's request on the int4 student
-        missed its budget by 4 ms where the two stepping together had time to spare. Rows without a
+        being urgent steps with it, unless at that group's predicted pace an urgent row would miss: left
+        waiting, such a row turned urgent a few steps later, the two took turns stepping alone at one
+        row's cost each, and a routing run's request on the int4 student missed its budget by 4 ms where
+        the two stepping together had time to spare; joined even then, the tightest requests of another
+        run lost their own steps' pace and missed. Rows without a
         budget, or past saving, ride along once they have waited `BACKGROUND_S`, so they still finish.
         With nothing urgent, or everything, the rows are one batch again."""
         main, express = list(self._rows), list(self._express_rows)
@@ -411,8 +413,15 @@ class TransformersEngine:
             return deadline - left * full_s * SAFETY <= now + margin_s
 
         near_s = HOLD_STEPS * full_s
-        due = any(urgent(s, near_s) for s in express) or any(urgent(s, 0.0) for s in main)
-        hurry = [s for s in everyone if urgent(s, near_s)] if due else []
+        due = [s for s in express if urgent(s, near_s)] + [s for s in main if urgent(s, 0.0)]
+        near = [s for s in everyone if urgent(s, near_s)] if due else []
+
+        def in_time(seq: _Sequence, step_s: float) -> bool:
+            assert seq.handle.deadline is not None  # urgent
+            return seq.handle.deadline - now >= (seq.params.max_tokens - len(seq.generated)) * step_s
+
+        together = bool(near) and all(in_time(s, self._step_s(len(near))) for s in due)
+        hurry = near if together else due
         if not hurry or len(hurry) == len(everyone):
             if express:
                 self._batch.merge(self._express)

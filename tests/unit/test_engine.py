@@ -386,10 +386,14 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     assert progress[-1][:3] == (20, 20, 20)  # then they went on and finished
 
 
-def test_a_row_close_to_urgent_steps_apart_with_the_urgent_one(tiny_variant_dir: Path) -> None:
+@pytest.mark.parametrize(("urgent_in_s", "together"), [(3.0, True), (1.5, False)])
+def test_a_row_close_to_urgent_steps_apart_with_the_urgent_one(
+    tiny_variant_dir: Path, urgent_in_s: float, together: bool
+) -> None:
     """Two tight requests in a busy batch, one urgent and one a few steps from it, step apart together while
     the loose ones wait: left behind, the second turned urgent in its turn and the two took turns stepping
-    alone, each at a whole step's cost."""
+    alone, each at a whole step's cost. Not when the urgent one would miss at the pair's pace: then it
+    steps alone."""
     compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
     loaded = load_variant(tiny_variant_dir, dtype="fp32")
     engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
@@ -403,10 +407,11 @@ def test_a_row_close_to_urgent_steps_apart_with_the_urgent_one(tiny_variant_dir:
         loose = [engine.submit(p, params, deadline=time.perf_counter() + 600) for p in ([5, 6, 7], [20, 21])]
         for _ in range(3):
             engine.step()
-        # 10 tokens each at the batch of four's 400 ms x SAFETY: 5 s. The first (3 s) is urgent; the second
-        # (6 s) is not, but within HOLD_STEPS (3.2 s) of it until it has 5 tokens left
+        # 10 tokens each at the batch of four's 400 ms x SAFETY: 5 s. The first (3 or 1.5 s) is urgent: 2 s
+        # at the pair's pace, 1 s alone; the second (6 s) is not, but within HOLD_STEPS (3.2 s) of it until
+        # it has 5 tokens left
         now = time.perf_counter()
-        tight = [engine.submit([40, 41], tight_params, deadline=now + 3)]
+        tight = [engine.submit([40, 41], tight_params, deadline=now + urgent_in_s)]
         tight.append(engine.submit([50, 51, 52], tight_params, deadline=now + 6))
         progress = []  # per turn: tokens each request has streamed so far
         while engine.running or engine.waiting:
@@ -417,9 +422,12 @@ def test_a_row_close_to_urgent_steps_apart_with_the_urgent_one(tiny_variant_dir:
 
     progress = asyncio.run(scenario())
     prefilled = next(i for i, p in enumerate(progress) if p[2] and p[3])
-    together = progress[prefilled : prefilled + 4]
-    assert [p[2] for p in together] == [p[3] for p in together]  # in step while the second is near urgent
-    assert together[-1][3] > together[0][3]
+    if together:  # in step while the second is near urgent
+        first = progress[prefilled : prefilled + 4]
+        assert [p[2] for p in first] == [p[3] for p in first] and first[-1][3] > first[0][3]
+    else:  # the first alone, the second waiting, until the pair's pace fits its last 7 steps (1.4 s)
+        first = progress[prefilled : prefilled + 2]
+        assert first[-1][2] > first[0][2] and first[-1][3] == first[0][3]
     tight_done = next(i for i, p in enumerate(progress) if p[2] == 10)
     assert len({p[:2] for p in progress[prefilled : tight_done + 1]}) == 1  # the loose requests waited
     assert progress[-1][:2] == (20, 20)
