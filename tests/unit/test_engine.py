@@ -555,3 +555,47 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_turn_while_the_batch_goes_on(
     assert progress == [(3, 0), (4, 2)]  # once its prompt is in: its first token, and a step with the batch
     assert short_tokens == _reference_greedy(tiny_loaded, short_prompt, 8)
     assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 8)
+
+
+def test_the_next_chunk_of_a_loose_prompt_yields_to_a_row_due_now(
+    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
+) -> None:
+    """A prompt under way in chunks waits while a running request's steps are due now (its deadline needs
+    them), and goes on once they are not: each chunk's turn would otherwise spend a prefill besides the step."""
+    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
+    loaded = load_variant(tiny_variant_dir, dtype="fp32")
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
+    engine.state, engine.variant = EngineState.READY, loaded
+    # predicted steps of 100 ms a row; `smoothing=0` keeps them (the tiny model's real steps take a millisecond)
+    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    vocab = int(loaded.model.config.vocab_size)
+    long_prompt = [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]  # two chunks
+    short_prompt = [30, 31, 32]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[list[int], list[int], list[dict[str, Any]]]:
+        short = engine.submit(short_prompt, params, deadline=time.perf_counter() + 600)
+        engine.step()
+        long = engine.submit(long_prompt, params, deadline=time.perf_counter() + 600)
+        engine.step()  # the long prompt's first chunk
+        await asyncio.sleep(0)
+        turns = []
+        for _ in range(3):
+            # time passes: its deadline 1.1x its steps left (100 ms each) away, due now with SAFETY
+            left = params.max_tokens - short.queue.qsize()
+            short.deadline = time.perf_counter() + 1.1 * left * 0.1
+            engine.step()
+            await asyncio.sleep(0)  # deliver the turn's events
+            turns.append(dict(engine.last_turn()))
+        short.deadline = time.perf_counter() + 600  # no longer due: the long prompt goes on
+        engine.step()
+        turns.append(dict(engine.last_turn()))
+        while engine.running:
+            engine.step()
+        return (await _run(short))[0], (await _run(long))[0], turns
+
+    short_tokens, long_tokens, turns = asyncio.run(scenario())
+    assert [len(t["prefills"]) for t in turns] == [0, 0, 0, 1]
+    assert all(t["rows"] for t in turns[:3])  # the short request stepped meanwhile
+    assert short_tokens == _reference_greedy(tiny_loaded, short_prompt, 12)
+    assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 12)
