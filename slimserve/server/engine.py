@@ -389,14 +389,9 @@ class TransformersEngine:
         split off and stepped alone while the rest of the batch waits, as a preemptive earliest-deadline
         scheduler would: a batch step costs more the more rows it serves (the int4 student's: 44 ms at one
         row, 126 at eight here), so a tight request that joins a busy batch misses at the batch's pace
-        where it would have made it alone. Once one row is urgent, every row within `HOLD_STEPS` of
-        being urgent steps with it, unless at that group's predicted pace an urgent row would miss: left
-        waiting, such a row turned urgent a few steps later, the two took turns stepping alone at one
-        row's cost each, and a routing run's request on the int4 student missed its budget by 4 ms where
-        the two stepping together had time to spare; joined even then, the tightest requests of another
-        run lost their own steps' pace and missed. Rows without a
-        budget, or past saving, ride along once they have waited `BACKGROUND_S`, so they still finish.
-        With nothing urgent, or everything, the rows are one batch again."""
+        where it would have made it alone. Rows without a budget, or past saving, ride along once they
+        have waited `BACKGROUND_S`, so they still finish. With nothing urgent, or everything, the rows
+        are one batch again."""
         main, express = list(self._rows), list(self._express_rows)
         everyone = main + express
         if not everyone:
@@ -412,16 +407,7 @@ class TransformersEngine:
                 return False
             return deadline - left * full_s * SAFETY <= now + margin_s
 
-        near_s = HOLD_STEPS * full_s
-        due = [s for s in express if urgent(s, near_s)] + [s for s in main if urgent(s, 0.0)]
-        near = [s for s in everyone if urgent(s, near_s)] if due else []
-
-        def in_time(seq: _Sequence, step_s: float) -> bool:
-            assert seq.handle.deadline is not None  # urgent
-            return seq.handle.deadline - now >= (seq.params.max_tokens - len(seq.generated)) * step_s
-
-        together = bool(near) and all(in_time(s, self._step_s(len(near))) for s in due)
-        hurry = near if together else due
+        hurry = [s for s in express if urgent(s, HOLD_STEPS * full_s)] + [s for s in main if urgent(s, 0.0)]
         if not hurry or len(hurry) == len(everyone):
             if express:
                 self._batch.merge(self._express)
@@ -546,7 +532,8 @@ class TransformersEngine:
         if not waiting:
             return []
         now = time.perf_counter()
-        if not self._due_now(rows, now):
+        starts = [self._latest_start(s, len(rows), now) for s in rows]
+        if not any(start is not None and start <= now for start in starts):
             return waiting
         return [
             s
@@ -555,25 +542,6 @@ class TransformersEngine:
             or s.handle.cancelled.is_set()
             or (self._latest_start(s, len(rows), now, waiting=True) or 0.0) <= now
         ]
-
-    def _due_now(self, rows: list[_Sequence], now: float) -> bool:
-        """Whether a running sequence's steps must go on now to meet its deadline (`_latest_start`)."""
-        starts = [self._latest_start(s, len(rows), now) for s in rows]
-        return any(start is not None and start <= now for start in starts)
-
-    def _chunk_waits(self, partial: _Partial) -> bool:
-        """Whether the next chunk of a prompt under way yields this turn to the steps of running sequences
-        due now (the rule of `_admissible`, for prompts already started): otherwise each of its turns
-        costs a chunk's prefill (0.13 s for 103 tokens on the int4 student) besides one step, and a routing
-        run's request with 52 tokens left and 1.1 s to its deadline lost 0.5 s to the four chunks of a
-        loose request admitted just before it came due."""
-        seq = partial.seq
-        if seq.handle.deadline is None or seq.handle.cancelled.is_set():
-            return False
-        rows = self._running_rows()
-        now = time.perf_counter()
-        own = self._latest_start(seq, len(rows), now)
-        return own is not None and own > now and self._due_now(rows, now)
 
     def _take_waiting(self) -> _Sequence | None:
         with self._lock:
@@ -593,13 +561,10 @@ class TransformersEngine:
 
     def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
         """Prefill into free batch slots, up to `PREFILL_TOKENS` prompt tokens this turn: first the next chunk
-        of a prompt under way (unless it yields: `_chunk_waits`), then waiting sequences, whose prompts start
-        in this turn only while what it prefilled leaves room for their first chunk. True if it prefilled or
-        took anything from the queue."""
+        of a prompt under way, then waiting sequences, whose prompts start in this turn only while what it
+        prefilled leaves room for their first chunk. True if it prefilled or took anything from the queue."""
         spent = 0
         if self._partial is not None:
-            if self._chunk_waits(self._partial):
-                return False
             spent = self._prefill_chunk(variant, self._partial, batch, rows, eos)
             if self._partial is not None:  # not done yet: its chunk was this turn's prefill
                 return True

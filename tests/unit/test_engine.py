@@ -386,53 +386,6 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     assert progress[-1][:3] == (20, 20, 20)  # then they went on and finished
 
 
-@pytest.mark.parametrize(("urgent_in_s", "together"), [(3.0, True), (1.5, False)])
-def test_a_row_close_to_urgent_steps_apart_with_the_urgent_one(
-    tiny_variant_dir: Path, urgent_in_s: float, together: bool
-) -> None:
-    """Two tight requests in a busy batch, one urgent and one a few steps from it, step apart together while
-    the loose ones wait: left behind, the second turned urgent in its turn and the two took turns stepping
-    alone, each at a whole step's cost. Not when the urgent one would miss at the pair's pace: then it
-    steps alone."""
-    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
-    loaded = load_variant(tiny_variant_dir, dtype="fp32")
-    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
-    engine.state, engine.variant = EngineState.READY, loaded
-    # predicted steps: 100 ms a row (400 for the batch of four); `smoothing=0` keeps them
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    tight_params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-
-    async def scenario() -> list[tuple[int, ...]]:
-        loose = [engine.submit(p, params, deadline=time.perf_counter() + 600) for p in ([5, 6, 7], [20, 21])]
-        for _ in range(3):
-            engine.step()
-        # 10 tokens each at the batch of four's 400 ms x SAFETY: 5 s. The first (3 or 1.5 s) is urgent: 2 s
-        # at the pair's pace, 1 s alone; the second (6 s) is not, but within HOLD_STEPS (3.2 s) of it until
-        # it has 5 tokens left
-        now = time.perf_counter()
-        tight = [engine.submit([40, 41], tight_params, deadline=now + urgent_in_s)]
-        tight.append(engine.submit([50, 51, 52], tight_params, deadline=now + 6))
-        progress = []  # per turn: tokens each request has streamed so far
-        while engine.running or engine.waiting:
-            engine.step()
-            await asyncio.sleep(0)  # deliver the turn's events
-            progress.append(tuple(h.queue.qsize() for h in [*loose, *tight]))
-        return progress
-
-    progress = asyncio.run(scenario())
-    prefilled = next(i for i, p in enumerate(progress) if p[2] and p[3])
-    if together:  # in step while the second is near urgent
-        first = progress[prefilled : prefilled + 4]
-        assert [p[2] for p in first] == [p[3] for p in first] and first[-1][3] > first[0][3]
-    else:  # the first alone, the second waiting, until the pair's pace fits its last 7 steps (1.4 s)
-        first = progress[prefilled : prefilled + 2]
-        assert first[-1][2] > first[0][2] and first[-1][3] == first[0][3]
-    tight_done = next(i for i, p in enumerate(progress) if p[2] == 10)
-    assert len({p[:2] for p in progress[prefilled : tight_done + 1]}) == 1  # the loose requests waited
-    assert progress[-1][:2] == (20, 20)
-
-
 def test_the_batch_goes_on_by_itself_once_the_rows_stepped_apart_are_done(tiny_variant_dir: Path) -> None:
     """On the compute thread: after a tight request stepped apart from a busy batch finishes, the rest of the
     batch finishes without another request arriving. The turn in which the apart rows all finished used to
@@ -555,47 +508,3 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_turn_while_the_batch_goes_on(
     assert progress == [(3, 0), (4, 2)]  # once its prompt is in: its first token, and a step with the batch
     assert short_tokens == _reference_greedy(tiny_loaded, short_prompt, 8)
     assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 8)
-
-
-def test_the_next_chunk_of_a_loose_prompt_yields_to_a_row_due_now(
-    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
-) -> None:
-    """A prompt under way in chunks waits while a running request's steps are due now (its deadline needs
-    them), and goes on once they are not: each chunk's turn would otherwise spend a prefill besides the step."""
-    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
-    loaded = load_variant(tiny_variant_dir, dtype="fp32")
-    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
-    engine.state, engine.variant = EngineState.READY, loaded
-    # predicted steps of 100 ms a row; `smoothing=0` keeps them (the tiny model's real steps take a millisecond)
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
-    vocab = int(loaded.model.config.vocab_size)
-    long_prompt = [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]  # two chunks
-    short_prompt = [30, 31, 32]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-    async def scenario() -> tuple[list[int], list[int], list[dict[str, Any]]]:
-        short = engine.submit(short_prompt, params, deadline=time.perf_counter() + 600)
-        engine.step()
-        long = engine.submit(long_prompt, params, deadline=time.perf_counter() + 600)
-        engine.step()  # the long prompt's first chunk
-        await asyncio.sleep(0)
-        turns = []
-        for _ in range(3):
-            # time passes: its deadline 1.1x its steps left (100 ms each) away, due now with SAFETY
-            left = params.max_tokens - short.queue.qsize()
-            short.deadline = time.perf_counter() + 1.1 * left * 0.1
-            engine.step()
-            await asyncio.sleep(0)  # deliver the turn's events
-            turns.append(dict(engine.last_turn()))
-        short.deadline = time.perf_counter() + 600  # no longer due: the long prompt goes on
-        engine.step()
-        turns.append(dict(engine.last_turn()))
-        while engine.running:
-            engine.step()
-        return (await _run(short))[0], (await _run(long))[0], turns
-
-    short_tokens, long_tokens, turns = asyncio.run(scenario())
-    assert [len(t["prefills"]) for t in turns] == [0, 0, 0, 1]
-    assert all(t["rows"] for t in turns[:3])  # the short request stepped meanwhile
-    assert short_tokens == _reference_greedy(tiny_loaded, short_prompt, 12)
-    assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 12)
