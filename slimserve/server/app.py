@@ -229,9 +229,7 @@ def create_app(
                     engine, max(len(p) for p in prompts), requested_max, max_param, default_max_tokens
                 )
                 # the router protects this deadline when it places later requests; the compute thread orders
-                # turns by it. A request predicted to miss keeps it too: given a deadline already past
-                # (background turns from the start), a routing run met 54.2% of the feasible budgets where
-                # the same code without that met 80.0%; about a third of predicted misses make it
+                # turns by it
                 deadline = arrived + budget.latency_ms / 1000 if budget and budget.latency_ms else None
                 handles = submit(engine, prompts, max_tokens, deadline)
             except APIError as exc:

@@ -664,17 +664,8 @@ class Router:
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
         not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
         calibration and the fastest variant's margin (a routing run ended with every int4 variant's at the
-        cap), so later budgets it could meet look out of reach and fall back to it as predicted misses.
-
-        One that finished sooner than predicted still counts, in the calibration and its variant's margin:
-        stepping it in the background only slows it, so it says the prediction overstated. Left out, a
-        calibration raised by a burst could only come down through requests predicted to make it, which it
-        had made rare: in a routing run at 0.6/s on a slower AVX-512 machine, predictions ran at 5-17 times
-        a request's unloaded latency from 34 to 67 s, after a burst; 33 of the 60 requests were predicted to
-        miss everywhere, and 11 of those met their budgets."""
-        if decision.predicted_ms <= 0:
-            return
-        if decision.budget_met is False and elapsed_ms >= decision.predicted_ms:
+        cap), so later budgets it could meet look out of reach and fall back to it as predicted misses."""
+        if decision.predicted_ms <= 0 or decision.budget_met is False:
             return
         ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
         with self._lock:
