@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from slimserve.models.cpu_attention import use_cpu_attention
 from slimserve.models.cpu_kernels import (
     TIED_INT8_EMBEDDING,
     accelerate_compressed_linears,
@@ -24,7 +25,6 @@ from slimserve.models.cpu_kernels import (
     native_bf16,
     tie_int8_embedding,
 )
-from slimserve.models.fp32_attention import use_fp32_attention
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 
@@ -145,8 +145,9 @@ def load_variant(
             accelerate_compressed_linears(model)
         if tied_int8:
             tie_int8_embedding(model, torch_dtype)
-    if torch_dtype == torch.bfloat16 and not native_bf16():
-        use_fp32_attention(model)  # emulated bf16 attention was about twice as slow as fp32 here
+    # transformers' SDPA path repeats grouped KV heads under a mask, and torch's bf16 attention on the CPU is
+    # slow for decode steps: both measured in `cpu_attention`
+    use_cpu_attention(model)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
