@@ -119,26 +119,17 @@ def submit_all(
 ) -> list[RequestHandle]:
     """Submit prompts x n sequences (choice index = prompt * n + j); all or none. `deadline`: when the
     request's latency budget ends (`time.perf_counter()`), if it has one."""
-    handles: list[RequestHandle] = []
     try:
-        for p, ids in enumerate(prompts):
-            for j in range(n):
-                handles.append(engine.submit(ids, make_params(p * n + j), deadline))
+        sequences = [(ids, make_params(p * n + j)) for p, ids in enumerate(prompts) for j in range(n)]
+        return engine.submit_many(sequences, deadline)
     except EngineBusyError as exc:
-        for h in handles:
-            h.cancel()
         raise APIError(
             429, f"server is busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
         ) from exc
     except EngineNotReadyError as exc:
-        for h in handles:
-            h.cancel()
         raise APIError(503, str(exc), code="model_not_ready") from exc
     except ValueError as exc:  # parameters the model cannot honour, e.g. a logit_bias outside its vocabulary
-        for h in handles:
-            h.cancel()
         raise APIError(400, str(exc), code="invalid_value") from exc
-    return handles
 
 
 async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationEvent]]:

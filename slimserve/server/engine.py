@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -177,6 +177,12 @@ class ServingEngine(Protocol):
         """Queue one sequence; `deadline` (`time.perf_counter()`) is when its latency budget ends, if any."""
         ...
 
+    def submit_many(
+        self, sequences: Sequence[tuple[list[int], SamplingParams]], deadline: float | None = None
+    ) -> list[RequestHandle]:
+        """Queue the sequences of one request together, all or none."""
+        ...
+
     @property
     def tokenizer(self) -> Any: ...
     @property
@@ -288,23 +294,45 @@ class TransformersEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
         """Queue one sequence; raises EngineBusyError when `max_waiting` sequences already wait. Its `deadline`
         is known before the compute thread first sees it, so its prefill takes its earliest-deadline turn."""
+        return self.submit_many([(prompt_ids, params)], deadline)[0]
+
+    def submit_many(
+        self, sequences: Sequence[tuple[list[int], SamplingParams]], deadline: float | None = None
+    ) -> list[RequestHandle]:
+        """Queue the sequences of one request (its choices, its prompts) in one step, all or none: raises
+        EngineBusyError when they would take the queue past `max_waiting`.
+
+        Why in one step: the compute thread takes what waits at the start of each turn, and when a request's
+        choices were queued one by one, the first was sometimes prefilled and stepped alone before the
+        second came in. bf16 matmuls (here the MLP's down projection) and torch's fp32 attention kernel round
+        a row's last bits differently at batch 1 than at 2, so the same seeded request with n=2 on an idle
+        server drew other tokens in a third to half of the runs. Queued together, its choices start in the
+        same turns every time."""
         variant = self._require_variant()
-        handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop(), deadline)
         vocab = int(variant.model.config.vocab_size)
-        sequence = _Sequence(  # built first: a sampler that rejects its parameters leaves no count behind
-            handle=handle,
-            params=params,
-            sampler=Sampler(params, vocab),
-            detokenizer=IncrementalDetokenizer(variant.tokenizer, prompt_ids, params.stop),
-            submitted_at=time.perf_counter(),
-        )
+        built = []
+        loop = asyncio.get_running_loop()
+        for prompt_ids, params in sequences:
+            handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, loop, deadline)
+            built.append(
+                _Sequence(  # built first: a sampler that rejects its parameters leaves nothing queued
+                    handle=handle,
+                    params=params,
+                    sampler=Sampler(params, vocab),
+                    detokenizer=IncrementalDetokenizer(variant.tokenizer, prompt_ids, params.stop),
+                    submitted_at=time.perf_counter(),
+                )
+            )
         with self._lock:
-            if len(self._inbox) >= self.max_waiting:
-                raise EngineBusyError(f"{len(self._inbox)} sequences are already waiting for {self.name}")
-            self._inbox.append(sequence)
+            if len(self._inbox) + len(built) > self.max_waiting:
+                raise EngineBusyError(
+                    f"{len(self._inbox)} sequences are already waiting for {self.name} "
+                    f"(at most {self.max_waiting}; this request adds {len(built)})"
+                )
+            self._inbox.extend(built)
             self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
         self.compute.wake()
-        return handle
+        return [seq.handle for seq in built]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is running, leave the compute thread and drop the model."""

@@ -1,7 +1,9 @@
 """Per-sequence sampling: OpenAI penalties, temperature, top-k/top-p, seeded draws and logprobs.
 
-Each sequence in a batch has its own parameters and its own `torch.Generator`, so a request with a
-seed draws the same tokens whatever else shares its batch.
+Each sequence in a batch has its own parameters and its own `torch.Generator`, so what else shares the
+batch never shifts a seeded request's draws. Its logits still carry the batch's rounding (bf16 matmuls
+round a row's last bits differently at another batch size), so as in vLLM a seeded request repeats
+exactly under the same load, an idle server for instance, not under any load.
 """
 
 from __future__ import annotations

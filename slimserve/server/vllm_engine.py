@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,23 @@ class VLLMEngine:
         if self.state is not EngineState.READY:
             reason = f": {self.error}" if self.error else ""
             raise EngineNotReadyError(f"model {self.name!r} is {self.state.value}{reason}")
+
+    def submit_many(
+        self, sequences: Sequence[tuple[list[int], SamplingParams]], deadline: float | None = None
+    ) -> list[RequestHandle]:
+        """Start a request's sequences, all or none (vLLM schedules them; the check here is only the cap)."""
+        self._require_ready()
+        if self._active + len(sequences) > self.max_batch_size + self.max_waiting:
+            raise EngineBusyError(f"{self._active} sequences are already in flight on {self.name}")
+        handles: list[RequestHandle] = []
+        try:
+            for prompt_ids, params in sequences:
+                handles.append(self.submit(prompt_ids, params, deadline))
+        except Exception:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
         """Start one sequence in vLLM; its events arrive on the handle like the CPU engine's. vLLM schedules
