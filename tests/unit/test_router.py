@@ -566,17 +566,20 @@ def test_a_routed_request_carries_its_deadline_to_the_engine(tmp_path: Path) -> 
     engines = _engines(tmp_path, metrics)
     handles: list[tuple[str, RequestHandle]] = []
     for engine in engines:
-        submit = engine.submit
+        submit_many = engine.submit_many
 
         def spy(  # type: ignore[no-untyped-def]
-            prompt: list[int], params: SamplingParams, deadline: float | None = None, submit=submit, name=engine.name
-        ) -> RequestHandle:
-            handle = submit(prompt, params, deadline)
-            assert handle.deadline == deadline  # set on the handle before it is queued
-            handles.append((name, handle))
-            return handle
+            sequences: list[tuple[list[int], SamplingParams]],
+            deadline: float | None = None,
+            submit_many=submit_many,
+            name=engine.name,
+        ) -> list[RequestHandle]:
+            queued = submit_many(sequences, deadline)
+            assert all(handle.deadline == deadline for handle in queued)  # set on the handles before they queue
+            handles.extend((name, handle) for handle in queued)
+            return queued
 
-        engine.submit = spy  # type: ignore[method-assign]
+        engine.submit_many = spy  # type: ignore[method-assign]
     with TestClient(create_app(engines, metrics), raise_server_exceptions=False) as c:
         for _ in range(200):
             if c.get("/health").status_code == 200:
