@@ -103,38 +103,25 @@ def test_cancel_stops_generation_early(tiny_variant_dir: Path) -> None:
     assert events[-1].completion_tokens < 200
 
 
-def test_full_queue_raises_busy(tiny_variant_dir: Path) -> None:
-    engine = _engine(tiny_variant_dir, max_batch_size=1, max_waiting=1)
-
-    async def main() -> None:
-        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-        running = engine.submit([5, 6], long)
-        await running.queue.get()  # its first token is out: it holds the only batch slot
-        waiting = engine.submit([7, 8], long)  # no batch slot: waits
-        with pytest.raises(EngineBusyError):
-            engine.submit([9, 10], long)
-        running.cancel()
-        waiting.cancel()
-
-    try:
-        asyncio.run(main())
-    finally:
-        engine.shutdown()
-
-
-def test_a_request_that_does_not_fit_the_queue_queues_none_of_its_sequences(tiny_variant_dir: Path) -> None:
+def test_full_queue_raises_busy_and_a_request_that_does_not_fit_queues_none_of_its_sequences(
+    tiny_variant_dir: Path,
+) -> None:
     engine = _engine(tiny_variant_dir, max_batch_size=1, max_waiting=2)
 
     async def main() -> None:
         long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         running = engine.submit([5, 6], long)
         await running.queue.get()  # its first token is out: it holds the only batch slot
-        waiting = engine.submit([7, 8], long)
+        waiting = [engine.submit([7, 8], long)]  # no batch slot: waits
         with pytest.raises(EngineBusyError, match="adds 2"):
             engine.submit_many([([9, 10], long), ([9, 10], long)])  # one would fit, not both
         assert engine.waiting == 1
+        waiting.append(engine.submit([9, 10], long))  # the one that fits
+        with pytest.raises(EngineBusyError):
+            engine.submit([11, 12], long)
         running.cancel()
-        waiting.cancel()
+        for handle in waiting:
+            handle.cancel()
 
     try:
         asyncio.run(main())
