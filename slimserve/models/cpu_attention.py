@@ -11,8 +11,9 @@ par in bf16 and fp32 there. On a CPU that only emulates bf16 (AVX2), every bf16 
 slow as fp32 (`_scaled_dot_product_flash_attention_for_cpu`, 140-240 against 70-80 us per layer and step).
 
 So this attention casts query, key and value to fp32 around torch's SDPA for decode steps (up to
-`FP32_QUERIES` queries), and for every call where bf16 is emulated; the weights, the cache and everything
-else stay as they are.
+`FP32_QUERIES` queries), for every call where bf16 is emulated, and whenever the cache hands it fp32 keys
+(the serving engine's cache stores them in fp32 once, `server.kv_cache`, rather than have every step cast
+the whole cache); the weights and everything else stay as they are.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def cpu_sdpa(
     if query.device.type != "cpu" or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     dtype, queries = query.dtype, query.shape[2]
-    upcast = dtype != torch.float32 and (queries <= FP32_QUERIES or not native_bf16())
+    upcast = dtype != torch.float32 and (queries <= FP32_QUERIES or not native_bf16() or key.dtype == torch.float32)
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
         if upcast and attention_mask.is_floating_point():

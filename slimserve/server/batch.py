@@ -14,6 +14,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from slimserve.server.kv_cache import GrowingKVLayer, growing_cache
+
 
 class PaddedKVBatch:
     """KV cache rows plus the attention mask (B, T) that marks which cache columns are real."""
@@ -61,7 +63,7 @@ class PaddedKVBatch:
         split.mask = self.mask[index]
         first_real = int(split.mask.any(dim=0).long().argmax())
         split.mask = split.mask[:, first_real:]
-        split.cache = DynamicCache()  # full-attention layers, appended by `update` (`_check_full_attention`)
+        split.cache = growing_cache()  # full-attention layers, appended by `update` (`_check_full_attention`)
         for layer_idx, layer in enumerate(_layers(self.cache)):
             split.cache.update(
                 layer.keys[index, :, first_real:].contiguous(),
@@ -100,7 +102,7 @@ def _layers(cache: DynamicCache) -> list[Any]:
 def _check_full_attention(cache: DynamicCache) -> None:
     """Left-padding a cache is only sound for plain full-attention layers (no sliding window, no SSM state)."""
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingKVLayer):
             raise NotImplementedError(
                 f"continuous batching supports full-attention caches only, not {type(layer).__name__}"
             )

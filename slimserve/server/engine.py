@@ -34,6 +34,7 @@ from slimserve.models.manifest import VariantManifest
 from slimserve.server.batch import PaddedKVBatch
 from slimserve.server.compute import BACKGROUND_S, SAFETY, ComputeThread, Turn
 from slimserve.server.detokenize import IncrementalDetokenizer
+from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
@@ -611,7 +612,7 @@ class TransformersEngine:
             deadline = seq.handle.deadline
             partial = _Partial(
                 seq,
-                DynamicCache(config=variant.model.config),
+                growing_cache(variant.model.config),
                 left_s=round(deadline - time.perf_counter(), 4) if deadline is not None else None,
             )
             self._partial = partial

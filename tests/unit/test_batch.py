@@ -1,16 +1,37 @@
-"""The padded KV batch must give every row the logits it would get decoding alone."""
+"""The padded KV batch must give every row the logits it would get decoding alone, whether its cache is
+transformers' own or the engine's growing fp32 cache (`kv_cache`), whose buffers here grow every few steps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 from transformers import DynamicCache
 
+import slimserve.server.kv_cache as kv_cache
 from slimserve.models import LoadedVariant
 from slimserve.server.batch import PaddedKVBatch
 
+CacheFactory = Callable[[object], DynamicCache]
 
-def _prefill(model: torch.nn.Module, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-    cache = DynamicCache(config=model.config)
+
+def _dynamic(config: object) -> DynamicCache:
+    return DynamicCache(config=config)
+
+
+@pytest.fixture(params=["dynamic", "growing"])
+def new_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> CacheFactory:
+    if request.param == "dynamic":
+        return _dynamic
+    monkeypatch.setattr(kv_cache, "GROW_TOKENS", 2)  # room for two more tokens: steps outgrow it often
+    return kv_cache.growing_cache
+
+
+def _prefill(
+    model: torch.nn.Module, ids: list[int], new_cache: CacheFactory = _dynamic
+) -> tuple[DynamicCache, torch.Tensor]:
+    cache = new_cache(model.config)
     out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
     return cache, out.logits[0, -1]
 
@@ -26,26 +47,28 @@ def _alone(model: torch.nn.Module, ids: list[int], steps: list[int]) -> list[tor
 
 
 @torch.inference_mode()
-def test_rows_of_different_lengths_joining_late_match_solo_decoding(tiny_loaded: LoadedVariant) -> None:
+def test_rows_of_different_lengths_joining_late_match_solo_decoding(
+    tiny_loaded: LoadedVariant, new_cache: CacheFactory
+) -> None:
     model = tiny_loaded.model
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
     steps = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62]]
     expected = [_alone(model, p, s) for p, s in zip(prompts, steps, strict=True)]
 
     batch = PaddedKVBatch()
-    cache, _ = _prefill(model, prompts[0])
+    cache, _ = _prefill(model, prompts[0], new_cache)
     batch.add(cache)
     got: list[list[torch.Tensor]] = [[], [], []]
     rows = [0]
     cursor = {0: 0}
     for step in range(5):
         if step == 1:  # a short prompt joins a longer running sequence
-            cache, _ = _prefill(model, prompts[1])
+            cache, _ = _prefill(model, prompts[1], new_cache)
             batch.add(cache)
             rows.append(1)
             cursor[1] = 0
         if step == 2:  # and a longer one joins, forcing the batch to re-pad
-            cache, _ = _prefill(model, prompts[2])
+            cache, _ = _prefill(model, prompts[2], new_cache)
             batch.add(cache)
             rows.append(2)
             cursor[2] = 0
@@ -78,7 +101,9 @@ def test_keep_nothing_empties_the_batch(tiny_loaded: LoadedVariant) -> None:
 
 
 @torch.inference_mode()
-def test_rows_split_off_and_merged_back_match_solo_decoding(tiny_loaded: LoadedVariant) -> None:
+def test_rows_split_off_and_merged_back_match_solo_decoding(
+    tiny_loaded: LoadedVariant, new_cache: CacheFactory
+) -> None:
     """Stepping some rows apart (the engine's urgent rows) and merging them back keeps every row's logits."""
     model = tiny_loaded.model
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
@@ -97,7 +122,7 @@ def test_rows_split_off_and_merged_back_match_solo_decoding(tiny_loaded: LoadedV
 
     batch = PaddedKVBatch()
     for prompt in prompts:
-        batch.add(_prefill(model, prompt)[0])
+        batch.add(_prefill(model, prompt, new_cache)[0])
     step(batch, [0, 1, 2])
     apart = batch.split([2, 0])  # rows 0 and 2 go ahead, in that order; row 1 waits
     assert (apart.size, batch.size) == (2, 1)
