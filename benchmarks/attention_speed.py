@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from statistics import median
 
 import torch
@@ -29,17 +30,21 @@ SHAPES = {
 }
 
 
-def _prefilled(model: torch.nn.Module, tokens: int) -> DynamicCache:
-    cache = DynamicCache()
+def _prefilled(
+    model: torch.nn.Module, tokens: int, new_cache: Callable[[], DynamicCache] = DynamicCache
+) -> DynamicCache:
+    cache = new_cache()
     model(input_ids=torch.randint(100, 5000, (1, tokens)), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache
 
 
-def step_ms(model: torch.nn.Module, lengths: list[int], steps: int) -> float:
+def step_ms(
+    model: torch.nn.Module, lengths: list[int], steps: int, new_cache: Callable[[], DynamicCache] = DynamicCache
+) -> float:
     """Median decode step (ms) of a batch of sequences with these cached lengths, after two warm-up steps."""
     batch = PaddedKVBatch()
     for tokens in lengths:
-        batch.add(_prefilled(model, tokens))
+        batch.add(_prefilled(model, tokens, new_cache))
     times = []
     for _ in range(steps + 2):
         ids = torch.randint(100, 5000, (len(lengths), 1))
