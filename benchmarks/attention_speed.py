@@ -61,39 +61,51 @@ def prefill_ms(model: torch.nn.Module, tokens: int = 128) -> float:
     return 1000 * (time.perf_counter() - began)
 
 
-@torch.inference_mode()
-def compare(name: str, rounds: int, steps: int) -> list[str]:
-    variant = load_variant(name, dtype="fast")
-    model = variant.model
-    rows = []
-    cases = {shape: lambda lengths=lengths: step_ms(model, lengths, steps) for shape, lengths in SHAPES.items()}
-    cases["prefill, 128 tokens"] = lambda: prefill_ms(model)
-    for shape, measure in cases.items():
-        times: dict[str, list[float]] = {"sdpa": [], NAME: []}
-        for _ in range(rounds):
-            for implementation in times:
-                model.set_attn_implementation(implementation)
-                times[implementation].append(measure())
-        ratio = median(a / b for a, b in zip(times["sdpa"], times[NAME], strict=True))
-        rows.append(
-            f"| {name} ({str(variant.dtype).removeprefix('torch.')}) | {shape} | {median(times['sdpa']):.1f} "
-            f"| {median(times[NAME]):.1f} | {ratio:.2f}x |"
-        )
-        print(rows[-1], flush=True)
-    return rows
+def ab_row(label: str, shape: str, before: Callable[[], float], after: Callable[[], float], rounds: int) -> str:
+    """One table row: `before` and `after` (each returns ms) measured in alternation, round by round, so both
+    see the same drift of the machine; their medians and the median per-round ratio."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        times[0].append(before())
+        times[1].append(after())
+    ratio = median(a / b for a, b in zip(*times, strict=True))
+    row = f"| {label} | {shape} | {median(times[0]):.1f} | {median(times[1]):.1f} | {ratio:.2f}x |"
+    print(row, flush=True)
+    return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_table(description: str, before: str, after: str, compare: Callable[[str, int, int], list[str]]) -> None:
+    """The command line shared by the side-by-side step benchmarks: variants, rounds, steps; a Markdown table."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("variants", nargs="*", default=["smollm2-135m-student-int4", "smollm2-135m-instruct-int8"])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    print("| variant (compute dtype) | shape | transformers sdpa ms | slimserve sdpa_cpu ms | speed-up (per round) |")
+    print(f"| variant (compute dtype) | shape | {before} ms | {after} ms | speed-up (per round) |")
     print("|---|---|---:|---:|---:|")
     for name in args.variants:
         compare(name, args.rounds, args.steps)
 
 
+@torch.inference_mode()
+def compare(name: str, rounds: int, steps: int) -> list[str]:
+    variant = load_variant(name, dtype="fast")
+    model = variant.model
+    label = f"{name} ({str(variant.dtype).removeprefix('torch.')})"
+    cases = {shape: lambda lengths=lengths: step_ms(model, lengths, steps) for shape, lengths in SHAPES.items()}
+    cases["prefill, 128 tokens"] = lambda: prefill_ms(model)
+
+    def under(implementation: str, measure: Callable[[], float]) -> Callable[[], float]:
+        def timed() -> float:
+            model.set_attn_implementation(implementation)
+            return measure()
+
+        return timed
+
+    return [
+        ab_row(label, shape, under("sdpa", measure), under(NAME, measure), rounds) for shape, measure in cases.items()
+    ]
+
+
 if __name__ == "__main__":
-    main()
+    run_table(__doc__.splitlines()[0], "transformers sdpa", "slimserve sdpa_cpu", compare)
