@@ -515,3 +515,38 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_turn_while_the_batch_goes_on(
     assert progress == [(3, 0), (4, 2)]  # once its prompt is in: its first token, and a step with the batch
     assert short_tokens == _reference_greedy(tiny_loaded, short_prompt, 8)
     assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 8)
+
+
+def test_a_request_due_sooner_is_prefilled_between_the_chunks_of_a_long_prompt(
+    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
+) -> None:
+    """Earliest deadline first within an engine's prefills: a one-chunk prompt due before a long prompt under
+    way takes the next turn's prefill, and the long prompt's next chunk the turn after; one due later
+    waits for the long prompt. Both still generate what whole-prompt generation gives."""
+    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
+    loaded = load_variant(tiny_variant_dir, dtype="fp32")
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
+    engine.state, engine.variant = EngineState.READY, loaded
+    vocab = int(loaded.model.config.vocab_size)
+    long_prompt = [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]  # two chunks
+    short_prompt = [30, 31, 32]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    async def scenario(short_due_in_s: float) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+        long = engine.submit(long_prompt, params, deadline=time.perf_counter() + 300)
+        engine.step()  # the long prompt's first chunk
+        short = engine.submit(short_prompt, params, deadline=time.perf_counter() + short_due_in_s)
+        prefills = []
+        for _ in range(2):
+            engine.step()
+            prefills += [(p["id"], p["last"]) for p in engine.last_turn()["prefills"]]
+        while engine.running or engine.waiting:
+            engine.step()
+        assert (await _run(long))[0] == _reference_greedy(tiny_loaded, long_prompt, 4)
+        assert (await _run(short))[0] == _reference_greedy(tiny_loaded, short_prompt, 4)
+        return prefills, [(short.request_id, True), (long.request_id, True)]
+
+    prefills, short_then_long = asyncio.run(scenario(30))
+    assert prefills == short_then_long
+    prefills, short_then_long = asyncio.run(scenario(600))
+    assert prefills == short_then_long[::-1]
