@@ -17,9 +17,12 @@ on this machine before the runs), so one figure of load means the same on a slow
   random    a uniformly random variant, by name
 Each seed is a different workload replayed against every policy: figures pool all seeds' requests, and the
 router's and always-smallest's share per seed is listed too (two cores drift, so one replay proves little).
-A request is "feasible" when some variant alone on the server would meet its budget (measured before the
-runs: time to first token as a function of prompt length, then time per token at batch 1). That is a
-prediction from a few requests, and two shared cores drift by tens of percent within minutes, so
+A request is "feasible" when some variant alone on the server would meet its budget: time to first token as
+a function of prompt length, then time per token at batch 1, each the median of measurements taken before
+the first seed and after each seed's replays (a single measurement is one phase of cores that drift: on an
+AVX2 machine the int4 student's batch-1 step moved between 26 and 44 ms within two minutes, standalone, and
+a run's one measurement, at 29.9 ms, put the line a median 1.3x below what its requests took alone). That is
+still a prediction from a few requests, so
 `--alone` (on by default) also replays each seed's requests one at a time, nothing else in flight, each on
 the variant predicted fastest for it: "met alone" is the set of budgets that replay met, measured rather
 than predicted, and each policy's share of it is reported beside the feasible one.
@@ -175,11 +178,35 @@ class Alone:
         return ttft + (max_tokens - 1) * self.per_token_ms
 
     @classmethod
+    def median_of(cls, samples: list[Alone]) -> Alone:
+        """Each figure's median over measurements taken at different times of a run."""
+        return cls(
+            median(a.ttft_base_ms for a in samples),
+            median(a.ttft_per_prompt_token_ms for a in samples),
+            median(a.per_token_ms for a in samples),
+        )
+
+    @classmethod
     def from_timings(cls, short: tuple[float, int], long: tuple[float, int], many_ms: float) -> Alone:
         """From (ms, prompt tokens) of one-token requests with a short and a long prompt, and the short prompt
         run to 64 tokens."""
         slope = max(long[0] - short[0], 0.0) / max(long[1] - short[1], 1)
         return cls(short[0] - slope * short[1], slope, (many_ms - short[0]) / 63)
+
+
+def measure_unloaded(base: str, names: list[str], rounds: list[dict[str, Alone]]) -> dict[str, Alone]:
+    """One more round of every variant's unloaded latency (`unloaded`), appended to `rounds`; the median of all
+    rounds so far."""
+    rounds.append({name: asyncio.run(unloaded(base, name)) for name in names})
+    shown = {
+        k: [round(a.ttft_base_ms, 1), round(a.ttft_per_prompt_token_ms, 3), round(a.per_token_ms, 1)]
+        for k, a in rounds[-1].items()
+    }
+    print(f"   unloaded (TTFT ms + ms per prompt token, ms per output token): {json.dumps(shown)}", flush=True)
+    for row in DUMP or []:  # the unloaded measurements are not part of any policy's replay
+        for key, value in (("policy", "unloaded"), ("rate", None), ("seed", None)):
+            row.setdefault(key, value)
+    return {name: Alone.median_of([r[name] for r in rounds]) for name in names}
 
 
 async def unloaded(base: str, model: str) -> Alone:
@@ -250,16 +277,11 @@ def main() -> int:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     outcomes: list[Outcome] = []
+    served: list[tuple[list[Outcome], list[tuple[int, int]]]] = []  # each replay's outcomes, (prompt, max) tokens
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", process)
-        alone = {name: asyncio.run(unloaded(base, name)) for name in [teacher.name, *names["others"]]}
-        shown = {
-            k: [round(a.ttft_base_ms, 1), round(a.ttft_per_prompt_token_ms, 3), round(a.per_token_ms, 1)]
-            for k, a in alone.items()
-        }
-        print(f"   unloaded (TTFT ms + ms per prompt token, ms per output token): {json.dumps(shown)}", flush=True)
-        for row in DUMP or []:  # the unloaded measurements are not part of any policy's replay
-            row["policy"] = "unloaded"
+        rounds: list[dict[str, Alone]] = []
+        alone = measure_unloaded(base, [teacher.name, *names["others"]], rounds)
         tokens = prompt_tokens_of(str(teacher.path))
         args.rate = (args.rate or ([] if args.load else [0.3, 0.6])) + [
             rate_for_load(load, alone, args, tokens) for load in args.load
@@ -285,16 +307,18 @@ def main() -> int:
                         row.setdefault("rate", rate)
                         row.setdefault("policy", policy)
                         row.setdefault("seed", seed)
-                    for job, (variant, latency, prompt_tokens), alone_met in zip(jobs, results, met_alone, strict=True):
-                        best_alone = min(a.latency_ms(prompt_tokens, job.max_tokens) for a in alone.values())
-                        slack = job.budget_ms / best_alone
-                        outcomes.append(
-                            Outcome(
-                                rate, policy, variant, latency, job.budget_ms, quality[variant], slack, seed, alone_met
-                            )
-                        )
-                    rows = [o for o in outcomes if o.policy == policy and o.rate == rate and o.seed == seed]
+                    rows = [
+                        Outcome(rate, policy, variant, latency, job.budget_ms, quality[variant], 0.0, seed, alone_met)
+                        for job, (variant, latency, _), alone_met in zip(jobs, results, met_alone, strict=True)
+                    ]
+                    lengths = [(prompt, job.max_tokens) for job, (_, _, prompt) in zip(jobs, results, strict=True)]
+                    served.append((rows, lengths))
+                    set_slack(rows, lengths, alone)  # by the measurements so far; set again at the end
                     print(f"   seed {seed} {rate}/s {policy}: {summary(rows)}", flush=True)
+                    outcomes += rows
+            alone = measure_unloaded(base, [teacher.name, *names["others"]], rounds)
+        for rows, lengths in served:  # by the median of every round of unloaded measurements
+            set_slack(rows, lengths, alone)
         state = json.loads(__import__("httpx").get(f"http://127.0.0.1:{port}/v1/slimserve/router", timeout=10).text)
     finally:
         process.terminate()
@@ -324,6 +348,12 @@ def prompt_tokens_of(tokenizer_dir: str) -> Callable[[Job], int]:
         return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
     return count
+
+
+def set_slack(outcomes: list[Outcome], lengths: list[tuple[int, int]], alone: dict[str, Alone]) -> None:
+    """Each outcome's budget over the least unloaded latency of any variant for its (prompt, max) tokens."""
+    for outcome, (prompt_tokens, max_tokens) in zip(outcomes, lengths, strict=True):
+        outcome.slack = outcome.budget_ms / min(a.latency_ms(prompt_tokens, max_tokens) for a in alone.values())
 
 
 def fastest_alone(alone: dict[str, Alone], prompt_tokens: int, max_tokens: int) -> str:
@@ -453,8 +483,9 @@ def render(
         "policy; figures pool the seeds (per seed: the feasible share, in seed order).",
         "- feasible: some variant alone on the server would meet the budget: for this request's prompt length "
         "and max_tokens, the least of every variant's unloaded latency (TTFT linear in prompt tokens from a short "
-        "and a 220-word prompt, plus max_tokens - 1 steps at batch 1). Roomy: the budget is at least "
-        f"{ROOMY:g}x that least latency."
+        "and a 220-word prompt, plus max_tokens - 1 steps at batch 1; each figure the median of "
+        f"{len(args.seed) + 1} measurements, before the first seed and after each seed's replays). Roomy: the "
+        f"budget is at least {ROOMY:g}x that least latency."
         + (
             " Met alone: the budgets the same requests met when replayed one at a time, nothing else in flight, "
             "each on the variant predicted fastest for it."

@@ -13,7 +13,8 @@ missed alone no policy could have met.
 
 Slack is recomputed as the benchmark does (budget / the least unloaded latency of any variant for the
 request's prompt length and max_tokens), from the dump's unloaded measurements (`policy: "unloaded"`:
-per variant a warm-up, a short and a long one-token prompt, then 64 tokens).
+per variant and round a warm-up, a short and a long one-token prompt, then 64 tokens; the median of the
+rounds).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ def alone_from_dump(rows: list[dict[str, Any]]) -> dict[str, Alone]:
         if row.get("policy") == "unloaded":
             timings[row["variant"]].append(row)
     alone = {}
-    for variant, (_, short, long, many) in ((v, t[:4]) for v, t in timings.items() if len(t) >= 4):
-        alone[variant] = Alone.from_timings(
-            (short["ms"], short["prompt_tokens"]), (long["ms"], long["prompt_tokens"]), many["ms"]
-        )
+    for variant, rows_of in timings.items():  # rounds of four: warm-up, short, long, short run to 64 tokens
+        rounds = [
+            Alone.from_timings((short["ms"], short["prompt_tokens"]), (long["ms"], long["prompt_tokens"]), many["ms"])
+            for _, short, long, many in (rows_of[i : i + 4] for i in range(0, len(rows_of) - 3, 4))
+        ]
+        if rounds:
+            alone[variant] = Alone.median_of(rounds)
     return alone
 
 
