@@ -39,6 +39,20 @@ def _engine(variant_dir: Path, **kwargs: int) -> TransformersEngine:
     return engine
 
 
+def _hand_stepped(variant_dir: Path) -> tuple[TransformersEngine, LoadedVariant]:
+    """A ready engine whose turns the test takes itself (its compute thread is never started)."""
+    loaded = load_variant(variant_dir, dtype="fp32")
+    compute = ComputeThread(name="compute-never-started")
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
+    engine.state, engine.variant = EngineState.READY, loaded
+    return engine, loaded
+
+
+def _two_chunk_prompt(loaded: LoadedVariant) -> list[int]:
+    vocab = int(loaded.model.config.vocab_size)
+    return [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]
+
+
 async def _run(handle: RequestHandle) -> tuple[list[int], list[GenerationEvent]]:
     events = [e async for e in handle.events()]
     return [t for e in events for t in e.token_ids], events
@@ -358,10 +372,7 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     """Preemption inside one engine: a request whose budget the whole batch's steps would miss, but its own
     steps alone can meet, is stepped apart while the rest of the batch waits; then the batch goes on as one.
     Every request still gets the tokens it gets alone."""
-    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
-    loaded = load_variant(tiny_variant_dir, dtype="fp32")
-    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
-    engine.state, engine.variant = EngineState.READY, loaded
+    engine, _ = _hand_stepped(tiny_variant_dir)
     # predicted steps: 100 ms for one row, 400 for four; `smoothing=0` keeps them (the tiny model's real
     # steps take a millisecond)
     engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
@@ -484,12 +495,8 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_turn_while_the_batch_goes_on(
 ) -> None:
     """A prompt longer than `PREFILL_TOKENS` takes one chunk per turn, and the running batch still steps in
     each of those turns; the chunked prompt's tokens are the ones whole-prompt generation gives."""
-    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
-    loaded = load_variant(tiny_variant_dir, dtype="fp32")
-    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
-    engine.state, engine.variant = EngineState.READY, loaded
-    vocab = int(loaded.model.config.vocab_size)
-    long_prompt = [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]  # two chunks
+    engine, loaded = _hand_stepped(tiny_variant_dir)
+    long_prompt = _two_chunk_prompt(loaded)
     short_prompt = [30, 31, 32]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -523,12 +530,8 @@ def test_a_request_due_sooner_is_prefilled_between_the_chunks_of_a_long_prompt(
     """Earliest deadline first within an engine's prefills: a one-chunk prompt due before a long prompt under
     way takes the next turn's prefill, and the long prompt's next chunk the turn after; one due later
     waits for the long prompt. Both still generate what whole-prompt generation gives."""
-    compute = ComputeThread(name="compute-never-started")  # the test takes the engine's turns itself
-    loaded = load_variant(tiny_variant_dir, dtype="fp32")
-    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), compute=compute)
-    engine.state, engine.variant = EngineState.READY, loaded
-    vocab = int(loaded.model.config.vocab_size)
-    long_prompt = [5 + (7 * i) % (vocab - 5) for i in range(2 * PREFILL_TOKENS - 10)]  # two chunks
+    engine, loaded = _hand_stepped(tiny_variant_dir)
+    long_prompt = _two_chunk_prompt(loaded)
     short_prompt = [30, 31, 32]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
