@@ -83,7 +83,7 @@ def serve(
             registry.resolve(ref)  # raises VariantNotFoundError with the registered names
         engines.append(
             TransformersEngine(
-                functools.partial(load_variant, ref, dtype=settings.dtype, registry=registry),
+                functools.partial(load_variant, ref, dtype=settings.dtype, registry=registry, fused=True),
                 name=found.name if found else ref,
                 metrics=metrics,
                 manifest=found.manifest if found else None,

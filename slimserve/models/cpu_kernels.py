@@ -155,6 +155,27 @@ class Int4WeightOnlyLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    @classmethod
+    def stacked(cls, parts: list[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear | None:
+        """One module computing the parts' outputs side by side (None if their inputs or groups differ).
+
+        The packed layout keeps each output row apart, so the packed rows and their scales are concatenated
+        as they are: the joined kernel's outputs equal the parts' bit for bit."""
+        first = parts[0]
+        if any(p.in_features != first.in_features or p.group_size != first.group_size for p in parts):
+            return None
+        if any(p.bias is not None for p in parts):
+            return None
+        joined = cls.__new__(cls)
+        nn.Module.__init__(joined)
+        joined.out_features, joined.in_features = sum(p.out_features for p in parts), first.in_features
+        joined.group_size = first.group_size
+        joined.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        joined.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
+        joined.register_buffer("bias", None)
+        joined._by_dtype, joined._float_weight = {}, None
+        return joined
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (N, K), read back through the bf16 kernel (so rounded to bf16, like bf16 weights)."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)

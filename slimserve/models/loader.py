@@ -25,6 +25,7 @@ from slimserve.models.cpu_kernels import (
     native_bf16,
     tie_int8_embedding,
 )
+from slimserve.models.fused_projections import fuse_projections
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 
@@ -116,6 +117,7 @@ def load_variant(
     path_or_name: str | os.PathLike[str],
     dtype: str | None = None,
     registry: VariantRegistry | None = None,
+    fused: bool = False,
 ) -> LoadedVariant:
     """Load a variant by directory or registered name.
 
@@ -125,6 +127,9 @@ def load_variant(
     support was 1.6-2.6x slower than fp32). Quantized variants compute in bf16 under `fast` either way:
     their fused int8/int4 kernels were faster in bf16 on both kinds of CPU (AVX2: int4 11.2 against 4.8
     tok/s at batch 1).
+
+    `fused` joins each layer's q/k/v and gate/up projections into one matmul each (`fused_projections`),
+    for serving: a fused model has other module names, so it is neither saved nor trained.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,6 +153,8 @@ def load_variant(
     # transformers' SDPA path repeats grouped KV heads under a mask, and torch's bf16 attention on the CPU is
     # slow for decode steps: both measured in `cpu_attention`
     use_cpu_attention(model)
+    if fused:
+        fuse_projections(model)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
