@@ -95,8 +95,10 @@ class FusedGateUpMLP(nn.Module):
 class FusedQKVAttention(nn.Module):
     """transformers' Llama attention with its query, key and value projections computed by one matmul.
 
-    The forward is `LlamaAttention.forward` with the three projections read from one output; rotary
-    embedding, cache update and the attention function (`config._attn_implementation`) are transformers'.
+    The forward is `LlamaAttention.forward` with the three projections read from one output, and the
+    rotary embedding applied to queries and keys in one pass (they are adjacent in that output): the same
+    arithmetic, element for element. The cache update and the attention function
+    (`config._attn_implementation`) are transformers'.
     """
 
     config: Any
@@ -126,16 +128,17 @@ class FusedQKVAttention(nn.Module):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+        from transformers.models.llama.modeling_llama import eager_attention_forward
 
         input_shape = hidden_states.shape[:-1]  # (B, T)
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query, key, value = self.qkv_proj(hidden_states).split(self.sizes, dim=-1)
-        query = query.view(hidden_shape).transpose(1, 2)  # (B, heads, T, D)
-        key = key.view(hidden_shape).transpose(1, 2)  # (B, kv heads, T, D)
-        value = value.view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        heads, kv_heads = self.sizes[0] // self.head_dim, self.sizes[1] // self.head_dim
+        qkv = self.qkv_proj(hidden_states)  # (B, T, (heads + 2 kv heads) * D)
+        # queries and keys sit side by side in the output: one rotation turns both
+        qk = qkv[..., : self.sizes[0] + self.sizes[1]].view(*input_shape, heads + kv_heads, self.head_dim)
+        cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # (B, T, 1, D)
+        qk = qk * cos + _rotate_half(qk) * sin
+        query, key = qk.transpose(1, 2).split([heads, kv_heads], dim=1)  # (B, heads | kv heads, T, D)
+        value = qkv[..., self.sizes[0] + self.sizes[1] :].view(*input_shape, kv_heads, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -151,6 +154,12 @@ class FusedQKVAttention(nn.Module):
         )
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama `rotate_half`: (x1, x2) -> (-x2, x1) over the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def fuse_projections(model: nn.Module) -> int:
