@@ -11,6 +11,7 @@ printed (a Markdown table). Also one 128-token prefill chunk each way.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from statistics import median
@@ -72,6 +73,20 @@ def ab_row(label: str, shape: str, before: Callable[[], float], after: Callable[
     row = f"| {label} | {shape} | {median(times[0]):.1f} | {median(times[1]):.1f} | {ratio:.2f}x |"
     print(row, flush=True)
     return row
+
+
+def ab_shapes(
+    label: str,
+    shapes: dict[str, list[int]],
+    before: Callable[[list[int]], float],
+    after: Callable[[list[int]], float],
+    rounds: int,
+) -> list[str]:
+    """`ab_row` for each shape: `before` and `after` take the shape's cached lengths and return ms."""
+    return [
+        ab_row(label, shape, functools.partial(before, lengths), functools.partial(after, lengths), rounds)
+        for shape, lengths in shapes.items()
+    ]
 
 
 def run_table(description: str, before: str, after: str, compare: Callable[[str, int, int], list[str]]) -> None:

@@ -11,7 +11,7 @@ medians and the median per-round ratio are printed (a Markdown table). Also one 
 from __future__ import annotations
 
 import torch
-from attention_speed import SHAPES, ab_row, prefill_ms, run_table, step_ms
+from attention_speed import SHAPES, ab_row, ab_shapes, prefill_ms, run_table, step_ms
 
 from slimserve.models import load_variant
 from slimserve.server.kv_cache import growing_cache
@@ -21,16 +21,13 @@ from slimserve.server.kv_cache import growing_cache
 def compare(name: str, rounds: int, steps: int) -> list[str]:
     apart, joined = load_variant(name, dtype="fast"), load_variant(name, dtype="fast", fused=True)
     label = f"{name} ({str(apart.dtype).removeprefix('torch.')})"
-    rows = [
-        ab_row(
-            label,
-            shape,
-            lambda lengths=lengths: step_ms(apart.model, lengths, steps, growing_cache),
-            lambda lengths=lengths: step_ms(joined.model, lengths, steps, growing_cache),
-            rounds,
-        )
-        for shape, lengths in SHAPES.items()
-    ]
+    rows = ab_shapes(
+        label,
+        SHAPES,
+        lambda lengths: step_ms(apart.model, lengths, steps, growing_cache),
+        lambda lengths: step_ms(joined.model, lengths, steps, growing_cache),
+        rounds,
+    )
     rows.append(
         ab_row(label, "prefill, 128 tokens", lambda: prefill_ms(apart.model), lambda: prefill_ms(joined.model), rounds)
     )

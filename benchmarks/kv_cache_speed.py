@@ -11,7 +11,7 @@ Markdown table). The growing cache's buffers are made with room, as the engine's
 from __future__ import annotations
 
 import torch
-from attention_speed import SHAPES, ab_row, run_table, step_ms
+from attention_speed import SHAPES, ab_shapes, run_table, step_ms
 from transformers import DynamicCache
 
 from slimserve.models import load_variant
@@ -24,16 +24,13 @@ LONG = {"b8, 200-380 cached": [200, 380, 260, 310, 220, 350, 240, 290]}
 def compare(name: str, rounds: int, steps: int) -> list[str]:
     variant = load_variant(name, dtype="fast")
     label = f"{name} ({str(variant.dtype).removeprefix('torch.')})"
-    return [
-        ab_row(
-            label,
-            shape,
-            lambda lengths=lengths: step_ms(variant.model, lengths, steps, DynamicCache),
-            lambda lengths=lengths: step_ms(variant.model, lengths, steps, growing_cache),
-            rounds,
-        )
-        for shape, lengths in {**SHAPES, **LONG}.items()
-    ]
+    return ab_shapes(
+        label,
+        {**SHAPES, **LONG},
+        lambda lengths: step_ms(variant.model, lengths, steps, DynamicCache),
+        lambda lengths: step_ms(variant.model, lengths, steps, growing_cache),
+        rounds,
+    )
 
 
 if __name__ == "__main__":
