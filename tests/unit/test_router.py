@@ -138,20 +138,32 @@ def test_busy_cores_keep_room_for_later_requests() -> None:
     assert busy.variant == "int4" and "least" in busy.reason
 
 
-def test_the_reserve_follows_the_load_of_arriving_requests() -> None:
-    """By default the room kept for later requests is what they are expected to need: their rate x the
-    least work each takes (here 100 tokens on int4: 15 + 100 x 20 ms = 2.015 s)."""
+def test_the_reserve_follows_the_load_of_arriving_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the room kept for later requests is what they are expected to need, their rate x the
+    least work each takes (here 100 tokens on int4: 15 + 100 x 20 ms = 2.015 s), plus one standard deviation
+    of the work that may arrive before the deadline: bursts of it."""
+    import slimserve.server.router as router_module
+
     now = [0.0]
     router = Router(clock=lambda: now[0])
-    budget = Budget(latency_ms=5_000)  # teacher 4.0 s = 89% of 4.5 s, int8 56%, int4 45%
+    budget = Budget(latency_ms=7_000)  # 6.3 s with the headroom: teacher 4.0 s = 63% of it, int8 40%, int4 32%
     quiet = router.choose(FAMILY, budget, 20, 100)[1]
     assert (quiet.variant, quiet.reserve) == ("teacher", 0.0)
     for _ in range(20):  # one request every 10 s: 0.1/s x 2.015 s ~ 20% of the cores
         now[0] += 10
         router.choose(FAMILY, Budget(latency_ms=60_000), 20, 100)
     now[0] += 5
+    rate = 6 / 55  # the last minute's 6 arrivals, over the 55 s since the first of them
+    assert router.expected_load() == pytest.approx(rate * 2.015)
+    # the work arriving within 7 s: variance rate x 2.015^2 s^2 x 7 s, a share of 7 s deviating by 25%
+    spread = math.sqrt(rate * 2.015**2 / 7)
+    assert router.load_spread(7.0) == pytest.approx(spread)
     moderate = router.choose(FAMILY, budget, 20, 100)[1]
-    assert moderate.variant == "int8" and 0.15 < moderate.reserve < 0.3
+    assert moderate.variant == "int8" and moderate.reserve == pytest.approx(rate * 2.015 + spread, abs=1e-3)
+    # the mean alone leaves the teacher room (63% of the time against 78% free): bursts are what it misses
+    monkeypatch.setattr(router_module, "BURST_DEVIATIONS", 0.0)
+    assert router.choose(FAMILY, budget, 20, 100)[1].variant == "teacher"
+    monkeypatch.undo()
     for _ in range(30):  # one a second: more than the cores can give, even all on int4
         now[0] += 1
         router.choose(FAMILY, Budget(latency_ms=60_000), 20, 100)
