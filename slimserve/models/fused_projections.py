@@ -5,8 +5,8 @@ Why: decoding one token at a time on a few cores, a projection costs mostly its 
 Measured on a 2-core AVX2 EPYC in bf16, one row: the int4 student's five input-side projections of a
 layer took 316 us as five calls and 190 us as two (int8 weights: 154 against 115 us). Joining the weights
 row-wise leaves each output column's dot product as it was: the outputs of torch's int4/int8 CPU kernels
-are bitwise equal (checked in the tests). The whole step of the int4 student at batch 1 took 1.03-1.17x
-less time fused, at batch 6 1.03-1.09x (three interleaved samples of 20 steps each, medians).
+are bitwise equal (checked in the tests). Whole decode steps of the int4 student and the int8 teacher
+were 1.02-1.12x faster joined, prefill unchanged (`benchmarks/fused_speed.py`, docs/BENCHMARKS.md).
 
 A fused model serves only: its projections have new names, so it is neither saved nor trained.
 """

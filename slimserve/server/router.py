@@ -53,7 +53,8 @@ load left room; the arrivals that came were then sometimes a burst of tighter re
 routing runs on the AVX2 machine (seeds 0-3), requests upgraded for quality took a median 1.1x their
 predicted latency but up to 6.9x, and 4 of 55 missed: all with budgets under 3.4x their prediction, among
 them the same request (seed 1, 48 + 64 tokens, budget 11.8 s) in two runs, at 21.6 and 23.9 s, which
-always-smallest served in 3.3 s."""
+always-smallest served in 3.3 and 4.7 s. With this reserve no upgraded request missed in four seeds
+(docs/BENCHMARKS.md); per pair of seeds it sent 5 and 10 of 120 requests past the workhorse, 14 before."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
@@ -503,14 +504,18 @@ class Router:
         """Share of the cores the coming requests will need even on the fastest variant: recent arrivals
         per second x their least work (seconds each) over the last `arrival_window_s` (at least 10 s,
         so a burst of two does not look like a flood)."""
+        rate, works = self._arrivals(now)
+        return rate * sum(works) / len(works) if works else 0.0
+
+    def _arrivals(self, now: float | None) -> tuple[float, list[float]]:
+        """Arrivals per second over the last `arrival_window_s` (at least 10 s), and their least work (s)."""
         now = self.clock() if now is None else now
         with self._lock:
-            recent = [work for at, work in self.arrivals if now - at <= self.arrival_window_s]
-            first = min((at for at, _ in self.arrivals if now - at <= self.arrival_window_s), default=now)
+            recent = [(at, work / 1000) for at, work in self.arrivals if now - at <= self.arrival_window_s]
         if not recent:
-            return 0.0
-        span_s = min(max(now - first, 10.0), self.arrival_window_s)
-        return len(recent) / span_s * (sum(recent) / len(recent)) / 1000
+            return 0.0, []
+        span_s = min(max(now - min(at for at, _ in recent), 10.0), self.arrival_window_s)
+        return len(recent) / span_s, [work for _, work in recent]
 
     def margin(self, name: str) -> float:
         """How many times its prediction a request on this variant may take: the `coverage` quantile of its
@@ -540,15 +545,10 @@ class Router:
         Requests arrive as a Poisson stream at rate r, each bringing w seconds of work (its least work, as
         in `expected_load`): the work arriving within t seconds has mean r E[w] t and variance r E[w^2] t,
         so its share of t deviates by sqrt(r E[w^2] / t): bursts matter more the closer the deadline."""
-        now = self.clock() if now is None else now
-        with self._lock:
-            recent = [(at, work / 1000) for at, work in self.arrivals if now - at <= self.arrival_window_s]
-        if not recent or window_s <= 0:
+        rate, works = self._arrivals(now)
+        if not works or window_s <= 0:
             return 0.0
-        first = min(at for at, _ in recent)
-        span_s = min(max(now - first, 10.0), self.arrival_window_s)
-        rate = len(recent) / span_s
-        return math.sqrt(rate * sum(w * w for _, w in recent) / len(recent) / window_s)
+        return math.sqrt(rate * sum(w * w for w in works) / len(works) / window_s)
 
     def current_reserve(self, budget_ms: float | None = None) -> float:
         """The reserve in force now for a request due in `budget_ms`: the fixed one, or the expected load
