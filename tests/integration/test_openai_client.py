@@ -145,8 +145,10 @@ def test_budgets_route_within_the_family_through_the_unchanged_client(server: Ru
     completion = raw.parse()
     assert raw.headers["x-slimserve-budget"] == "predicted-missed"
     assert completion.model == raw.headers["x-slimserve-variant"] == f"{MODEL}-int8-weight"
-    # the same budget in the body: again the variant predicted fastest, which the first request's measured
-    # steps may have changed (on a CPU without native bf16 the fp32 teacher outruns the bf16 int8 kernels)
+    # the same budget in the body: again a predicted miss served by the fastest fallback. Which variant
+    # that is depends on the machine (on a CPU without native bf16 the fp32 teacher can outrun the bf16
+    # int8 kernels) and is ranked by the manifests' figures, not the live predictions listed as candidates
+    # (unit tests pin the rule down: test_router.py)
     in_body = client.chat.completions.create(
         model=MODEL, messages=FRANCE, max_tokens=8, extra_body={"slimserve": {"latency_budget_ms": 1}}
     )
@@ -155,7 +157,8 @@ def test_budgets_route_within_the_family_through_the_unchanged_client(server: Ru
     ).json()
     last = state["decisions"][-1]
     assert last["budget_met"] is False and last["budget"] == {"latency_ms": 1}
-    assert in_body.model == last["variant"] == min(last["candidates"], key=last["candidates"].get)
+    assert in_body.model == last["variant"] and set(last["candidates"]) == {MODEL, f"{MODEL}-int8-weight"}
+    assert last["reason"].startswith("no variant predicted within the latency budget: fastest")
     # no budget at all keeps the teacher (the best quality)
     assert client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8).model == MODEL
     with pytest.raises(openai.BadRequestError, match="tier"):
