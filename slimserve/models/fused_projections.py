@@ -112,12 +112,9 @@ class FusedQKVAttention(nn.Module):
             setattr(self, name, getattr(attention, name))
         self.is_causal = attention.is_causal
         self.qkv_proj, self.o_proj = qkv_proj, attention.o_proj
-        config = attention.config
-        self.sizes = [
-            config.num_attention_heads * self.head_dim,
-            config.num_key_value_heads * self.head_dim,
-            config.num_key_value_heads * self.head_dim,
-        ]
+        self.heads, self.kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
+        self.qk_size = (self.heads + self.kv_heads) * self.head_dim
+        """Queries and keys: the first columns of the joined output; values follow."""
 
     def forward(
         self,
@@ -131,14 +128,13 @@ class FusedQKVAttention(nn.Module):
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         input_shape = hidden_states.shape[:-1]  # (B, T)
-        heads, kv_heads = self.sizes[0] // self.head_dim, self.sizes[1] // self.head_dim
         qkv = self.qkv_proj(hidden_states)  # (B, T, (heads + 2 kv heads) * D)
         # queries and keys sit side by side in the output: one rotation turns both
-        qk = qkv[..., : self.sizes[0] + self.sizes[1]].view(*input_shape, heads + kv_heads, self.head_dim)
+        qk = qkv[..., : self.qk_size].view(*input_shape, self.heads + self.kv_heads, self.head_dim)
         cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # (B, T, 1, D)
         qk = qk * cos + _rotate_half(qk) * sin
-        query, key = qk.transpose(1, 2).split([heads, kv_heads], dim=1)  # (B, heads | kv heads, T, D)
-        value = qkv[..., self.sizes[0] + self.sizes[1] :].view(*input_shape, kv_heads, self.head_dim).transpose(1, 2)
+        query, key = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, heads | kv heads, T, D)
+        value = qkv[..., self.qk_size :].view(*input_shape, self.kv_heads, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
