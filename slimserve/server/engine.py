@@ -46,6 +46,12 @@ HOLD_STEPS = 8
 many steps to spare: without the margin it would move back and forth at the edge of its budget."""
 
 
+WAIT_LIMIT_S = 10.0
+"""A budgeted prompt waits at most this long (from its submission) for the spare time of running sequences
+due before it (`TransformersEngine._in_spare_time`): past that it is prefilled even if they miss, so
+steady tight traffic cannot starve a request that is past saving."""
+
+
 PREFILL_TOKENS = 128
 """Prompt tokens one turn prefills: a longer prompt is prefilled in chunks of about this size, one per turn,
 so the compute thread can give another engine's urgent steps a turn between them (a prefill cannot be
@@ -554,23 +560,54 @@ class TransformersEngine:
         return deadline - ahead_s * SAFETY
 
     def _admissible(self, rows: list[_Sequence]) -> list[_Sequence]:
-        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, except that
-        while a running sequence is due now, only those due now too (or without a budget) join."""
+        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, except that a
+        budgeted one joins only when its first chunk fits before the latest start of every running sequence
+        it must not delay (`_in_spare_time`); those without a budget, or cancelled, join at once."""
         with self._lock:
             waiting = list(self._inbox)[: max(0, self.max_batch_size - len(rows))]
         if not waiting:
             return []
         now = time.perf_counter()
-        starts = [self._latest_start(s, len(rows), now) for s in rows]
-        if not any(start is not None and start <= now for start in starts):
-            return waiting
-        return [
-            s
-            for s in waiting
-            if s.handle.deadline is None
-            or s.handle.cancelled.is_set()
-            or (self._latest_start(s, len(rows), now, waiting=True) or 0.0) <= now
-        ]
+        admitted, spent_s = [], 0.0
+        for seq in waiting:
+            if seq.handle.deadline is None or seq.handle.cancelled.is_set():
+                admitted.append(seq)
+                continue
+            prompt = seq.handle.prompt_ids
+            chunk_s = self._prefill_s(len(prompt), prefill_chunks(len(prompt))[0])
+            if self._in_spare_time(seq, rows, now, spent_s + chunk_s, waiting=True):
+                admitted.append(seq)
+                spent_s += chunk_s
+        return admitted
+
+    def _prefill_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
+        """Predicted seconds of a `chunk_tokens` chunk of a prompt of `prompt_tokens` (its share of the TTFT)."""
+        whole_s = self.profile.ttft_ms(prompt_tokens) / 1000 if self.profile is not None else 0.05
+        return whole_s * chunk_tokens / max(prompt_tokens, 1)
+
+    def _in_spare_time(self, seq: _Sequence, rows: list[_Sequence], now: float, cost_s: float, waiting: bool) -> bool:
+        """Whether `cost_s` of `seq`'s prefill (planned at `SAFETY` times) can run now without delaying a
+        running sequence it must yield to past that sequence's latest start: one with a budget it can still
+        meet, due no later than `seq` (earliest deadline first), or any such one if `seq` is past saving (it
+        yields to all saveable work, as its decode steps do), or if it has waited `WAIT_LIMIT_S` already.
+
+        A prefill cannot be interrupted: in a routing run a hopeless request's 276-token prompt (three
+        chunks of 0.4 s) was prefilled into the turns of a running request with 0.6 s to spare, which then
+        missed its budget by 0.8 s."""
+        if now - seq.submitted_at >= WAIT_LIMIT_S:
+            return True
+        own = self._latest_start(seq, len(rows), now, waiting)
+        deadline = seq.handle.deadline
+        limits = []
+        for other in rows:
+            if other is seq or other.done or other.handle.deadline is None:
+                continue
+            start = self._latest_start(other, len(rows), now)
+            if start is None or start == math.inf:  # past saving: it yields to everyone
+                continue
+            if own == math.inf or deadline is None or other.handle.deadline <= deadline:
+                limits.append(start)
+        return not limits or now + cost_s * SAFETY <= min(limits)
 
     def _take_waiting(self) -> _Sequence | None:
         with self._lock:
@@ -600,6 +637,8 @@ class TransformersEngine:
                 self._start_prefill(variant, ahead, batch, rows, eos)
                 self._partial = under_way
                 return True
+            if not self._next_chunk_fits(self._partial):  # running sequences due first need this turn
+                return False
             spent = self._prefill_chunk(variant, self._partial, batch, rows, eos)
             if self._partial is not None:  # not done yet: its chunk was this turn's prefill
                 return True
@@ -613,6 +652,16 @@ class TransformersEngine:
             if self._partial is not None:
                 break
         return taken
+
+    def _next_chunk_fits(self, partial: _Partial) -> bool:
+        """Whether the next chunk of the prompt under way runs this turn: always without a budget, else when
+        it fits the spare time of the running sequences it yields to (`_in_spare_time`)."""
+        seq = partial.seq
+        if seq.handle.deadline is None or seq.handle.cancelled.is_set():
+            return True
+        prompt = seq.handle.prompt_ids
+        chunk_s = self._prefill_s(len(prompt), len(prompt_chunk(prompt, partial.done)))
+        return self._in_spare_time(seq, self._running_rows(), time.perf_counter(), chunk_s, waiting=False)
 
     def _ahead_of(self, partial: _Partial) -> _Sequence | None:
         """A waiting sequence to prefill before the next chunk of the prompt under way: the admissible one

@@ -15,6 +15,7 @@ from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.compute import SAFETY, ComputeThread
 from slimserve.server.engine import (
     PREFILL_TOKENS,
+    WAIT_LIMIT_S,
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
@@ -299,7 +300,7 @@ def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_t
     def sequence(max_tokens: int, deadline_in_s: float | None) -> _Sequence:
         deadline = None if deadline_in_s is None else time.perf_counter() + deadline_in_s
         handle = RequestHandle("r", [1, 2, 3], loop, deadline)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, 0.0)  # type: ignore[arg-type]
+        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
 
     try:
         # 40 steps at 50 ms need 2 s, 2.5 s with SAFETY: a 2.2 s budget has no time to spare
@@ -315,6 +316,72 @@ def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_t
         loop.close()
 
 
+def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_due_before_it() -> None:
+    """A prefill cannot be interrupted, so a budgeted prompt joins a batch only when its first chunk fits
+    before the latest start of every running request due before it; a prompt past saving yields to every
+    request that can still make it, whatever its own deadline, until it has waited `WAIT_LIMIT_S`."""
+    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
+    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
+    # prefill: 10 ms a prompt token; steps: 50 ms
+    engine.profile = LatencyProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
+    loop = asyncio.new_event_loop()
+
+    def sequence(prompt_tokens: int, max_tokens: int, deadline_in_s: float) -> _Sequence:
+        handle = RequestHandle("r", list(range(1, prompt_tokens + 1)), loop, time.perf_counter() + deadline_in_s)
+        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
+
+    try:
+        # 20 steps need 1 s, 1.25 s with SAFETY: 0.35 s to spare before a 1.6 s deadline
+        engine._rows = [sequence(3, 20, 1.6)]
+        short = sequence(3, 40, 60.0)  # a 30 ms prefill: fits
+        long = sequence(60, 40, 60.0)  # a 600 ms prefill: does not
+        hopeless = sequence(3, 40, 0.5)  # 2 s of steps: past saving, though due first
+        hopeless_long = sequence(60, 40, 0.5)
+        sooner = sequence(60, 4, 1.2)  # 0.8 s of work, due before the running request: EDF
+        engine._inbox.extend([short, long, hopeless, hopeless_long, sooner])
+        assert engine._admissible(engine._rows) == [short, hopeless, sooner]
+        hopeless_long.submitted_at -= WAIT_LIMIT_S  # waited long enough: it goes in whatever it delays
+        assert engine._admissible(engine._rows) == [short, hopeless, hopeless_long, sooner]
+        engine._rows = [sequence(3, 20, 0.5)]  # past saving itself: it holds no one back
+        assert engine._admissible(engine._rows) == [short, long, hopeless, hopeless_long, sooner]
+    finally:
+        loop.close()
+
+
+def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for_them(
+    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
+) -> None:
+    """A long prompt under way does not take its next chunk in the turns of a request due sooner that has
+    no time to spare for it: in a routing run a hopeless request's three chunks of 0.4 s went into a
+    running request's turns and that request missed its budget by 0.8 s. Its chunks go on once the tight
+    request is done, and it generates what whole-prompt generation gives."""
+    engine, loaded = _hand_stepped(tiny_variant_dir)
+    # prefill: 10 ms a prompt token (a chunk of the long prompt: 1.2 s); steps: 50 ms; `smoothing=0` keeps them
+    engine.profile = LatencyProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0, smoothing=0.0)
+    long_prompt = _two_chunk_prompt(loaded)
+    tight_prompt = [30, 31, 32]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[list[str], list[int], list[int]]:
+        long = engine.submit(long_prompt, params, deadline=time.perf_counter() + 600)
+        engine.step()  # the long prompt's first chunk
+        # 0.03 s of prefill and 6 steps of 50 ms: 0.4 s with SAFETY, so 0.6 s to spare, not 1.2 s
+        tight = engine.submit(tight_prompt, params, deadline=time.perf_counter() + 1.0)
+        order = []  # per turn: whose prefill chunk and rows ran
+        while engine.running or engine.waiting:
+            engine.step()
+            await asyncio.sleep(0)
+            turn = engine.last_turn()
+            order += ["long chunk" for p in turn["prefills"] if p["id"] == long.request_id]
+            order += ["tight" for r in turn.get("rows", []) if r == tight.request_id]
+        return order, (await _run(tight))[0], (await _run(long))[0]
+
+    order, tight_tokens, long_tokens = asyncio.run(scenario())
+    assert order.index("long chunk") > len(order) - 1 - order[::-1].index("tight")  # after the tight one's last step
+    assert tight_tokens == _reference_greedy(tiny_loaded, tight_prompt, 6)
+    assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 6)
+
+
 def test_a_row_the_batch_pace_would_miss_but_its_own_steps_can_save_is_not_past_saving() -> None:
     """The compute thread's urgency follows `_regroup`: a running row whose remaining steps no longer fit at
     its batch's pace, but do stepped apart, keeps a latest start and its deadline (EDF turns), instead of
@@ -326,7 +393,7 @@ def test_a_row_the_batch_pace_would_miss_but_its_own_steps_can_save_is_not_past_
 
     def sequence(max_tokens: int, deadline_in_s: float) -> _Sequence:
         handle = RequestHandle("r", [1, 2, 3], loop, time.perf_counter() + deadline_in_s)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, 0.0)  # type: ignore[arg-type]
+        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
 
     try:
         # five rows step at 100 ms: 10 steps need 1 s in the batch, 0.2 s alone
