@@ -63,6 +63,9 @@ class Turn:
     """It runs sequences without a budget: they advance at the round-robin pace."""
     past_saving: bool = False
     """It runs sequences that will miss their budgets whatever runs: they advance in the background."""
+    cost_s: float = 0.0
+    """Predicted seconds of the whole turn: its decode step and the prefill chunk it would run. Paced work
+    goes ahead of budgeted work only when all of this fits before the budgeted work's latest start."""
 
 
 class Steppable(Protocol):
@@ -97,17 +100,25 @@ def paced(turn: Turn, last_ran: float, busy_engines: int) -> float:
     return min(candidates)
 
 
-def next_turn(turns: Sequence[Turn], last_ran: Sequence[float]) -> int:
+def next_turn(turns: Sequence[Turn], last_ran: Sequence[float], now: float | None = None) -> int:
     """Index of the engine to step next: prefills without a budget first, then the budgeted engine due
-    first by deadline, unless paced work is due before every budgeted engine's latest start; among
-    equals, the engine that has waited longest."""
+    first by deadline, unless paced work is due before every budgeted engine's latest start and its whole
+    turn (`Turn.cost_s`, at `SAFETY`) still ends by then; among equals, the engine that has waited longest.
+
+    The turn's length matters because a paced turn may carry a prefill chunk: in a routing run a hopeless
+    request's 0.3 s chunks took their background turns from a request with 0.2 s to spare, which then
+    could no longer make its budget."""
     prefills = [i for i, turn in enumerate(turns) if turn.prefill]
     if prefills:
         return min(prefills, key=lambda i: last_ran[i])
     starts = {i: turn.latest_start for i, turn in enumerate(turns) if turn.latest_start is not None}
     pace = [paced(turn, last_ran[i], len(turns)) for i, turn in enumerate(turns)]
     earliest_pace = min(range(len(turns)), key=lambda i: (pace[i], last_ran[i]))
-    if not starts or pace[earliest_pace] < min(starts.values()):
+    if not starts:
+        return earliest_pace
+    first_start = min(starts.values())
+    now = time.perf_counter() if now is None else now
+    if pace[earliest_pace] < first_start and now + turns[earliest_pace].cost_s * SAFETY <= first_start:
         return earliest_pace
     return min(starts, key=lambda i: (_or_inf(turns[i].deadline), last_ran[i]))
 

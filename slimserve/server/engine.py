@@ -518,14 +518,40 @@ class TransformersEngine:
                 due = seq.handle.deadline  # set: a sequence without one has no latest start
                 if due is not None:
                     deadline = due if deadline is None else min(deadline, due)
+        step_s = self._step_s(len(rows))
         return Turn(
-            self._step_s(len(rows)),
+            step_s,
             prefill=prefill_now,
             latest_start=latest,
             deadline=deadline,
             best_effort=best_effort,
             past_saving=past_saving,
+            cost_s=(step_s if rows else 0.0) + self._next_prefill_s(admissible),
         )
+
+    def _next_prefill_s(self, admissible: list[_Sequence]) -> float:
+        """Predicted seconds of the prefill the next turn runs (`_admit`): the next chunk of the prompt under
+        way if it fits, else the first chunks of waiting prompts up to `PREFILL_TOKENS`."""
+        partial = self._partial
+        if partial is not None:
+            ahead = self._ahead_of(partial)
+            if ahead is not None:  # its whole (one-chunk) prompt
+                return self._prefill_s(len(ahead.handle.prompt_ids), len(ahead.handle.prompt_ids))
+            prompt = partial.seq.handle.prompt_ids
+            if not self._next_chunk_fits(partial):
+                return 0.0
+            return self._prefill_s(len(prompt), len(prompt_chunk(prompt, partial.done)))
+        seconds, spent = 0.0, 0
+        for seq in admissible:
+            prompt = seq.handle.prompt_ids
+            first = prefill_chunks(len(prompt))[0]
+            if spent and spent + first > PREFILL_TOKENS:
+                break
+            seconds += self._prefill_s(len(prompt), first)
+            spent += first
+            if first < len(prompt):  # it stays under way: the turn prefills nothing else
+                break
+        return seconds
 
     def _step_s(self, batch: int) -> float:
         return self.profile.step_ms(batch) / 1000 if self.profile is not None else 0.05

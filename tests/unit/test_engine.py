@@ -344,6 +344,10 @@ def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_du
         assert engine._admissible(engine._rows) == [short, hopeless, hopeless_long, sooner]
         engine._rows = [sequence(3, 20, 0.5)]  # past saving itself: it holds no one back
         assert engine._admissible(engine._rows) == [short, long, hopeless, hopeless_long, sooner]
+        engine._inbox.clear()
+        engine._inbox.extend([long, short])
+        turn = engine.pending()  # the compute thread sees the step and the chunk the turn would run
+        assert turn is not None and turn.cost_s == pytest.approx(0.05 + 0.6 + 0.03)  # both prompts fit one turn
     finally:
         loop.close()
 
