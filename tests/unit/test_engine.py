@@ -624,3 +624,33 @@ def test_a_request_due_sooner_is_prefilled_between_the_chunks_of_a_long_prompt(
     assert prefills == short_then_long
     prefills, short_then_long = asyncio.run(scenario(600))
     assert prefills == short_then_long[::-1]
+
+
+def test_rows_due_before_an_urgent_row_step_apart_with_it(tiny_variant_dir: Path) -> None:
+    """Earliest deadline first inside a batch: a loose request that the batch's pace makes urgent steps apart
+    together with a request due sooner that is not urgent yet, rather than ahead of it; a request without a
+    budget waits. In a routing run the one due sooner waited, fell past saving and missed its budget."""
+    engine, _ = _hand_stepped(tiny_variant_dir)
+    # predicted steps: 20 ms for one row, 60 for three; `smoothing=0` keeps them
+    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0, smoothing=0.0)
+
+    def params(tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[list[str], list[str], bool]:
+        # 100 tokens: 7.5 s at the batch of three's pace with SAFETY, 2 s alone; due in 6 s: urgent
+        loose = engine.submit([5, 6, 7], params(100), deadline=time.perf_counter() + 6)
+        # 10 tokens: 0.75 s at the batch's pace with SAFETY; due in 3 s: not urgent, but due first
+        sooner = engine.submit([8, 9], params(10), deadline=time.perf_counter() + 3)
+        unbudgeted = engine.submit([10, 11, 12], params(100))
+        while engine.waiting:
+            engine.step()
+        engine.step()
+        turn = engine.last_turn()
+        for handle in (loose, sooner, unbudgeted):
+            handle.cancel()
+        engine.step()
+        return turn["rows"], [loose.request_id, sooner.request_id], turn["apart"]
+
+    rows, due_first, apart = asyncio.run(scenario())
+    assert sorted(rows) == sorted(due_first) and apart
