@@ -6,7 +6,7 @@ A routing run goes through phases: the unloaded line, each seed's alone replay, 
 For each phase this lists its length, the share of it the compute thread was busy, and the median time of
 one variant's decode steps of one and of two rows (turns without a prefill). The same step of the
 same model on the same cores should take the same time in every phase; where it does not, the budgets at
-stake (a few percent over the unloaded line) are met or missed by the phase the host was in, not by the
+stake (within about 1.5x of the unloaded line) are met or missed by the phase the host was in, not by the
 policy.
 """
 
@@ -46,6 +46,7 @@ def phases(dump: list[dict[str, Any]]) -> list[Phase]:
 
 
 def measure(found: list[Phase], turns: list[dict[str, Any]], variant: str) -> None:
+    """Charge each compute turn to the phase it ran in (turns between phases are left out)."""
     for turn in turns:
         phase = next((p for p in found if p.start <= turn["at"] <= p.end), None)
         if phase is None:
@@ -67,12 +68,12 @@ def main() -> int:
     found = phases(dump)
     measure(found, turns, args.variant)
     print(f"{args.variant}: decode steps per phase\n")
-    print("| phase | length s | compute busy | batch 1: steps, median ms | batch 2: steps, median ms |")
+    print("| phase | length s | compute busy | 1 row: steps, median ms | 2 rows: steps, median ms |")
     print("|---|---:|---:|---:|---:|")
     for phase in found:
         cells = []
-        for batch in (1, 2):
-            steps = phase.steps.get(batch, [])
+        for rows in (1, 2):
+            steps = phase.steps.get(rows, [])
             cells.append(f"{len(steps)}, {1000 * median(steps):.1f}" if steps else "-")
         length = phase.end - phase.start
         print(f"| {phase.name} | {length:.0f} | {phase.busy_s / max(length, 1e-9):.0%} | {cells[0]} | {cells[1]} |")
