@@ -130,6 +130,10 @@ class _Sequence:
     last_token_at: float | None = None
     done: bool = False
 
+    @property
+    def steps_left(self) -> int:
+        return self.params.max_tokens - len(self.generated)
+
 
 @dataclass(eq=False)
 class _Partial:
@@ -276,7 +280,7 @@ class TransformersEngine:
 
     def deadlines(self) -> list[tuple[float | None, int]]:
         """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
-        return [(s.handle.deadline, s.params.max_tokens - len(s.generated)) for s in self._running_rows() if not s.done]
+        return [(s.handle.deadline, s.steps_left) for s in self._running_rows() if not s.done]
 
     def _running_rows(self) -> list[_Sequence]:
         """Every sequence in either batch, and the one being prefilled in chunks (a snapshot: the compute
@@ -435,26 +439,21 @@ class TransformersEngine:
             return self._batch, self._rows
         full_s, alone_s = self._step_s(len(everyone)), self._step_s(1)
 
-        def urgent(seq: _Sequence, margin_s: float) -> bool:
+        def savable(seq: _Sequence) -> bool:
+            """With a budget its own steps, stepped apart, can still meet."""
             deadline = seq.handle.deadline
-            if deadline is None:
+            return deadline is not None and deadline - now >= seq.steps_left * alone_s
+
+        def urgent(seq: _Sequence, margin_s: float) -> bool:
+            if not savable(seq):
                 return False
-            left = seq.params.max_tokens - len(seq.generated)
-            if deadline - now < left * alone_s:  # past saving even alone
-                return False
-            return deadline - left * full_s * SAFETY <= now + margin_s
+            deadline = seq.handle.deadline or 0.0  # set: savable
+            return deadline - seq.steps_left * full_s * SAFETY <= now + margin_s
 
         hurry = [s for s in express if urgent(s, HOLD_STEPS * full_s)] + [s for s in main if urgent(s, 0.0)]
         if hurry:  # earliest deadline first: rows due before an urgent row step with it, while they can make it
             last_due = max(s.handle.deadline or 0.0 for s in hurry)
-            hurry += [
-                s
-                for s in everyone
-                if s not in hurry
-                and s.handle.deadline is not None
-                and s.handle.deadline <= last_due
-                and s.handle.deadline - now >= (s.params.max_tokens - len(s.generated)) * alone_s
-            ]
+            hurry += [s for s in everyone if s not in hurry and savable(s) and (s.handle.deadline or 0.0) <= last_due]
         if not hurry or len(hurry) == len(everyone):
             if express:
                 self._batch.merge(self._express)
@@ -464,9 +463,7 @@ class TransformersEngine:
 
         def in_background(seq: _Sequence) -> bool:
             """Without a budget or past saving, and not stepped for `BACKGROUND_S`."""
-            deadline, left = seq.handle.deadline, seq.params.max_tokens - len(seq.generated)
-            behind = deadline is None or deadline - now < left * alone_s
-            return behind and seq.last_token_at is not None and now - seq.last_token_at >= BACKGROUND_S
+            return not savable(seq) and seq.last_token_at is not None and now - seq.last_token_at >= BACKGROUND_S
 
         chosen = set(hurry) | {s for s in everyone if in_background(s)}
         leaving = [i for i, s in enumerate(express) if s not in chosen]
@@ -589,7 +586,7 @@ class TransformersEngine:
                 first_s *= (prompt - partial.done) / prompt
             steps, batch = seq.params.max_tokens, running + (1 if waiting else 0)
         else:
-            first_s, steps, batch = 0.0, seq.params.max_tokens - len(seq.generated), running
+            first_s, steps, batch = 0.0, seq.steps_left, running
         ahead_s = first_s + steps * self._step_s(batch)
         if deadline - now < ahead_s:
             ahead_s = first_s + steps * self._step_s(1)
