@@ -34,7 +34,7 @@ class PaddedKVBatch:
 
     def add(self, cache: DynamicCache) -> None:
         """Append one prefilled sequence (batch of 1, no padding) as the last row."""
-        _check_full_attention(cache)
+        _check_positional(cache)
         joining = PaddedKVBatch()
         joining.cache, joining.mask = cache, torch.ones(1, cache.get_seq_length(), dtype=torch.long)
         self.merge(joining)
@@ -63,7 +63,7 @@ class PaddedKVBatch:
         split.mask = self.mask[index]
         first_real = int(split.mask.any(dim=0).long().argmax())
         split.mask = split.mask[:, first_real:]
-        split.cache = growing_cache()  # full-attention layers, appended by `update` (`_check_full_attention`)
+        split.cache = growing_cache()  # positional layers, appended by `update` (`_check_positional`)
         for layer_idx, layer in enumerate(_layers(self.cache)):
             split.cache.update(
                 layer.keys[index, :, first_real:].contiguous(),
@@ -99,12 +99,13 @@ def _layers(cache: DynamicCache) -> list[Any]:
     return list(cache.layers)
 
 
-def _check_full_attention(cache: DynamicCache) -> None:
-    """Left-padding a cache is only sound for plain full-attention layers (no sliding window, no SSM state)."""
+def _check_positional(cache: DynamicCache) -> None:
+    """Left-padding a cache is only sound for layers that hold keys and values by position
+    (`kv_cache.growing_cache` stores sliding windows whole for this reason)."""
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, GrowingKVLayer):
             raise NotImplementedError(
-                f"continuous batching supports full-attention caches only, not {type(layer).__name__}"
+                f"continuous batching needs caches of keys and values by position, not {type(layer).__name__}"
             )
 
 

@@ -368,6 +368,7 @@ class TransformersEngine:
     def _load_then_attach(self) -> None:
         try:
             variant = self._load()
+            growing_cache(variant.model.config)  # refuses, at load, a model the padded batch cannot hold
         except Exception as exc:
             log.exception("failed to load %s", self.name)
             self.error = f"{type(exc).__name__}: {exc}"
@@ -391,11 +392,25 @@ class TransformersEngine:
         """One turn: admit and prefill waiting sequences into free slots, then one decode step (of the whole
         batch, or of its urgent rows alone: `_regroup`). True if it ran either, even when every row it
         stepped finished: a turn reported as idle leaves the engine out of the compute thread's turns until
-        the next request arrives, and the rest of its batch (or its waiting queue) with it."""
+        the next request arrives, and the rest of its batch (or its waiting queue) with it.
+
+        A forward that raises fails the variant, not the server (as vLLM's engine core dies alone): every
+        request it holds ends with the error, and the engine reports FAILED with the reason."""
         variant = self.variant
         if self.state is not EngineState.READY or variant is None:
             self._stop()
             return False
+        try:
+            return self._turn(variant)
+        except Exception as exc:
+            log.exception("%s failed during a turn", self.name)
+            with self._lock:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.state = EngineState.FAILED
+            self._stop(f"{self.name} failed: {self.error}")
+            return True
+
+    def _turn(self, variant: LoadedVariant) -> bool:
         eos = variant.eos_token_ids
         self._last_turn = {"prefills": []}
         admitted = self._admit(variant, self._batch, self._rows, eos)
@@ -408,15 +423,7 @@ class TransformersEngine:
                 apart=batch is self._express,
                 batch=len(self._rows) + len(self._express_rows),
             )
-        if rows:
-            try:
-                self._decode_step(variant, batch, rows, eos)
-            except Exception as exc:  # a failed step fails its batch, not the server
-                log.exception("decode step failed")
-                for seq in rows:
-                    self._finish(seq, GenerationEvent("", [], [], "error", len(seq.generated), str(exc)))
-                batch.keep([])
-                rows.clear()
+            self._decode_step(variant, batch, rows, eos)
         self.metrics.running.labels(self.name).set(len(self._rows) + len(self._express_rows))
         return admitted or stepped
 
@@ -650,12 +657,15 @@ class TransformersEngine:
             self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
         return seq
 
-    def _stop(self) -> None:
+    def _stop(self, error: str | None = None) -> None:
+        """End every sequence it holds (aborted on shutdown; with `error` when the engine failed) and detach."""
+        reason, message = ("error", error) if error else ("abort", "server shutting down")
         for seq in self._running_rows():
-            self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated), "server shutting down"))
+            if not seq.done:
+                self._finish(seq, GenerationEvent("", [], [], reason, len(seq.generated), message))
         self._partial = None
         while (waiting := self._take_waiting()) is not None:
-            self._finish(waiting, GenerationEvent("", [], [], "abort", 0, "server shutting down"))
+            self._finish(waiting, GenerationEvent("", [], [], reason, 0, message))
         self._rows, self._batch = [], PaddedKVBatch()
         self._express_rows, self._express = [], PaddedKVBatch()
         self._stopped.set()
@@ -748,15 +758,9 @@ class TransformersEngine:
             self._finish(seq, GenerationEvent("", [], [], "abort", 0))
             return 0
         chunk = prompt_chunk(prompt, partial.done)
-        try:
-            began = time.perf_counter()
-            logits = self._prefill(variant, partial.cache, chunk)
-            partial.seconds += time.perf_counter() - began
-        except Exception as exc:
-            log.exception("prefill failed")
-            self._partial = None
-            self._finish(seq, GenerationEvent("", [], [], "error", 0, str(exc)))
-            return len(chunk)
+        began = time.perf_counter()
+        logits = self._prefill(variant, partial.cache, chunk)
+        partial.seconds += time.perf_counter() - began
         partial.done += len(chunk)
         last = partial.done >= len(prompt)
         self._last_turn.setdefault("prefills", []).append(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 
 GROW_TOKENS = 128
 """Room added when the buffer is full: a step's token is written in place, and the whole cache is copied
@@ -108,16 +108,36 @@ class GrowingKVLayer(DynamicLayer):
         self._key_length = self._value_length = max(0, self._key_length + tokens_to_remove)
 
 
+class UnbatchableModelError(ValueError):
+    """A model whose cache holds more than keys and values by position (state-space or linear-attention
+    layers): left-padding its rows into one batch would not be sound."""
+
+
 def growing_cache(config: Any = None) -> DynamicCache:
     """An empty cache of `GrowingKVLayer`s for a model of `config` (None: as many layers as first write to it).
 
-    A model with other than full-attention layers (sliding windows, state-space layers) gets transformers'
-    own layers for them, unchanged: the padded batch refuses those (`batch._check_full_attention`)."""
+    Sliding-window layers are stored whole, like full-attention ones: the model's sliding mask hides what lies
+    outside each window (it counts cache columns, and a row's real tokens are contiguous at the right of a
+    left-padded batch, so columns apart are positions apart). That costs the window's eviction (memory grows
+    with the context, as for the global layers) and buys rows that can be padded, merged and split.
+    Other layers (state-space, linear or chunked attention) are refused: `UnbatchableModelError`."""
     if config is None:
         cache = DynamicCache()
         cache.layer_class_to_replicate = GrowingKVLayer
         return cache
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    other = sorted(set(layer_types) - POSITIONAL_LAYER_TYPES)
+    if other:
+        architecture = ",".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UnbatchableModelError(
+            f"{architecture} cannot be served by slimserve's batched engine: it has {', '.join(other)} layers, "
+            "whose cache or mask is not a matter of keys and values by position (serve it with --backend vllm)"
+        )
     cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [GrowingKVLayer() for _ in cache.layers]
+    cache.layers = [GrowingKVLayer() for _ in cache.layers]
     return cache
+
+
+POSITIONAL_LAYER_TYPES = {"full_attention", "sliding_attention"}
+"""Layer types whose cache holds keys and values by position and whose mask depends only on distance:
+chunked attention's chunks start at absolute positions, which left padding shifts."""

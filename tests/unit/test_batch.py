@@ -1,5 +1,6 @@
 """The padded KV batch must give every row the logits it would get decoding alone, whether its cache is
-transformers' own or the engine's growing fp32 cache (`kv_cache`), whose buffers here grow every few steps."""
+transformers' own or the engine's growing fp32 cache (`kv_cache`), whose buffers here grow every few steps,
+for every tiny architecture: sliding windows (stored whole, masked by distance) included."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from transformers import DynamicCache
 import slimserve.server.kv_cache as kv_cache
 from slimserve.models import LoadedVariant
 from slimserve.server.batch import PaddedKVBatch
+from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, tiny_model
 
 CacheFactory = Callable[[object], DynamicCache]
 
@@ -20,10 +22,20 @@ def _dynamic(config: object) -> DynamicCache:
     return DynamicCache(config=config)
 
 
+def _positional(config: object) -> DynamicCache:
+    """transformers' full-attention layers for every layer: what the padded batch takes as it is."""
+    return DynamicCache()
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return tiny_model(400, arch=request.param)
+
+
 @pytest.fixture(params=["dynamic", "growing"])
 def new_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> CacheFactory:
     if request.param == "dynamic":
-        return _dynamic
+        return _positional
     monkeypatch.setattr(kv_cache, "GROW_TOKENS", 2)  # room for two more tokens: steps outgrow it often
     return kv_cache.growing_cache
 
@@ -48,10 +60,9 @@ def _alone(model: torch.nn.Module, ids: list[int], steps: list[int]) -> list[tor
 
 @torch.inference_mode()
 def test_rows_of_different_lengths_joining_late_match_solo_decoding(
-    tiny_loaded: LoadedVariant, new_cache: CacheFactory
+    model: torch.nn.Module, new_cache: CacheFactory
 ) -> None:
-    model = tiny_loaded.model
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    prompts = [list(range(5, 6 + SLIDING_WINDOW)), [20, 21], [30, 31, 32, 33]]
     steps = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62]]
     expected = [_alone(model, p, s) for p, s in zip(prompts, steps, strict=True)]
 
@@ -101,12 +112,9 @@ def test_keep_nothing_empties_the_batch(tiny_loaded: LoadedVariant) -> None:
 
 
 @torch.inference_mode()
-def test_rows_split_off_and_merged_back_match_solo_decoding(
-    tiny_loaded: LoadedVariant, new_cache: CacheFactory
-) -> None:
+def test_rows_split_off_and_merged_back_match_solo_decoding(model: torch.nn.Module, new_cache: CacheFactory) -> None:
     """Stepping some rows apart (the engine's urgent rows) and merging them back keeps every row's logits."""
-    model = tiny_loaded.model
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    prompts = [list(range(5, 6 + SLIDING_WINDOW)), [20, 21], [30, 31, 32, 33]]
     steps = [[40, 41, 42, 43, 44, 45], [50, 51, 52, 53], [60, 61, 62, 63, 64, 65]]
     expected = [_alone(model, p, s) for p, s in zip(prompts, steps, strict=True)]
     got: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}

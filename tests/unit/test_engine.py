@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import threading
 import time
@@ -29,6 +31,7 @@ from slimserve.server.engine import (
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import SamplingParams
+from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, make_tiny_variant
 
 
 def _engine(variant_dir: Path, **kwargs: int) -> TransformersEngine:
@@ -654,3 +657,84 @@ def test_rows_due_before_an_urgent_row_step_apart_with_it(tiny_variant_dir: Path
 
     rows, due_first, apart = asyncio.run(scenario())
     assert sorted(rows) == sorted(due_first) and apart
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_any_architecture_batched_greedy_matches_generate_past_its_window(arch: str, tmp_path: Path) -> None:
+    """Sliding-window and mixed local/global models (Mistral, Gemma 3), biases (Qwen2), fused checkpoints
+    (Phi-3): rows of one batch, prompts longer than the window and one prefilled in two chunks, decode what
+    transformers' `generate` decodes for each alone."""
+    variant_dir = make_tiny_variant(tmp_path / arch, name=f"tiny-{arch}", arch=arch)
+    loaded = load_variant(variant_dir, dtype="fp32")
+    vocab = int(loaded.model.config.vocab_size)
+    lengths = (3 * SLIDING_WINDOW, 2, SLIDING_WINDOW + 3, PREFILL_TOKENS + 20)
+    prompts = [[5 + (11 * i + n) % (vocab - 5) for i in range(n)] for n in lengths]
+    expected = [_reference_greedy(loaded, p, 2 * SLIDING_WINDOW) for p in prompts]
+    engine = _engine(variant_dir)
+
+    async def main() -> list[list[int]]:
+        params = SamplingParams(max_tokens=2 * SLIDING_WINDOW, temperature=0, ignore_eos=True)
+        handles = [engine.submit(p, params) for p in prompts]
+        return [tokens for tokens, _ in await asyncio.gather(*(_run(h) for h in handles))]
+
+    try:
+        assert asyncio.run(main()) == expected
+    finally:
+        engine.shutdown()
+
+
+def test_a_model_the_batch_cannot_hold_fails_at_load_naming_why(tiny_loaded: LoadedVariant) -> None:
+    """A model with state-space (conv) layers is refused when it loads, not at its first token."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    config = Lfm2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["conv", "full_attention"], architectures=["Lfm2ForCausalLM"],
+    )  # fmt: skip
+    hybrid = dataclasses.replace(tiny_loaded, model=Lfm2ForCausalLM(config))
+    engine = TransformersEngine(lambda: hybrid, name="hybrid", metrics=ServerMetrics())
+    engine.start()
+    assert not engine.wait_ready(60)
+    assert engine.state is EngineState.FAILED
+    assert engine.error is not None and "Lfm2ForCausalLM" in engine.error and "conv" in engine.error
+    engine.shutdown()
+
+
+def test_a_forward_that_raises_ends_every_request_with_the_error_and_fails_the_variant(
+    tiny_variant_dir: Path,
+) -> None:
+    """Nothing hangs: the running rows and the queued request all end with the error, and the engine says
+    FAILED with the reason, so later requests are refused rather than queued forever."""
+    loaded = load_variant(tiny_variant_dir, dtype="fp32")
+    forward = loaded.model.forward
+    calls = itertools.count()
+
+    def failing_forward(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == 4:  # two prefills and a few decode steps in
+            raise RuntimeError("device lost")
+        return forward(*args, **kwargs)
+
+    loaded.model.forward = failing_forward
+    engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), max_batch_size=2)
+    engine.start()
+    assert engine.wait_ready(60)
+
+    async def main() -> list[GenerationEvent]:
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        handles = [engine.submit(p, params) for p in ([5, 6, 7], [8, 9], [10, 11, 12])]
+        results = await asyncio.wait_for(asyncio.gather(*(_run(h) for h in handles)), timeout=30)
+        return [events[-1] for _, events in results]
+
+    try:
+        last = asyncio.run(main())
+        assert [e.finish_reason for e in last] == ["error"] * 3
+        assert all(e.error is not None and "device lost" in e.error for e in last)
+        assert engine.state is EngineState.FAILED and engine.error is not None and "device lost" in engine.error
+
+        async def submit_again() -> None:
+            engine.submit([1], SamplingParams(max_tokens=1))
+
+        with pytest.raises(EngineNotReadyError, match="device lost"):
+            asyncio.run(submit_again())
+    finally:
+        engine.shutdown()
