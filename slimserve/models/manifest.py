@@ -91,3 +91,57 @@ def weights_size_bytes(directory: Path) -> int:
     """Bytes of weight files (safetensors or torch bins) in a variant directory."""
     directory = Path(directory)
     return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in {".safetensors", ".bin"})
+
+
+CONFIG_FILE = "config.json"
+
+BITS_BY_DTYPE = {"float32": 32, "bfloat16": 16, "float16": 16}
+
+
+def describe_directory(directory: Path, name: str | None = None) -> VariantManifest:
+    """A manifest for a plain Hugging Face directory (config.json, safetensors weights, tokenizer) that has
+    none: what its files say, measured nothing. Pickled (`.bin`) weights are refused: loading them runs code."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ManifestError(f"{directory} is neither a variant directory nor a Hugging Face model: no {CONFIG_FILE}")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        hint = f" (it has {', '.join(pickled)}: pickled weights are never loaded; save them as safetensors)"
+        raise ManifestError(f"{directory} holds no *.safetensors weights{hint if pickled else ''}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{config_path} is not valid JSON: {exc}") from exc
+    text_config = config.get("text_config") or {}
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "float32")
+    quantization = config.get("quantization_config") or {}
+    bits = int(quantization.get("bits") or BITS_BY_DTYPE.get(dtype, 32))
+    name = name or directory.resolve().name.lower()
+    return VariantManifest(
+        name=name,
+        base_model=name,
+        method=str(quantization.get("quant_method") or "none"),
+        bits=bits,
+        parameters=_safetensors_parameters(weights),
+        size_bytes=weights_size_bytes(directory),
+        dtype=dtype,
+        provenance={"source": str(directory.resolve()), "architectures": config.get("architectures") or []},
+    )
+
+
+def _safetensors_parameters(files: list[Path]) -> int:
+    """Parameters stored in safetensors files, from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle is not a mapping)
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                total += count
+    return total

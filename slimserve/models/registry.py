@@ -1,4 +1,5 @@
-"""Where variants live: `$SLIMSERVE_HOME/variants/<name>/`, plus any directory given by path."""
+"""Where variants live: `$SLIMSERVE_HOME/variants/<name>/`, plus any directory given by path (a variant's, or a
+plain Hugging Face directory, described from its files)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimserve.models.embedded import DEFAULT_TEACHER, convert_embedded_teacher, is_current
-from slimserve.models.manifest import MANIFEST_FILE, ManifestError, VariantManifest
+from slimserve.models.manifest import MANIFEST_FILE, ManifestError, VariantManifest, describe_directory
 
 DEFAULT_VARIANT = DEFAULT_TEACHER
 
@@ -61,7 +62,9 @@ class VariantRegistry:
         """A variant directory or registered name, without building anything; None if there is none."""
         candidate = Path(name_or_path).expanduser()
         if candidate.is_dir():
-            return RegisteredVariant(candidate, VariantManifest.read(candidate))
+            if (candidate / MANIFEST_FILE).is_file():
+                return RegisteredVariant(candidate, VariantManifest.read(candidate))
+            return RegisteredVariant(candidate, describe_directory(candidate))  # a plain Hugging Face directory
         return next((v for v in self.list() if v.name == str(name_or_path)), None)
 
     def exists(self, name_or_path: str | os.PathLike[str]) -> bool:
