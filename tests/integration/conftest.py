@@ -57,26 +57,19 @@ BACKEND = os.environ.get("SLIMSERVE_TEST_BACKEND", "transformers")
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, int8_variant: Path) -> Iterator[RunningServer]:
+    yield from serve(
+        tmp_path_factory,
+        ["--api-key", API_KEY, "--variant", DEFAULT_VARIANT, "--variant", str(int8_variant), "--backend", BACKEND],
+    )
+
+
+def serve(tmp_path_factory: pytest.TempPathFactory, arguments: list[str]) -> Iterator[RunningServer]:
+    """`slimserve serve ARGUMENTS` on a free port until it is healthy; stopped when the caller's fixture ends."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "slimserve",
-                "serve",
-                "--port",
-                str(port),
-                "--api-key",
-                API_KEY,
-                "--variant",
-                DEFAULT_VARIANT,
-                "--variant",
-                str(int8_variant),
-                "--backend",
-                BACKEND,
-            ],
+            [sys.executable, "-m", "slimserve", "serve", "--port", str(port), *arguments],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),
