@@ -50,8 +50,8 @@ compress: setup
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md
 
-bench-quant: setup
-	$(BIN)/python benchmarks/quant_bench.py --write docs/BENCHMARKS.md
+bench-quant: setup  # TEACHER=NAME_OR_DIR measures another (imported) teacher than the default
+	$(BIN)/python benchmarks/quant_bench.py --write docs/BENCHMARKS.md $(if $(TEACHER),--teacher $(TEACHER),)
 
 bench-distill: setup  # ~30 min: KD vs CE students and the teacher's int4 QAT variant
 	$(BIN)/python benchmarks/distill_bench.py --write docs/BENCHMARKS.md

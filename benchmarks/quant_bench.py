@@ -1,6 +1,7 @@
-"""Quantization benchmark: every method applied to the default teacher, measured by `slimserve eval`.
+"""Quantization benchmark: every method applied to a teacher (the default, or `--teacher`), measured by
+`slimserve eval`.
 
-    python benchmarks/quant_bench.py [--methods bnb-int8 bnb-nf4 ...] [--write docs/BENCHMARKS.md]
+    python benchmarks/quant_bench.py [--teacher NAME_OR_DIR] [--methods bnb-int8 ...] [--write docs/BENCHMARKS.md]
 
 Variants are written to a scratch registry (`--home`, default `$SLIMSERVE_HOME/bench`) and rebuilt on
 every run, so the table always reflects the current code.
@@ -39,12 +40,13 @@ def row(name: str, method: str, bits: int, m: dict[str, Any], teacher: dict[str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default=DEFAULT_VARIANT, help="registered name or directory of the float teacher")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     parser.add_argument("--home", type=Path, default=None, help="scratch registry [default: $SLIMSERVE_HOME/bench]")
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()
 
-    teacher = VariantRegistry().resolve(DEFAULT_VARIANT)
+    teacher = VariantRegistry().resolve(args.teacher)
     scratch = VariantRegistry(args.home or slimserve_home() / "bench")
     config = EvalConfig()
     print(f"== teacher {teacher.name}", flush=True)
@@ -75,7 +77,8 @@ def main() -> int:
 
     body = "\n".join(
         [
-            "## Quantization: `make bench-quant`",
+            f"## Quantization of {teacher.name}: `make bench-quant`"
+            + ("" if args.teacher == DEFAULT_VARIANT else f" TEACHER={args.teacher}"),
             "",
             f"- command: `python benchmarks/quant_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
             f"- date: {today()}",
@@ -90,8 +93,7 @@ def main() -> int:
             f"- targets: 8-bit: {TARGETS[8]}; 4-bit: {TARGETS[4]}.",
             "- names: `-emb8` = one int8 table serves as embedding and output head (`--embedding int8`); "
             "`-head8` = the head quantized like the layers, the float embedding kept; otherwise the tied "
-            "embedding/head stays bf16. int4 group size 128, 64 for layers whose input size (576) 128 does not "
-            "divide.",
+            "embedding/head stays bf16. int4 group size 128, 64 for layers whose input size 128 does not divide.",
             "",
             "| variant | method | bits | weights MB (of fp32) | RSS MB | tok/s b1 (vs teacher) | tok/s b8 | "
             "TTFT ms (128 tok) | perplexity (vs teacher) | KL | top-1 agree |",
@@ -101,7 +103,8 @@ def main() -> int:
     )
     print(body)
     if args.write:
-        write_section(args.write, "quant-bench", body)
+        key = "quant-bench" if args.teacher == DEFAULT_VARIANT else f"quant-bench-{teacher.name}"
+        write_section(args.write, key, body)
         print(f"wrote {args.write}")
     return 0
 

@@ -54,7 +54,7 @@ def gemma_quantized(gemma_teacher: Path, tmp_path_factory: pytest.TempPathFactor
     """Its int8-weight and int4-gptq variants, in a throw-away registry."""
     home = tmp_path_factory.mktemp("gemma-registry")
     made = {}
-    for method, extra in (("int8-weight", []), ("int4-gptq", ["--calibration-tokens", "512"])):
+    for method, extra in (("int8-weight", []), ("int4-gptq", ["--calibration-tokens", "512", "--no-clip-search"])):
         _slimserve(home, "quantize", str(gemma_teacher), "--method", method, *extra)
         made[method] = home / "variants" / f"{GEMMA}-{method}"
     return made
