@@ -21,6 +21,7 @@ from slimserve.compression.quantize import QuantizeConfig, quantize_variant
 from slimserve.compression.student import (
     StudentError,
     StudentSpec,
+    block_influence,
     build_student,
     choose_layers,
     mlp_channel_importance,
@@ -231,3 +232,28 @@ def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: Variant
     with torch.no_grad():
         expected, got = trained(ids).logits, quantized(ids).logits
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+def test_block_influence_is_measured_on_what_each_block_really_computes(arch: str) -> None:
+    """The input and output of every block in the model's own forward give the same influence."""
+    model = tiny_model(300, layers=4, arch=arch)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, args, kwargs, out: pairs.append((args[0] if args else kwargs["hidden_states"], out)),
+            with_kwargs=True,
+        )
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        for ids in SEQUENCES:
+            model(input_ids=ids[None], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    expected = [0.0] * 4
+    for index, (x, y) in enumerate(pairs):
+        y = y[0] if isinstance(y, tuple) else y
+        expected[index % 4] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum())
+    tokens = sum(s.numel() for s in SEQUENCES)
+    assert block_influence(model, SEQUENCES) == pytest.approx([e / tokens for e in expected], rel=1e-4)
