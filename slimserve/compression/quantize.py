@@ -2,8 +2,8 @@
 
 Each method is one object with one entry point (`apply`) that writes a loadable model directory; the
 glue here validates inputs first (`preflight`: what the architecture cannot take is refused before anything
-is written), writes into a hidden staging directory, and renames it into the registry only when everything
-succeeded, so a failure never leaves a variant behind.
+is written), writes into a hidden staging directory, checks the result against its source (`guard`), and
+renames it into the registry only when everything succeeded, so a failure never leaves a variant behind.
 """
 
 from __future__ import annotations
@@ -123,7 +123,10 @@ def preflight(source: RegisteredVariant, config: QuantizeConfig) -> None:
 def quantize_variant(source_ref: str, config: QuantizeConfig, registry: VariantRegistry | None = None) -> Path:
     """Quantize `source_ref` with `config.method`; returns the registered variant directory.
 
-    A method that cannot be applied to the architecture is refused before anything is written."""
+    Nothing is registered unless the result passes the guard (`guard.check_variant`): a method that cannot be
+    applied to the architecture is refused before anything is written, and one that broke the model after."""
+    from slimserve.compression.guard import check_variant
+
     registry = registry or VariantRegistry()
     source = registry.resolve(source_ref)
     if source.manifest.bits < 16 or source.manifest.method.startswith(("bnb-", "int")):
@@ -170,6 +173,8 @@ def quantize_variant(source_ref: str, config: QuantizeConfig, registry: VariantR
                 **details,
             },
         )
+        manifest.write(staging)
+        manifest.provenance["guard"] = check_variant(staging, source.path, config.method, method.bits).to_dict()
         manifest.write(staging)
         staging.rename(target)
     return target

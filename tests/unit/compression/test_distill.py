@@ -27,7 +27,7 @@ from slimserve.compression.student import (
     mlp_channel_importance,
 )
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
-from tests.tiny import make_tiny_variant, tiny_model
+from tests.tiny import ARCHITECTURES, CORPUS, make_tiny_variant, tiny_model
 
 SEQUENCES = [torch.randint(3, 250, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
@@ -232,6 +232,25 @@ def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: Variant
     with torch.no_grad():
         expected, got = trained(ids).logits, quantized(ids).logits
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_student_is_cut_and_distilled_for_every_architecture(slimserve_home: Path, tmp_path: Path, arch: str) -> None:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "teacher", name="teacher", layers=4, arch=arch)
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 3))
+    spec = StudentSpec(layers=2, mlp_ratio=0.5, calibration_tokens=256)  # depth and width (Phi-3: fused gate/up)
+    path = distill(_config(student=spec, max_steps=1, seq_len=32, data=[str(tmp_path / "corpus.txt")]), registry)
+    manifest = VariantManifest.read(path)
+    kept = manifest.provenance["student"]["kept_layers"]
+    assert manifest.provenance["guard"]["top1_agreement"] >= manifest.provenance["guard"]["min_top1_agreement"]
+    teacher = load_variant(registry.variants_dir / "teacher", dtype="fp32").model
+    student = load_variant(path, dtype="fp32").model
+    assert len(student.model.layers) == 2 and student.config.intermediate_size == 64
+    if getattr(teacher.config, "layer_types", None):  # Gemma 3's kept blocks keep their kind
+        assert student.config.layer_types == [teacher.config.layer_types[i] for i in kept]
+    out = student.generate(SEQUENCES[0][None, :12], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 16)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "mistral"])
