@@ -156,15 +156,20 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     @classmethod
-    def stacked(cls, parts: list[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear | None:
-        """One module computing the parts' outputs side by side (None if their inputs or groups differ).
+    def stacked(
+        cls, parts: list[Int4WeightOnlyLinear], bias: torch.Tensor | None = None
+    ) -> Int4WeightOnlyLinear | None:
+        """One module computing the parts' outputs side by side, plus `bias` (their biases end to end); None if
+        their inputs or groups differ.
 
-        The packed layout keeps each output row apart, so the packed rows and their scales are concatenated
-        as they are: the joined kernel's outputs equal the parts' bit for bit."""
+        The packed layout keeps blocks of `INT4_PACK_ROWS` output rows apart, so where every part but the last
+        fills whole blocks the packed rows and their scales are concatenated as they are: the joined kernel's
+        outputs equal the parts' bit for bit. Otherwise None: a part of 32 rows put a half block in the middle
+        and the joined output differed by whole units."""
         first = parts[0]
         if any(p.in_features != first.in_features or p.group_size != first.group_size for p in parts):
             return None
-        if any(p.bias is not None for p in parts):
+        if any(p.out_features % INT4_PACK_ROWS for p in parts[:-1]):
             return None
         joined = cls.__new__(cls)
         nn.Module.__init__(joined)
@@ -172,7 +177,7 @@ class Int4WeightOnlyLinear(nn.Module):
         joined.group_size = first.group_size
         joined.register_buffer("packed", torch.cat([p.packed for p in parts]))
         joined.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
-        joined.register_buffer("bias", None)
+        joined.register_buffer("bias", bias)
         joined._by_dtype, joined._float_weight = {}, None
         return joined
 
@@ -371,6 +376,9 @@ def _int4_linear(module: Any, bias: torch.Tensor | None) -> Int4WeightOnlyLinear
 
 INT4_KERNEL_ROW_MULTIPLE = 16
 """torch's int4 CPU packing needs the output size to be a multiple of 16."""
+
+INT4_PACK_ROWS = 64
+"""torch's int4 CPU packing lays output rows out in blocks of this many (`Int4WeightOnlyLinear.stacked`)."""
 
 
 def accelerate_compressed_linears(model: nn.Module) -> int:
