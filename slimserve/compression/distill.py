@@ -477,6 +477,7 @@ class Distiller:
                 provenance={
                     "command": "distill",
                     "teacher": teacher_ref.name,
+                    "teacher_path": str(teacher_ref.path.resolve()),
                     "student": report,
                     "config": _jsonable(asdict(config)),
                     "steps": state["step"],

@@ -165,6 +165,7 @@ def quantize_variant(source_ref: str, config: QuantizeConfig, registry: VariantR
             runtimes=["slimserve-cpu-kernels"] if config.embedding == "int8" else list(method.runtimes),
             provenance={
                 "source": source.name,
+                "source_path": str(source.path.resolve()),
                 "command": "quantize",
                 "config": {**vars(config), "keep": config.kept},
                 "embedding": TIED_INT8_EMBEDDING if config.embedding == "int8" else "float",
