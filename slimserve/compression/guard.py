@@ -112,7 +112,7 @@ def check_variant(candidate: Path, source: Path, method: str, bits: int) -> Guar
         raise GuardError(
             f"refused to register {candidate.name}: it agrees with its source {report.source} on {agreement:.1%} "
             f"of {tokens} held-out tokens (KL {kl:.3g} nats), below the {floor:.0%} floor for {method} on "
-            f"{architecture}; the method broke the model, nothing was registered"
+            f"{architecture}: it no longer predicts what its source does, so nothing was registered"
         )
     return report
 
