@@ -443,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     e.add_argument("variant", help="variant directory or registered name")
-    e.add_argument("--teacher", default=None, help="variant to compare against [default: the manifest's base_model]")
+    e.add_argument(
+        "--teacher",
+        default=None,
+        help="variant to compare against [default: the manifest's base_model, found in the registry or by the "
+        "paths its provenance records]",
+    )
     e.add_argument(
         "--text",
         default=None,

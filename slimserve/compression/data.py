@@ -65,6 +65,35 @@ def stdlib_docstrings(min_chars: int = 200) -> list[str]:
     return docs
 
 
+PROMPTS = [
+    "Explain what a Python list comprehension is.",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "How do I read a file line by line in Python?",
+    "Give three tips for writing clear documentation.",
+    "What does the `with` statement do in Python?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between a tuple and a list?",
+    "Describe how a hash table works.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn.",
+    "What is recursion? Give an example.",
+    "How can I make my code run faster?",
+    "What are Python decorators used for?",
+    "Explain the difference between TCP and UDP.",
+    "List the planets of the solar system.",
+    "What is a generator in Python?",
+    "How do I sort a dictionary by value?",
+    "What causes the seasons on Earth?",
+    "Give me a recipe for a simple tomato pasta.",
+    "What is an exception and how do I handle one?",
+    "Explain what machine learning is to a child.",
+    "What is the boiling point of water at sea level?",
+    "How do virtual environments help Python developers?",
+]
+"""Built-in prompts for sequence-level KD (teacher answers) and on-policy samples; no network needed."""
+
+
 BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {
     "builtin:pydoc": train_texts,
     "builtin:docstrings": stdlib_docstrings,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from slimserve.compression.data import BUILTIN_CORPORA, eval_text, read_text, train_texts
+from slimserve.compression.data import BUILTIN_CORPORA, PROMPTS, eval_text, read_text, train_texts
 from slimserve.compression.losses import DIVERGENCES, distillation_loss
 from slimserve.compression.student import StudentError, StudentSpec, build_student
 from slimserve.models.loader import native_bf16
@@ -29,34 +29,6 @@ from slimserve.models.manifest import VariantManifest, weights_size_bytes
 from slimserve.models.registry import VariantRegistry
 
 log = logging.getLogger(__name__)
-
-PROMPTS = [
-    "Explain what a Python list comprehension is.",
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "How do I read a file line by line in Python?",
-    "Give three tips for writing clear documentation.",
-    "What does the `with` statement do in Python?",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "What is the difference between a tuple and a list?",
-    "Describe how a hash table works.",
-    "Why is the sky blue?",
-    "Write a haiku about autumn.",
-    "What is recursion? Give an example.",
-    "How can I make my code run faster?",
-    "What are Python decorators used for?",
-    "Explain the difference between TCP and UDP.",
-    "List the planets of the solar system.",
-    "What is a generator in Python?",
-    "How do I sort a dictionary by value?",
-    "What causes the seasons on Earth?",
-    "Give me a recipe for a simple tomato pasta.",
-    "What is an exception and how do I handle one?",
-    "Explain what machine learning is to a child.",
-    "What is the boiling point of water at sea level?",
-    "How do virtual environments help Python developers?",
-]
-"""Built-in prompts for sequence-level KD (teacher answers) and on-policy samples; no network needed."""
 
 
 class DistillError(ValueError):
@@ -467,8 +439,11 @@ class Distiller:
         history: list[dict[str, float]],
         stop_reason: str,
     ) -> Path:
-        """Write the student as a float variant (staged, then renamed into the registry)."""
+        """Write the student as a float variant (staged, checked against the teacher by the guard, then renamed
+        into the registry)."""
         import tempfile
+
+        from slimserve.compression.guard import GuardError, check_variant
 
         config = self.config
         if config.lora_rank > 0:
@@ -502,6 +477,7 @@ class Distiller:
                 provenance={
                     "command": "distill",
                     "teacher": teacher_ref.name,
+                    "teacher_path": str(teacher_ref.path.resolve()),
                     "student": report,
                     "config": _jsonable(asdict(config)),
                     "steps": state["step"],
@@ -512,6 +488,12 @@ class Distiller:
                     "torch": torch.__version__,
                 },
             )
+            manifest.write(staging)
+            try:
+                guard = check_variant(staging, teacher_ref.path, manifest.method, manifest.bits)
+            except GuardError as exc:
+                raise GuardError(f"{exc}; the run's checkpoints stay under {self.run_dir}") from exc
+            manifest.provenance["guard"] = guard.to_dict()
             manifest.write(staging)
             if target.exists():
                 raise DistillError(f"variant {config.name!r} appeared during training; nothing overwritten")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import re
 import subprocess
@@ -24,9 +25,12 @@ import torch
 from tqdm import tqdm
 
 from slimserve.compression.data import eval_text
+from slimserve.compression.lineage import find_teacher
 from slimserve.models.loader import LoadedVariant, load_variant
 from slimserve.models.manifest import weights_size_bytes
-from slimserve.models.registry import VariantRegistry
+from slimserve.models.registry import RegisteredVariant, VariantRegistry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -357,12 +361,17 @@ def evaluate(
     config = config or EvalConfig()
     registry = registry or VariantRegistry()
     found = registry.resolve(ref)
-    teacher_ref = teacher if teacher is not None else found.manifest.base_model
-    teacher_path = registry.resolve(teacher_ref).path if teacher_ref and registry.exists(teacher_ref) else None
+    if teacher is not None:
+        teacher_variant: RegisteredVariant | None = registry.resolve(teacher)
+    else:
+        teacher_variant, why = find_teacher(found, registry)
+        if teacher_variant is None:
+            log.warning("%s: KL and top-1 agreement not measured: %s", found.name, why)
+    teacher_path = teacher_variant.path if teacher_variant is not None else None
     is_teacher = teacher_path is not None and teacher_path.resolve() == found.path.resolve()
     scored_text = text if text is not None else eval_text()
     if scores is not None:
-        expected = registry.resolve(teacher_ref).name if teacher_path is not None else None
+        expected = teacher_variant.name if teacher_variant is not None else None
         if scores.name != expected:
             raise ValueError(f"the teacher scores are {scores.name}'s, but {ref} is measured against {expected}")
         if not scores.matches(scored_text, config):
@@ -390,9 +399,15 @@ def evaluate(
             "top1_agreement": round(report.top1_agreement or 0.0, 4),
             "teacher_perplexity": round(report.teacher_perplexity or 0.0, 4),
             "teacher": teacher_name,
+            "teacher_eval_tokens": report.scored_tokens,
         }
     elif is_teacher:
-        metrics |= {"kl_to_teacher": 0.0, "top1_agreement": 1.0, "teacher": teacher_name}
+        metrics |= {
+            "kl_to_teacher": 0.0,
+            "top1_agreement": 1.0,
+            "teacher": teacher_name,
+            "teacher_eval_tokens": report.scored_tokens,
+        }
     if measure_runtime:
         timed_beside = str(teacher_path) if teacher_path is not None and not is_teacher else None
         metrics |= runtime(str(found.path), config, timed_beside)
@@ -400,9 +415,46 @@ def evaluate(
             metrics["speedup_b1"] = 1.0
     if write:
         manifest = found.manifest
-        manifest.metrics = {**manifest.metrics, **metrics}
+        manifest.metrics, kept = merge_metrics(manifest.metrics, metrics)
+        for group, old, new in kept:
+            log.warning(
+                "%s: kept the recorded %s (measured on %d tokens) rather than this run's on %d",
+                found.name,
+                group,
+                old,
+                new,
+            )
         manifest.write(found.path)
     return metrics
+
+
+FIGURE_GROUPS = {
+    "eval_tokens": ("perplexity", "eval_tokens", "eval_text"),
+    "teacher_eval_tokens": ("kl_to_teacher", "top1_agreement", "teacher_perplexity", "teacher", "teacher_eval_tokens"),
+}
+"""Quality figures and the token count they were measured on (the key), recorded and replaced together."""
+
+
+def merge_metrics(
+    recorded: dict[str, Any], measured: dict[str, Any]
+) -> tuple[dict[str, Any], list[tuple[str, int, int]]]:
+    """`measured` over `recorded`, except a group of quality figures recorded on more tokens than this
+    measurement's: a 64-token perplexity must not replace a 4096-token one. Returns the merged figures and
+    (group, recorded tokens, measured tokens) for each group kept."""
+    if "kl_to_teacher" in recorded and "teacher_eval_tokens" not in recorded and "eval_tokens" in recorded:
+        recorded = {**recorded, "teacher_eval_tokens": recorded["eval_tokens"]}  # recorded before it had its own
+    merged = {**recorded, **measured}
+    kept = []
+    for count, keys in FIGURE_GROUPS.items():
+        old, new = (recorded.get(count) if keys[0] in recorded else None), measured.get(count)
+        if old is None or new is None or int(old) <= int(new):
+            continue
+        for key in keys:
+            merged.pop(key, None)
+            if key in recorded:
+                merged[key] = recorded[key]
+        kept.append((", ".join(k for k in keys if k != count), int(old), int(new)))
+    return merged, kept
 
 
 def _main() -> None:

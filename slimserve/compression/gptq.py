@@ -183,37 +183,62 @@ class _StopForward(Exception):
     pass
 
 
-def first_layer_inputs(
-    model: nn.Module, sequences: Sequence[torch.Tensor]
-) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """The positional and keyword arguments the first block receives for each calibration sequence."""
+@dataclass
+class LayerInputs:
+    """What every decoder block receives for one calibration sequence: block 0's hidden state and, per block,
+    its other arguments as the model's own forward passes them.
+
+    Each block keeps its own attention mask and position embeddings: Gemma 3 alternates sliding-window blocks
+    (their own mask and RoPE base) with global ones, so block 0's arguments are wrong for half the others.
+    """
+
+    hidden: torch.Tensor
+    """(1, T, hidden) input of block 0."""
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    """Per block: positional arguments after the hidden state, and keyword arguments without it."""
+
+    def arguments(self, index: int, hidden: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Block `index`'s arguments with `hidden` as its input hidden state."""
+        args, kwargs = self.calls[index]
+        return (hidden, *args), kwargs
+
+
+def layer_inputs(model: nn.Module, sequences: Sequence[torch.Tensor]) -> list[LayerInputs]:
+    """Every block's arguments for each calibration sequence, caught from the model's own forward (which
+    stops after the last block: the head over a large vocabulary is not needed)."""
     layers = decoder_layers(model)
-    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    return [_caught(model, layers, ids) for ids in sequences]
+
+
+def _caught(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> LayerInputs:
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    first: list[torch.Tensor] = []
 
     def catch(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, kwargs))
+        rest = dict(kwargs)
+        hidden = args[0] if args else rest.pop("hidden_states")
+        if not calls:
+            first.append(hidden)
+        calls.append((tuple(args[1:]), rest))
+
+    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(catch, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(stop))
     try:
-        for ids in sequences:
-            with contextlib.suppress(_StopForward):
-                model(input_ids=ids.reshape(1, -1), use_cache=False)
+        with contextlib.suppress(_StopForward):
+            model(input_ids=ids.reshape(1, -1), use_cache=False)
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    if len(calls) != len(layers):
+        raise ValueError(f"{type(model).__name__} ran {len(calls)} of its {len(layers)} blocks in its forward")
+    return LayerInputs(first[0], calls)
 
 
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-def _with_hidden(
-    args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 class _HessianAccumulator:
@@ -264,9 +289,11 @@ def quantize_layers_sequentially(
     results: dict[str, QuantizedWeight] = {}
     module_names = {module: name for name, module in model.named_modules()}
     layers = decoder_layers(model)
-    inputs = first_layer_inputs(model, sequences) if calibrated else []
+    captured = layer_inputs(model, sequences) if calibrated else []
+    hidden = [c.hidden for c in captured]
     for index, layer in enumerate(layers):
         targets = {module_names[m]: m for m in layer.modules() if isinstance(m, nn.Linear) and module_names[m] in plan}
+        inputs = [c.arguments(index, h) for c, h in zip(captured, hidden, strict=True)]
         hessians = input_hessians(layer, targets, inputs) if calibrated else {}
         for name, linear in targets.items():
             grid = plan[name]
@@ -278,7 +305,7 @@ def quantize_layers_sequentially(
             linear.weight.data.copy_(result.dequantized.to(linear.weight.dtype))
             results[name] = result
         if calibrated:  # the next block sees what this quantized block produces
-            inputs = [_with_hidden(args, kwargs, _hidden(layer(*args, **kwargs))) for args, kwargs in inputs]
+            hidden = [_hidden(layer(*args, **kwargs)) for args, kwargs in inputs]
         if progress is not None:
             progress(f"block {index + 1}/{len(layers)}: {len(targets)} linears")
     missing = set(plan) - set(results)

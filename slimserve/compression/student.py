@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimserve.compression.gptq import decoder_layers, first_layer_inputs
+from slimserve.compression.gptq import decoder_layers, layer_inputs
 
 
 class StudentError(ValueError):
@@ -43,17 +43,17 @@ class StudentSpec:
 
 @torch.no_grad()
 def block_influence(model: nn.Module, sequences: list[torch.Tensor]) -> list[float]:
-    """Per block: mean over tokens of 1 - cos(input hidden state, output hidden state). Larger = keep."""
+    """Per block: mean over tokens of 1 - cos(input hidden state, output hidden state). Larger = keep.
+
+    Each block runs with its own mask and position embeddings (`layer_inputs`)."""
     layers = decoder_layers(model)
     scores = [0.0] * len(layers)
     tokens = 0
-    inputs = first_layer_inputs(model, sequences)
-    for args, kwargs in inputs:
-        hidden = args[0] if args else kwargs["hidden_states"]
+    for captured in layer_inputs(model, sequences):
+        hidden = captured.hidden
         for index, layer in enumerate(layers):
-            call_args = (hidden, *args[1:]) if args else ()
-            call_kwargs = kwargs if args else {**kwargs, "hidden_states": hidden}
-            out = layer(*call_args, **call_kwargs)
+            args, kwargs = captured.arguments(index, hidden)
+            out = layer(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
             scores[index] += float((1 - cos).sum())
@@ -70,7 +70,10 @@ def mlp_channel_importance(model: nn.Module, sequences: list[torch.Tensor]) -> l
     for index, layer in enumerate(decoder_layers(model)):
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
         if not isinstance(down, nn.Linear):
-            raise StudentError("width pruning needs Llama-style MLPs (mlp.gate_proj/up_proj/down_proj)")
+            raise StudentError(
+                f"width pruning needs gated MLPs (mlp.gate_proj/up_proj or gate_up_proj, down_proj); "
+                f"{type(model).__name__} has {type(getattr(layer, 'mlp', None)).__name__}"
+            )
         sums.append(torch.zeros(down.in_features))
 
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], index: int = index) -> None:
@@ -131,9 +134,9 @@ def build_student(
     attribute = next(name for name, child in parent.named_children() if child is layers)
     setattr(parent, attribute, kept_modules)
     for new_index, layer in enumerate(kept_modules):
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = new_index  # the KV cache is indexed by position in the stack
+        for module in (layer, getattr(layer, "self_attn", None)):
+            if module is not None and hasattr(module, "layer_idx"):
+                module.layer_idx = new_index  # the KV cache is indexed by position in the stack
     student.config.num_hidden_layers = len(keep)
     if getattr(student.config, "layer_types", None):
         student.config.layer_types = [student.config.layer_types[i] for i in keep]
@@ -144,23 +147,7 @@ def build_student(
         importance = mlp_channel_importance(student, sequences)
         width = max(1, round(student.config.intermediate_size * spec.mlp_ratio))
         for layer, scores in zip(kept_modules, importance, strict=True):
-            channels = torch.sort(torch.topk(scores, width).indices).values
-            mlp: Any = layer.mlp
-            for name in ("gate_proj", "up_proj"):
-                old = getattr(mlp, name)
-                new = nn.Linear(old.in_features, width, bias=old.bias is not None)
-                new.weight.data = old.weight.data[channels].clone()
-                if old.bias is not None:
-                    new.bias.data = old.bias.data[channels].clone()
-                setattr(mlp, name, new)
-            old = mlp.down_proj
-            new = nn.Linear(width, old.out_features, bias=old.bias is not None)
-            new.weight.data = old.weight.data[:, channels].clone()
-            if old.bias is not None:
-                new.bias.data = old.bias.data.clone()
-            mlp.down_proj = new
-            if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = width
+            _prune_mlp(layer.mlp, torch.sort(torch.topk(scores, width).indices).values)
         student.config.intermediate_size = width
         report["intermediate_size"] = width
     if getattr(student.config, "tie_word_embeddings", False):
@@ -168,3 +155,28 @@ def build_student(
     report["parameters"] = sum(p.numel() for p in student.parameters())
     report["teacher_parameters"] = sum(p.numel() for p in teacher.parameters())
     return student, report
+
+
+def _rows(old: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(old.in_features, len(rows), bias=old.bias is not None)
+    new.weight.data = old.weight.data[rows].clone()
+    if old.bias is not None:
+        new.bias.data = old.bias.data[rows].clone()
+    return new
+
+
+def _prune_mlp(mlp: Any, channels: torch.Tensor) -> None:
+    """Keep `channels` of a gated MLP: rows of gate and up (or of both halves of Phi-3's fused gate_up_proj),
+    columns of down."""
+    old_down = mlp.down_proj
+    if hasattr(mlp, "gate_up_proj"):  # rows [0, I) gate, [I, 2I) up
+        mlp.gate_up_proj = _rows(mlp.gate_up_proj, torch.cat([channels, channels + old_down.in_features]))
+    else:
+        mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, channels), _rows(mlp.up_proj, channels)
+    down = nn.Linear(len(channels), old_down.out_features, bias=old_down.bias is not None)
+    down.weight.data = old_down.weight.data[:, channels].clone()
+    if old_down.bias is not None:
+        down.bias.data = old_down.bias.data.clone()
+    mlp.down_proj = down
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(channels)

@@ -156,15 +156,20 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     @classmethod
-    def stacked(cls, parts: list[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear | None:
-        """One module computing the parts' outputs side by side (None if their inputs or groups differ).
+    def stacked(
+        cls, parts: list[Int4WeightOnlyLinear], bias: torch.Tensor | None = None
+    ) -> Int4WeightOnlyLinear | None:
+        """One module computing the parts' outputs side by side, plus `bias` (their biases end to end); None if
+        their inputs or groups differ.
 
-        The packed layout keeps each output row apart, so the packed rows and their scales are concatenated
-        as they are: the joined kernel's outputs equal the parts' bit for bit."""
+        The packed layout keeps blocks of `INT4_PACK_ROWS` output rows apart, so where every part but the last
+        fills whole blocks the packed rows and their scales are concatenated as they are: the joined kernel's
+        outputs equal the parts' bit for bit. Otherwise None: a part of 32 rows put a half block in the middle
+        and the joined output differed by whole units."""
         first = parts[0]
         if any(p.in_features != first.in_features or p.group_size != first.group_size for p in parts):
             return None
-        if any(p.bias is not None for p in parts):
+        if any(p.out_features % INT4_PACK_ROWS for p in parts[:-1]):
             return None
         joined = cls.__new__(cls)
         nn.Module.__init__(joined)
@@ -172,7 +177,7 @@ class Int4WeightOnlyLinear(nn.Module):
         joined.group_size = first.group_size
         joined.register_buffer("packed", torch.cat([p.packed for p in parts]))
         joined.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
-        joined.register_buffer("bias", None)
+        joined.register_buffer("bias", bias)
         joined._by_dtype, joined._float_weight = {}, None
         return joined
 
@@ -191,25 +196,46 @@ TIED_INT8_EMBEDDING = "int8 rows of lm_head"
 
 
 class Int8TiedEmbedding(nn.Module):
-    """Embedding lookups read the int8 output head: row i of the table is q[i] * scale[i].
+    """Embedding lookups read the int8 output head: row i of the table is q[i] * scale[i] * `embed_scale`.
 
     A tied embedding/head table stored once in int8 with one scale per row (per vocabulary entry) is a
-    quarter of its fp32 size and serves both ends of the model.
+    quarter of its fp32 size and serves both ends of the model. `embed_scale` is what the model's own
+    embedding multiplies its rows by (Gemma's sqrt(hidden size), 1 elsewhere: `embedding_scale`).
     """
 
-    def __init__(self, head: Int8WeightOnlyLinear, dtype: torch.dtype) -> None:
+    def __init__(self, head: Int8WeightOnlyLinear, dtype: torch.dtype, embed_scale: float = 1.0) -> None:
         super().__init__()
         self.head = [head]  # a list: share the buffers without registering the head twice
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.dtype = dtype
+        self.embed_scale = float(embed_scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
         rows = torch.nn.functional.embedding(ids, head.weight_int8)
-        return (rows.float() * head.scales[ids].unsqueeze(-1)).to(self.dtype)
+        return (rows.float() * (head.scales[ids] * self.embed_scale).unsqueeze(-1)).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows shared with the output head"
+        scaled = f", x {self.embed_scale:g}" if self.embed_scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows shared with the output head{scaled}"
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """The factor an input embedding multiplies its looked-up rows by, so the int8 head's rows can stand in.
+
+    A plain `nn.Embedding` looks rows up as they are; Gemma's `*ScaledWordEmbedding` multiplies them by
+    `scalar_embed_scale` (sqrt(hidden size)). Any other embedding class may compute something else, so it
+    is refused by name rather than served as a plain lookup.
+    """
+    if type(embedding) is nn.Embedding:
+        return 1.0
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if type(embedding).__name__.endswith("ScaledWordEmbedding") and isinstance(scale, int | float):
+        return float(scale)
+    raise ValueError(
+        f"a shared int8 embedding table replaces the input embedding, but {type(embedding).__name__} is neither "
+        "nn.Embedding nor a known scaled embedding"
+    )
 
 
 class Int8DynamicLinear(nn.Module):
@@ -351,6 +377,9 @@ def _int4_linear(module: Any, bias: torch.Tensor | None) -> Int4WeightOnlyLinear
 INT4_KERNEL_ROW_MULTIPLE = 16
 """torch's int4 CPU packing needs the output size to be a multiple of 16."""
 
+INT4_PACK_ROWS = 64
+"""torch's int4 CPU packing lays output rows out in blocks of this many (`Int4WeightOnlyLinear.stacked`)."""
+
 
 def accelerate_compressed_linears(model: nn.Module) -> int:
     """Swap compressed-tensors int8/int4 Linears for CPU-kernel modules; returns how many were swapped.
@@ -386,7 +415,7 @@ def tie_int8_embedding(model: Any, dtype: torch.dtype) -> None:
     head = model.get_output_embeddings()
     if not isinstance(head, Int8WeightOnlyLinear):
         raise ValueError(f"a tied int8 embedding needs an int8 weight-only head, found {type(head).__name__}")
-    model.set_input_embeddings(Int8TiedEmbedding(head, dtype))
+    model.set_input_embeddings(Int8TiedEmbedding(head, dtype, embedding_scale(model.get_input_embeddings())))
 
 
 def is_compressed_tensors(config: Any) -> bool:

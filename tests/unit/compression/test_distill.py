@@ -21,12 +21,13 @@ from slimserve.compression.quantize import QuantizeConfig, quantize_variant
 from slimserve.compression.student import (
     StudentError,
     StudentSpec,
+    block_influence,
     build_student,
     choose_layers,
     mlp_channel_importance,
 )
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
-from tests.tiny import make_tiny_variant, tiny_model
+from tests.tiny import ARCHITECTURES, CORPUS, make_tiny_variant, tiny_model
 
 SEQUENCES = [torch.randint(3, 250, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
@@ -231,3 +232,47 @@ def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: Variant
     with torch.no_grad():
         expected, got = trained(ids).logits, quantized(ids).logits
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_student_is_cut_and_distilled_for_every_architecture(slimserve_home: Path, tmp_path: Path, arch: str) -> None:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "teacher", name="teacher", layers=4, arch=arch)
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 3))
+    spec = StudentSpec(layers=2, mlp_ratio=0.5, calibration_tokens=256)  # depth and width (Phi-3: fused gate/up)
+    path = distill(_config(student=spec, max_steps=1, seq_len=32, data=[str(tmp_path / "corpus.txt")]), registry)
+    manifest = VariantManifest.read(path)
+    kept = manifest.provenance["student"]["kept_layers"]
+    assert manifest.provenance["guard"]["top1_agreement"] >= manifest.provenance["guard"]["min_top1_agreement"]
+    teacher = load_variant(registry.variants_dir / "teacher", dtype="fp32").model
+    student = load_variant(path, dtype="fp32").model
+    assert len(student.model.layers) == 2 and student.config.intermediate_size == 64
+    if getattr(teacher.config, "layer_types", None):  # Gemma 3's kept blocks keep their kind
+        assert student.config.layer_types == [teacher.config.layer_types[i] for i in kept]
+    out = student.generate(SEQUENCES[0][None, :12], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 16)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+def test_block_influence_is_measured_on_what_each_block_really_computes(arch: str) -> None:
+    """The input and output of every block in the model's own forward give the same influence."""
+    model = tiny_model(300, layers=4, arch=arch)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, args, kwargs, out: pairs.append((args[0] if args else kwargs["hidden_states"], out)),
+            with_kwargs=True,
+        )
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        for ids in SEQUENCES:
+            model(input_ids=ids[None], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    expected = [0.0] * 4
+    for index, (x, y) in enumerate(pairs):
+        y = y[0] if isinstance(y, tuple) else y
+        expected[index % 4] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum())
+    tokens = sum(s.numel() for s in SEQUENCES)
+    assert block_influence(model, SEQUENCES) == pytest.approx([e / tokens for e in expected], rel=1e-4)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from slimserve.compression.data import eval_text, train_texts
-from slimserve.compression.evaluate import EvalConfig, evaluate, quality, teacher_scores
+from slimserve.compression.evaluate import EvalConfig, evaluate, merge_metrics, quality, teacher_scores
+from slimserve.compression.quantize import QuantizeConfig, quantize_variant
 from slimserve.models import LoadedVariant, VariantManifest, VariantRegistry, load_variant
 from tests.tiny import make_tiny_variant
 
@@ -132,3 +134,59 @@ def test_with_the_teachers_scores_the_teacher_is_not_run_again(slimserve_home: P
     assert teacher_after["perplexity"] == pytest.approx(teacher_before["perplexity"], rel=1e-6)
     with pytest.raises(ValueError, match="the teacher scores are deep's, but shallow is measured against shallow"):
         evaluate("shallow", teacher="shallow", config=config, measure_runtime=False, write=False, scores=scores)
+
+
+def test_the_teacher_is_found_through_provenance_from_any_folder(
+    slimserve_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A teacher kept outside the registry is found by the path its variants recorded, not by its name taken
+    as a path relative to the working directory."""
+    registry = VariantRegistry()
+    teacher = make_tiny_variant(tmp_path / "models" / "teacher", name="teacher")
+    path = quantize_variant(str(teacher), QuantizeConfig(method="int8-weight", name="teacher-int8"), registry)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = EvalConfig(max_tokens=100, window=64, stride=32)
+    metrics = evaluate("teacher-int8", config=config, measure_runtime=False, write=False, registry=registry)
+    assert metrics["teacher"] == "teacher" and metrics["kl_to_teacher"] >= 0.0
+    assert metrics["teacher_eval_tokens"] == metrics["eval_tokens"] == 99
+
+    shutil.rmtree(teacher)  # now nothing leads to it: said so, and the rest is still measured
+    with caplog.at_level("WARNING"):
+        metrics = evaluate("teacher-int8", config=config, measure_runtime=False, write=False, registry=registry)
+    assert "kl_to_teacher" not in metrics and metrics["perplexity"] > 1
+    assert "teacher-int8: KL and top-1 agreement not measured: its base model 'teacher' is not registered" in (
+        caplog.text
+    )
+    assert VariantManifest.read(path).provenance["source_path"] == str(teacher.resolve())
+
+
+def test_figures_on_more_tokens_are_not_replaced_by_figures_on_fewer(
+    slimserve_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = VariantRegistry()
+    make_tiny_variant(registry.variants_dir / "deep", name="deep", layers=2)
+    path = make_tiny_variant(registry.variants_dir / "shallow", name="shallow", layers=1, seed=1)
+    run = lambda tokens: evaluate(  # noqa: E731
+        "shallow", teacher="deep", config=EvalConfig(max_tokens=tokens, window=64, stride=32), measure_runtime=False
+    )
+    long = run(200)
+    with caplog.at_level("WARNING"):
+        short = run(64)
+    recorded = VariantManifest.read(path).metrics
+    assert short["eval_tokens"] == 63 and short["perplexity"] != long["perplexity"]
+    for key in ("perplexity", "eval_tokens", "kl_to_teacher", "top1_agreement", "teacher_eval_tokens"):
+        assert recorded[key] == long[key], key
+    assert (
+        "kept the recorded perplexity, eval_text (measured on 199 tokens) rather than this run's on 63" in caplog.text
+    )
+    longer = run(300)
+    assert VariantManifest.read(path).metrics["perplexity"] == longer["perplexity"]
+
+
+def test_figures_recorded_before_each_group_had_its_own_count_are_kept_too() -> None:
+    recorded = {"perplexity": 20.0, "eval_tokens": 4096, "kl_to_teacher": 0.1, "teacher": "t", "size_bytes": 5}
+    measured = {"perplexity": 30.0, "eval_tokens": 64, "kl_to_teacher": 0.3, "teacher": "t", "teacher_eval_tokens": 64}
+    merged, kept = merge_metrics(recorded, {**measured, "size_bytes": 6})
+    assert (merged["perplexity"], merged["kl_to_teacher"], merged["teacher_eval_tokens"]) == (20.0, 0.1, 4096)
+    assert merged["size_bytes"] == 6 and [k[1:] for k in kept] == [(4096, 64), (4096, 64)]

@@ -3,8 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimserve.compression.gptq import IntGrid, gptq, group_size_for, quantize_layers_sequentially, round_to_nearest
-from tests.tiny import tiny_model
+from slimserve.compression.gptq import (
+    IntGrid,
+    gptq,
+    group_size_for,
+    layer_inputs,
+    quantize_layers_sequentially,
+    round_to_nearest,
+)
+from tests.tiny import ARCHITECTURES, tiny_model
 
 
 def _correlated_inputs(rows: int, k: int) -> torch.Tensor:
@@ -75,3 +82,48 @@ def test_sequential_gptq_tracks_the_float_model_better_than_round_to_nearest() -
         return float(((logits - target) ** 2).mean())
 
     assert quantized_error(calibrated=True) < quantized_error(calibrated=False)
+
+
+def _real_inputs(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
+    """What every block receives in the model's own forward."""
+    seen: list[tuple[tuple, dict]] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, a, k: seen.append((a, k)), with_kwargs=True)
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_block_is_fed_what_it_really_sees(arch: str) -> None:
+    """GPTQ and block influence replay the blocks one by one: each must get its own mask and position
+    embeddings (Gemma 3's sliding blocks have their own window and RoPE base) and its predecessor's output."""
+    model = tiny_model(300, layers=4, arch=arch)
+    ids = torch.arange(3, 27).unsqueeze(0)  # longer than the sliding window, so the masks differ
+    real = _real_inputs(model, ids)
+    (captured,) = layer_inputs(model, [ids[0]])
+    hidden = captured.hidden
+    for index, (layer, (real_args, real_kwargs)) in enumerate(zip(model.model.layers, real, strict=True)):
+        args, kwargs = captured.arguments(index, hidden)
+        assert _same(args[0], real_args[0] if real_args else real_kwargs["hidden_states"])
+        for key in ("attention_mask", "position_embeddings"):
+            assert _same(kwargs.get(key), real_kwargs.get(key)), (index, key)
+        with torch.no_grad():
+            out = layer(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    if arch == "gemma3":  # what reusing block 0's arguments for every block got wrong
+        local, global_ = real[0][1], real[1][1]
+        assert not _same(local["position_embeddings"], global_["position_embeddings"])
+        assert not _same(local["attention_mask"], global_["attention_mask"])

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from slimserve.compression.quantize import QuantizationError, QuantizeConfig, quantize_variant
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
 from tests.tiny import make_tiny_variant
+from tests.tiny_variants import shared_root, tiny_quantized, tiny_source
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])
 
@@ -18,6 +19,12 @@ def registry(slimserve_home: Path) -> VariantRegistry:
     registry = VariantRegistry()
     make_tiny_variant(registry.variants_dir / "tiny", name="tiny", hidden=128)
     return registry
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's shared tiny variants (tests/tiny_variants.py): these tests only read them."""
+    return shared_root(tmp_path_factory)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -79,17 +86,17 @@ def test_a_failing_method_leaves_no_half_written_variant(registry: VariantRegist
     assert sorted(p.name for p in registry.variants_dir.iterdir()) == ["tiny"]
 
 
-def test_int8_weight_is_compressed_tensors_and_runs_on_the_int8_kernel(registry: VariantRegistry) -> None:
+def test_int8_weight_is_compressed_tensors_and_runs_on_the_int8_kernel(root: Path) -> None:
     from slimserve.models.cpu_kernels import Int8WeightOnlyLinear
 
-    path = quantize_variant("tiny", QuantizeConfig(method="int8-weight"), registry)
+    path = tiny_quantized(root, "llama", "int8-weight")
     manifest = VariantManifest.read(path)
     assert (manifest.method, manifest.bits) == ("int8-weight", 8)
     config = (path / "config.json").read_text()
     assert '"quant_method": "compressed-tensors"' in config and '"pack-quantized"' in config
 
-    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
-    loaded = load_variant(path, dtype="fp32", registry=registry)
+    float_model = load_variant(tiny_source(root, "llama"), dtype="fp32").model
+    loaded = load_variant(path, dtype="fp32")
     fast = [m for m in loaded.model.modules() if isinstance(m, Int8WeightOnlyLinear)]
     assert len(fast) == 2 * 7  # every Linear of both layers; lm_head stays float by default
     assert not isinstance(loaded.model.lm_head, Int8WeightOnlyLinear)
@@ -117,15 +124,15 @@ def test_int8_weight_can_quantize_the_tied_head_too(registry: VariantRegistry) -
     assert torch.isfinite(_logits(loaded.model)).all()
 
 
-def test_int8_dynamic_smooths_quantizes_activations_per_token_and_stays_close(registry: VariantRegistry) -> None:
+def test_int8_dynamic_smooths_quantizes_activations_per_token_and_stays_close(root: Path) -> None:
     from slimserve.models.cpu_kernels import Int8DynamicLinear
 
-    path = quantize_variant("tiny", QuantizeConfig(method="int8-dynamic", calibration_tokens=256), registry)
+    path = tiny_quantized(root, "llama", "int8-dynamic")
     manifest = VariantManifest.read(path)
     assert manifest.provenance["smoothquant"]["alpha"] == 0.5
     assert '"int-quantized"' in (path / "config.json").read_text()
-    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
-    loaded = load_variant(path, dtype="fp32", registry=registry)
+    float_model = load_variant(tiny_source(root, "llama"), dtype="fp32").model
+    loaded = load_variant(path, dtype="fp32")
     layers = [m for m in loaded.model.modules() if isinstance(m, Int8DynamicLinear)]
     assert len(layers) == 2 * 7
     similarity = torch.nn.functional.cosine_similarity(
@@ -149,13 +156,13 @@ def test_smoothing_alpha_is_validated() -> None:
         QuantizeConfig(method="int8-dynamic", smoothing_alpha=1.5)
 
 
-def test_int8_static_uses_one_calibrated_scale_per_layer(registry: VariantRegistry) -> None:
+def test_int8_static_uses_one_calibrated_scale_per_layer(root: Path) -> None:
     from slimserve.models.cpu_kernels import Int8StaticLinear
 
-    path = quantize_variant("tiny", QuantizeConfig(method="int8-static", calibration_tokens=256), registry)
+    path = tiny_quantized(root, "llama", "int8-static")
     assert VariantManifest.read(path).provenance["smoothquant"]["alpha"] == 0.75
-    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
-    loaded = load_variant(path, dtype="fp32", registry=registry)
+    float_model = load_variant(tiny_source(root, "llama"), dtype="fp32").model
+    loaded = load_variant(path, dtype="fp32")
     layers = [m for m in loaded.model.modules() if isinstance(m, Int8StaticLinear)]
     assert len(layers) == 2 * 7 and all(float(m.input_scale) > 0 for m in layers)
     similarity = torch.nn.functional.cosine_similarity(
@@ -170,10 +177,10 @@ def test_int8_static_uses_one_calibrated_scale_per_layer(registry: VariantRegist
 
 
 @pytest.mark.parametrize("method", ["int4-gptq", "int4-rtn"])
-def test_int4_is_group_wise_compressed_tensors_on_the_int4_kernel(registry: VariantRegistry, method: str) -> None:
+def test_int4_is_group_wise_compressed_tensors_on_the_int4_kernel(root: Path, method: str) -> None:
     from slimserve.models.cpu_kernels import Int4WeightOnlyLinear
 
-    path = quantize_variant("tiny", QuantizeConfig(method=method, calibration_tokens=512), registry)
+    path = tiny_quantized(root, "llama", method)
     manifest = VariantManifest.read(path)
     assert (manifest.bits, manifest.provenance["algorithm"]) == (
         4,
@@ -183,8 +190,8 @@ def test_int4_is_group_wise_compressed_tensors_on_the_int4_kernel(registry: Vari
     config = (path / "config.json").read_text()
     assert '"pack-quantized"' in config and '"group_size": 128' in config
 
-    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
-    loaded = load_variant(path, dtype="bf16", registry=registry)
+    float_model = load_variant(tiny_source(root, "llama"), dtype="fp32").model
+    loaded = load_variant(path, dtype="bf16")
     layers = [m for m in loaded.model.modules() if isinstance(m, Int4WeightOnlyLinear)]
     assert len(layers) == 2 * 7
     layer = layers[0]
@@ -195,28 +202,26 @@ def test_int4_is_group_wise_compressed_tensors_on_the_int4_kernel(registry: Vari
     similarity = torch.nn.functional.cosine_similarity(_logits(float_model).flatten(), logits.flatten(), dim=0)
     assert similarity > 0.95
     # fp32 compute (evaluation) takes the dequantized path and agrees with the bf16 kernel
-    in_fp32 = _logits(load_variant(path, dtype="fp32", registry=registry).model)
+    in_fp32 = _logits(load_variant(path, dtype="fp32").model)
     assert torch.nn.functional.cosine_similarity(in_fp32.flatten(), logits.flatten(), dim=0) > 0.999
 
 
 @pytest.mark.parametrize("method", ["int8-weight", "int4-gptq"])
-def test_int8_embedding_stores_one_table_for_embedding_and_head(registry: VariantRegistry, method: str) -> None:
+def test_int8_embedding_stores_one_table_for_embedding_and_head(root: Path, method: str) -> None:
     from safetensors import safe_open
 
     from slimserve.models.cpu_kernels import Int8TiedEmbedding, Int8WeightOnlyLinear
 
-    config = QuantizeConfig(method=method, embedding="int8", calibration_tokens=512, name=f"tiny-{method}-emb8")
-    path = quantize_variant("tiny", config, registry)
+    path = tiny_quantized(root, "llama", method, embedding="int8")
     with safe_open(path / "model.safetensors", framework="pt") as handle:
         keys = set(handle.keys())
     assert "model.embed_tokens.weight" not in keys and "lm_head.weight_packed" in keys
     manifest = VariantManifest.read(path)
     assert manifest.runtimes == ["slimserve-cpu-kernels"]
-    float_variant = quantize_variant("tiny", QuantizeConfig(method=method, calibration_tokens=512), registry)
-    assert manifest.size_bytes < VariantManifest.read(float_variant).size_bytes
+    assert manifest.size_bytes < VariantManifest.read(tiny_quantized(root, "llama", method)).size_bytes
 
-    float_model = load_variant("tiny", dtype="fp32", registry=registry).model
-    loaded = load_variant(path, dtype="fp32", registry=registry).model
+    float_model = load_variant(tiny_source(root, "llama"), dtype="fp32").model
+    loaded = load_variant(path, dtype="fp32").model
     assert isinstance(loaded.lm_head, Int8WeightOnlyLinear)
     embedding = loaded.get_input_embeddings()
     assert isinstance(embedding, Int8TiedEmbedding)
