@@ -91,7 +91,7 @@ def convert_embedded_teacher(target: Path) -> Path:
             parameters=sum(p.numel() for p in model.parameters()),
             size_bytes=weights_size_bytes(staging),
             dtype="float32",
-            runtimes=["transformers", "vllm"],
+            runtimes=["transformers", "vllm", "vllm-cpu"],
             provenance={
                 "source": f"{GGUF_PACKAGE}:{gguf.name}",
                 "source_format": "gguf Q4_1, dequantized to float32 by transformers",
