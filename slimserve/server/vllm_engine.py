@@ -551,8 +551,8 @@ class VLLMEngine:
                         self.metrics.tpot.labels(self.name).observe((now - last) / len(event.token_ids))
                     last = now
                 handle.queue.put_nowait(event)
-                if event.finish_reason is not None:
-                    return
+                # no early exit on the finishing output: generate ends after it by itself, while closing it
+                # early would make vLLM abort a request that has already finished
         except asyncio.CancelledError:  # cancelled: vLLM's generate has aborted the request on its way out
             handle.queue.put_nowait(GenerationEvent("", [], [], "abort", converter.completion_tokens))
         except Exception as exc:  # an engine error ends this sequence, not the server
