@@ -139,7 +139,7 @@ class CpuPlacement:
     """Where one variant's vLLM engine runs on a CPU host."""
 
     omp_threads_bind: str | None
-    """VLLM_CPU_OMP_THREADS_BIND for its worker ("0-3"; None: vLLM's `auto`)."""
+    """VLLM_CPU_OMP_THREADS_BIND for its worker ("0-3", "nobind"; None: as the environment says)."""
     reserved_cpus: int | None
     """VLLM_CPU_NUM_OF_RESERVED_CPU (None: vLLM's default, one core kept for its other processes)."""
     shares_cores: bool
@@ -149,8 +149,8 @@ class CpuPlacement:
 def cpu_placements(variants: int, cpus: Sequence[int], environ: Mapping[str, str] | None = None) -> list[CpuPlacement]:
     """Cores per variant: vLLM's own knobs where the user set them; otherwise one core kept for the API
     process and the engine cores' schedulers where that still leaves each worker a core of its own, and the
-    rest split into contiguous equal blocks, one per variant. With fewer cores than variants every worker
-    is left to vLLM's default binding and they share the cores.
+    rest split into contiguous equal blocks, one per variant. With fewer cores than variants the workers
+    are left unbound (`nobind`) and share every core.
 
     Two cores and one variant give vLLM's `auto` binding (worker on core 0, core 1 for the API process and
     the engine core, which polls its worker); two variants get a core each, no core kept."""
@@ -160,8 +160,8 @@ def cpu_placements(variants: int, cpus: Sequence[int], environ: Mapping[str, str
     count = len(cpus)
     reserve = 1 if count - 1 >= variants else 0
     usable = list(cpus)[: count - reserve] if reserve else list(cpus)
-    if len(usable) < variants:
-        return [CpuPlacement(None, None, shares_cores=variants > 1)] * variants
+    if len(usable) < variants:  # vLLM's auto binding would pin every worker to the same first core
+        return [CpuPlacement("nobind", None, shares_cores=True)] * variants
     per = len(usable) // variants
     blocks = [usable[i * per : (i + 1) * per] for i in range(variants)]
     return [CpuPlacement(_cpu_list(block), reserve, shares_cores=False) for block in blocks]

@@ -133,7 +133,7 @@ def test_cores_go_to_variants_with_one_kept_for_the_api_where_cores_allow() -> N
     assert cpu_placements(2, [0, 1], {}) == [CpuPlacement("0", 0, False), CpuPlacement("1", 0, False)]
     assert cpu_placements(2, list(range(16)), {}) == [CpuPlacement("0-6", 1, False), CpuPlacement("7-13", 1, False)]
     shared = cpu_placements(3, [0, 1], {})
-    assert shared == [CpuPlacement(None, None, True)] * 3
+    assert shared == [CpuPlacement("nobind", None, True)] * 3
     user = cpu_placements(2, list(range(8)), {"VLLM_CPU_OMP_THREADS_BIND": "0-7"})
     assert user == [CpuPlacement(None, None, True)] * 2  # the user's binding applies to every variant as given
 
