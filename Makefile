@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm serve serve-vllm test test-vllm lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
 
 setup: $(VENV)/.installed
 
@@ -56,14 +56,21 @@ integration: setup
 test-vllm: setup-vllm
 	$(VLLM_BIN)/python -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
+# on a CUDA host: the official vllm venv, the vLLM-backend tests and the serving benchmark in one command
+gpu-check:
+	bash deploy/gpu_check.sh
+
 # Benchmarks write their own section of docs/BENCHMARKS.md; run them on a quiet machine.
 bench: bench-serve bench-quant bench-router
 
 compress: setup
 	$(BIN)/slimserve compress smollm2-135m --overwrite $(if $(MINUTES),--distill-minutes $(MINUTES),)
 
-bench-serve: setup
-	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md
+# side by side: slimserve on each backend, vLLM's own server, llama.cpp's llama-server (built by
+# benchmarks/build_llama_server.sh), then vLLM CPU placements (--cpu-sweep); ~40 min on two cores
+bench-serve: setup setup-vllm
+	bash benchmarks/build_llama_server.sh
+	$(BIN)/python benchmarks/serve_bench.py --vllm-python $(VLLM_BIN)/python --cpu-sweep --write docs/BENCHMARKS.md
 
 bench-quant: setup
 	$(BIN)/python benchmarks/quant_bench.py --write docs/BENCHMARKS.md
