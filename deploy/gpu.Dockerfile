@@ -21,4 +21,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
   CMD python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health').status == 200 else 1)"
 ENTRYPOINT []
-CMD ["slimserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--backend", "vllm"]
+CMD ["slimserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--backend", "vllm", "--max-batch-size", "256"]

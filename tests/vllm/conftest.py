@@ -1,0 +1,85 @@
+"""`slimserve serve --backend vllm` on the embedded model and its int8-dynamic (W8A8) variant, once per session.
+
+Each test module skips itself where vllm does not import (`make setup-vllm` builds the venv that has it).
+vLLM runs with VLLM_CPU_CI_ENV=1 (its own CI setting: dynamo without inductor, no warm-up) unless
+SLIMSERVE_TEST_VLLM_COMPILE=1: a first inductor compilation takes minutes per variant on two cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.models import DEFAULT_VARIANT, VariantRegistry
+from slimserve.models.embedded import EmbeddedModelMissingError, embedded_gguf_path
+from tests.integration.conftest import API_KEY, RunningServer, _free_port
+
+STARTUP_TIMEOUT_S = 600
+MEMORY_BUDGET_MB = 3000
+"""Two variants: each gets the smallest KV cache vLLM serves the 8k context with (256 MiB)."""
+
+def vllm_environment() -> dict[str, str]:
+    env = os.environ.copy()
+    if env.get("SLIMSERVE_TEST_VLLM_COMPILE") != "1":
+        env.setdefault("VLLM_CPU_CI_ENV", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def teacher() -> Path:
+    try:
+        embedded_gguf_path()
+    except EmbeddedModelMissingError as exc:
+        pytest.skip(str(exc))
+    return VariantRegistry().resolve(DEFAULT_VARIANT).path  # the user's cache: converted once, reused
+
+
+@pytest.fixture(scope="session")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> VariantRegistry:
+    return VariantRegistry(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="session")
+def w8a8_variant(teacher: Path, scratch: VariantRegistry) -> Path:
+    """The teacher quantized to int8-dynamic (W8A8), which vllm-cpu loads."""
+    return quantize_variant(str(teacher), QuantizeConfig(method="int8-dynamic", calibration_tokens=1024), scratch)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory, w8a8_variant: Path) -> Iterator[RunningServer]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable, "-m", "slimserve", "serve", "--backend", "vllm", "--port", str(port), "--api-key", API_KEY,
+        "--memory-budget-mb", str(MEMORY_BUDGET_MB), "--variant", DEFAULT_VARIANT, "--variant", str(w8a8_variant),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=vllm_environment())
+    running = RunningServer(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{running.base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
