@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,13 +119,29 @@ def submit_all(
     deadline: float | None = None,
 ) -> list[RequestHandle]:
     """Submit prompts x n sequences (choice index = prompt * n + j); all or none. `deadline`: when the
-    request's latency budget ends (`time.perf_counter()`), if it has one."""
+    request's latency budget ends (`time.perf_counter()`), if it has one.
+
+    A request of more sequences than the engine ever holds (batch slots plus waiting places) is a 400 that
+    says the limit: a 429 would have it retried forever. A full engine is a 429 whose Retry-After is the
+    engine's estimate of when enough of what it holds will have finished."""
+    capacity = engine.max_batch_size + engine.max_waiting
+    count = len(prompts) * n
+    if count > capacity:
+        raise APIError(
+            400,
+            f"this request needs {count} sequences ({len(prompts)} prompts x n={n}), more than the "
+            f"{capacity} this model serves at once ({engine.max_batch_size} running + {engine.max_waiting} "
+            "waiting); send fewer prompts or a smaller n",
+            param="n" if n > 1 else "prompt",
+            code="request_too_large",
+        )
     try:
         sequences = [(ids, make_params(p * n + j)) for p, ids in enumerate(prompts) for j in range(n)]
         return engine.submit_many(sequences, deadline)
     except EngineBusyError as exc:
+        retry = max(1, math.ceil(exc.retry_after_s))
         raise APIError(
-            429, f"server is busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
+            429, f"server is busy: {exc}; retry after {retry} s", code="queue_full", headers={"Retry-After": str(retry)}
         ) from exc
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="model_not_ready") from exc
