@@ -297,6 +297,7 @@ def create_app(
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
+            flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
             make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
@@ -365,12 +366,11 @@ def create_app(
     ) -> CompletionResponse | StreamingResponse:
         request.state.model = body.model
         _log_extra_fields(body)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported by this server", param="suffix")
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
+            flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
             make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
@@ -495,6 +495,8 @@ def _sse_response(events: AsyncIterator[str], headers: dict[str, str]) -> Stream
 
 
 def _log_extra_fields(body: Any) -> None:
+    """Fields the server ignores (they do not change the output), at debug level and truncated: the names
+    are the client's, and a client must not be able to fill the log."""
     extra = sorted((body.model_extra or {}).keys())
     if extra:
-        log.info("ignoring unsupported request fields: %s", ", ".join(extra))
+        log.debug("ignoring request fields: %s", ", ".join(repr(name[:40]) for name in extra[:10]))

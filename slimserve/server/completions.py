@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +61,11 @@ def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[
         rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
     except ValueError as exc:
-        raise APIError(400, str(exc), param="messages") from exc
+        raise APIError(400, str(exc), param="messages", code="unsupported") from exc
     except Exception as exc:  # a template that raises (e.g. jinja's raise_exception) is a bad request
-        raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
+        raise APIError(
+            400, f"chat template rejected the messages: {exc}", param="messages", code="invalid_value"
+        ) from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -71,14 +73,20 @@ def text_prompt_ids(engine: ServingEngine, prompt: str | list[int]) -> list[int]
     if isinstance(prompt, str):
         ids = list(engine.tokenizer(prompt)["input_ids"])
     else:
-        vocab = int(engine.variant.model.config.vocab_size) if engine.variant else 0
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt token ids out of range [0, {vocab}): {bad[:5]}", param="prompt")
+        check_vocabulary(engine, prompt, "prompt")
         ids = list(prompt)
     if not ids:
-        raise APIError(400, "prompt is empty after tokenization", param="prompt")
+        raise APIError(400, "prompt is empty after tokenization", param="prompt", code="invalid_value")
     return ids
+
+
+def check_vocabulary(engine: ServingEngine, token_ids: Iterable[int], param: str) -> None:
+    """Token ids a request names (prompt ids, logit_bias keys) must be the model's: a 400 naming the field."""
+    vocab = int(engine.variant.model.config.vocab_size) if engine.variant else 0
+    bad = [t for t in token_ids if not 0 <= t < vocab]
+    if bad:
+        message = f"{param}: token ids out of range [0, {vocab}): {bad[:5]}"
+        raise APIError(400, message, param=param, code="invalid_value")
 
 
 def resolve_max_tokens(
@@ -145,8 +153,8 @@ def submit_all(
         ) from exc
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="model_not_ready") from exc
-    except ValueError as exc:  # parameters the model cannot honour, e.g. a logit_bias outside its vocabulary
-        raise APIError(400, str(exc), code="invalid_value") from exc
+    except ValueError as exc:  # parameters the model cannot honour (the app checks logit_bias ids before)
+        raise APIError(400, str(exc), param="logit_bias", code="invalid_value") from exc
 
 
 async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationEvent]]:
