@@ -34,6 +34,7 @@ def serve(
     backend: str = "transformers",
     explicit: bool = True,
     trace_turns: str | None = None,
+    public_metrics: bool = False,
 ) -> None:
     """Start the OpenAI-compatible server; /health answers 503 until the variants that fit have loaded.
 
@@ -63,6 +64,7 @@ def serve(
         latency_budget_ms=latency_budget_ms,
         min_quality=min_quality,
         trace_turns=trace_turns,
+        public_metrics=public_metrics,
     )
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
     default_budget = Budget(
@@ -103,6 +105,7 @@ def serve(
         default_max_tokens=settings.default_max_tokens or None,
         memory_budget_mb=pool_budget,
         default_budget=default_budget,
+        public_metrics=settings.public_metrics,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
@@ -333,7 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every registered variant]",
         default=None,
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (/health stays open)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route (/v1/*, /metrics, /docs, /openapi.json) but "
+        "/health, which probes use",
+    )
+    p.add_argument(
+        "--public-metrics", action="store_true", help="with --api-key, leave /metrics open for scrapers"
+    )
     p.add_argument(
         "--dtype",
         default="fast",
@@ -527,6 +538,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.backend,
         explicit=bool(a.variants),
         trace_turns=a.trace_turns,
+        public_metrics=a.public_metrics,
     ),
     "variants": lambda a: variants_list(a.as_json),
     "quantize": lambda a: quantize(a.source, quantize_config(a), a.evaluate_after),

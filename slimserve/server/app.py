@@ -6,12 +6,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from slimserve import __version__
@@ -19,6 +19,7 @@ from slimserve.server import completions as flow
 from slimserve.server.engine import EngineState, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.middleware import CountRequests, RequireKey
 from slimserve.server.pool import AUTO, PoolEntry, VariantPool
 from slimserve.server.protocol import (
     ChatChoice,
@@ -61,12 +62,14 @@ def create_app(
     default_max_tokens: int | None = 1024,
     memory_budget_mb: float | None = None,
     default_budget: Budget | None = None,
+    public_metrics: bool = False,
 ) -> FastAPI:
     """Build the app around engines that the caller created (the pool starts and stops them).
 
     `default_max_tokens` caps requests that give no max_tokens (None: the whole remaining context).
     Variants beyond `memory_budget_mb` stay on disk until a request needs them. `default_budget` applies
-    to routed requests that carry no budget of their own."""
+    to routed requests that carry no budget of their own. `api_key` guards every route but /health (the
+    probes') and, with `public_metrics`, /metrics."""
     pool = VariantPool(engines, metrics, memory_budget_mb)
     router = Router(shared_compute=any(e.shares_compute for e in engines))
     server_budget = default_budget or Budget()
@@ -79,26 +82,15 @@ def create_app(
 
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-
-    async def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != api_key:
-            raise APIError(
-                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
-            )
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/") and request.method == "POST":
-            model = getattr(request.state, "model", "unknown")
-            metrics.requests.labels(model, request.url.path, str(response.status_code)).inc()
-        return response
+    open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+    app.add_middleware(RequireKey, api_key=api_key, open_paths=open_paths)
+    app.add_middleware(  # outermost: requests refused for their key are counted too
+        CountRequests,
+        metrics=metrics,
+        served=lambda: pool.entries.keys(),
+        endpoints=lambda: {getattr(r, "path", "") for r in app.routes},
+    )
+    v1 = APIRouter(prefix="/v1")
 
     @app.get("/health")
     async def health() -> JSONResponse:

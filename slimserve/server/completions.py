@@ -33,8 +33,6 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.sampling import SamplingParams, TokenLogprob
 
-DISCONNECT_POLL_S = 0.25
-
 
 @dataclass
 class ChoiceResult:
@@ -178,8 +176,15 @@ async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int
             task.cancel()
 
 
+async def client_gone(request: Request) -> None:
+    """Return once the client has disconnected. The body has been read, so the next message the server
+    sends is `http.disconnect`, at once when the connection drops."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not a server that follows the ASGI spec: do not spin
+
+
 async def collect(request: Request, handles: list[RequestHandle]) -> list[ChoiceResult]:
-    """Run every choice to the end; stop them all if the client goes away."""
+    """Run every choice to the end; stop them all the moment the client goes away."""
     results = [ChoiceResult() for _ in handles]
 
     async def gather() -> None:
@@ -187,14 +192,15 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Choice
             results[index].add(event)
 
     gathering = asyncio.create_task(gather())
+    watching = asyncio.create_task(client_gone(request))
     try:
-        while not gathering.done():
-            await asyncio.wait([gathering], timeout=DISCONNECT_POLL_S)
-            if not gathering.done() and await request.is_disconnected():
-                gathering.cancel()
-                raise APIError(499, "client disconnected")
+        await asyncio.wait([gathering, watching], return_when=asyncio.FIRST_COMPLETED)
+        if not gathering.done():
+            gathering.cancel()
+            raise APIError(499, "client disconnected", code="client_disconnected")
         gathering.result()
     finally:
+        watching.cancel()
         for h in handles:
             if not h.finished:
                 h.cancel()

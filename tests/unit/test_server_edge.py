@@ -1,4 +1,4 @@
-"""The server's edge as a hostile client probes it: text, types, and fields it cannot honour."""
+"""The server's edge as a hostile client probes it: keys, text, types, fields it cannot honour, metric labels."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from slimserve.models import load_variant
+from slimserve.server import middleware
 from slimserve.server.app import create_app
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
@@ -143,3 +144,50 @@ def test_fields_that_would_change_the_output_are_refused(
 def test_fields_that_leave_the_output_alone_are_accepted(client: TestClient) -> None:
     fine = {"user": "u1", "metadata": {"k": "v"}, "store": False, "response_format": {"type": "text"}, "tools": None}
     assert _chat(client, tool_choice="none", parallel_tool_calls=False, **fine).status_code == 200
+
+
+# ---- keys -----------------------------------------------------------------------------------------------
+
+
+def test_the_key_guards_everything_but_health_and_is_checked_before_the_body(client: TestClient) -> None:
+    anonymous = TestClient(client.app)
+    assert anonymous.get("/health").status_code == 200
+    for path in ("/metrics", "/openapi.json", "/docs", "/v1/models"):
+        assert _error(anonymous.get(path), 401)["type"] == "authentication_error", path
+    bad_json = anonymous.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert _error(bad_json, 401)["code"] == "invalid_api_key"  # not a 400 that judged the body first
+    assert client.get("/metrics").status_code == 200
+
+
+def test_the_key_is_compared_in_constant_time(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return a == b
+
+    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert compared == [(b"wrong", KEY.encode())]
+
+
+def test_public_metrics_opens_only_metrics(engine: TransformersEngine) -> None:
+    app = create_app([engine], ServerMetrics(), api_key=KEY, public_metrics=True)
+    anonymous = TestClient(app)
+    assert anonymous.get("/metrics").status_code == 200
+    assert anonymous.get("/openapi.json").status_code == 401
+
+
+# ---- metric labels ------------------------------------------------------------------------------------
+
+
+def test_metric_labels_come_only_from_served_names(client: TestClient) -> None:
+    """5,000 made-up model names grew /metrics to 1.46 MB; NUL bytes went into label values."""
+    before = len(client.get("/metrics").text)
+    for i in range(60):
+        _chat(client, model=f"made-up-{i}\x00")
+        client.post(f"/v1/made-up-path-{i}", json={})
+    text = client.get("/metrics").text
+    assert "made-up" not in text and "\\x00" not in text and "\x00" not in text
+    assert 'model="unknown"' in text and 'endpoint="unmatched"' in text
+    assert len(text) - before < 2000  # a few new series, not 120

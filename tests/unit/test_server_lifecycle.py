@@ -1,21 +1,24 @@
-"""What happens around a request's life on a tiny real model: a queue that is full, or a request too large
-for it."""
+"""What happens around a request's life on a tiny real model: a client that leaves, a queue that is full or
+a request too large for it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
-from slimserve.models import load_variant
+from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.admission import drain_seconds
 from slimserve.server.app import create_app
 from slimserve.server.engine import EngineBusyError, EngineState, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.sampling import SamplingParams
+from tests import asgi
 
 MODEL = "tiny-llama"
 
@@ -35,6 +38,23 @@ class HeldCompute:
                 engine.step()
 
 
+def _slow_loader(variant_dir: Path, step_s: float) -> Callable[[], LoadedVariant]:
+    """The tiny model, each forward `step_s` slower: long enough generations to leave or shut down in."""
+
+    def load() -> LoadedVariant:
+        loaded = load_variant(variant_dir, dtype="fp32")
+        forward = loaded.model.forward
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(step_s)
+            return forward(*args, **kwargs)
+
+        loaded.model.forward = slow
+        return loaded
+
+    return load
+
+
 def _ready(client: TestClient) -> None:
     for _ in range(400):
         if client.get("/health").status_code == 200:
@@ -45,6 +65,43 @@ def _ready(client: TestClient) -> None:
 
 def _body(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "The capital", "max_tokens": 200, "ignore_eos": True} | fields
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float) -> float:
+    """Seconds until `condition` holds (polled on the loop), or fail after `timeout_s`."""
+    began = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - began > timeout_s:
+            raise AssertionError(f"not within {timeout_s} s")
+        await asyncio.sleep(0.01)
+    return time.perf_counter() - began
+
+
+# ---- a client that leaves ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_generation_within_a_step(tiny_variant_dir: Path, stream: bool) -> None:
+    """Without a pure ASGI middleware stack the blocking request never saw its client leave and ran to the end."""
+    engine = TransformersEngine(_slow_loader(tiny_variant_dir, 0.02), MODEL, ServerMetrics())
+    app = create_app([engine], engine.metrics)
+
+    async def scenario() -> tuple[float, int]:
+        call = asgi.start(app, "/v1/completions", _body(stream=stream))
+        await _until(lambda: engine.running == 1, 10)
+        await asyncio.sleep(0.3)  # a few tokens in
+        call.leave.set()
+        stopped_s = await _until(lambda: engine.running == 0, 5)
+        await asyncio.wait_for(call.task, 5)
+        return stopped_s, engine.running
+
+    with TestClient(app) as client:
+        _ready(client)
+        stopped_s, running = client.portal.call(scenario)
+        text = client.get("/metrics").text
+    assert running == 0 and stopped_s < 1.0
+    generated = float(text.split(f'slimserve_completion_tokens_total{{model="{MODEL}"}} ')[1].split()[0])
+    assert generated < 100  # of 200: at 20 ms a step it ran about 0.3 s
 
 
 # ---- admission ----------------------------------------------------------------------------------------
