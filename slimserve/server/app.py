@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from slimserve import __version__
 from slimserve.server import completions as flow
-from slimserve.server.engine import EngineState, GenerationEvent, RequestHandle, ServingEngine
+from slimserve.server.engine import EngineNotReadyError, EngineState, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.middleware import CountRequests, RequireKey
@@ -38,6 +38,7 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.shutdown import SHUTTING_DOWN, Drain
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def create_app(
     `default_max_tokens` caps requests that give no max_tokens (None: the whole remaining context).
     Variants beyond `memory_budget_mb` stay on disk until a request needs them. `default_budget` applies
     to routed requests that carry no budget of their own. `api_key` guards every route but /health (the
-    probes') and, with `public_metrics`, /metrics."""
+    probes') and, with `public_metrics`, /metrics. `app.state.drain` ends open requests at shutdown."""
     pool = VariantPool(engines, metrics, memory_budget_mb)
     router = Router(shared_compute=any(e.shares_compute for e in engines))
     server_budget = default_budget or Budget()
@@ -81,6 +82,7 @@ def create_app(
         pool.shutdown()
 
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
+    app.state.drain = drain = Drain()
     install_error_handlers(app)
     open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
     app.add_middleware(RequireKey, api_key=api_key, open_paths=open_paths)
@@ -197,6 +199,8 @@ def create_app(
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
         the router's next choice before the client sees 429."""
         arrived = time.perf_counter()
+        if drain.draining:
+            raise APIError(503, f"{SHUTTING_DOWN}: not accepting requests", code="server_shutting_down")
         entries, routed = pool.targets(model)
         decision: Decision | None = None
         budget: Budget | None = None
@@ -227,6 +231,8 @@ def create_app(
                 # made their budgets
                 deadline = arrived + budget.latency_ms / 1000 if budget and budget.latency_ms else None
                 handles = submit(engine, prompts, max_tokens, deadline)
+            except EngineNotReadyError as exc:  # stopped or evicted between acquire and submit
+                raise APIError(503, str(exc), code="model_not_ready") from exc
             except APIError as exc:
                 if exc.status == 429 and routed and position + 1 < len(order):
                     last_error = exc
@@ -242,6 +248,7 @@ def create_app(
                 met = "none" if decision.budget_met is None else ("met" if decision.budget_met else "missed")
                 metrics.routed.labels(entry.name, met).inc()
             request.state.model = engine.name
+            drain.track(handles)
             return Dispatch(engine, prompts, max_tokens, handles, decision, budget, arrived)
         assert last_error is not None
         raise last_error

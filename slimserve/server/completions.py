@@ -42,12 +42,14 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    error: str | None = None
 
     def add(self, event: GenerationEvent) -> None:
         self.text += event.text
         self.logprobs += event.logprobs
-        self.completion_tokens = event.completion_tokens
+        self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
         self.finish_reason = event.finish_reason or self.finish_reason
+        self.error = event.error or self.error
 
 
 def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[int]:
@@ -207,6 +209,8 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Choice
     for result in results:
         if result.finish_reason == "error":
             raise APIError(500, "generation failed", code="generation_error")
+        if result.finish_reason == "abort" and result.error:  # ended by the server (shutdown), not the client
+            raise APIError(503, f"generation stopped: {result.error}", code="server_shutting_down")
     return results
 
 
@@ -268,6 +272,9 @@ async def stream_events(
         async for index, event in merged_events(handles):
             if event.finish_reason == "error":
                 yield APIError(500, f"generation failed: {event.error}", code="generation_error").sse_chunk()
+                break
+            if event.finish_reason == "abort" and event.error:  # ended by the server (shutdown), not the client
+                yield APIError(503, f"generation stopped: {event.error}", code="server_shutting_down").sse_chunk()
                 break
             if event.finish_reason is not None:
                 completion_tokens += event.completion_tokens

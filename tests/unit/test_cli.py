@@ -27,6 +27,7 @@ def test_serve_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> 
         "--min-quality",
         "--backend",
         "--public-metrics",
+        "--shutdown-timeout",
     ):
         assert flag in out
     assert "/metrics" in " ".join(out.split())  # what --api-key guards besides /v1/*

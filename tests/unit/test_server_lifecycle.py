@@ -1,15 +1,17 @@
-"""What happens around a request's life on a tiny real model: a client that leaves, a queue that is full or
-a request too large for it."""
+"""What happens around a request's life on a tiny real model: a client that leaves, a server that shuts
+down, a queue that is full or a request too large for it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from slimserve.models import LoadedVariant, load_variant
@@ -102,6 +104,39 @@ def test_a_client_that_leaves_stops_its_generation_within_a_step(tiny_variant_di
     assert running == 0 and stopped_s < 1.0
     generated = float(text.split(f'slimserve_completion_tokens_total{{model="{MODEL}"}} ')[1].split()[0])
     assert generated < 100  # of 200: at 20 ms a step it ran about 0.3 s
+
+
+# ---- shutdown -----------------------------------------------------------------------------------------
+
+
+def test_shutdown_lets_short_requests_finish_then_ends_long_streams_with_an_error_chunk(
+    tiny_variant_dir: Path,
+) -> None:
+    engine = TransformersEngine(_slow_loader(tiny_variant_dir, 0.02), MODEL, ServerMetrics())
+    app: FastAPI = create_app([engine], engine.metrics)
+
+    async def scenario() -> tuple[asgi.Call, asgi.Call, asgi.Call, asgi.Call, float]:
+        long = asgi.start(app, "/v1/completions", _body(stream=True))
+        blocking = asgi.start(app, "/v1/completions", _body())
+        short = asgi.start(app, "/v1/completions", _body(stream=True, max_tokens=5))
+        await _until(lambda: engine.running == 3, 10)
+        began = time.perf_counter()
+        app.state.drain.begin(1.0)
+        refused = asgi.start(app, "/v1/completions", _body(max_tokens=2))
+        await asyncio.wait_for(asyncio.gather(long.task, blocking.task, short.task, refused.task), 5)
+        return long, blocking, short, refused, time.perf_counter() - began
+
+    with TestClient(app) as client:
+        _ready(client)
+        long, blocking, short, refused, took_s = client.portal.call(scenario)
+    assert 1.0 <= took_s < 2.0
+    assert long.frames()[-1] == "data: [DONE]"
+    error = json.loads(long.frames()[-2][6:])["error"]
+    assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+    assert blocking.status == 503 and blocking.json()["error"]["code"] == "server_shutting_down"
+    finished = [json.loads(f[6:]) for f in short.frames()[:-1]]
+    assert short.frames()[-1] == "data: [DONE]" and finished[-1]["choices"][0]["finish_reason"] == "length"
+    assert refused.status == 503  # not accepting once the drain began
 
 
 # ---- admission ----------------------------------------------------------------------------------------
