@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -16,11 +15,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from slimserve import __version__
 from slimserve.server import completions as flow
-from slimserve.server.engine import EngineNotReadyError, EngineState, GenerationEvent, RequestHandle, ServingEngine
+from slimserve.server import status
+from slimserve.server.engine import EngineNotReadyError, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.middleware import CountRequests, RequireKey
-from slimserve.server.pool import AUTO, PoolEntry, VariantPool
+from slimserve.server.pool import VariantPool
 from slimserve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -96,96 +96,37 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        started = [e for e in pool.entries.values() if e.started]
-        states = {e.name: e.engine.state.value if e.started else "unloaded" for e in pool.entries.values()}
-        ready = all(e.engine.state is EngineState.READY for e in started)
-        body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "models": states}
-        errors = {e.name: e.engine.error for e in pool.entries.values() if e.engine.error}
-        if errors:
-            body["errors"] = errors
-        return JSONResponse(body, status_code=200 if ready else 503)
+        body, code = status.health(pool, drain.draining)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=code)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card(entry: PoolEntry) -> ModelCard:
-        engine, manifest = entry.engine, entry.manifest
-        summary: dict[str, Any] = {"state": engine.state.value if entry.started else "unloaded"}
-        if manifest is not None:
-            summary |= {k: getattr(manifest, k) for k in ("family", "method", "bits", "parameters", "size_bytes")}
-            summary["runtimes"] = manifest.runtimes
-            summary["metrics"] = manifest.metrics
-            summary["quality_ratio"] = entry.ppl_ratio
-        members = pool.families().get(entry.name, [])
-        if len(members) > 1:
-            summary["routes"] = [m.name for m in members]
-        return ModelCard(
-            id=entry.name,
-            root=str(engine.variant.path) if engine.variant else None,
-            parent=manifest.base_model if manifest and manifest.base_model != entry.name else None,
-            max_model_len=engine.context_length if engine.state is EngineState.READY else None,
-            slimserve=summary,
-        )
-
-    def family_card(model_id: str, members: list[PoolEntry]) -> ModelCard:
-        return ModelCard(id=model_id, slimserve={"router": True, "routes": [m.name for m in members]})
-
-    def cards() -> list[ModelCard]:
-        found = [card(e) for e in pool.entries.values()]
-        for family, members in pool.families().items():
-            if len(members) > 1 and family not in pool.entries:
-                found.append(family_card(family, members))
-        routed = pool.targets(AUTO)[0]
-        if len(routed) > 1:
-            found.append(family_card(AUTO, routed))
-        return found
-
     @v1.get("/models")
     async def list_models() -> ModelList:
-        return ModelList(data=cards())
+        return ModelList(data=status.cards(pool))
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> ModelCard:
-        for found in cards():
+        for found in status.cards(pool):
             if found.id == model_id:
                 return found
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
+    @v1.post("/slimserve/variants/{name}/load")
+    async def load_variant(name: str) -> ModelCard:
+        """Load a variant now (again, if it failed to load): its card once ready, else 503 with the reason."""
+        entry = pool.entries.get(name)
+        if entry is None:
+            raise APIError(404, f"The model '{name}' is not a variant this server serves.", param="name")
+        await pool.reload(entry)
+        return status.card(pool, entry)
+
     @v1.get("/slimserve/router")
     async def router_state() -> dict[str, Any]:
         """Live profiles, residency and the router's last decisions."""
-        variants = []
-        for entry in pool.entries.values():
-            variants.append(
-                {
-                    "name": entry.name,
-                    "family": entry.family,
-                    "state": entry.engine.state.value if entry.started else "unloaded",
-                    "memory_mb": round(entry.memory_mb, 1),
-                    "quality_ratio": entry.ppl_ratio,
-                    "running": entry.running,
-                    "waiting": entry.waiting,
-                    "profile": {
-                        "ttft_ms_128": round(entry.profile.ttft_ms(128), 1),
-                        "step_ms_b1": round(entry.profile.step_ms(1), 2),
-                        "step_ms_b8": round(entry.profile.step_ms(8), 2),
-                        "load_ms": round(entry.profile.load_ms, 0),
-                        "observations": entry.profile.observations,
-                    },
-                    "margin": round(router.margin(entry.name), 3),
-                }
-            )
-        return {
-            "memory_budget_mb": pool.memory_budget_mb,
-            "resident_mb": round(pool.resident_mb(), 1),
-            "default_budget": {k: v for k, v in asdict(server_budget).items() if v is not None and v != math.inf},
-            "calibration": round(router.calibration, 3),
-            "expected_load": round(router.expected_load(), 3),
-            "reserve": round(router.current_reserve(), 3),
-            "variants": variants,
-            "decisions": router.recent(),
-        }
+        return status.router_state(pool, router, server_budget)
 
     async def dispatch(
         request: Request,

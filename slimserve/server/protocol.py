@@ -352,3 +352,11 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorInfo
 
+
+HealthStatus = Literal["ok", "degraded", "loading", "unavailable", "shutting_down"]
+
+
+class HealthResponse(BaseModel):
+    status: HealthStatus
+    models: dict[str, str] = Field(description="Each variant's state: loading, ready, failed, stopped or unloaded.")
+    errors: dict[str, str] | None = Field(None, description="Why each failed variant failed to load.")

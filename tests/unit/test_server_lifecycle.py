@@ -1,5 +1,5 @@
 """What happens around a request's life on a tiny real model: a client that leaves, a server that shuts
-down, a queue that is full or a request too large for it."""
+down, a queue that is full or a request too large for it, a variant that failed to load."""
 
 from __future__ import annotations
 
@@ -203,3 +203,34 @@ def test_a_full_queue_is_429_with_its_drain_time_and_a_request_it_could_never_ho
     assert "more than the 2 this model serves at once" in error["message"]
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
     assert 10 <= int(busy.headers["retry-after"]) <= 12  # the first queued sequence's 10 s, not a blind 1
+
+
+# ---- a variant that failed to load --------------------------------------------------------------------
+
+
+def test_a_failed_variant_is_reported_refused_with_its_reason_and_can_be_loaded_again(tiny_variant_dir: Path) -> None:
+    attempts: list[int] = []
+
+    def flaky() -> LoadedVariant:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("weights missing")
+        return load_variant(tiny_variant_dir, dtype="fp32")
+
+    good = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
+    bad = TransformersEngine(flaky, "tiny-broken", good.metrics)
+    with TestClient(create_app([good, bad], good.metrics)) as client:
+        _ready(client)
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "weights missing" in health["errors"]["tiny-broken"]
+        cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert cards["tiny-broken"]["slimserve"]["state"] == "failed"
+        assert "weights missing" in cards["tiny-broken"]["slimserve"]["error"]
+        refused = client.post("/v1/completions", json=_body(model="tiny-broken", max_tokens=2))
+        assert refused.status_code == 503 and "weights missing" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "model_load_failed" and int(refused.headers["retry-after"]) > 1
+        loaded = client.post("/v1/slimserve/variants/tiny-broken/load")
+        assert loaded.status_code == 200 and loaded.json()["slimserve"]["state"] == "ready"
+        assert client.post("/v1/completions", json=_body(model="tiny-broken", max_tokens=2)).status_code == 200
+        assert client.get("/health").json() == {"status": "ok", "models": {MODEL: "ready", "tiny-broken": "ready"}}
+        assert client.post("/v1/slimserve/variants/nope/load").status_code == 404
