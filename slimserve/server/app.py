@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slimserve import __version__
 from slimserve.server import completions as flow
@@ -20,6 +20,7 @@ from slimserve.server.engine import EngineNotReadyError, GenerationEvent, Reques
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.middleware import CountRequests, RequireKey
+from slimserve.server.openapi import STREAM_RESPONSE, error_responses, install_openapi
 from slimserve.server.pool import VariantPool
 from slimserve.server.protocol import (
     ChatChoice,
@@ -31,6 +32,7 @@ from slimserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    HealthResponse,
     ModelCard,
     ModelList,
     ResponseMessage,
@@ -85,6 +87,7 @@ def create_app(
     app.state.drain = drain = Drain()
     install_error_handlers(app)
     open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+    install_openapi(app, protected=api_key is not None, open_paths=open_paths)
     app.add_middleware(RequireKey, api_key=api_key, open_paths=open_paths)
     app.add_middleware(  # outermost: requests refused for their key are counted too
         CountRequests,
@@ -94,12 +97,16 @@ def create_app(
     )
     v1 = APIRouter(prefix="/v1")
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "Loading, or nothing can serve."}},
+    )
     async def health() -> JSONResponse:
         body, code = status.health(pool, drain.draining)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=code)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -107,14 +114,14 @@ def create_app(
     async def list_models() -> ModelList:
         return ModelList(data=status.cards(pool))
 
-    @v1.get("/models/{model_id:path}")
+    @v1.get("/models/{model_id:path}", responses=error_responses(404))
     async def get_model(model_id: str) -> ModelCard:
         for found in status.cards(pool):
             if found.id == model_id:
                 return found
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
-    @v1.post("/slimserve/variants/{name}/load")
+    @v1.post("/slimserve/variants/{name}/load", responses=error_responses(404, 503))
     async def load_variant(name: str) -> ModelCard:
         """Load a variant now (again, if it failed to load): its card once ready, else 503 with the reason."""
         entry = pool.entries.get(name)
@@ -225,7 +232,11 @@ def create_app(
         finally:
             record_outcome(sent)
 
-    @v1.post("/chat/completions", response_model=None)
+    @v1.post(
+        "/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=STREAM_RESPONSE | error_responses(400, 404, 429, 503),
+    )
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, response: Response
     ) -> ChatCompletionResponse | StreamingResponse:
@@ -300,7 +311,11 @@ def create_app(
         ]
         return ChatCompletionResponse(model=engine.name, choices=choices, usage=flow.usage([len(prompt)], results))
 
-    @v1.post("/completions", response_model=None)
+    @v1.post(
+        "/completions",
+        response_model=CompletionResponse,
+        responses=STREAM_RESPONSE | error_responses(400, 404, 429, 503),
+    )
     async def completions(
         body: CompletionRequest, request: Request, response: Response
     ) -> CompletionResponse | StreamingResponse:

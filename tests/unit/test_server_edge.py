@@ -1,7 +1,9 @@
-"""The server's edge as a hostile client probes it: keys, text, types, fields it cannot honour, metric labels."""
+"""The server's edge as a hostile client probes it: keys, text, types, fields it cannot honour, metric labels,
+and the OpenAPI document's promises."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +193,21 @@ def test_metric_labels_come_only_from_served_names(client: TestClient) -> None:
     assert "made-up" not in text and "\\x00" not in text and "\x00" not in text
     assert 'model="unknown"' in text and 'endpoint="unmatched"' in text
     assert len(text) - before < 2000  # a few new series, not 120
+
+
+# ---- the OpenAPI document -----------------------------------------------------------------------------
+
+
+def test_openapi_states_the_real_responses(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    text = json.dumps(document)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = document["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "429", "503"} <= set(responses)
+        assert "text/event-stream" in responses["200"]["content"]
+        assert "Retry-After" in responses["429"]["headers"]
+    assert "401" not in document["paths"]["/health"]["get"]["responses"]
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    prompt = document["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    assert {"type": "string", "minLength": 1} in prompt["anyOf"]  # "" was allowed here, then refused
