@@ -41,7 +41,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(
+    vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0, context: int = 256
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -50,7 +52,7 @@ def tiny_model(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         eos_token_id=2,
         pad_token_id=0,
@@ -64,11 +66,11 @@ def tiny_model(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0
 
 
 def make_tiny_variant(
-    directory: Path, name: str = "tiny-llama", layers: int = 2, hidden: int = 64, seed: int = 0
+    directory: Path, name: str = "tiny-llama", layers: int = 2, hidden: int = 64, seed: int = 0, context: int = 256
 ) -> Path:
     """Write a complete variant directory (weights, config, tokenizer, manifest) and return it."""
     tokenizer = tiny_tokenizer()
-    model = tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed)
+    model = tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed, context=context)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
