@@ -40,7 +40,7 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
-from slimserve.server.shutdown import SHUTTING_DOWN, Drain
+from slimserve.server.shutdown import ENGINE_STOP_S, SHUTTING_DOWN, Drain
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.start()
         yield
-        pool.shutdown()
+        pool.shutdown(ENGINE_STOP_S)
 
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
     app.state.drain = drain = Drain()

@@ -170,10 +170,11 @@ class VariantPool:
                 used += entry.memory_mb
         self._update_memory_metrics()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop every started engine, waiting up to `timeout_s` for each (its step under way, or its load)."""
         for entry in self.entries.values():
             if entry.started:
-                entry.engine.shutdown()
+                entry.engine.shutdown(timeout_s)
 
     def _start(self, entry: PoolEntry) -> None:
         entry.engine.start()

@@ -33,6 +33,11 @@ exceed the preStop sleep plus this (deploy/k8s/deployment.yaml)."""
 SHUTTING_DOWN = "server shutting down"
 """The error of a sequence ended by shutdown (the engines' own abort says the same)."""
 
+ENGINE_STOP_S = 1.0
+"""How long the app's shutdown waits for each engine to stop: a forward under way cannot be interrupted,
+and on a busy host one took over a second, which pushed the exit past the timeout + 2 s. The process ends
+right after (`serve`), so a step still running then is simply abandoned."""
+
 BACKSTOP_S = 2.0
 """uvicorn's own limit runs this much past ours: it cancels whatever is still open (no final chunk)."""
 
