@@ -171,9 +171,9 @@ def _write_section(path: Path) -> None:
         "| check | measured |",
         "|---|---|",
     ]
-    lines += [f"| {test} | {_describe(found)} |" for test, found in FIGURES.items()]
+    lines += [f"| {found.get('check', test)} | {_describe(found)} |" for test, found in FIGURES.items()]
     report.write_section(path, "reliability", "\n".join(lines))
 
 
 def _describe(found: dict[str, Any]) -> str:
-    return ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in found.items())
+    return ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in found.items() if key != "check")

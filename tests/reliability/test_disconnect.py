@@ -73,7 +73,7 @@ def test_generation_stops_within_a_step_of_the_client_leaving(
         late_tokens.append(int(count_1 - tokens))
         steps.append((sum_1 - sum_0) / max(count_1 - count_0, 1))
     figures.update(
-        disconnects=TRIES,
+        check=f"disconnects, {'streamed' if stream else 'blocking'}: {TRIES} clients leave mid-generation",
         max_stop_s=round(max(stops), 2),
         mean_stop_s=round(sum(stops) / TRIES, 2),
         max_tokens_after_leaving=max(late_tokens),

@@ -57,6 +57,7 @@ def test_fuzzing_the_openapi_document_finds_no_server_error_and_no_mismatch(
     cases = found["test_cases"]
     accepted = sum(p.get("accepted", 0) for rates in found["valid_rates"].values() for p in rates.values())
     figures.update(
+        check=f"fuzz: schemathesis over /openapi.json, {MAX_EXAMPLES} examples per operation, seed 1",
         cases=cases["generated"],
         accepted_2xx=accepted,
         failures=cases["with_failures"],

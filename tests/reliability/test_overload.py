@@ -58,8 +58,10 @@ async def _overload(server: Server) -> dict[str, Any]:
     problems: list[str] = []
     limits = httpx.Limits(max_connections=MAX_IN_FLIGHT + 4)
     async with httpx.AsyncClient(base_url=server.base_url, headers=server.headers, timeout=180, limits=limits) as c:
-        await _capacity(c, ADMITTED)
-        rate = 2 * await _capacity(c, ADMITTED)
+        await _capacity(c, ADMITTED)  # warm-up
+        # the best of three: other work on shared cores only slows the server, so twice its best is at least
+        # twice what it manages during the window
+        rate = 2 * max([await _capacity(c, ADMITTED) for _ in range(3)])
         in_flight: set[asyncio.Task[None]] = set()
 
         async def one(prompt: str) -> None:
@@ -107,7 +109,12 @@ async def _overload(server: Server) -> dict[str, Any]:
 def test_twice_capacity_for_a_minute_gives_only_200_and_429(real_server: Server, figures: dict[str, Any]) -> None:
     found = asyncio.run(_overload(real_server))
     outcomes, problems = found.pop("outcomes"), found.pop("problems")
-    figures.update(found, requests=sum(outcomes.values()), **{f"status_{k}": v for k, v in outcomes.items()})
+    figures.update(
+        check=f"overload: Poisson at 2x capacity for {WINDOW_S:.0f} s, 4 running + 4 waiting",
+        **found,
+        requests=sum(outcomes.values()),
+        **{f"status_{k}": v for k, v in outcomes.items()},
+    )
     assert not problems, problems[:5]
     assert set(outcomes) <= {"200", "429", "not sent (client bound)"}
     assert outcomes["200"] > 0 and outcomes["429"] > 0  # admitted work, and real overload

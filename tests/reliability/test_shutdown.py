@@ -85,7 +85,12 @@ def test_sigterm_ends_open_streams_and_exits_0_within_the_timeout(
     finally:
         server.stop()
     errors = [json.loads(s.frames[-2].removeprefix("data: ")).get("error", {}).get("code") for s in streams]
-    figures.update(streams=len(streams), exit_code=code, exit_s=round(took_s, 2), timeout_s=TIMEOUT_S)
+    figures.update(
+        check=f"SIGTERM with {len(streams)} open 2000-token streams, --shutdown-timeout {TIMEOUT_S:g}",
+        exit_code=code,
+        exit_s=round(took_s, 2),
+        error_chunk_then_done=sum(s.ended_properly() for s in streams),
+    )
     assert code == 0, server.tail()
     assert took_s <= TIMEOUT_S + 2
     assert all(s.ended_properly() for s in streams), [(s.error, s.frames[-2:]) for s in streams]
@@ -106,6 +111,10 @@ def test_a_second_signal_exits_at_once(real_model: str, tmp_path: Path, figures:
         streams[0].join(10)
     finally:
         server.stop()
-    figures.update(exit_code=code, exit_s_after_second_signal=round(took_s, 2))
+    figures.update(
+        check="a second SIGTERM during the drain (--shutdown-timeout 60)",
+        exit_code=code,
+        exit_s_after_second_signal=round(took_s, 2),
+    )
     assert took_s < 3.0  # not the 60 s the first signal allowed
     assert code == 128 + signal.SIGTERM  # forced, as a shell reports a process the signal ended
