@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm serve serve-vllm test test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
 
 setup: $(VENV)/.installed
 
@@ -46,10 +46,15 @@ typecheck: setup
 
 # pytest exits 5 when it collects nothing; that is not a failure of the code under test.
 test: lint typecheck
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -m "not reliability" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# ~5 min: schemathesis over /openapi.json, 2x capacity for 60 s, disconnects, SIGTERM, each on a real server;
+# RELIABILITY_WRITE=docs/BENCHMARKS.md records what it measured there
+test-reliability: setup
+	SLIMSERVE_RELIABILITY_WRITE=$(RELIABILITY_WRITE) $(BIN)/python -m pytest -m reliability tests/reliability $(PYTEST_ARGS)
 
 unit: setup
-	$(BIN)/python -m pytest -m "not integration and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration and not gpu and not reliability" $(PYTEST_ARGS)
 
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)

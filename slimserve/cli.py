@@ -35,13 +35,14 @@ def serve(
     backend: str = "transformers",
     explicit: bool = True,
     trace_turns: str | None = None,
+    shutdown_timeout: float = 5.0,
+    public_metrics: bool = False,
 ) -> None:
     """Start the OpenAI-compatible server; /health answers 503 until the variants that fit have loaded.
 
     `explicit`: the variants were named by the user (a variant the backend cannot load is then an error;
-    from the default list it is skipped with a warning)."""
-    import uvicorn
-
+    from the default list it is skipped with a warning). On SIGTERM running requests get `shutdown_timeout`
+    seconds to finish before what is left is ended and the process exits 0."""
     from slimserve.models.loader import load_variant, parse_dtype
     from slimserve.server.app import create_app
     from slimserve.server.compute import ComputeThread
@@ -49,6 +50,7 @@ def serve(
     from slimserve.server.metrics import ServerMetrics
     from slimserve.server.router import Budget, parse_quality
     from slimserve.server.settings import ServerSettings
+    from slimserve.server.shutdown import serve as serve_app
 
     settings = ServerSettings(
         host=host,
@@ -64,6 +66,8 @@ def serve(
         latency_budget_ms=latency_budget_ms,
         min_quality=min_quality,
         trace_turns=trace_turns,
+        shutdown_timeout=shutdown_timeout,
+        public_metrics=public_metrics,
     )
     parse_dtype(settings.dtype)  # a bad dtype fails now, not in the engine thread
     default_budget = Budget(
@@ -113,8 +117,9 @@ def serve(
         default_max_tokens=settings.default_max_tokens or None,
         memory_budget_mb=pool_budget,
         default_budget=default_budget,
+        public_metrics=settings.public_metrics,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    serve_app(app, settings.host, settings.port, settings.log_level, settings.shutdown_timeout)
 
 
 BACKENDS = ("transformers", "vllm", "auto")
@@ -395,7 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
         "every registered variant]",
         default=None,
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (/health stays open)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route (/v1/*, /metrics, /docs, /openapi.json) but "
+        "/health, which probes use",
+    )
+    p.add_argument("--public-metrics", action="store_true", help="with --api-key, leave /metrics open for scrapers")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, seconds running requests get to finish before the rest are ended (streams with an "
+        "error chunk and [DONE]) and the server exits 0; a second signal exits at once",
+    )
     p.add_argument(
         "--dtype",
         default="fast",
@@ -603,6 +622,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
         a.backend,
         explicit=bool(a.variants),
         trace_turns=a.trace_turns,
+        shutdown_timeout=a.shutdown_timeout,
+        public_metrics=a.public_metrics,
     ),
     "variants": lambda a: variants_list(a.as_json),
     "import": lambda a: import_variant(a.source, a.name, a.overwrite),

@@ -63,7 +63,9 @@ SLIDING_WINDOW = 8
 """The tiny sliding-window models attend to this many tokens, so a test prompt of a few dozen exceeds it."""
 
 
-def _config(arch: str, vocab_size: int, layers: int, hidden: int) -> tuple[type[PreTrainedModel], object]:
+def _config(
+    arch: str, vocab_size: int, layers: int, hidden: int, context: int = 256
+) -> tuple[type[PreTrainedModel], object]:
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -71,7 +73,7 @@ def _config(arch: str, vocab_size: int, layers: int, hidden: int) -> tuple[type[
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         eos_token_id=2,
         pad_token_id=0,
@@ -99,12 +101,12 @@ def _config(arch: str, vocab_size: int, layers: int, hidden: int) -> tuple[type[
 
 
 def tiny_model(
-    vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0, arch: str = "llama"
+    vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0, arch: str = "llama", context: int = 256
 ) -> PreTrainedModel:
     """A random `arch` model whose weights are not the neutral init: biases, norm weights and the head are
     perturbed, so a method that mishandles any of them changes the output."""
     torch.manual_seed(seed)
-    model_class, config = _config(arch, vocab_size, layers, hidden)
+    model_class, config = _config(arch, vocab_size, layers, hidden, context)
     model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -116,11 +118,17 @@ def tiny_model(
 
 
 def make_tiny_variant(
-    directory: Path, name: str = "tiny-llama", layers: int = 2, hidden: int = 64, seed: int = 0, arch: str = "llama"
+    directory: Path,
+    name: str = "tiny-llama",
+    layers: int = 2,
+    hidden: int = 64,
+    seed: int = 0,
+    arch: str = "llama",
+    context: int = 256,
 ) -> Path:
     """Write a complete variant directory (weights, config, tokenizer, manifest) and return it."""
     tokenizer = tiny_tokenizer()
-    model = tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed, arch=arch)
+    model = tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed, arch=arch, context=context)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slimserve import __version__
 from slimserve.server import completions as flow
-from slimserve.server.engine import EngineState, GenerationEvent, RequestHandle, ServingEngine
+from slimserve.server import status
+from slimserve.server.engine import EngineNotReadyError, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.pool import AUTO, PoolEntry, VariantPool
+from slimserve.server.middleware import CountRequests, RequireKey
+from slimserve.server.openapi import STREAM_RESPONSE, error_responses, install_openapi
+from slimserve.server.pool import VariantPool
 from slimserve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -30,6 +32,7 @@ from slimserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    HealthResponse,
     ModelCard,
     ModelList,
     ResponseMessage,
@@ -37,6 +40,7 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.shutdown import ENGINE_STOP_S, SHUTTING_DOWN, Drain
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +65,14 @@ def create_app(
     default_max_tokens: int | None = 1024,
     memory_budget_mb: float | None = None,
     default_budget: Budget | None = None,
+    public_metrics: bool = False,
 ) -> FastAPI:
     """Build the app around engines that the caller created (the pool starts and stops them).
 
     `default_max_tokens` caps requests that give no max_tokens (None: the whole remaining context).
     Variants beyond `memory_budget_mb` stay on disk until a request needs them. `default_budget` applies
-    to routed requests that carry no budget of their own."""
+    to routed requests that carry no budget of their own. `api_key` guards every route but /health (the
+    probes') and, with `public_metrics`, /metrics. `app.state.drain` ends open requests at shutdown."""
     pool = VariantPool(engines, metrics, memory_budget_mb)
     router = Router(shared_compute=any(e.shares_compute for e in engines))
     server_budget = default_budget or Budget()
@@ -75,123 +81,59 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.start()
         yield
-        pool.shutdown()
+        pool.shutdown(ENGINE_STOP_S)
 
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
+    app.state.drain = drain = Drain()
     install_error_handlers(app)
+    open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+    install_openapi(app, protected=api_key is not None, open_paths=open_paths)
+    app.add_middleware(RequireKey, api_key=api_key, open_paths=open_paths)
+    app.add_middleware(  # outermost: requests refused for their key are counted too
+        CountRequests,
+        metrics=metrics,
+        served=lambda: pool.entries.keys(),
+        endpoints=lambda: {getattr(r, "path", "") for r in app.routes},
+    )
+    v1 = APIRouter(prefix="/v1")
 
-    async def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != api_key:
-            raise APIError(
-                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
-            )
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/") and request.method == "POST":
-            model = getattr(request.state, "model", "unknown")
-            metrics.requests.labels(model, request.url.path, str(response.status_code)).inc()
-        return response
-
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "Loading, or nothing can serve."}},
+    )
     async def health() -> JSONResponse:
-        started = [e for e in pool.entries.values() if e.started]
-        states = {e.name: e.engine.state.value if e.started else "unloaded" for e in pool.entries.values()}
-        ready = all(e.engine.state is EngineState.READY for e in started)
-        body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "models": states}
-        errors = {e.name: e.engine.error for e in pool.entries.values() if e.engine.error}
-        if errors:
-            body["errors"] = errors
-        return JSONResponse(body, status_code=200 if ready else 503)
+        body, code = status.health(pool, drain.draining)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=code)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card(entry: PoolEntry) -> ModelCard:
-        engine, manifest = entry.engine, entry.manifest
-        summary: dict[str, Any] = {"state": engine.state.value if entry.started else "unloaded"}
-        if manifest is not None:
-            summary |= {k: getattr(manifest, k) for k in ("family", "method", "bits", "parameters", "size_bytes")}
-            summary["runtimes"] = manifest.runtimes
-            summary["metrics"] = manifest.metrics
-            summary["quality_ratio"] = entry.ppl_ratio
-        members = pool.families().get(entry.name, [])
-        if len(members) > 1:
-            summary["routes"] = [m.name for m in members]
-        return ModelCard(
-            id=entry.name,
-            root=str(engine.variant.path) if engine.variant else None,
-            parent=manifest.base_model if manifest and manifest.base_model != entry.name else None,
-            max_model_len=engine.context_length if engine.state is EngineState.READY else None,
-            slimserve=summary,
-        )
-
-    def family_card(model_id: str, members: list[PoolEntry]) -> ModelCard:
-        return ModelCard(id=model_id, slimserve={"router": True, "routes": [m.name for m in members]})
-
-    def cards() -> list[ModelCard]:
-        found = [card(e) for e in pool.entries.values()]
-        for family, members in pool.families().items():
-            if len(members) > 1 and family not in pool.entries:
-                found.append(family_card(family, members))
-        routed = pool.targets(AUTO)[0]
-        if len(routed) > 1:
-            found.append(family_card(AUTO, routed))
-        return found
-
     @v1.get("/models")
     async def list_models() -> ModelList:
-        return ModelList(data=cards())
+        return ModelList(data=status.cards(pool))
 
-    @v1.get("/models/{model_id:path}")
+    @v1.get("/models/{model_id:path}", responses=error_responses(404))
     async def get_model(model_id: str) -> ModelCard:
-        for found in cards():
+        for found in status.cards(pool):
             if found.id == model_id:
                 return found
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
+    @v1.post("/slimserve/variants/{name}/load", responses=error_responses(404, 503))
+    async def load_variant(name: str) -> ModelCard:
+        """Load a variant now (again, if it failed to load): its card once ready, else 503 with the reason."""
+        entry = pool.entries.get(name)
+        if entry is None:
+            raise APIError(404, f"The model '{name}' is not a variant this server serves.", param="name")
+        await pool.reload(entry)
+        return status.card(pool, entry)
+
     @v1.get("/slimserve/router")
     async def router_state() -> dict[str, Any]:
         """Live profiles, residency and the router's last decisions."""
-        variants = []
-        for entry in pool.entries.values():
-            variants.append(
-                {
-                    "name": entry.name,
-                    "family": entry.family,
-                    "state": entry.engine.state.value if entry.started else "unloaded",
-                    "memory_mb": round(entry.memory_mb, 1),
-                    "quality_ratio": entry.ppl_ratio,
-                    "running": entry.running,
-                    "waiting": entry.waiting,
-                    "profile": {
-                        "ttft_ms_128": round(entry.profile.ttft_ms(128), 1),
-                        "step_ms_b1": round(entry.profile.step_ms(1), 2),
-                        "step_ms_b8": round(entry.profile.step_ms(8), 2),
-                        "load_ms": round(entry.profile.load_ms, 0),
-                        "observations": entry.profile.observations,
-                    },
-                    "margin": round(router.margin(entry.name), 3),
-                }
-            )
-        return {
-            "memory_budget_mb": pool.memory_budget_mb,
-            "resident_mb": round(pool.resident_mb(), 1),
-            "default_budget": {k: v for k, v in asdict(server_budget).items() if v is not None and v != math.inf},
-            "calibration": round(router.calibration, 3),
-            "expected_load": round(router.expected_load(), 3),
-            "reserve": round(router.current_reserve(), 3),
-            "variants": variants,
-            "decisions": router.recent(),
-        }
+        return status.router_state(pool, router, server_budget)
 
     async def dispatch(
         request: Request,
@@ -205,6 +147,8 @@ def create_app(
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
         the router's next choice before the client sees 429."""
         arrived = time.perf_counter()
+        if drain.draining:
+            raise APIError(503, f"{SHUTTING_DOWN}: not accepting requests", code="server_shutting_down")
         entries, routed = pool.targets(model)
         decision: Decision | None = None
         budget: Budget | None = None
@@ -235,6 +179,8 @@ def create_app(
                 # made their budgets
                 deadline = arrived + budget.latency_ms / 1000 if budget and budget.latency_ms else None
                 handles = submit(engine, prompts, max_tokens, deadline)
+            except EngineNotReadyError as exc:  # stopped or evicted between acquire and submit
+                raise APIError(503, str(exc), code="model_not_ready") from exc
             except APIError as exc:
                 if exc.status == 429 and routed and position + 1 < len(order):
                     last_error = exc
@@ -250,6 +196,7 @@ def create_app(
                 met = "none" if decision.budget_met is None else ("met" if decision.budget_met else "missed")
                 metrics.routed.labels(entry.name, met).inc()
             request.state.model = engine.name
+            drain.track(handles)
             return Dispatch(engine, prompts, max_tokens, handles, decision, budget, arrived)
         assert last_error is not None
         raise last_error
@@ -285,7 +232,11 @@ def create_app(
         finally:
             record_outcome(sent)
 
-    @v1.post("/chat/completions", response_model=None)
+    @v1.post(
+        "/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=STREAM_RESPONSE | error_responses(400, 404, 429, 503),
+    )
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, response: Response
     ) -> ChatCompletionResponse | StreamingResponse:
@@ -297,6 +248,7 @@ def create_app(
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
+            flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
             make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
@@ -359,18 +311,21 @@ def create_app(
         ]
         return ChatCompletionResponse(model=engine.name, choices=choices, usage=flow.usage([len(prompt)], results))
 
-    @v1.post("/completions", response_model=None)
+    @v1.post(
+        "/completions",
+        response_model=CompletionResponse,
+        responses=STREAM_RESPONSE | error_responses(400, 404, 429, 503),
+    )
     async def completions(
         body: CompletionRequest, request: Request, response: Response
     ) -> CompletionResponse | StreamingResponse:
         request.state.model = body.model
         _log_extra_fields(body)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported by this server", param="suffix")
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
+            flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
             make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
@@ -495,6 +450,8 @@ def _sse_response(events: AsyncIterator[str], headers: dict[str, str]) -> Stream
 
 
 def _log_extra_fields(body: Any) -> None:
+    """Fields the server ignores (they do not change the output), at debug level and truncated: the names
+    are the client's, and a client must not be able to fill the log."""
     extra = sorted((body.model_extra or {}).keys())
     if extra:
-        log.info("ignoring unsupported request fields: %s", ", ".join(extra))
+        log.debug("ignoring request fields: %s", ", ".join(repr(name[:40]) for name in extra[:10]))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +33,6 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.sampling import SamplingParams, TokenLogprob
 
-DISCONNECT_POLL_S = 0.25
-
 
 @dataclass
 class ChoiceResult:
@@ -43,12 +42,14 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    error: str | None = None
 
     def add(self, event: GenerationEvent) -> None:
         self.text += event.text
         self.logprobs += event.logprobs
-        self.completion_tokens = event.completion_tokens
+        self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
         self.finish_reason = event.finish_reason or self.finish_reason
+        self.error = event.error or self.error
 
 
 def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[int]:
@@ -60,9 +61,11 @@ def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[
         rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
     except ValueError as exc:
-        raise APIError(400, str(exc), param="messages") from exc
+        raise APIError(400, str(exc), param="messages", code="unsupported") from exc
     except Exception as exc:  # a template that raises (e.g. jinja's raise_exception) is a bad request
-        raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
+        raise APIError(
+            400, f"chat template rejected the messages: {exc}", param="messages", code="invalid_value"
+        ) from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -70,14 +73,20 @@ def text_prompt_ids(engine: ServingEngine, prompt: str | list[int]) -> list[int]
     if isinstance(prompt, str):
         ids = list(engine.tokenizer(prompt)["input_ids"])
     else:
-        vocab = int(engine.variant.model.config.vocab_size) if engine.variant else 0
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt token ids out of range [0, {vocab}): {bad[:5]}", param="prompt")
+        check_vocabulary(engine, prompt, "prompt")
         ids = list(prompt)
     if not ids:
-        raise APIError(400, "prompt is empty after tokenization", param="prompt")
+        raise APIError(400, "prompt is empty after tokenization", param="prompt", code="invalid_value")
     return ids
+
+
+def check_vocabulary(engine: ServingEngine, token_ids: Iterable[int], param: str) -> None:
+    """Token ids a request names (prompt ids, logit_bias keys) must be the model's: a 400 naming the field."""
+    vocab = int(engine.variant.model.config.vocab_size) if engine.variant else 0
+    bad = [t for t in token_ids if not 0 <= t < vocab]
+    if bad:
+        message = f"{param}: token ids out of range [0, {vocab}): {bad[:5]}"
+        raise APIError(400, message, param=param, code="invalid_value")
 
 
 def resolve_max_tokens(
@@ -118,18 +127,34 @@ def submit_all(
     deadline: float | None = None,
 ) -> list[RequestHandle]:
     """Submit prompts x n sequences (choice index = prompt * n + j); all or none. `deadline`: when the
-    request's latency budget ends (`time.perf_counter()`), if it has one."""
+    request's latency budget ends (`time.perf_counter()`), if it has one.
+
+    A request of more sequences than the engine ever holds (batch slots plus waiting places) is a 400 that
+    says the limit: a 429 would have it retried forever. A full engine is a 429 whose Retry-After is the
+    engine's estimate of when enough of what it holds will have finished."""
+    capacity = engine.max_batch_size + engine.max_waiting
+    count = len(prompts) * n
+    if count > capacity:
+        raise APIError(
+            400,
+            f"this request needs {count} sequences ({len(prompts)} prompts x n={n}), more than the "
+            f"{capacity} this model serves at once ({engine.max_batch_size} running + {engine.max_waiting} "
+            "waiting); send fewer prompts or a smaller n",
+            param="n" if n > 1 else "prompt",
+            code="request_too_large",
+        )
     try:
         sequences = [(ids, make_params(p * n + j)) for p, ids in enumerate(prompts) for j in range(n)]
         return engine.submit_many(sequences, deadline)
     except EngineBusyError as exc:
+        retry = max(1, math.ceil(exc.retry_after_s))
         raise APIError(
-            429, f"server is busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
+            429, f"server is busy: {exc}; retry after {retry} s", code="queue_full", headers={"Retry-After": str(retry)}
         ) from exc
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="model_not_ready") from exc
-    except ValueError as exc:  # parameters the model cannot honour, e.g. a logit_bias outside its vocabulary
-        raise APIError(400, str(exc), code="invalid_value") from exc
+    except ValueError as exc:  # parameters the model cannot honour (the app checks logit_bias ids before)
+        raise APIError(400, str(exc), param="logit_bias", code="invalid_value") from exc
 
 
 async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationEvent]]:
@@ -153,8 +178,15 @@ async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int
             task.cancel()
 
 
+async def client_gone(request: Request) -> None:
+    """Return once the client has disconnected. The body has been read, so the next message the server
+    sends is `http.disconnect`, at once when the connection drops."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not a server that follows the ASGI spec: do not spin
+
+
 async def collect(request: Request, handles: list[RequestHandle]) -> list[ChoiceResult]:
-    """Run every choice to the end; stop them all if the client goes away."""
+    """Run every choice to the end; stop them all the moment the client goes away."""
     results = [ChoiceResult() for _ in handles]
 
     async def gather() -> None:
@@ -162,20 +194,23 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Choice
             results[index].add(event)
 
     gathering = asyncio.create_task(gather())
+    watching = asyncio.create_task(client_gone(request))
     try:
-        while not gathering.done():
-            await asyncio.wait([gathering], timeout=DISCONNECT_POLL_S)
-            if not gathering.done() and await request.is_disconnected():
-                gathering.cancel()
-                raise APIError(499, "client disconnected")
+        await asyncio.wait([gathering, watching], return_when=asyncio.FIRST_COMPLETED)
+        if not gathering.done():
+            gathering.cancel()
+            raise APIError(499, "client disconnected", code="client_disconnected")
         gathering.result()
     finally:
+        watching.cancel()
         for h in handles:
             if not h.finished:
                 h.cancel()
     for result in results:
         if result.finish_reason == "error":
             raise APIError(500, "generation failed", code="generation_error")
+        if result.finish_reason == "abort" and result.error:  # ended by the server (shutdown), not the client
+            raise APIError(503, f"generation stopped: {result.error}", code="server_shutting_down")
     return results
 
 
@@ -237,6 +272,9 @@ async def stream_events(
         async for index, event in merged_events(handles):
             if event.finish_reason == "error":
                 yield APIError(500, f"generation failed: {event.error}", code="generation_error").sse_chunk()
+                break
+            if event.finish_reason == "abort" and event.error:  # ended by the server (shutdown), not the client
+                yield APIError(503, f"generation stopped: {event.error}", code="server_shutting_down").sse_chunk()
                 break
             if event.finish_reason is not None:
                 completion_tokens += event.completion_tokens

@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from slimserve.models.loader import LoadedVariant
 from slimserve.models.manifest import VariantManifest
+from slimserve.server.admission import drain_seconds
 from slimserve.server.batch import PaddedKVBatch
 from slimserve.server.compute import BACKGROUND_S, SAFETY, ComputeThread, Turn
 from slimserve.server.detokenize import IncrementalDetokenizer
@@ -68,6 +69,11 @@ class EngineState(enum.Enum):
 
 class EngineBusyError(RuntimeError):
     """The waiting queue is full: the caller should retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """The engine's estimate of when enough of what it holds will have finished to admit the request."""
 
 
 class EngineNotReadyError(RuntimeError):
@@ -129,6 +135,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     last_token_at: float | None = None
     done: bool = False
+    accounted: bool = False
+    """Its end was counted (tokens, and its place among the admitted), which happens once."""
 
     @property
     def steps_left(self) -> int:
@@ -177,6 +185,8 @@ class ServingEngine(Protocol):
     variant: Any
     profile: LatencyProfile | None
     max_batch_size: int
+    max_waiting: int
+    """Sequences that may wait beyond the batch: the engine holds at most max_batch_size + max_waiting."""
     shares_compute: bool
     """Its steps take turns with other variants' on the same cores (CPU), rather than its own device share."""
 
@@ -238,6 +248,9 @@ class TransformersEngine:
         self.compute = compute or ComputeThread.shared()
         self._inbox: deque[_Sequence] = deque()
         """Sequences waiting for a batch slot, oldest first (guarded by `_lock`)."""
+        self._in_flight = 0
+        """Sequences admitted and not yet finished, wherever they are (queued, prefilling, in a batch): what
+        admission counts against max_batch_size + max_waiting (guarded by `_lock`)."""
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._ready = threading.Event()
@@ -271,12 +284,24 @@ class TransformersEngine:
 
     @property
     def waiting(self) -> int:
-        """Sequences queued for a batch slot."""
+        """Sequences queued for a batch slot (admission counts every admitted sequence: `_in_flight`)."""
         return len(self._inbox)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
         return self.state is EngineState.READY
+
+    def _drain_s(self, count: int) -> float:
+        """Predicted seconds until `count` admitted sequences have finished (a 429's Retry-After): running ones
+        after their remaining steps, queued ones in order as slots free, at the measured step time of a full
+        batch. Called with `_lock` held."""
+        step_s = self._step_s(min(max(self._in_flight, 1), self.max_batch_size))
+        running = [s.steps_left * step_s for s in self._running_rows() if not s.done]
+        queued = [
+            self._prefill_s(len(s.handle.prompt_ids), len(s.handle.prompt_ids)) + s.params.max_tokens * step_s
+            for s in self._inbox
+        ]
+        return drain_seconds(running, queued, self.max_batch_size, count)
 
     def deadlines(self) -> list[tuple[float | None, int]]:
         """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
@@ -335,11 +360,14 @@ class TransformersEngine:
                 )
             )
         with self._lock:
-            if len(self._inbox) + len(built) > self.max_waiting:
+            excess = self._in_flight + len(built) - (self.max_batch_size + self.max_waiting)
+            if excess > 0:
                 raise EngineBusyError(
-                    f"{len(self._inbox)} sequences are already waiting for {self.name} "
-                    f"(at most {self.max_waiting}; this request adds {len(built)})"
+                    f"{self._in_flight} sequences are already admitted to {self.name} (at most "
+                    f"{self.max_batch_size} running + {self.max_waiting} waiting; this request adds {len(built)})",
+                    retry_after_s=self._drain_s(excess),
                 )
+            self._in_flight += len(built)
             self._inbox.extend(built)
             self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
         self.compute.wake()
@@ -851,6 +879,11 @@ class TransformersEngine:
         self._deliver([(seq.handle, event)])
 
     def _account(self, seq: _Sequence) -> None:
+        if seq.accounted:
+            return
+        seq.accounted = True
+        with self._lock:
+            self._in_flight -= 1
         self.metrics.prompt_tokens.labels(self.name).inc(len(seq.handle.prompt_ids))
         self.metrics.completion_tokens.labels(self.name).inc(len(seq.generated))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ AUTO = "auto"
 LOADED_OVERHEAD_MB = 150.0
 """Resident memory beyond the weights when a manifest has no measured RSS (runtime buffers, tokenizer)."""
 
+RETRY_LOAD_S = 30.0
+"""A variant that failed to load is loaded again by the first request that names it this long after the
+failure (or at once by `POST /v1/slimserve/variants/{name}/load`); before then its requests get 503 with
+the reason, so a variant that cannot load does not reload on every request."""
+
 
 @dataclass
 class PoolEntry:
@@ -42,6 +48,8 @@ class PoolEntry:
     started: bool = False
     on_demand: bool = False
     """Loaded because a request asked for it (requests wait for it) rather than at start-up (503 until ready)."""
+    retry_at: float | None = None
+    """`time.monotonic()` after which a request may load it again, once it has failed."""
 
     @property
     def name(self) -> str:
@@ -162,21 +170,46 @@ class VariantPool:
                 used += entry.memory_mb
         self._update_memory_metrics()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop every started engine, waiting up to `timeout_s` for each (its step under way, or its load)."""
         for entry in self.entries.values():
             if entry.started:
-                entry.engine.shutdown()
+                entry.engine.shutdown(timeout_s)
 
     def _start(self, entry: PoolEntry) -> None:
         entry.engine.start()
         entry.started = True
         self.metrics.loads.labels(entry.name).inc()
 
+    async def reload(self, entry: PoolEntry) -> ServingEngine:
+        """Load a variant again now, whatever its state (a failed load, an eviction); ready when it returns."""
+        async with entry.loading:
+            if entry.engine.state is EngineState.FAILED:
+                self._forget(entry)
+        engine = await self.acquire(entry)
+        self.release(entry)
+        return engine
+
+    def _forget(self, entry: PoolEntry) -> None:
+        """Replace a failed engine with a fresh, unstarted one: the next acquire loads it."""
+        log.info("loading %s again (it failed: %s)", entry.name, entry.engine.error)
+        entry.engine.shutdown()
+        entry.engine = entry.engine.fresh()
+        entry.engine.profile = entry.profile
+        entry.started = False
+        entry.retry_at = None
+
     async def acquire(self, entry: PoolEntry) -> ServingEngine:
-        """The entry's engine, loaded (evicting idle variants if the memory budget needs it) and ready."""
+        """The entry's engine, loaded (evicting idle variants if the memory budget needs it) and ready. A
+        variant that failed is loaded again once `RETRY_LOAD_S` have passed; until then this is a 503."""
         entry.reserved += 1
         entry.last_used = time.monotonic()
         try:
+            if entry.engine.state is EngineState.FAILED and not entry.loading.locked():
+                if entry.retry_at is None:
+                    entry.retry_at = time.monotonic() + RETRY_LOAD_S
+                elif time.monotonic() >= entry.retry_at:
+                    self._forget(entry)
             if not entry.started:
                 async with entry.loading:
                     if not entry.started:
@@ -191,9 +224,16 @@ class VariantPool:
                 async with entry.loading:  # another request is loading it: wait for that load
                     pass
             if entry.engine.state is not EngineState.READY:
+                failed = entry.engine.state is EngineState.FAILED
+                if failed and entry.retry_at is None:
+                    entry.retry_at = time.monotonic() + RETRY_LOAD_S
                 detail = f": {entry.engine.error}" if entry.engine.error else ""
+                wait_s = max(1, math.ceil((entry.retry_at or 0) - time.monotonic())) if failed else 1
                 raise APIError(
-                    503, f"model '{entry.name}' is {entry.engine.state.value}{detail}", code="model_not_ready"
+                    503,
+                    f"model '{entry.name}' is {entry.engine.state.value}{detail}",
+                    code="model_load_failed" if failed else "model_not_ready",
+                    headers={"Retry-After": str(wait_s)},
                 )
             self._refresh_teacher_ppl()
             return entry.engine

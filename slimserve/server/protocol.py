@@ -1,7 +1,11 @@
 """The OpenAI wire protocol, in the reference's field order.
 
-Bounds live in the types so the OpenAPI schema documents itself. Unknown fields are accepted (clients
-send them) and logged by the app. `top_k` and `ignore_eos` are extensions, as in vLLM.
+Bounds live in the types so the OpenAPI schema documents itself. Types are strict where OpenAI's own API
+refuses the value (`"stream": "yes"`, `"max_tokens": true` are 400s, not coerced). Text is checked once, at
+the edge: a lone surrogate anywhere in a request is a 400 naming the field, never a tokenizer's 500.
+Unknown fields are accepted (clients send them) and logged by the app, except those whose meaning would
+change the output (`UNSUPPORTED`): they are refused until implemented. `top_k` and `ignore_eos` are
+extensions, as in vLLM.
 """
 
 from __future__ import annotations
@@ -11,12 +15,96 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from slimserve.server.sampling import MAX_TOP_LOGPROBS
 
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    # OpenAI's
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "audio": (),
+    "modalities": (["text"],),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "best_of": (1,),
+    "suffix": ("",),
+    # vLLM's extensions that clients written for it send
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "min_tokens": (0,),
+    "min_p": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "length_penalty": (1, 1.0),
+    "use_beam_search": (False,),
+    "stop_token_ids": ([],),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "prompt_logprobs": (),
+    "truncate_prompt_tokens": (),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+}
+"""Fields that would change the output, with the values that leave it as this server produces it (null
+always does). Any other value is a 400 `unsupported` naming the field, not a 200 that ignored it."""
+
+
+def _lone_surrogate(value: Any, path: list[str]) -> str | None:
+    """The dotted path of the first string (or key) in `value` that is not valid Unicode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return ".".join(path) or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, [*path, str(key)])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _lone_surrogate(item, [*path, str(index)])
+            if found is not None:
+                return found
+    return None
+
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _RequestModel(OpenAIModel):
+    """A request body: checked as a whole for invalid text and unsupported fields before field validation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edge_checks(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        bad = _lone_surrogate(data, [])
+        if bad is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{param}: not valid Unicode (a lone surrogate escape such as \\ud800)",
+                {"param": bad.encode("utf-8", "replace").decode()},
+            )
+        for name, harmless in UNSUPPORTED.items():
+            value = data.get(name)
+            if value is not None and not any(value == ok and type(value) is type(ok) for ok in harmless):
+                raise PydanticCustomError("unsupported", "{param} is not supported by this server yet", {"param": name})
+        return data
 
 
 class StreamOptions(OpenAIModel):
@@ -50,7 +138,15 @@ class ChatMessage(OpenAIModel):
         return "".join(parts)
 
 
-Stop = str | list[str] | None
+NonEmptyText = Annotated[str, Field(min_length=1)]
+Stop = NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=4)] | None
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class _SamplingFields(OpenAIModel):
@@ -79,16 +175,6 @@ class _SamplingFields(OpenAIModel):
         "X-Latency-Budget-Ms, X-Memory-Budget-Mb and X-Min-Quality headers take precedence.",
     )
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: Stop) -> Stop:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
     def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -106,7 +192,7 @@ class _SamplingFields(OpenAIModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_RequestModel, _SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
     logprobs: bool = False
@@ -116,26 +202,20 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _logprobs_consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise PydanticCustomError(
+                "invalid_value", "top_logprobs requires logprobs to be true", {"param": "top_logprobs"}
+            )
         return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_RequestModel, _SamplingFields):
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        return value
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text or token ids."""
@@ -269,3 +349,12 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+HealthStatus = Literal["ok", "degraded", "loading", "unavailable", "shutting_down"]
+
+
+class HealthResponse(BaseModel):
+    status: HealthStatus
+    models: dict[str, str] = Field(description="Each variant's state: loading, ready, failed, stopped or unloaded.")
+    errors: dict[str, str] | None = Field(None, description="Why each failed variant failed to load.")

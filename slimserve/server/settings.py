@@ -19,7 +19,13 @@ class ServerSettings(BaseSettings):
         default_factory=lambda: [DEFAULT_VARIANT],
         description="Variant directories or registered names to serve; the first is the default.",
     )
-    api_key: str | None = Field(None, description="If set, /v1/* requires 'Authorization: Bearer <key>'.")
+    api_key: str | None = Field(
+        None, description="If set, every route but /health requires 'Authorization: Bearer <key>'."
+    )
+    public_metrics: bool = Field(False, description="With api_key set, leave /metrics open for scrapers.")
+    shutdown_timeout: float = Field(
+        5.0, ge=0, description="Seconds running requests get to finish after SIGTERM before the rest are ended."
+    )
     dtype: str = Field(
         "fast",
         description="Compute dtype for float variants: fast (bf16 where the machine runs it natively, else as "

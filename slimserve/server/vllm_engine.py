@@ -160,7 +160,7 @@ def cpu_placements(variants: int, cpus: Sequence[int], environ: Mapping[str, str
 
 
 def _cpu_list(cpus: Sequence[int]) -> str:
-    """"0-3" for a contiguous block, "0,2,5" otherwise (the syntax of VLLM_CPU_OMP_THREADS_BIND)."""
+    """ "0-3" for a contiguous block, "0,2,5" otherwise (the syntax of VLLM_CPU_OMP_THREADS_BIND)."""
     ids = list(cpus)
     if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1:
         return f"{ids[0]}-{ids[-1]}"

@@ -91,7 +91,7 @@ def test_errors_have_openai_shape(server: RunningServer) -> None:
 
 def test_disconnect_stops_generation(server: RunningServer) -> None:
     def generated() -> float:
-        text = httpx.get(f"{server.base_url}/metrics").text
+        text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
         match = re.search(rf'slimserve_completion_tokens_total{{model="{MODEL}"}} (\S+)', text)
         return float(match.group(1)) if match else 0.0
 

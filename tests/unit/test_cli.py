@@ -26,8 +26,11 @@ def test_serve_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> 
         "--latency-budget-ms",
         "--min-quality",
         "--backend",
+        "--public-metrics",
+        "--shutdown-timeout",
     ):
         assert flag in out
+    assert "/metrics" in " ".join(out.split())  # what --api-key guards besides /v1/*
 
 
 def test_variants_list_shows_registered_variants(slimserve_home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from slimserve.server.shutdown import BACKSTOP_S, DEFAULT_SHUTDOWN_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
@@ -66,6 +68,23 @@ def test_kubernetes_manifests_are_complete_and_consistent() -> None:
     assert service["spec"]["ports"][0]["targetPort"] in ("http", 8000)
     target = manifests["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def test_kubernetes_grace_period_covers_prestop_and_the_servers_shutdown_timeout() -> None:
+    """SIGTERM comes after preStop; the server then drains for --shutdown-timeout (plus uvicorn's backstop)
+    and must exit before the grace period ends in a SIGKILL that would cut every open stream."""
+    pod = next(d for d in _docs(DEPLOY / "k8s" / "deployment.yaml") if d["kind"] == "Deployment")["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = container["args"]
+    timeout = float(args[args.index("--shutdown-timeout") + 1]) if "--shutdown-timeout" in args else 5.0
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= float(command[1]) + timeout + BACKSTOP_S + 5
+
+
+def test_compose_stop_grace_covers_the_default_shutdown_timeout() -> None:
+    for service in _docs(DEPLOY / "compose.yaml")[0]["services"].values():
+        assert float(service["stop_grace_period"].removesuffix("s")) > DEFAULT_SHUTDOWN_TIMEOUT_S + BACKSTOP_S
 
 
 def test_compose_serves_cpu_by_default_and_gpu_by_profile() -> None:

@@ -8,13 +8,14 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
-from slimserve.server.engine import RequestHandle, TransformersEngine
+from slimserve.server.engine import EngineBusyError, RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import (
     GATHER,
@@ -611,12 +612,16 @@ def test_a_routed_request_carries_its_deadline_to_the_engine(tmp_path: Path) -> 
 def test_a_request_shed_from_a_full_variant_is_predicted_and_learned_as_the_one_that_served_it(
     tmp_path: Path,
 ) -> None:
-    """The teacher's queue takes nothing (max_waiting 0): a loose request the router sends there falls
+    """The teacher is full (it refuses every submission as busy): a loose request the router sends there falls
     through to the small variant, and the decision it leaves (header, inspection, what the margins learn
     from) carries the small variant's prediction, not the teacher's."""
     metrics = ServerMetrics()
     engines = _engines(tmp_path, metrics)
-    next(e for e in engines if e.name == "tiny-teacher").max_waiting = 0
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise EngineBusyError("full")
+
+    next(e for e in engines if e.name == "tiny-teacher").submit_many = full  # type: ignore[method-assign]
     with TestClient(create_app(engines, metrics), raise_server_exceptions=False) as c:
         for _ in range(200):
             if c.get("/health").status_code == 200:

@@ -238,18 +238,6 @@ def test_health_is_503_while_loading(tiny_variant_dir: Path) -> None:
         assert _chat(c).status_code == 200
 
 
-def test_full_queue_is_429_with_retry_after(tiny_variant_dir: Path) -> None:
-    engine = TransformersEngine(
-        lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics(), max_waiting=0
-    )
-    with _client([engine], api_key=None) as c:
-        _wait_healthy(c)
-        response = _chat(c)
-    assert response.status_code == 429
-    assert response.headers["retry-after"] == "1"
-    assert response.json()["error"]["type"] == "rate_limit_error"
-
-
 def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: Path) -> None:
     def load_then_break_decoding() -> LoadedVariant:
         loaded = load_variant(tiny_variant_dir, dtype="fp32")

@@ -25,6 +25,7 @@ STARTUP_TIMEOUT_S = 600
 MEMORY_BUDGET_MB = 3000
 """Two variants: each gets the smallest KV cache vLLM serves the 8k context with (256 MiB)."""
 
+
 def vllm_environment() -> dict[str, str]:
     env = os.environ.copy()
     if env.get("SLIMSERVE_TEST_VLLM_COMPILE") != "1":
