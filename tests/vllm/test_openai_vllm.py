@@ -114,7 +114,7 @@ def test_errors_have_openai_shape(vllm_server: RunningServer) -> None:
 
 
 def _generated(server: RunningServer, model: str) -> float:
-    text = httpx.get(f"{server.base_url}/metrics").text
+    text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     match = re.search(rf'slimserve_completion_tokens_total{{model="{model}"}} (\S+)', text)
     return float(match.group(1)) if match else 0.0
 
