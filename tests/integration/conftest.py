@@ -63,7 +63,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, int8_variant: Path) -> Iter
     )
 
 
-def serve(tmp_path_factory: pytest.TempPathFactory, arguments: list[str]) -> Iterator[RunningServer]:
+def serve(
+    tmp_path_factory: pytest.TempPathFactory,
+    arguments: list[str],
+    env: dict[str, str] | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Iterator[RunningServer]:
     """`slimserve serve ARGUMENTS` on a free port until it is healthy; stopped when the caller's fixture ends."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -72,10 +77,10 @@ def serve(tmp_path_factory: pytest.TempPathFactory, arguments: list[str]) -> Ite
             [sys.executable, "-m", "slimserve", "serve", "--port", str(port), *arguments],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
+            env=env if env is not None else os.environ.copy(),
         )
     running = RunningServer(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    deadline = time.monotonic() + startup_timeout_s
     try:
         while True:
             if process.poll() is not None:
@@ -86,12 +91,12 @@ def serve(tmp_path_factory: pytest.TempPathFactory, arguments: list[str]) -> Ite
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"server not healthy after {startup_timeout_s} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield running
     finally:
         process.terminate()
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()

@@ -7,19 +7,15 @@ SLIMSERVE_TEST_VLLM_COMPILE=1: a first inductor compilation takes minutes per va
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from slimserve.compression.quantize import QuantizeConfig, quantize_variant
 from slimserve.models import DEFAULT_VARIANT, VariantRegistry
 from slimserve.models.embedded import EmbeddedModelMissingError, embedded_gguf_path
-from tests.integration.conftest import API_KEY, RunningServer, _free_port
+from tests.integration.conftest import API_KEY, RunningServer, serve
 
 STARTUP_TIMEOUT_S = 600
 MEMORY_BUDGET_MB = 3000
@@ -55,32 +51,8 @@ def w8a8_variant(teacher: Path, scratch: VariantRegistry) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory, w8a8_variant: Path) -> Iterator[RunningServer]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable, "-m", "slimserve", "serve", "--backend", "vllm", "--port", str(port), "--api-key", API_KEY,
-        "--memory-budget-mb", str(MEMORY_BUDGET_MB), "--variant", DEFAULT_VARIANT, "--variant", str(w8a8_variant),
+    arguments = [
+        "--backend", "vllm", "--api-key", API_KEY, "--memory-budget-mb", str(MEMORY_BUDGET_MB),
+        "--variant", DEFAULT_VARIANT, "--variant", str(w8a8_variant),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=vllm_environment())
-    running = RunningServer(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{running.base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield running
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    yield from serve(tmp_path_factory, arguments, env=vllm_environment(), startup_timeout_s=STARTUP_TIMEOUT_S)
