@@ -16,7 +16,7 @@ compressed-tensors format it would write, with compressed-tensors' own parameter
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,17 @@ def round_to_nearest(weight: torch.Tensor, grid: IntGrid) -> QuantizedWeight:
     )
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one thread, then restore the pool's size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -147,24 +158,27 @@ def gptq(
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     block_size = max(block_size, g)
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(k, n)
+    w = w.t().contiguous()  # (K, N): a column of the weight is a contiguous row, updated in place below
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = w[:, start:end].clone()
+        block = w[start:end].clone()
         errors = torch.zeros_like(block)
         h_block = h_inv[start:end, start:end]
-        for i in range(end - start):
-            column = int(order[start + i])
-            group = column // g
-            if not act_order and column % g == 0:  # a new group: its grid from the weights as updated so far
-                scales[:, group], zeros[:, group] = grid.params(block[:, i : i + g])
-            scale, zero = scales[:, group], zeros[:, group]
-            q = grid.quantize(block[:, i], scale, zero)
-            codes[:, column] = q
-            error = (block[:, i] - (q - zero) * scale) / h_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ h_inv[start:end, end:]
+        with one_thread():  # vectors of N floats: thread hand-offs cost more than they save
+            for i in range(end - start):
+                column = int(order[start + i])
+                group = column // g
+                if not act_order and column % g == 0:  # a new group: its grid from the weights as updated so far
+                    scales[:, group], zeros[:, group] = grid.params(block[i : i + g].t())
+                scale, zero = scales[:, group], zeros[:, group]
+                q = grid.quantize(block[i], scale, zero)
+                codes[column] = q
+                error = (block[i] - (q - zero) * scale) / h_block[i, i]
+                block[i:].addr_(h_block[i, i:], error, alpha=-1.0)
+                errors[i] = error
+        w[end:].addmm_(h_inv[start:end, end:].t(), errors, alpha=-1.0)
+    codes = codes.t()
 
     dequantized = (codes - zeros.repeat_interleave(g, dim=1)) * scales.repeat_interleave(g, dim=1)
     return QuantizedWeight(codes.to(torch.int8), scales, zeros, dequantized)
