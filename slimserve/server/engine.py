@@ -111,6 +111,10 @@ class RequestHandle:
         self.finished = False
         self.deadline = deadline
         """`time.perf_counter()` by which the client's latency budget wants it done (routed requests only)."""
+        self.completion_tokens = 0
+        """Tokens generated as of the last event read (`events`)."""
+        self.finish_reason: str | None = None
+        """How it ended, once its last event was read."""
 
     def cancel(self) -> None:
         """Stop generating (client gone, or another choice failed); the engine drops it at its next step."""
@@ -119,6 +123,9 @@ class RequestHandle:
     async def events(self) -> AsyncIterator[GenerationEvent]:
         while True:
             event = await self.queue.get()
+            self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
             yield event
             if event.finish_reason is not None:
                 self.finished = True

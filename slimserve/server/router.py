@@ -447,6 +447,17 @@ class Decision:
     budget: dict[str, Any] = field(default_factory=dict)
     reserve: float = 0.0
     """Share of the time to the deadline kept free for later requests when this one was placed."""
+    first_token_ms: dict[str, float] = field(default_factory=dict)
+    """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
+
+    def expected_ms(self, tokens: int) -> float:
+        """The prediction for a request that generated `tokens` (of `max_tokens`): the part before the decode
+        steps in full, and the steps' share in proportion, so a request that stopped early is compared with
+        what its own length should have taken."""
+        if self.max_tokens <= 0 or tokens >= self.max_tokens:
+            return self.predicted_ms
+        first = min(self.first_token_ms.get(self.variant, 0.0), self.predicted_ms)
+        return first + (self.predicted_ms - first) * max(tokens, 0) / self.max_tokens
 
 
 class Router:
@@ -669,6 +680,10 @@ class Router:
         if harm[order[0].name]:
             reason += f"; pushes {harm[order[0].name]} running request(s) over their budget"
         chosen = order[0]
+        first = {
+            c.name: scale * ((0.0 if c.resident else c.profile.load_ms) + c.profile.ttft_ms(prompt_tokens))
+            for c in usable
+        }
         decision = Decision(
             variant=chosen.name,
             predicted_ms=round(predicted[chosen.name], 1),
@@ -679,13 +694,17 @@ class Router:
             max_tokens=max_tokens,
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
             reserve=round(reserve, 3),
+            first_token_ms={c.name: round(min(predicted[c.name], first[c.name]), 1) for c in usable},
         )
         with self._lock:
             self.decisions.append(decision)
         return order, decision
 
-    def observe(self, decision: Decision, elapsed_ms: float) -> None:
-        """A routed request finished its full length in `elapsed_ms`: calibrate later predictions.
+    def observe(self, decision: Decision, elapsed_ms: float, tokens: int | None = None) -> None:
+        """A routed request finished in `elapsed_ms` after generating `tokens` (None: its full `max_tokens`):
+        calibrate later predictions. One that stopped early (a stop string, EOS) is compared with the
+        prediction for the tokens it generated (`Decision.expected_ms`), so streamed and short answers teach
+        the router as much as full-length ones.
 
         Profiles time each step alone; what they miss (the event loop's share of the cores, prefills and
         steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
@@ -701,13 +720,14 @@ class Router:
         overstated: counting those (calibration and margin) helped at 0.6/s on a slower AVX-512 machine
         (163 of 187 feasible budgets met over four seeds, against 153) but cost more at 0.3/s (169 of 194,
         against 180 of 188), where the goal is within reach."""
-        if decision.predicted_ms <= 0 or decision.budget_met is False:
+        expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
+        if expected_ms <= 0 or decision.budget_met is False:
             return
-        ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
+        ratio = min(max(elapsed_ms / expected_ms, 0.5), 4.0)
         with self._lock:
             self.calibration += self.calibration_smoothing * (ratio - self.calibration)
             self.overruns.setdefault(decision.variant, deque(maxlen=self.overrun_history)).append(
-                elapsed_ms / decision.predicted_ms
+                elapsed_ms / expected_ms
             )
 
     def recent(self, count: int = 20) -> list[dict[str, Any]]:

@@ -638,3 +638,18 @@ def test_a_request_shed_from_a_full_variant_is_predicted_and_learned_as_the_one_
     assert decision["predicted_ms"] == decision["candidates"]["tiny-small"] != decision["candidates"]["tiny-teacher"]
     assert response.headers["x-slimserve-predicted-ms"] == f"{decision['predicted_ms']:.0f}"  # type: ignore[attr-defined]
     assert response.headers["x-slimserve-route-reason"] == decision["reason"]  # type: ignore[attr-defined]
+
+
+def test_a_request_that_stopped_early_is_compared_with_the_prediction_for_its_own_tokens() -> None:
+    """20 of 100 tokens (EOS came early): its prefill in full and a fifth of its steps, not the whole
+    prediction, or every short answer would look faster than predicted."""
+    router = Router(reserve=0)
+    decision = router.choose([INT4], Budget(latency_ms=10_000), 20, 100)[1]
+    first = decision.first_token_ms["int4"]
+    assert 0 < first < decision.predicted_ms
+    expected = first + (decision.predicted_ms - first) * 20 / 100
+    assert decision.expected_ms(20) == pytest.approx(expected)
+    router.observe(decision, expected, tokens=20)
+    assert router.calibration == pytest.approx(1.0) and list(router.overruns["int4"]) == [pytest.approx(1.0)]
+    router.observe(decision, 2 * decision.predicted_ms)  # full length: against the whole prediction
+    assert list(router.overruns["int4"])[-1] == pytest.approx(2.0)
