@@ -37,7 +37,7 @@ from slimserve.server.compute import BACKGROUND_S, SAFETY, ComputeThread, Turn
 from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class ServingEngine(Protocol):
     state: EngineState
     error: str | None
     variant: Any
-    profile: LatencyProfile | None
+    profile: CostProfile | None
     max_batch_size: int
     max_waiting: int
     """Sequences that may wait beyond the batch: the engine holds at most max_batch_size + max_waiting."""
@@ -250,7 +250,7 @@ class TransformersEngine:
         self.manifest = manifest
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
-        self.profile: LatencyProfile | None = None
+        self.profile: CostProfile | None = None
         """Live latency profile the router reads; the compute thread feeds it prefill and step times."""
         self.compute = compute or ComputeThread.shared()
         self._inbox: deque[_Sequence] = deque()

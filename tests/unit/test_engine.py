@@ -29,7 +29,7 @@ from slimserve.server.engine import (
     prompt_chunk,
 )
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
 from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, make_tiny_variant
 
@@ -297,7 +297,7 @@ def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_t
     and a larger batch would slow every step it has left); one due now itself, or without a budget, is."""
     engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
     engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
+    engine.profile = CostProfile(1.0, 0.01, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
     loop = asyncio.new_event_loop()
 
     def sequence(max_tokens: int, deadline_in_s: float | None) -> _Sequence:
@@ -326,7 +326,7 @@ def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_du
     engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
     engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
     # prefill: 10 ms a prompt token; steps: 50 ms
-    engine.profile = LatencyProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
+    engine.profile = CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
     loop = asyncio.new_event_loop()
 
     def sequence(prompt_tokens: int, max_tokens: int, deadline_in_s: float) -> _Sequence:
@@ -364,7 +364,7 @@ def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for
     request is done, and it generates what whole-prompt generation gives."""
     engine, loaded = _hand_stepped(tiny_variant_dir)
     # prefill: 10 ms a prompt token (a chunk of the long prompt: 1.2 s); steps: 50 ms; `smoothing=0` keeps them
-    engine.profile = LatencyProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0, smoothing=0.0)
     long_prompt = _two_chunk_prompt(loaded)
     tight_prompt = [30, 31, 32]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -395,7 +395,7 @@ def test_a_row_the_batch_pace_would_miss_but_its_own_steps_can_save_is_not_past_
     counting as past saving (background turns only); a row that not even its own steps can save is."""
     engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
     engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0)
+    engine.profile = CostProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0)
     loop = asyncio.new_event_loop()
 
     def sequence(max_tokens: int, deadline_in_s: float) -> _Sequence:
@@ -449,7 +449,7 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     engine, _ = _hand_stepped(tiny_variant_dir)
     # predicted steps: 100 ms for one row, 400 for four; `smoothing=0` keeps them (the tiny model's real
     # steps take a millisecond)
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
     loose_prompts = [[5, 6, 7], [20, 21, 22, 23], [30, 31]]
     tight_prompt = [40, 41, 42, 43, 44]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -491,7 +491,7 @@ def test_the_batch_goes_on_by_itself_once_the_rows_stepped_apart_are_done(tiny_v
     engine.start()
     assert engine.wait_ready(60)
     # predicted steps of 100 ms alone, 400 ms for four (the tiny model's real ones take about a millisecond)
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     async def scenario() -> list[int]:
@@ -635,7 +635,7 @@ def test_rows_due_before_an_urgent_row_step_apart_with_it(tiny_variant_dir: Path
     budget waits. In a routing run the one due sooner waited, fell past saving and missed its budget."""
     engine, _ = _hand_stepped(tiny_variant_dir)
     # predicted steps: 20 ms for one row, 60 for three; `smoothing=0` keeps them
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(10.0, 1.0, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0, smoothing=0.0)
 
     def params(tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)

@@ -17,12 +17,12 @@ from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
 from slimserve.server.engine import EngineBusyError, RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.profile import CostProfile
 from slimserve.server.router import (
     GATHER,
     MAX_MARGIN,
     Budget,
     BudgetError,
-    LatencyProfile,
     Router,
     alone_ms,
     deadline_harm,
@@ -40,7 +40,7 @@ class Described:
     """A variant as the router sees it: figures only (the server tests below use real engines)."""
 
     name: str
-    profile: LatencyProfile
+    profile: CostProfile
     ppl_ratio: float | None
     memory_mb: float
     resident: bool = True
@@ -56,7 +56,7 @@ class Described:
 
 
 def _variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
-    profile = LatencyProfile(
+    profile = CostProfile(
         prefill_overhead_ms=5, prefill_per_token_ms=0.5, step_b1_ms=step_ms, step_b8_ms=2 * step_ms, load_ms=3000
     )
     return Described(name, profile, ppl_ratio, memory_mb, **kw)  # type: ignore[arg-type]
@@ -387,7 +387,7 @@ def test_queue_and_loading_count_against_a_variant() -> None:
 
 
 def test_profiles_follow_what_the_engine_measures() -> None:
-    profile = LatencyProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=10, step_b8_ms=20, load_ms=0)
+    profile = CostProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=10, step_b8_ms=20, load_ms=0)
     for _ in range(30):
         profile.observe_step(1, 0.030)  # the machine is 3x slower than the manifest said
     assert profile.step_ms(1) == pytest.approx(30, rel=0.05)
