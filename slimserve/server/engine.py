@@ -60,6 +60,14 @@ interrupted; chunked prefill as in vLLM and Sarathi-Serve). Each chunk costs one
 share, which is why the chunk is not smaller."""
 
 
+WARMUP_BATCHES = (1, 2, 4, 8, 16)
+"""Batch sizes a variant's decode steps run at once when it loads (those up to its `max_batch_size`, and that)."""
+
+WARMUP_STEPS = 2
+"""Decode steps at each warm-up batch size: the first forward at a shape pays one-off costs (allocation,
+kernel choice, lazy initialisation) that the first requests would otherwise pay and the profile learn."""
+
+
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -271,6 +279,8 @@ class TransformersEngine:
         self._last_turn: dict[str, Any] = {}
         self._partial: _Partial | None = None
         """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
+        self._warm_up: list[Callable[[LoadedVariant], None]] = []
+        """Pieces of the load-time warm-up still to run, one per turn (`_warm_up_pieces`)."""
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -415,11 +425,53 @@ class TransformersEngine:
                 self._ready.set()
                 return
             self.variant, self.manifest = variant, variant.manifest
-            self.state = EngineState.READY
+            self._warm_up = self._warm_up_pieces(variant)
             self._attached = True
-        log.info("%s ready (loaded in %.1f s)", self.name, variant.load_seconds)
-        self.compute.attach(self)
-        self._ready.set()
+        log.info("%s loaded in %.1f s; warming up", self.name, variant.load_seconds)
+        self.compute.attach(self)  # READY once its warm-up turns have run (`step`)
+
+    def _warm_up_pieces(self, variant: LoadedVariant) -> list[Callable[[LoadedVariant], None]]:
+        """The warm-up a variant runs before it serves, as vLLM's profiling run does: a prefill of a whole
+        chunk, then `WARMUP_STEPS` decode steps at each batch size it will see, largest first (rows of
+        different lengths, padded as in serving). Untimed: the profile learns from served requests only, so
+        cold-start time never enters it. Without it, the first request to each variant ran 1.4-2.6x its
+        prediction, and the profile then learned those cold steps as the variant's speed (issue 39).
+
+        On the compute thread, a piece per turn, so the cores are not shared with a second torch thread
+        and another variant's urgent steps can take turns between the pieces."""
+        config = variant.model.config
+        vocab = int(config.vocab_size)
+        prompt = [i % vocab for i in range(1, PREFILL_TOKENS + 1)]
+        sizes = sorted({b for b in WARMUP_BATCHES if b < self.max_batch_size} | {self.max_batch_size}, reverse=True)
+        batch = PaddedKVBatch()
+
+        def prefill(loaded: LoadedVariant) -> None:
+            self._prefill(loaded, growing_cache(config), prompt)
+
+        def rows(loaded: LoadedVariant) -> None:
+            for row in range(sizes[0]):
+                cache = growing_cache(config)
+                self._prefill(loaded, cache, prompt[: 4 + row % 8])
+                batch.add(cache)
+
+        def steps(size: int) -> Callable[[LoadedVariant], None]:
+            def run(loaded: LoadedVariant) -> None:
+                if batch.size > size:
+                    batch.keep(list(range(size)))
+                tokens = torch.ones((size, 1), dtype=torch.long)  # (B, 1)
+                for _ in range(WARMUP_STEPS):
+                    mask, positions = batch.step_inputs()
+                    loaded.model(
+                        input_ids=tokens,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=batch.cache,
+                        use_cache=True,
+                    )
+
+            return run
+
+        return [prefill, rows, *(steps(size) for size in sizes)]
 
     # ---- compute thread ----------------------------------------------------------------------------
 
@@ -432,6 +484,8 @@ class TransformersEngine:
         A forward that raises fails the variant, not the server (as vLLM's engine core dies alone): every
         request it holds ends with the error, and the engine reports FAILED with the reason."""
         variant = self.variant
+        if self._warm_up and self.state is EngineState.LOADING and variant is not None:
+            return self._warm_up_turn(variant)
         if self.state is not EngineState.READY or variant is None:
             self._stop()
             return False
@@ -444,6 +498,28 @@ class TransformersEngine:
                 self.state = EngineState.FAILED
             self._stop(f"{self.name} failed: {self.error}")
             return True
+
+    def _warm_up_turn(self, variant: LoadedVariant) -> bool:
+        """The next piece of the warm-up; after the last the engine is READY. A forward that raises fails
+        the load, as a load that raises does."""
+        self._last_turn = {"prefills": [], "warm_up": len(self._warm_up)}  # pieces left, this one included
+        try:
+            self._warm_up.pop(0)(variant)
+        except Exception as exc:
+            log.exception("%s failed to warm up", self.name)
+            with self._lock:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.state = EngineState.FAILED
+            self._warm_up = []
+            self._stop()
+            return True
+        if not self._warm_up:
+            with self._lock:
+                if self.state is EngineState.LOADING:
+                    self.state = EngineState.READY
+            log.info("%s ready", self.name)
+            self._ready.set()
+        return True
 
     def _turn(self, variant: LoadedVariant) -> bool:
         eos = variant.eos_token_ids
@@ -544,6 +620,8 @@ class TransformersEngine:
         A waiting sequence counts like a running one whose work ahead is its prefill and every token: one
         without a budget (or cancelled) is prefilled at once, one with a budget when its deadline needs it,
         so a loose request's prefill does not cut into a tight request's steps on another engine."""
+        if self._warm_up and self.state is EngineState.LOADING:  # paced: urgent steps of others go first
+            return Turn(step_s=self._step_s(1), best_effort=True, cost_s=self._step_s(self.max_batch_size))
         if self.state is not EngineState.READY or self.variant is None:
             return Turn(step_s=0.0, prefill=True)  # stopping: one more turn aborts what is left and detaches
         rows = [s for s in self._running_rows() if not s.done]
@@ -704,6 +782,7 @@ class TransformersEngine:
         self._rows, self._batch = [], PaddedKVBatch()
         self._express_rows, self._express = [], PaddedKVBatch()
         self._stopped.set()
+        self._ready.set()  # stopped or failed while warming up: nobody waits for it any longer
 
     def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
         """Prefill into free batch slots, up to `PREFILL_TOKENS` prompt tokens this turn: first the next chunk

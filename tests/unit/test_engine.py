@@ -18,6 +18,7 @@ from slimserve.server.compute import SAFETY, ComputeThread
 from slimserve.server.engine import (
     PREFILL_TOKENS,
     WAIT_LIMIT_S,
+    WARMUP_STEPS,
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
@@ -230,6 +231,7 @@ def _engines_recording_forwards(
     for engine in engines.values():
         engine.start()
         assert engine.wait_ready(60)
+    forwards.clear()  # the load-time warm-ups' forwards: the tests order served requests' turns
     return engines, forwards
 
 
@@ -542,6 +544,8 @@ def test_the_turn_trace_records_each_prefill_and_every_step_of_a_request(
         compute.trace_turns(None)
     turns = [json.loads(line) for line in trace.read_text().splitlines()]
     assert {t["engine"] for t in turns} == {"tiny"}
+    assert [t["warm_up"] for t in turns if "warm_up" in t] == [7, 6, 5, 4, 3, 2, 1]  # prefill, rows, 5 batch sizes
+    turns = [t for t in turns if "warm_up" not in t]
     prefills = [p for t in turns for p in t["prefills"]]
     assert [(p["id"], p["prompt"], p["max"]) for p in prefills] == [(handle.request_id, 4, 6)]
     assert 0 < prefills[0]["left_s"] <= 30
@@ -714,10 +718,10 @@ def test_a_forward_that_raises_ends_every_request_with_the_error_and_fails_the_v
             raise RuntimeError("device lost")
         return forward(*args, **kwargs)
 
-    loaded.model.forward = failing_forward
     engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), max_batch_size=2)
     engine.start()
     assert engine.wait_ready(60)
+    loaded.model.forward = failing_forward  # after the load-time warm-up, whose forwards are not counted
 
     async def main() -> list[GenerationEvent]:
         params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
@@ -736,5 +740,39 @@ def test_a_forward_that_raises_ends_every_request_with_the_error_and_fails_the_v
 
         with pytest.raises(EngineNotReadyError, match="device lost"):
             asyncio.run(submit_again())
+    finally:
+        engine.shutdown()
+
+
+def test_a_variant_warms_up_at_every_batch_size_before_it_serves_and_the_profile_learns_none_of_it(
+    tiny_variant_dir: Path,
+) -> None:
+    """Cold first forwards (allocation, kernel choice) would make the first requests slow and teach the
+    profile that slowness: they run, untimed, before the engine reports READY."""
+    shapes: list[tuple[int, int]] = []
+
+    def load() -> LoadedVariant:
+        loaded = load_variant(tiny_variant_dir, dtype="fp32")
+        loaded.model.register_forward_hook(
+            lambda _m, args, kwargs, _out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        )
+        return loaded
+
+    engine = TransformersEngine(load, name="tiny", metrics=ServerMetrics(), max_batch_size=6)
+    engine.profile = CostProfile(1.0, 0.1, step_b1_ms=5.0, step_b8_ms=10.0, load_ms=0.0)
+    engine.start()
+    try:
+        assert engine.wait_ready(60) and engine.state is EngineState.READY
+        assert (1, PREFILL_TOKENS) in shapes  # a whole prefill chunk
+        decode_batches = [rows for rows, tokens in shapes if tokens == 1]
+        assert decode_batches == [b for b in (6, 4, 2, 1) for _ in range(WARMUP_STEPS)]
+        assert engine.profile.observations == 0 and engine.profile.step_scale == 1.0  # no cold sample
+        before = len(shapes)
+
+        async def one() -> list[int]:
+            return (await _run(engine.submit([5, 6, 7], SamplingParams(max_tokens=3, temperature=0))))[0]
+
+        assert len(asyncio.run(one())) >= 1
+        assert engine.profile.observations >= 2 and len(shapes) > before  # served requests are learned from
     finally:
         engine.shutdown()

@@ -244,6 +244,8 @@ def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: 
         forward, calls = loaded.model.forward, [0]
 
         def failing_forward(*args: Any, **kwargs: Any) -> Any:
+            if not armed.is_set():  # the load-time warm-up's forwards
+                return forward(*args, **kwargs)
             calls[0] += 1
             if calls[0] > 2:  # the prefill and one decode step succeed, then the model breaks
                 raise RuntimeError("simulated kernel failure")
@@ -252,9 +254,11 @@ def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: 
         loaded.model.forward = failing_forward
         return loaded
 
+    armed = threading.Event()
     engine = TransformersEngine(load_then_break_decoding, MODEL, ServerMetrics())
     with _client([engine], api_key=None) as c:
         _wait_healthy(c)
+        armed.set()
         response = _chat(c, stream=True, max_tokens=20, ignore_eos=True)
     assert response.status_code == 200
     frames = [f for f in response.text.split("\n\n") if f]
