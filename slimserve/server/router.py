@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from slimserve.server.compute import BACKGROUND_S
 from slimserve.server.profile import CostProfile
+from slimserve.server.scheduler import BACKGROUND_S
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from slimserve.models import LoadedVariant, load_variant
-from slimserve.server.compute import SAFETY, ComputeThread
+from slimserve.server.compute import ComputeThread
 from slimserve.server.engine import (
-    PREFILL_TOKENS,
-    WAIT_LIMIT_S,
     WARMUP_STEPS,
     EngineBusyError,
     EngineNotReadyError,
@@ -25,13 +23,11 @@ from slimserve.server.engine import (
     GenerationEvent,
     RequestHandle,
     TransformersEngine,
-    _Sequence,
-    prefill_chunks,
-    prompt_chunk,
 )
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.scheduler import PREFILL_TOKENS, prefill_chunks, prompt_chunk
 from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, make_tiny_variant
 
 
@@ -293,70 +289,6 @@ def test_a_loose_request_is_prefilled_after_a_tight_one_is_done_not_in_its_way(t
             engine.shutdown()
 
 
-def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_to_spare() -> None:
-    """On the same engine: while a running request's deadline leaves no slack (its remaining steps already
-    need more than the time left over `SAFETY`), a loose request is not prefilled into its batch (a prefill
-    and a larger batch would slow every step it has left); one due now itself, or without a budget, is."""
-    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    engine.profile = CostProfile(1.0, 0.01, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
-    loop = asyncio.new_event_loop()
-
-    def sequence(max_tokens: int, deadline_in_s: float | None) -> _Sequence:
-        deadline = None if deadline_in_s is None else time.perf_counter() + deadline_in_s
-        handle = RequestHandle("r", [1, 2, 3], loop, deadline)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
-
-    try:
-        # 40 steps at 50 ms need 2 s, 2.5 s with SAFETY: a 2.2 s budget has no time to spare
-        engine._rows = [sequence(40, 2.2)]
-        loose, unbudgeted, urgent = sequence(40, 60.0), sequence(40, None), sequence(10, 0.6)
-        engine._inbox.extend([loose, unbudgeted, urgent])
-        assert engine._admissible(engine._rows) == [unbudgeted, urgent]
-        turn = engine.pending()
-        assert turn is not None and turn.prefill and turn.latest_start is not None
-        engine._rows = [sequence(40, 30.0)]  # time to spare: everyone waiting joins
-        assert engine._admissible(engine._rows) == [loose, unbudgeted, urgent]
-    finally:
-        loop.close()
-
-
-def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_due_before_it() -> None:
-    """A prefill cannot be interrupted, so a budgeted prompt joins a batch only when its first chunk fits
-    before the latest start of every running request due before it; a prompt past saving yields to every
-    request that can still make it, whatever its own deadline, until it has waited `WAIT_LIMIT_S`."""
-    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    # prefill: 10 ms a prompt token; steps: 50 ms
-    engine.profile = CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
-    loop = asyncio.new_event_loop()
-
-    def sequence(prompt_tokens: int, max_tokens: int, deadline_in_s: float) -> _Sequence:
-        handle = RequestHandle("r", list(range(1, prompt_tokens + 1)), loop, time.perf_counter() + deadline_in_s)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
-
-    try:
-        # 20 steps need 1 s, 1.25 s with SAFETY: 0.35 s to spare before a 1.6 s deadline
-        engine._rows = [sequence(3, 20, 1.6)]
-        short = sequence(3, 40, 60.0)  # a 30 ms prefill: fits
-        long = sequence(60, 40, 60.0)  # a 600 ms prefill: does not
-        hopeless = sequence(3, 40, 0.5)  # 2 s of steps: past saving, though due first
-        hopeless_long = sequence(60, 40, 0.5)
-        sooner = sequence(60, 4, 1.2)  # 0.8 s of work, due before the running request: EDF
-        engine._inbox.extend([short, long, hopeless, hopeless_long, sooner])
-        assert engine._admissible(engine._rows) == [short, hopeless, sooner]
-        hopeless_long.submitted_at -= WAIT_LIMIT_S  # waited long enough: it goes in whatever it delays
-        assert engine._admissible(engine._rows) == [short, hopeless, hopeless_long, sooner]
-        engine._rows = [sequence(3, 20, 0.5)]  # past saving itself: it holds no one back
-        assert engine._admissible(engine._rows) == [short, long, hopeless, hopeless_long, sooner]
-        engine._inbox.clear()
-        engine._inbox.extend([long, short])
-        turn = engine.pending()  # the compute thread sees the step and the chunk the turn would run
-        assert turn is not None and turn.cost_s == pytest.approx(0.05 + 0.6 + 0.03)  # both prompts fit one turn
-    finally:
-        loop.close()
-
-
 def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for_them(
     tiny_variant_dir: Path, tiny_loaded: LoadedVariant
 ) -> None:
@@ -389,34 +321,6 @@ def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for
     assert order.index("long chunk") > len(order) - 1 - order[::-1].index("tight")  # after the tight one's last step
     assert tight_tokens == _reference_greedy(tiny_loaded, tight_prompt, 6)
     assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 6)
-
-
-def test_a_row_the_batch_pace_would_miss_but_its_own_steps_can_save_is_not_past_saving() -> None:
-    """The compute thread's urgency follows `_regroup`: a running row whose remaining steps no longer fit at
-    its batch's pace, but do stepped apart, keeps a latest start and its deadline (EDF turns), instead of
-    counting as past saving (background turns only); a row that not even its own steps can save is."""
-    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    engine.profile = CostProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0)
-    loop = asyncio.new_event_loop()
-
-    def sequence(max_tokens: int, deadline_in_s: float) -> _Sequence:
-        handle = RequestHandle("r", [1, 2, 3], loop, time.perf_counter() + deadline_in_s)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
-
-    try:
-        # five rows step at 100 ms: 10 steps need 1 s in the batch, 0.2 s alone
-        tight = sequence(10, 0.5)
-        engine._rows = [sequence(40, 60.0) for _ in range(4)] + [tight]
-        turn = engine.pending()
-        assert turn is not None and not turn.past_saving
-        assert turn.deadline == tight.handle.deadline
-        assert turn.latest_start is not None and turn.latest_start <= tight.handle.deadline - 0.2 * SAFETY + 1e-6
-        engine._rows[-1] = sequence(10, 0.1)  # 0.2 s of steps even alone: past saving
-        turn = engine.pending()
-        assert turn is not None and turn.past_saving and turn.deadline is not None and turn.deadline > 50
-    finally:
-        loop.close()
 
 
 async def _drain(events: AsyncIterator[Any]) -> None:
