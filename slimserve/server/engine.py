@@ -1,5 +1,6 @@
 """The generation engine: continuous batching of every request to one variant in one batch, whose rows
-with a deadline it would miss step apart from the rest while they need to (`TransformersEngine._regroup`).
+with a deadline it would miss step apart from the rest while they need to. It carries out the plans of
+its `scheduler.Scheduler` (what each turn prefills, which rows step); it decides nothing itself.
 
 Its prefill and decode steps run on the process's one compute thread (`compute.ComputeThread`), taking
 turns with the other resident variants' engines; loading runs on a thread of its own, so a variant
@@ -8,7 +9,7 @@ events come back to each request's asyncio queue.
 
 transformers' own continuous batching (`init_continuous_batching`) was considered: it handles per-request
 temperature/top-k/top-p but not per-request seeds, OpenAI penalties or top logprobs, so this module
-keeps a small scheduler over the model's forward and `DynamicCache` (see `batch.PaddedKVBatch`).
+keeps a small batcher over the model's forward and `DynamicCache` (see `batch.PaddedKVBatch`).
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ class TransformersEngine:
         self._rows: list[_Sequence] = []
         self._express = PaddedKVBatch()
         self._express_rows: list[_Sequence] = []
-        """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (`_regroup`)."""
+        """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (the scheduler's
+        `schedule_decode`)."""
         self._last_turn: dict[str, Any] = {}
         self._partial: _Partial | None = None
         """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
@@ -468,7 +470,7 @@ class TransformersEngine:
 
     def step(self) -> bool:
         """One turn: admit and prefill waiting sequences into free slots, then one decode step (of the whole
-        batch, or of its urgent rows alone: `_regroup`). True if it ran either, even when every row it
+        batch, or of its urgent rows alone: `Scheduler.schedule_decode`). True if it ran either, even when every row it
         stepped finished: a turn reported as idle leaves the engine out of the compute thread's turns until
         the next request arrives, and the rest of its batch (or its waiting queue) with it.
 

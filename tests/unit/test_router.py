@@ -18,20 +18,9 @@ from slimserve.server.app import create_app
 from slimserve.server.engine import EngineBusyError, RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
-from slimserve.server.router import (
-    GATHER,
-    MAX_MARGIN,
-    Budget,
-    BudgetError,
-    Router,
-    alone_ms,
-    deadline_harm,
-    edf_plan,
-    parse_budget,
-    predict_ms,
-    workhorse_ms,
-)
+from slimserve.server.router import GATHER, MAX_MARGIN, Budget, BudgetError, Router, parse_budget, workhorse_ms
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.scheduler import alone_ms, deadline_harm, edf_plan, predict_ms
 from tests.tiny import make_tiny_variant
 
 
