@@ -189,7 +189,7 @@ class Router:
         quality_tolerance: float = 0.005,
         reserve: float | None = None,
         coverage: float = 0.95,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not 0.0 < coverage <= 1.0:
             raise ValueError(f"coverage must be in (0, 1], got {coverage}")
@@ -224,6 +224,8 @@ class Router:
         (`load_spread`), so a quiet server gives loose budgets the best variant and a busy one keeps the
         cores for the requests that will follow."""
         self.clock = clock
+        """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
+        `time.perf_counter()`; the simulator's virtual clock)."""
         self.arrivals: deque[tuple[float, float]] = deque(maxlen=64)
         """(time, least work in ms) of recent routed requests: their rate and size predict what comes next."""
         self.arrival_window_s = 60.0
@@ -309,9 +311,9 @@ class Router:
         scale = self.calibration
         reserve = self.current_reserve(budget.latency_ms)
         least_work = min(c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable)
+        now = self.clock()
         with self._lock:
-            self.arrivals.append((self.clock(), least_work * scale))
-        now = time.perf_counter()  # the deadlines' clock
+            self.arrivals.append((now, least_work * scale))
         if self.shared_compute:
             plans = {
                 c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale, now)
