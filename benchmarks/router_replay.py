@@ -27,6 +27,7 @@ from typing import Any
 from router_misses import alone_from_dump
 
 from slimserve.models import VariantRegistry
+from slimserve.server.scheduler import savable as can_still_make
 
 
 @dataclass
@@ -56,12 +57,11 @@ class Request:
 
 
 def savable(request: Request, now: float, costs: Costs) -> bool:
-    """Its work left, alone at batch 1 from `now`, still ends by its deadline."""
+    """Its work left, alone at batch 1 from `now`, still ends by its deadline (the scheduler's test)."""
     if request.prefilled:
-        alone = request.left * costs.step_b1_ms
-    else:
-        alone = costs.prefill(request.prompt_tokens) + (request.left - 1) * costs.step_b1_ms
-    return now + alone <= request.due_ms
+        return can_still_make(request.due_ms - now, request.left, costs.step_b1_ms)
+    first = costs.prefill(request.prompt_tokens)
+    return can_still_make(request.due_ms - now, request.left - 1, costs.step_b1_ms, first)
 
 
 def replay(jobs: list[dict[str, Any]], costs: Costs, scheduler: str, safety: float) -> list[Request]:

@@ -46,7 +46,7 @@ class Spent:
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     own_steps: int = 0
     apart_steps: int = 0
-    """Own steps that ran apart from the rest of its batch (`TransformersEngine._regroup`)."""
+    """Own steps that ran apart from the rest of its batch (`Scheduler.schedule_decode`)."""
     biggest_other_ms: float = 0.0
     """The longest single turn of other work while it was in flight (a prefill cannot be interrupted)."""
 

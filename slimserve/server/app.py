@@ -216,11 +216,14 @@ def create_app(
             headers["X-Slimserve-Route-Reason"] = sent.decision.reason
         return headers
 
-    def record_outcome(sent: Dispatch, generated: int | None = None) -> None:
-        """Budget met or not (metrics); a routed request that ran its full length also calibrates the router."""
+    def record_outcome(sent: Dispatch) -> None:
+        """Budget met or not (metrics); a routed request that ended on its own (EOS, a stop string or its
+        length, streamed or not) also calibrates the router, per output token (`Router.observe`). One the
+        client left or that failed says nothing about the prediction."""
         elapsed_ms = 1000 * (time.perf_counter() - sent.started)
-        if sent.decision is not None and generated is not None and generated >= sent.decision.max_tokens:
-            router.observe(sent.decision, elapsed_ms)
+        ended = all(h.finish_reason in ("stop", "length") for h in sent.handles)
+        if sent.decision is not None and sent.handles and ended:
+            router.observe(sent.decision, elapsed_ms, max(h.completion_tokens for h in sent.handles))
         if sent.budget is not None and sent.budget.latency_ms is not None:
             outcome = "within" if elapsed_ms <= sent.budget.latency_ms else "over"
             metrics.budget_outcome.labels(sent.engine.name, outcome).inc()
@@ -298,7 +301,7 @@ def create_app(
             return _sse_response(tracked(sent, events), headers)
 
         results = await flow.collect(request, handles)
-        record_outcome(sent, max(r.completion_tokens for r in results))
+        record_outcome(sent)
         response.headers.update(headers)
         choices = [
             ChatChoice(
@@ -385,7 +388,7 @@ def create_app(
             return _sse_response(tracked(sent, events), headers)
 
         results = await flow.collect(request, handles)
-        record_outcome(sent, max(r.completion_tokens for r in results))
+        record_outcome(sent)
         response.headers.update(headers)
         choices = []
         for i, r in enumerate(results):

@@ -18,54 +18,23 @@ budget it comes first (the request starts at once), with one by its deadline. Se
 advance at the round-robin pace (one step per round of busy engines), and ones that can no longer make
 their budget at least once a second; either steps ahead of budgeted work only while that work's latest
 start leaves time. Round-robin alone made every busy variant slow every other's requests by a full step,
-whatever their budgets.
+whatever their budgets. The choice itself is the scheduler's (`scheduler.next_turn`); this module runs it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import torch
 
+from slimserve.server.scheduler import Turn, next_turn
+
 log = logging.getLogger(__name__)
-
-BACKGROUND_S = 1.0
-"""A sequence past saving (it will miss its budget whatever runs) steps at least this often; otherwise only
-when no other engine is due sooner, so it stops taking the cores from requests that can still make it."""
-
-SAFETY = 1.25
-"""A budgeted sequence's remaining steps are planned at this multiple of its engine's step time: turns
-of other engines (prefills, steps already under way) interleave with its own near its due time."""
-
-
-@dataclass(frozen=True)
-class Turn:
-    """What an engine has to do, for the choice of which engine steps next."""
-
-    step_s: float
-    """Predicted seconds of its next decode step."""
-    prefill: bool = False
-    """Sequences without a budget wait for admission (or the engine is stopping): step as soon as possible."""
-    latest_start: float | None = None
-    """`time.perf_counter()` by which its next step must start so that its budgeted sequences still
-    finish on time (None: none that can still make it)."""
-    deadline: float | None = None
-    """The earliest deadline of those budgeted sequences: the earliest-deadline-first order among engines."""
-    best_effort: bool = False
-    """It runs sequences without a budget: they advance at the round-robin pace."""
-    past_saving: bool = False
-    """It runs sequences that will miss their budgets whatever runs: they advance in the background."""
-    cost_s: float = 0.0
-    """Predicted seconds of the whole turn: its decode step and the prefill chunk it would run. Paced work
-    goes ahead of budgeted work only when all of this fits before the budgeted work's latest start."""
 
 
 class Steppable(Protocol):
@@ -88,43 +57,6 @@ class Steppable(Protocol):
     def last_turn(self) -> dict[str, Any]:
         """What its last `step` did (sequences prefilled, rows stepped), for the turn trace."""
         ...
-
-
-def paced(turn: Turn, last_ran: float, busy_engines: int) -> float:
-    """When this engine's sequences without a budget, or past saving, are due their next step (inf: none)."""
-    candidates = [math.inf]
-    if turn.best_effort:  # the round-robin pace: once per round of every busy engine's step
-        candidates.append(last_ran + turn.step_s * busy_engines)
-    if turn.past_saving:
-        candidates.append(last_ran + BACKGROUND_S)
-    return min(candidates)
-
-
-def next_turn(turns: Sequence[Turn], last_ran: Sequence[float], now: float | None = None) -> int:
-    """Index of the engine to step next: prefills without a budget first, then the budgeted engine due
-    first by deadline, unless paced work is due before every budgeted engine's latest start and its whole
-    turn (`Turn.cost_s`, at `SAFETY`) still ends by then; among equals, the engine that has waited longest.
-
-    The turn's length matters because a paced turn may carry a prefill chunk: in a routing run a hopeless
-    request's 0.3 s chunks took their background turns from a request with 0.2 s to spare, which then
-    could no longer make its budget."""
-    prefills = [i for i, turn in enumerate(turns) if turn.prefill]
-    if prefills:
-        return min(prefills, key=lambda i: last_ran[i])
-    starts = {i: turn.latest_start for i, turn in enumerate(turns) if turn.latest_start is not None}
-    pace = [paced(turn, last_ran[i], len(turns)) for i, turn in enumerate(turns)]
-    earliest_pace = min(range(len(turns)), key=lambda i: (pace[i], last_ran[i]))
-    if not starts:
-        return earliest_pace
-    first_start = min(starts.values())
-    now = time.perf_counter() if now is None else now
-    if pace[earliest_pace] < first_start and now + turns[earliest_pace].cost_s * SAFETY <= first_start:
-        return earliest_pace
-    return min(starts, key=lambda i: (_or_inf(turns[i].deadline), last_ran[i]))
-
-
-def _or_inf(value: float | None) -> float:
-    return math.inf if value is None else value
 
 
 class ComputeThread:
@@ -190,7 +122,9 @@ class ComputeThread:
                 if not busy:
                     self._work.wait()
                     continue
-                chosen = next_turn([turn for _, turn in busy], [last_ran.get(id(e), 0.0) for e, _ in busy])
+                chosen = next_turn(
+                    [turn for _, turn in busy], [last_ran.get(id(e), 0.0) for e, _ in busy], time.perf_counter()
+                )
                 engine = busy[chosen][0]
                 began = time.perf_counter()
                 worked = False

@@ -1,5 +1,6 @@
 """The generation engine: continuous batching of every request to one variant in one batch, whose rows
-with a deadline it would miss step apart from the rest while they need to (`TransformersEngine._regroup`).
+with a deadline it would miss step apart from the rest while they need to. It carries out the plans of
+its `scheduler.Scheduler` (what each turn prefills, which rows step); it decides nothing itself.
 
 Its prefill and decode steps run on the process's one compute thread (`compute.ComputeThread`), taking
 turns with the other resident variants' engines; loading runs on a thread of its own, so a variant
@@ -8,7 +9,7 @@ events come back to each request's asyncio queue.
 
 transformers' own continuous batching (`init_continuous_batching`) was considered: it handles per-request
 temperature/top-k/top-p but not per-request seeds, OpenAI penalties or top logprobs, so this module
-keeps a small scheduler over the model's forward and `DynamicCache` (see `batch.PaddedKVBatch`).
+keeps a small batcher over the model's forward and `DynamicCache` (see `batch.PaddedKVBatch`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import contextlib
 import enum
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -33,31 +33,22 @@ from slimserve.models.loader import LoadedVariant
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.admission import drain_seconds
 from slimserve.server.batch import PaddedKVBatch
-from slimserve.server.compute import BACKGROUND_S, SAFETY, ComputeThread, Turn
+from slimserve.server.compute import ComputeThread
 from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
+from slimserve.server.scheduler import PREFILL_TOKENS, Scheduler, Turn, prompt_chunk
 
 log = logging.getLogger(__name__)
 
-HOLD_STEPS = 8
-"""A row stepped apart for its deadline rejoins the whole batch once that batch's steps would leave it this
-many steps to spare: without the margin it would move back and forth at the edge of its budget."""
+WARMUP_BATCHES = (1, 2, 4, 8, 16)
+"""Batch sizes a variant's decode steps run at once when it loads (those up to its `max_batch_size`, and that)."""
 
-
-WAIT_LIMIT_S = 10.0
-"""A budgeted prompt waits at most this long (from its submission) for the spare time of running sequences
-due before it (`TransformersEngine._in_spare_time`): past that it is prefilled even if they miss, so
-steady tight traffic cannot starve a request that is past saving."""
-
-
-PREFILL_TOKENS = 128
-"""Prompt tokens one turn prefills: a longer prompt is prefilled in chunks of about this size, one per turn,
-so the compute thread can give another engine's urgent steps a turn between them (a prefill cannot be
-interrupted; chunked prefill as in vLLM and Sarathi-Serve). Each chunk costs one more forward's fixed
-share, which is why the chunk is not smaller."""
+WARMUP_STEPS = 2
+"""Decode steps at each warm-up batch size: the first forward at a shape pays one-off costs (allocation,
+kernel choice, lazy initialisation) that the first requests would otherwise pay and the profile learn."""
 
 
 class EngineState(enum.Enum):
@@ -111,6 +102,10 @@ class RequestHandle:
         self.finished = False
         self.deadline = deadline
         """`time.perf_counter()` by which the client's latency budget wants it done (routed requests only)."""
+        self.completion_tokens = 0
+        """Tokens generated as of the last event read (`events`)."""
+        self.finish_reason: str | None = None
+        """How it ended, once its last event was read."""
 
     def cancel(self) -> None:
         """Stop generating (client gone, or another choice failed); the engine drops it at its next step."""
@@ -119,6 +114,9 @@ class RequestHandle:
     async def events(self) -> AsyncIterator[GenerationEvent]:
         while True:
             event = await self.queue.get()
+            self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
             yield event
             if event.finish_reason is not None:
                 self.finished = True
@@ -142,6 +140,23 @@ class _Sequence:
     def steps_left(self) -> int:
         return self.params.max_tokens - len(self.generated)
 
+    # the scheduler's view of it (`scheduler.Job`)
+    @property
+    def deadline(self) -> float | None:
+        return self.handle.deadline
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.handle.prompt_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.cancelled.is_set()
+
 
 @dataclass(eq=False)
 class _Partial:
@@ -157,23 +172,6 @@ class _Partial:
     """Seconds to its deadline when its first chunk began (the turn trace)."""
 
 
-def prompt_chunk(prompt: list[int], done: int) -> list[int]:
-    """The tokens of the next chunk of `prompt` after the first `done` (`prefill_chunks`)."""
-    start = 0
-    for size in prefill_chunks(len(prompt)):
-        if start >= done:
-            return prompt[start : start + size]
-        start += size
-    return []
-
-
-def prefill_chunks(prompt_tokens: int, per_turn: int = PREFILL_TOKENS) -> list[int]:
-    """Chunk sizes of a prompt's prefill: as few chunks of at most `per_turn` as it needs, of equal size."""
-    count = max(1, math.ceil(prompt_tokens / per_turn))
-    size, extra = divmod(prompt_tokens, count)
-    return [size + (i < extra) for i in range(count)]
-
-
 class ServingEngine(Protocol):
     """What the pool and the app need from a backend (transformers on CPU, vLLM on GPU)."""
 
@@ -183,7 +181,7 @@ class ServingEngine(Protocol):
     state: EngineState
     error: str | None
     variant: Any
-    profile: LatencyProfile | None
+    profile: CostProfile | None
     max_batch_size: int
     max_waiting: int
     """Sequences that may wait beyond the batch: the engine holds at most max_batch_size + max_waiting."""
@@ -243,8 +241,8 @@ class TransformersEngine:
         self.manifest = manifest
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
-        self.profile: LatencyProfile | None = None
-        """Live latency profile the router reads; the compute thread feeds it prefill and step times."""
+        self.scheduler: Scheduler[_Sequence] = Scheduler(max_batch_size)
+        """Plans each turn; the engine carries its plans out."""
         self.compute = compute or ComputeThread.shared()
         self._inbox: deque[_Sequence] = deque()
         """Sequences waiting for a batch slot, oldest first (guarded by `_lock`)."""
@@ -260,10 +258,13 @@ class TransformersEngine:
         self._rows: list[_Sequence] = []
         self._express = PaddedKVBatch()
         self._express_rows: list[_Sequence] = []
-        """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (`_regroup`)."""
+        """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (the scheduler's
+        `schedule_decode`)."""
         self._last_turn: dict[str, Any] = {}
         self._partial: _Partial | None = None
         """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
+        self._warm_up: list[Callable[[LoadedVariant], None]] = []
+        """Pieces of the load-time warm-up still to run, one per turn (`_warm_up_pieces`)."""
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -287,6 +288,16 @@ class TransformersEngine:
         """Sequences queued for a batch slot (admission counts every admitted sequence: `_in_flight`)."""
         return len(self._inbox)
 
+    @property
+    def profile(self) -> CostProfile | None:
+        """Live cost profile the router and the scheduler read; the compute thread feeds it prefill and step
+        times."""
+        return self.scheduler.profile
+
+    @profile.setter
+    def profile(self, profile: CostProfile | None) -> None:
+        self.scheduler.profile = profile
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
         return self.state is EngineState.READY
@@ -295,11 +306,10 @@ class TransformersEngine:
         """Predicted seconds until `count` admitted sequences have finished (a 429's Retry-After): running ones
         after their remaining steps, queued ones in order as slots free, at the measured step time of a full
         batch. Called with `_lock` held."""
-        step_s = self._step_s(min(max(self._in_flight, 1), self.max_batch_size))
+        step_s = self.scheduler.step_s(min(max(self._in_flight, 1), self.max_batch_size))
         running = [s.steps_left * step_s for s in self._running_rows() if not s.done]
         queued = [
-            self._prefill_s(len(s.handle.prompt_ids), len(s.handle.prompt_ids)) + s.params.max_tokens * step_s
-            for s in self._inbox
+            self.scheduler.prefill_s(s.prompt_tokens, s.prompt_tokens) + s.max_tokens * step_s for s in self._inbox
         ]
         return drain_seconds(running, queued, self.max_batch_size, count)
 
@@ -408,23 +418,67 @@ class TransformersEngine:
                 self._ready.set()
                 return
             self.variant, self.manifest = variant, variant.manifest
-            self.state = EngineState.READY
+            self._warm_up = self._warm_up_pieces(variant)
             self._attached = True
-        log.info("%s ready (loaded in %.1f s)", self.name, variant.load_seconds)
-        self.compute.attach(self)
-        self._ready.set()
+        log.info("%s loaded in %.1f s; warming up", self.name, variant.load_seconds)
+        self.compute.attach(self)  # READY once its warm-up turns have run (`step`)
+
+    def _warm_up_pieces(self, variant: LoadedVariant) -> list[Callable[[LoadedVariant], None]]:
+        """The warm-up a variant runs before it serves, as vLLM's profiling run does: a prefill of a whole
+        chunk, then `WARMUP_STEPS` decode steps at each batch size it will see, largest first (rows of
+        different lengths, padded as in serving). Untimed: the profile learns from served requests only, so
+        cold-start time never enters it. Without it, the first request to each variant ran 1.4-2.6x its
+        prediction, and the profile then learned those cold steps as the variant's speed (issue 39).
+
+        On the compute thread, a piece per turn, so the cores are not shared with a second torch thread
+        and another variant's urgent steps can take turns between the pieces."""
+        config = variant.model.config
+        vocab = int(config.vocab_size)
+        prompt = [i % vocab for i in range(1, PREFILL_TOKENS + 1)]
+        sizes = sorted({b for b in WARMUP_BATCHES if b < self.max_batch_size} | {self.max_batch_size}, reverse=True)
+        batch = PaddedKVBatch()
+
+        def prefill(loaded: LoadedVariant) -> None:
+            self._prefill(loaded, growing_cache(config), prompt)
+
+        def rows(loaded: LoadedVariant) -> None:
+            for row in range(sizes[0]):
+                cache = growing_cache(config)
+                self._prefill(loaded, cache, prompt[: 4 + row % 8])
+                batch.add(cache)
+
+        def steps(size: int) -> Callable[[LoadedVariant], None]:
+            def run(loaded: LoadedVariant) -> None:
+                if batch.size > size:
+                    batch.keep(list(range(size)))
+                tokens = torch.ones((size, 1), dtype=torch.long)  # (B, 1)
+                for _ in range(WARMUP_STEPS):
+                    mask, positions = batch.step_inputs()
+                    loaded.model(
+                        input_ids=tokens,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=batch.cache,
+                        use_cache=True,
+                    )
+
+            return run
+
+        return [prefill, rows, *(steps(size) for size in sizes)]
 
     # ---- compute thread ----------------------------------------------------------------------------
 
     def step(self) -> bool:
         """One turn: admit and prefill waiting sequences into free slots, then one decode step (of the whole
-        batch, or of its urgent rows alone: `_regroup`). True if it ran either, even when every row it
+        batch, or of its urgent rows alone: `Scheduler.schedule_decode`). True if it ran either, even when every row it
         stepped finished: a turn reported as idle leaves the engine out of the compute thread's turns until
         the next request arrives, and the rest of its batch (or its waiting queue) with it.
 
         A forward that raises fails the variant, not the server (as vLLM's engine core dies alone): every
         request it holds ends with the error, and the engine reports FAILED with the reason."""
         variant = self.variant
+        if self._warm_up and self.state is EngineState.LOADING and variant is not None:
+            return self._warm_up_turn(variant)
         if self.state is not EngineState.READY or variant is None:
             self._stop()
             return False
@@ -437,6 +491,28 @@ class TransformersEngine:
                 self.state = EngineState.FAILED
             self._stop(f"{self.name} failed: {self.error}")
             return True
+
+    def _warm_up_turn(self, variant: LoadedVariant) -> bool:
+        """The next piece of the warm-up; after the last the engine is READY. A forward that raises fails
+        the load, as a load that raises does."""
+        self._last_turn = {"prefills": [], "warm_up": len(self._warm_up)}  # pieces left, this one included
+        try:
+            self._warm_up.pop(0)(variant)
+        except Exception as exc:
+            log.exception("%s failed to warm up", self.name)
+            with self._lock:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.state = EngineState.FAILED
+            self._warm_up = []
+            self._stop()
+            return True
+        if not self._warm_up:
+            with self._lock:
+                if self.state is EngineState.LOADING:
+                    self.state = EngineState.READY
+            log.info("%s ready", self.name)
+            self._ready.set()
+        return True
 
     def _turn(self, variant: LoadedVariant) -> bool:
         eos = variant.eos_token_ids
@@ -456,51 +532,17 @@ class TransformersEngine:
         return admitted or stepped
 
     def _regroup(self, now: float) -> tuple[PaddedKVBatch, list[_Sequence]]:
-        """The rows to step this turn: the whole batch, or only those whose deadlines need its steps now.
-
-        A row with a budget is urgent when the whole batch's steps (SAFETY times the step time of every
-        running row) would no longer finish it in time, yet steps of its own still can. Urgent rows are
-        split off and stepped alone while the rest of the batch waits, as a preemptive earliest-deadline
-        scheduler would: a batch step costs more the more rows it serves (the int4 student's: 44 ms at one
-        row, 126 at eight here), so a tight request that joins a busy batch misses at the batch's pace
-        where it would have made it alone. Rows due before an urgent row step with it, whether urgent or
-        not: in a routing run a loose request (128 tokens, 6.3 s left) stepped apart by urgency while a
-        request with 15 tokens and 1.5 s left waited, fell past saving and took 2.9 s against a 1.9 s
-        budget. Rows without a budget, or past saving, ride along once they have waited `BACKGROUND_S`,
-        so they still finish. With nothing urgent, or everything, the rows are one batch again."""
+        """Carry out the scheduler's decode plan (`Scheduler.schedule_decode`): the batch and rows to step,
+        moving rows between the main batch and the one stepped apart."""
         main, express = list(self._rows), list(self._express_rows)
-        everyone = main + express
-        if not everyone:
-            return self._batch, self._rows
-        full_s, alone_s = self._step_s(len(everyone)), self._step_s(1)
-
-        def savable(seq: _Sequence) -> bool:
-            """With a budget its own steps, stepped apart, can still meet."""
-            deadline = seq.handle.deadline
-            return deadline is not None and deadline - now >= seq.steps_left * alone_s
-
-        def urgent(seq: _Sequence, margin_s: float) -> bool:
-            if not savable(seq):
-                return False
-            deadline = seq.handle.deadline or 0.0  # set: savable
-            return deadline - seq.steps_left * full_s * SAFETY <= now + margin_s
-
-        hurry = [s for s in express if urgent(s, HOLD_STEPS * full_s)] + [s for s in main if urgent(s, 0.0)]
-        if hurry:  # earliest deadline first: rows due before an urgent row step with it, while they can make it
-            last_due = max(s.handle.deadline or 0.0 for s in hurry)
-            hurry += [s for s in everyone if s not in hurry and savable(s) and (s.handle.deadline or 0.0) <= last_due]
-        if not hurry or len(hurry) == len(everyone):
+        apart = self.scheduler.schedule_decode(main, express, now)
+        if apart is None:
             if express:
                 self._batch.merge(self._express)
                 self._express = PaddedKVBatch()
                 self._rows, self._express_rows = main + express, []
             return self._batch, self._rows
-
-        def in_background(seq: _Sequence) -> bool:
-            """Without a budget or past saving, and not stepped for `BACKGROUND_S`."""
-            return not savable(seq) and seq.last_token_at is not None and now - seq.last_token_at >= BACKGROUND_S
-
-        chosen = set(hurry) | {s for s in everyone if in_background(s)}
+        chosen = set(apart)
         leaving = [i for i, s in enumerate(express) if s not in chosen]
         if leaving:
             self._batch.merge(self._express.split(leaving))
@@ -532,152 +574,22 @@ class TransformersEngine:
         return self._last_turn
 
     def pending(self) -> Turn | None:
-        """How urgently this engine needs its next turn (see `compute`); None when it has nothing to do.
-
-        A waiting sequence counts like a running one whose work ahead is its prefill and every token: one
-        without a budget (or cancelled) is prefilled at once, one with a budget when its deadline needs it,
-        so a loose request's prefill does not cut into a tight request's steps on another engine."""
+        """How urgently this engine needs its next turn (`Scheduler.turn`); None when it has nothing to do."""
+        if self._warm_up and self.state is EngineState.LOADING:  # paced: urgent steps of others go first
+            step_s = self.scheduler.step_s(1)
+            return Turn(step_s=step_s, best_effort=True, cost_s=self.scheduler.step_s(self.max_batch_size))
         if self.state is not EngineState.READY or self.variant is None:
             return Turn(step_s=0.0, prefill=True)  # stopping: one more turn aborts what is left and detaches
-        rows = [s for s in self._running_rows() if not s.done]
-        admissible = self._admissible(rows)
-        if not rows and not admissible:
-            return None
-        now = time.perf_counter()
-        latest: float | None = None
-        deadline: float | None = None
-        best_effort = past_saving = False
-        # a prompt under way in chunks is not a prefill that comes first: its next chunk takes the turn of a
-        # running sequence, so budgeted work due before it gets turns between its chunks
-        prefill_now = any(s.handle.deadline is None or s.handle.cancelled.is_set() for s in admissible)
-        work = [(s, False) for s in rows] + [(s, True) for s in admissible if s.handle.deadline is not None]
-        for seq, waiting in work:
-            start = self._latest_start(seq, len(rows), now, waiting)
-            if start is None:
-                best_effort = True
-            elif start == math.inf:
-                past_saving = True
-            else:
-                latest = start if latest is None else min(latest, start)
-                due = seq.handle.deadline  # set: a sequence without one has no latest start
-                if due is not None:
-                    deadline = due if deadline is None else min(deadline, due)
-        step_s = self._step_s(len(rows))
-        return Turn(
-            step_s,
-            prefill=prefill_now,
-            latest_start=latest,
-            deadline=deadline,
-            best_effort=best_effort,
-            past_saving=past_saving,
-            cost_s=(step_s if rows else 0.0) + self._next_prefill_s(admissible),
-        )
+        return self.scheduler.turn(self._waiting(), self._running_rows(), self._partial_state(), time.perf_counter())
 
-    def _next_prefill_s(self, admissible: list[_Sequence]) -> float:
-        """Predicted seconds of the prefill the next turn runs (`_admit`): the next chunk of the prompt under
-        way if it fits, else the first chunks of waiting prompts up to `PREFILL_TOKENS`."""
-        partial = self._partial
-        if partial is not None:
-            ahead = self._ahead_of(partial)
-            if ahead is not None:  # its whole (one-chunk) prompt
-                return self._prefill_s(len(ahead.handle.prompt_ids), len(ahead.handle.prompt_ids))
-            prompt = partial.seq.handle.prompt_ids
-            if not self._next_chunk_fits(partial):
-                return 0.0
-            return self._prefill_s(len(prompt), len(prompt_chunk(prompt, partial.done)))
-        seconds, spent = 0.0, 0
-        for seq in admissible:
-            prompt = seq.handle.prompt_ids
-            first = prefill_chunks(len(prompt))[0]
-            if spent and spent + first > PREFILL_TOKENS:
-                break
-            seconds += self._prefill_s(len(prompt), first)
-            spent += first
-            if first < len(prompt):  # it stays under way: the turn prefills nothing else
-                break
-        return seconds
-
-    def _step_s(self, batch: int) -> float:
-        return self.profile.step_ms(batch) / 1000 if self.profile is not None else 0.05
-
-    def _latest_start(self, seq: _Sequence, running: int, now: float, waiting: bool = False) -> float | None:
-        """`time.perf_counter()` by which `seq`'s work ahead (its prefill if waiting, then its remaining
-        steps, planned at `SAFETY` times their predicted length) must start to meet its deadline; None
-        without a budget, inf once not even that work alone fits (past saving).
-
-        Its steps are planned at its batch's pace while that still fits, else at its own: `_regroup` then
-        steps it apart from the rest. Judged at the batch's pace alone, a tight request on a busy engine
-        counted as past saving, so the compute thread gave its engine only background turns while another
-        engine had budgeted work, though stepped apart it could still have made it."""
-        deadline = seq.handle.deadline
-        if deadline is None:
-            return None
-        partial = self._partial
-        if waiting or (partial is not None and seq is partial.seq):
-            prompt = len(seq.handle.prompt_ids)
-            first_s = self.profile.ttft_ms(prompt) / 1000 if self.profile is not None else 0.05
-            if not waiting:  # under way in chunks: what is left of its prompt, in a batch slot already its
-                assert partial is not None
-                first_s *= (prompt - partial.done) / prompt
-            steps, batch = seq.params.max_tokens, running + (1 if waiting else 0)
-        else:
-            first_s, steps, batch = 0.0, seq.steps_left, running
-        ahead_s = first_s + steps * self._step_s(batch)
-        if deadline - now < ahead_s:
-            ahead_s = first_s + steps * self._step_s(1)
-            if deadline - now < ahead_s:
-                return math.inf
-        return deadline - ahead_s * SAFETY
-
-    def _admissible(self, rows: list[_Sequence]) -> list[_Sequence]:
-        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, except that a
-        budgeted one joins only when its first chunk fits before the latest start of every running sequence
-        it must not delay (`_in_spare_time`); those without a budget, or cancelled, join at once."""
+    def _waiting(self) -> list[_Sequence]:
         with self._lock:
-            waiting = list(self._inbox)[: max(0, self.max_batch_size - len(rows))]
-        if not waiting:
-            return []
-        now = time.perf_counter()
-        admitted, spent_s = [], 0.0
-        for seq in waiting:
-            if seq.handle.deadline is None or seq.handle.cancelled.is_set():
-                admitted.append(seq)
-                continue
-            prompt = seq.handle.prompt_ids
-            chunk_s = self._prefill_s(len(prompt), prefill_chunks(len(prompt))[0])
-            if self._in_spare_time(seq, rows, now, spent_s + chunk_s, waiting=True):
-                admitted.append(seq)
-                spent_s += chunk_s
-        return admitted
+            return list(self._inbox)
 
-    def _prefill_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
-        """Predicted seconds of a `chunk_tokens` chunk of a prompt of `prompt_tokens` (its share of the TTFT)."""
-        whole_s = self.profile.ttft_ms(prompt_tokens) / 1000 if self.profile is not None else 0.05
-        return whole_s * chunk_tokens / max(prompt_tokens, 1)
-
-    def _in_spare_time(self, seq: _Sequence, rows: list[_Sequence], now: float, cost_s: float, waiting: bool) -> bool:
-        """Whether `cost_s` of `seq`'s prefill (planned at `SAFETY` times) can run now without delaying a
-        running sequence it must yield to past that sequence's latest start: one with a budget it can still
-        meet, due no later than `seq` (earliest deadline first), or any such one if `seq` is past saving (it
-        yields to all saveable work, as its decode steps do), or if it has waited `WAIT_LIMIT_S` already.
-
-        A prefill cannot be interrupted: in a routing run a hopeless request's 276-token prompt (three
-        chunks of 0.4 s) was prefilled into the turns of a running request with 0.6 s to spare, which then
-        missed its budget by 0.8 s."""
-        if now - seq.submitted_at >= WAIT_LIMIT_S:
-            return True
-        own = self._latest_start(seq, len(rows), now, waiting)
-        deadline = seq.handle.deadline
-        limits = []
-        for other in rows:
-            if other is seq or other.done or other.handle.deadline is None:
-                continue
-            start = self._latest_start(other, len(rows), now)
-            if start is None or start == math.inf:  # past saving: it yields to everyone
-                continue
-            if own == math.inf or deadline is None or other.handle.deadline <= deadline:
-                limits.append(start)
-        return not limits or now + cost_s * SAFETY <= min(limits)
+    def _partial_state(self) -> tuple[_Sequence, int] | None:
+        """The prompt under way and how many of its tokens are in its cache, as the scheduler takes it."""
+        partial = self._partial
+        return (partial.seq, partial.done) if partial is not None else None
 
     def _take_waiting(self) -> _Sequence | None:
         with self._lock:
@@ -697,63 +609,24 @@ class TransformersEngine:
         self._rows, self._batch = [], PaddedKVBatch()
         self._express_rows, self._express = [], PaddedKVBatch()
         self._stopped.set()
+        self._ready.set()  # stopped or failed while warming up: nobody waits for it any longer
 
     def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
-        """Prefill into free batch slots, up to `PREFILL_TOKENS` prompt tokens this turn: first the next chunk
-        of a prompt under way, then waiting sequences, whose prompts start in this turn only while what it
-        prefilled leaves room for their first chunk. True if it prefilled or took anything from the queue."""
-        spent = 0
-        if self._partial is not None:
-            ahead = self._ahead_of(self._partial)
-            if ahead is not None:  # due sooner: its whole prompt this turn, the chunks under way wait
-                under_way, self._partial = self._partial, None
-                self._start_prefill(variant, ahead, batch, rows, eos)
-                self._partial = under_way
-                return True
-            if not self._next_chunk_fits(self._partial):  # running sequences due first need this turn
-                return False
-            spent = self._prefill_chunk(variant, self._partial, batch, rows, eos)
-            if self._partial is not None:  # not done yet: its chunk was this turn's prefill
-                return True
-        taken = spent > 0
-        for seq in self._admissible(self._running_rows()):
-            first = prefill_chunks(len(seq.handle.prompt_ids))[0]
-            if spent and spent + first > PREFILL_TOKENS:
-                break
-            taken = True
-            spent += self._start_prefill(variant, seq, batch, rows, eos)
-            if self._partial is not None:
-                break
-        return taken
-
-    def _next_chunk_fits(self, partial: _Partial) -> bool:
-        """Whether the next chunk of the prompt under way runs this turn: always without a budget, else when
-        it fits the spare time of the running sequences it yields to (`_in_spare_time`)."""
-        seq = partial.seq
-        if seq.handle.deadline is None or seq.handle.cancelled.is_set():
+        """Carry out the scheduler's prefill plan (`Scheduler.schedule_prefill`). True if it prefilled or took
+        anything from the queue."""
+        plan = self.scheduler.schedule_prefill(
+            self._waiting(), self._running_rows(), self._partial_state(), time.perf_counter()
+        )
+        if plan.jump is not None:  # due sooner: its whole prompt this turn, the chunks under way wait
+            under_way, self._partial = self._partial, None
+            self._start_prefill(variant, plan.jump, batch, rows, eos)
+            self._partial = under_way
             return True
-        prompt = seq.handle.prompt_ids
-        chunk_s = self._prefill_s(len(prompt), len(prompt_chunk(prompt, partial.done)))
-        return self._in_spare_time(seq, self._running_rows(), time.perf_counter(), chunk_s, waiting=False)
-
-    def _ahead_of(self, partial: _Partial) -> _Sequence | None:
-        """A waiting sequence to prefill before the next chunk of the prompt under way: the admissible one
-        due soonest, if it is due before that prompt's deadline and its prompt is one chunk.
-
-        Earliest deadline first, as between engines: in a routing run a 45-token request with an 837 ms
-        budget arrived during the first of a 205-token prompt's two chunks (0.34 s each) on the same engine,
-        waited for the second, and missed by 0.6 s. A longer prompt does not jump: then two prompts would
-        be under way at once."""
-        due = partial.seq.handle.deadline
-        sooner = [
-            s
-            for s in self._admissible(self._running_rows())
-            if s.handle.deadline is not None
-            and (due is None or s.handle.deadline < due)
-            and len(s.handle.prompt_ids) <= PREFILL_TOKENS
-            and not s.handle.cancelled.is_set()
-        ]
-        return min(sooner, key=lambda s: s.handle.deadline or 0.0, default=None)
+        if plan.chunk and self._partial is not None:
+            self._prefill_chunk(variant, self._partial, batch, rows, eos)
+        for seq in plan.start:
+            self._start_prefill(variant, seq, batch, rows, eos)
+        return not plan.empty
 
     def _start_prefill(
         self, variant: LoadedVariant, seq: _Sequence, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]

@@ -18,7 +18,7 @@ from typing import Any
 from slimserve.server.engine import EngineState, ServingEngine
 from slimserve.server.errors import APIError
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class PoolEntry:
     """One variant: its (possibly stopped) engine, live latency profile, and what the router reads."""
 
     engine: ServingEngine
-    profile: LatencyProfile
+    profile: CostProfile
     last_used: float = 0.0
     reserved: int = 0
     """Requests routed here that have not been submitted to the engine yet."""
@@ -119,7 +119,7 @@ class VariantPool:
             raise ValueError("a server needs at least one variant")
         self.metrics = metrics
         self.memory_budget_mb = memory_budget_mb
-        self.entries = {e.name: PoolEntry(engine=e, profile=LatencyProfile.from_manifest(e.manifest)) for e in engines}
+        self.entries = {e.name: PoolEntry(engine=e, profile=CostProfile.from_manifest(e.manifest)) for e in engines}
         for entry in self.entries.values():
             entry.engine.profile = entry.profile
         self.default = engines[0].name

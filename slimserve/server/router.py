@@ -2,18 +2,19 @@
 
 A budget is a latency (end to end, milliseconds), a memory ceiling (the variant's resident size) and a
 minimum quality (the variant's held-out perplexity as a ratio to the teacher's, or a named tier). The
-router predicts each candidate's latency for *this* request from a live profile (time to first token as
-a function of prompt length, time per decode step as a function of batch size, the queue ahead, the load
-time when the variant is not resident), starting from the figures `slimserve eval` wrote into the
-manifest and corrected by what the engine measures while serving. On the CPU, where every variant's steps
-share the cores, the prediction follows the compute thread's earliest-deadline-first turns: a request is
-placed where it meets its budget without pushing running requests over theirs. It picks the
-highest-quality variant predicted to meet the budget; if none can, the fastest, and says so. While the
-cores are busy (the expected load leaves no room for a better variant), and for a request no variant
-can serve in time, "fastest" on shared cores means the workhorse (`workhorse_ms`): the variant whose own
-steps finish this request soonest by its measured figures, or one already stepping a batch within
-`GATHER` of it, so load gathers on one fast engine's batch instead of spreading; a request that only
-steps of its own can still save goes to the workhorse of the variants whose steps alone make it (`alone_ms`).
+router predicts each candidate's latency for *this* request from a live profile (time to first token as a
+function of prompt length, time per decode step as a function of batch size, the queue ahead, the load time
+when the variant is not resident), starting from the figures `slimserve eval` wrote into the manifest and
+corrected by what the engine measures while serving. On the CPU, where every variant's steps share the
+cores, the prediction follows the compute thread's earliest-deadline-first turns (the scheduler's
+`edf_plan`, which plans as its `Scheduler` runs them): a request is placed where it meets its budget
+without pushing running requests over theirs. It picks the highest-quality variant predicted to meet the
+budget; if none can, the fastest, and says so. While the cores are busy (the expected load leaves no room
+for a better variant), and for a request no variant can serve in time, "fastest" on shared cores means the
+workhorse (`workhorse_ms`): the variant whose own steps finish this request soonest by its measured
+figures, or one already stepping a batch within `GATHER` of it, so load gathers on one fast engine's batch
+instead of spreading; a request that only steps of its own can still save goes to the workhorse of the
+variants whose steps alone make it (`alone_ms`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from slimserve.models.manifest import VariantManifest
-from slimserve.server.compute import BACKGROUND_S
+from slimserve.server.scheduler import Candidate, alone_ms, deadline_harm, edf_plan, predict_ms
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
@@ -123,146 +123,7 @@ def parse_budget(headers: dict[str, str], body: dict[str, Any] | None, default: 
     )
 
 
-def _nlms(
-    scale: float, tilt: float, f_scale: float, f_tilt: float, observed: float, rate: float
-) -> tuple[float, float]:
-    """One normalised-LMS step of y = scale * f_scale + tilt * f_tilt towards `observed` (stable for rate < 2)."""
-    error = observed - (scale * f_scale + tilt * f_tilt)
-    gain = rate / max(f_scale * f_scale + f_tilt * f_tilt, 1e-9)
-    return scale + gain * f_scale * error, tilt + gain * f_tilt * error
-
-
-@dataclass
-class LatencyProfile:
-    """Predicted time to first token and per decode step of one variant, corrected from live traffic.
-
-    The manifest's lines (TTFT(L) = overhead + per_token * L; step(B) = interpolation between its batch-1
-    and batch-8 step times) are the shape; traffic learns a scale (the machine is uniformly slower or
-    faster than when the manifest was measured) and a tilt (one end is off, e.g. per-sequence overhead
-    makes large batches slower than the batch-8 figure). Each observation moves the prediction
-    `smoothing` of the way to it.
-    """
-
-    prefill_overhead_ms: float
-    prefill_per_token_ms: float
-    step_b1_ms: float
-    step_b8_ms: float
-    load_ms: float
-    smoothing: float = 0.2
-    observations: int = 0
-    step_scale: float = 1.0
-    step_tilt: float = 0.0
-    prefill_scale: float = 1.0
-    prefill_tilt: float = 0.0
-
-    @classmethod
-    def from_manifest(cls, manifest: VariantManifest | None) -> LatencyProfile:
-        """Start from the manifest's measured figures (or conservative guesses from the size)."""
-        metrics = manifest.metrics if manifest else {}
-        size_mb = (manifest.size_bytes / 1e6) if manifest else 500.0
-        b1 = float(metrics.get("decode_tok_s_b1") or max(5.0, 12000.0 / max(size_mb, 1.0)))
-        b8 = float(metrics.get("decode_tok_s_b8") or 4 * b1)
-        ttft_128 = float(metrics.get("ttft_ms_128") or 1000.0 * 128 / (20 * b1))
-        return cls(
-            prefill_overhead_ms=0.2 * ttft_128,
-            prefill_per_token_ms=0.8 * ttft_128 / 128,
-            step_b1_ms=1000.0 / b1,
-            step_b8_ms=8000.0 / b8,
-            load_ms=1000.0 * float(metrics.get("load_s") or size_mb / 100.0),
-        )
-
-    def _prefill_features(self, prompt_tokens: int) -> tuple[float, float]:
-        at_128 = self.prefill_overhead_ms + 128 * self.prefill_per_token_ms
-        # the tilt pivots at 128 tokens, so scale (the level) and tilt (the slope) are learned apart
-        return self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens, (prompt_tokens / 128 - 1) * at_128
-
-    def _step_features(self, batch: int) -> tuple[float, float]:
-        share = (max(1, batch) - 1) / 7  # 0 at batch 1, 1 at batch 8 (beyond: extrapolated)
-        # the tilt is zero at batch 1: an error seen at batch 1 rescales the whole line
-        return self.step_b1_ms + share * (self.step_b8_ms - self.step_b1_ms), share * self.step_b1_ms
-
-    def ttft_ms(self, prompt_tokens: int) -> float:
-        f_scale, f_tilt = self._prefill_features(prompt_tokens)
-        return max(self.prefill_scale * f_scale + self.prefill_tilt * f_tilt, 0.1)
-
-    def step_ms(self, batch: int) -> float:
-        f_scale, f_tilt = self._step_features(batch)
-        return max(self.step_scale * f_scale + self.step_tilt * f_tilt, 0.1)
-
-    def manifest_ttft_ms(self, prompt_tokens: int) -> float:
-        """TTFT by the manifest's line alone, before any correction from traffic."""
-        return max(self._prefill_features(prompt_tokens)[0], 0.1)
-
-    def manifest_step_ms(self, batch: int) -> float:
-        """Step time by the manifest's figures alone, before any correction from traffic."""
-        return max(self._step_features(batch)[0], 0.1)
-
-    def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
-        f_scale, f_tilt = self._prefill_features(prompt_tokens)
-        self.prefill_scale, self.prefill_tilt = _nlms(
-            self.prefill_scale, self.prefill_tilt, f_scale, f_tilt, 1000 * seconds, self.smoothing
-        )
-        self.observations += 1
-
-    def observe_step(self, batch: int, seconds: float) -> None:
-        f_scale, f_tilt = self._step_features(batch)
-        self.step_scale, self.step_tilt = _nlms(
-            self.step_scale, self.step_tilt, f_scale, f_tilt, 1000 * seconds, self.smoothing
-        )
-        self.observations += 1
-
-    def observe_load(self, seconds: float) -> None:
-        self.load_ms = 1000 * seconds
-
-
-class Candidate(Protocol):
-    """What the router needs to know about one variant (the pool's entries provide it)."""
-
-    profile: LatencyProfile
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def resident(self) -> bool: ...
-    @property
-    def available(self) -> bool: ...
-    @property
-    def memory_mb(self) -> float: ...
-    @property
-    def ppl_ratio(self) -> float | None: ...
-    @property
-    def running(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def max_batch_size(self) -> int: ...
-    def deadlines(self) -> list[tuple[float | None, int]]:
-        """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences."""
-        ...
-
-
 C = TypeVar("C", bound=Candidate)
-
-
-def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
-    """End-to-end latency of this request on `candidate` as its own batch runs it (a device share of its
-    own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size."""
-    profile = candidate.profile
-    step = profile.step_ms(min(candidate.running + candidate.waiting + 1, candidate.max_batch_size))
-    load = 0.0 if candidate.resident else profile.load_ms
-    queue = queued_ms(candidate, prompt_tokens, max_tokens, step)
-    return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * step
-
-
-def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms: float) -> float:
-    """Waiting before its prefill: sequences queued ahead are prefilled first, and beyond the batch size a
-    slot frees only as running sequences finish."""
-    ahead = candidate.waiting
-    queue = ahead * candidate.profile.ttft_ms(prompt_tokens)
-    overflow = candidate.running + ahead + 1 - candidate.max_batch_size
-    if overflow > 0:
-        queue += overflow / candidate.max_batch_size * max_tokens * step_ms
-    return queue
 
 
 def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> float:
@@ -289,149 +150,6 @@ def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> floa
     return alone * (1 - GATHER) if target.running + target.waiting else alone
 
 
-def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
-    """Latency of this request on `candidate` with the cores to itself: its load if not resident, its
-    prefill, then its steps at batch size one. Earliest-deadline-first turns and rows stepped apart
-    (`TransformersEngine._regroup`) give a tight request about this while the rest waits.
-
-    A request no variant fits goes to the cheapest variant fast enough alone, not the cheapest outright:
-    in a routing run at 0.3/s, 19 of 24 such requests that some variant alone could have met went by cost
-    to one that was not the fastest alone for them, and 4 made it. Not the fastest alone either: the
-    workhorse, when fast enough, keeps a second engine's steps out of its rounds (a run that chose the
-    fastest sent four to the idle int4 student, which took 1.4-1.6x their prediction while the 8-bit
-    student's batch ran).
-
-    It is the live profile's figure, unscaled by the router's calibration, as in the engine's test of
-    whether a row can still be saved: the calibration carries the waiting of requests that run with the
-    others, which a row stepped apart ahead of them does not do."""
-    profile = candidate.profile
-    load = 0.0 if candidate.resident else profile.load_ms
-    return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(1)
-
-
-def deadline_harm(target: Candidate, prompt_tokens: int) -> int:
-    """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
-    meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
-    larger batch for each token they still have to generate)."""
-    now = time.perf_counter()
-    busy = target.running + target.waiting
-    step_now = target.profile.step_ms(busy) if busy else 0.0
-    added = target.profile.step_ms(busy + 1) - step_now
-    prefill = target.profile.ttft_ms(prompt_tokens)
-    pushed = 0
-    for deadline, remaining in target.deadlines():
-        if deadline is None:
-            continue
-        slack = 1000 * (deadline - now) - remaining * step_now
-        if 0 <= slack < prefill + remaining * added:
-            pushed += 1
-    return pushed
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A new request on one candidate, as earliest-deadline-first would run it on the shared cores."""
-
-    finish_ms: float
-    """Predicted time until its last token: the work due before its deadline (every engine's steps
-    until its sequences due by then are done, prefills, its own steps) plus its load time."""
-    harm: int
-    """Running sequences predicted to meet their deadlines now that would miss them with it admitted."""
-    load: float
-    """Share of the time until its deadline that the work due by then (its own included) takes."""
-
-
-def edf_plan(
-    candidates: Sequence[Candidate],
-    target: Candidate,
-    prompt_tokens: int,
-    max_tokens: int,
-    deadline_ms: float | None,
-    scale: float = 1.0,
-) -> Plan:
-    """Place a request with `deadline_ms` (from now; None: no budget) on `target`, under the compute thread's
-    earliest-deadline-first turns (`compute`).
-
-    The demand test of EDF scheduling: by each deadline d, the cores must have done every step due by d.
-    A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
-    once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
-    the number of its sequences due by d (urgent rows step apart from the rest of their batch). Sequences
-    without a budget are due at the round-robin pace, as the compute thread runs them; ones past saving
-    yield to everything else but still step once per `BACKGROUND_S`, which counts as work due by each
-    deadline. The new request adds its prefill and makes its engine's batch one larger. `scale`: real time
-    per profile time (the router's calibration); deadlines are compared with the profiles' work in profile
-    time.
-    """
-    now = time.perf_counter()
-    busy = {c.name: c.running + c.waiting for c in candidates}
-    steps_before = {c.name: c.profile.step_ms(busy[c.name]) for c in candidates if busy[c.name]}
-    steps_after = dict(steps_before, **{target.name: target.profile.step_ms(busy[target.name] + 1)})
-    pace = sum(steps_after.values())  # one round of every busy engine
-    due: list[float] = []  # ms from now
-    engine: list[str] = []
-    steps_left: list[int] = []
-    budgeted: list[bool] = []
-    for c in candidates:
-        for deadline, remaining in c.deadlines():
-            if deadline is None:  # no budget: the compute thread runs it at the round-robin pace
-                due.append(remaining * pace)
-            elif 1000 * (deadline - now) / scale >= remaining * c.profile.step_ms(1):
-                due.append(1000 * (deadline - now) / scale)
-            else:  # past saving (not even its own steps, stepped apart, fit): it yields to everything else
-                due.append(math.inf)
-            engine.append(c.name)
-            steps_left.append(remaining)
-            budgeted.append(deadline is not None and due[-1] != math.inf)
-    prefill = target.profile.ttft_ms(prompt_tokens)
-
-    background: dict[str, int] = {}  # per engine: the most steps left of its sequences past saving
-    for name, left, when in zip(engine, steps_left, due, strict=True):
-        if when == math.inf:
-            background[name] = max(background.get(name, 0), left)
-
-    profiles = {c.name: c.profile for c in candidates}
-
-    def demand(jobs: list[int], steps: dict[str, float], first_ms: float) -> dict[int, float]:
-        """Per job: the work (ms) that must be done by its due time. An engine steps its rows due first apart
-        from the rest of its batch when they need it (`TransformersEngine._regroup`), so the work due by a
-        deadline runs at the step time of that engine's rows due by then, not of its whole batch; once a row
-        due by then cannot finish in time even alone, it is not stepped apart, and neither is the rest."""
-        longest: dict[str, int] = {}
-        apart: dict[str, int] = {}  # per engine: rows due so far, or 0 once they step as the whole batch
-        work = {}
-        for job in sorted(jobs, key=lambda j: due[j]):
-            if due[job] == math.inf:
-                continue
-            name = engine[job]
-            longest[name] = max(longest.get(name, 0), steps_left[job])
-            savable = due[job] >= steps_left[job] * profiles[name].step_ms(1)
-            apart[name] = apart.get(name, 0) + 1 if savable and apart.get(name, -1) != 0 else 0
-            pending = sum(
-                (min(steps.get(n, 0.0), profiles[n].step_ms(apart[n])) if apart[n] else steps.get(n, 0.0)) * left
-                for n, left in longest.items()
-            )
-            behind = sum(
-                steps.get(name, 0.0) * min(left, due[job] / (1000 * BACKGROUND_S))
-                for name, left in background.items()
-                if name not in longest
-            )
-            work[job] = first_ms + pending + behind
-        return work
-
-    running = list(range(len(due)))
-    before = demand(running, steps_before, 0.0)
-    due.append(deadline_ms / scale if deadline_ms is not None else prefill + max_tokens * pace)
-    engine.append(target.name)
-    steps_left.append(max_tokens)
-    budgeted.append(False)
-    after = demand([*running, len(due) - 1], steps_after, prefill)
-    harm = sum(1 for j in running if budgeted[j] and before[j] <= due[j] < after[j])
-    load = 0.0 if target.resident else target.profile.load_ms
-    queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
-    finish = load + queue + after[len(due) - 1]
-    return Plan(finish * scale, harm, finish / max(due[-1], 1e-3))
-
-
 @dataclass
 class Decision:
     variant: str
@@ -447,6 +165,17 @@ class Decision:
     budget: dict[str, Any] = field(default_factory=dict)
     reserve: float = 0.0
     """Share of the time to the deadline kept free for later requests when this one was placed."""
+    first_token_ms: dict[str, float] = field(default_factory=dict)
+    """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
+
+    def expected_ms(self, tokens: int) -> float:
+        """The prediction for a request that generated `tokens` (of `max_tokens`): the part before the decode
+        steps in full, and the steps' share in proportion, so a request that stopped early is compared with
+        what its own length should have taken."""
+        if self.max_tokens <= 0 or tokens >= self.max_tokens:
+            return self.predicted_ms
+        first = min(self.first_token_ms.get(self.variant, 0.0), self.predicted_ms)
+        return first + (self.predicted_ms - first) * max(tokens, 0) / self.max_tokens
 
 
 class Router:
@@ -460,7 +189,7 @@ class Router:
         quality_tolerance: float = 0.005,
         reserve: float | None = None,
         coverage: float = 0.95,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not 0.0 < coverage <= 1.0:
             raise ValueError(f"coverage must be in (0, 1], got {coverage}")
@@ -495,6 +224,8 @@ class Router:
         (`load_spread`), so a quiet server gives loose budgets the best variant and a busy one keeps the
         cores for the requests that will follow."""
         self.clock = clock
+        """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
+        `time.perf_counter()`; the simulator's virtual clock)."""
         self.arrivals: deque[tuple[float, float]] = deque(maxlen=64)
         """(time, least work in ms) of recent routed requests: their rate and size predict what comes next."""
         self.arrival_window_s = 60.0
@@ -580,11 +311,13 @@ class Router:
         scale = self.calibration
         reserve = self.current_reserve(budget.latency_ms)
         least_work = min(c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable)
+        now = self.clock()
         with self._lock:
-            self.arrivals.append((self.clock(), least_work * scale))
+            self.arrivals.append((now, least_work * scale))
         if self.shared_compute:
             plans = {
-                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale) for c in usable
+                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale, now)
+                for c in usable
             }
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
@@ -594,7 +327,7 @@ class Router:
             cost = {c.name: workhorse_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
-            harm = {c.name: deadline_harm(c, prompt_tokens) for c in usable}
+            harm = {c.name: deadline_harm(c, prompt_tokens, now) for c in usable}
             load = {name: ms / limits[name] if limits else 0.0 for name, ms in predicted.items()}
             cost = predicted  # a device share of its own: its latency is all it costs
         met: bool | None
@@ -669,6 +402,10 @@ class Router:
         if harm[order[0].name]:
             reason += f"; pushes {harm[order[0].name]} running request(s) over their budget"
         chosen = order[0]
+        first = {
+            c.name: scale * ((0.0 if c.resident else c.profile.load_ms) + c.profile.ttft_ms(prompt_tokens))
+            for c in usable
+        }
         decision = Decision(
             variant=chosen.name,
             predicted_ms=round(predicted[chosen.name], 1),
@@ -679,13 +416,17 @@ class Router:
             max_tokens=max_tokens,
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
             reserve=round(reserve, 3),
+            first_token_ms={c.name: round(min(predicted[c.name], first[c.name]), 1) for c in usable},
         )
         with self._lock:
             self.decisions.append(decision)
         return order, decision
 
-    def observe(self, decision: Decision, elapsed_ms: float) -> None:
-        """A routed request finished its full length in `elapsed_ms`: calibrate later predictions.
+    def observe(self, decision: Decision, elapsed_ms: float, tokens: int | None = None) -> None:
+        """A routed request finished in `elapsed_ms` after generating `tokens` (None: its full `max_tokens`):
+        calibrate later predictions. One that stopped early (a stop string, EOS) is compared with the
+        prediction for the tokens it generated (`Decision.expected_ms`), so streamed and short answers teach
+        the router as much as full-length ones.
 
         Profiles time each step alone; what they miss (the event loop's share of the cores, prefills and
         steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
@@ -701,13 +442,14 @@ class Router:
         overstated: counting those (calibration and margin) helped at 0.6/s on a slower AVX-512 machine
         (163 of 187 feasible budgets met over four seeds, against 153) but cost more at 0.3/s (169 of 194,
         against 180 of 188), where the goal is within reach."""
-        if decision.predicted_ms <= 0 or decision.budget_met is False:
+        expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
+        if expected_ms <= 0 or decision.budget_met is False:
             return
-        ratio = min(max(elapsed_ms / decision.predicted_ms, 0.5), 4.0)
+        ratio = min(max(elapsed_ms / expected_ms, 0.5), 4.0)
         with self._lock:
             self.calibration += self.calibration_smoothing * (ratio - self.calibration)
             self.overruns.setdefault(decision.variant, deque(maxlen=self.overrun_history)).append(
-                elapsed_ms / decision.predicted_ms
+                elapsed_ms / expected_ms
             )
 
     def recent(self, count: int = 20) -> list[dict[str, Any]]:

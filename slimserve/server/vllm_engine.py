@@ -41,7 +41,7 @@ from slimserve.models.manifest import VariantManifest
 from slimserve.models.runtimes import host_vllm_runtimes, vllm_backend_note
 from slimserve.server.engine import EngineBusyError, EngineNotReadyError, EngineState, GenerationEvent, RequestHandle
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class StepObserver:
     it ran (`running`, `waiting`) and, into the latency profile, its step and prefill times as the engine
     core timed them."""
 
-    profile: LatencyProfile | None = None
+    profile: CostProfile | None = None
     running: int = 0
     waiting: int = 0
 
@@ -339,7 +339,7 @@ class VLLMEngine:
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.variant: Any = None
-        self.profile: LatencyProfile | None = None
+        self.profile: CostProfile | None = None
         self._engine: Any = None
         self._tokenizer: Any = None
         self._context_length = 0

@@ -1,8 +1,8 @@
-"""The compute thread's choice of which engine steps next (`compute.next_turn`)."""
+"""The compute thread's choice of which engine steps next (`scheduler.next_turn`)."""
 
 from __future__ import annotations
 
-from slimserve.server.compute import BACKGROUND_S, Turn, next_turn
+from slimserve.server.scheduler import BACKGROUND_S, Turn, next_turn
 
 NOW = 1000.0
 

@@ -14,23 +14,20 @@ import pytest
 import torch
 
 from slimserve.models import LoadedVariant, load_variant
-from slimserve.server.compute import SAFETY, ComputeThread
+from slimserve.server.compute import ComputeThread
 from slimserve.server.engine import (
-    PREFILL_TOKENS,
-    WAIT_LIMIT_S,
+    WARMUP_STEPS,
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
     GenerationEvent,
     RequestHandle,
     TransformersEngine,
-    _Sequence,
-    prefill_chunks,
-    prompt_chunk,
 )
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.scheduler import PREFILL_TOKENS, prefill_chunks, prompt_chunk
 from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, make_tiny_variant
 
 
@@ -230,6 +227,7 @@ def _engines_recording_forwards(
     for engine in engines.values():
         engine.start()
         assert engine.wait_ready(60)
+    forwards.clear()  # the load-time warm-ups' forwards: the tests order served requests' turns
     return engines, forwards
 
 
@@ -291,70 +289,6 @@ def test_a_loose_request_is_prefilled_after_a_tight_one_is_done_not_in_its_way(t
             engine.shutdown()
 
 
-def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_to_spare() -> None:
-    """On the same engine: while a running request's deadline leaves no slack (its remaining steps already
-    need more than the time left over `SAFETY`), a loose request is not prefilled into its batch (a prefill
-    and a larger batch would slow every step it has left); one due now itself, or without a budget, is."""
-    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
-    loop = asyncio.new_event_loop()
-
-    def sequence(max_tokens: int, deadline_in_s: float | None) -> _Sequence:
-        deadline = None if deadline_in_s is None else time.perf_counter() + deadline_in_s
-        handle = RequestHandle("r", [1, 2, 3], loop, deadline)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
-
-    try:
-        # 40 steps at 50 ms need 2 s, 2.5 s with SAFETY: a 2.2 s budget has no time to spare
-        engine._rows = [sequence(40, 2.2)]
-        loose, unbudgeted, urgent = sequence(40, 60.0), sequence(40, None), sequence(10, 0.6)
-        engine._inbox.extend([loose, unbudgeted, urgent])
-        assert engine._admissible(engine._rows) == [unbudgeted, urgent]
-        turn = engine.pending()
-        assert turn is not None and turn.prefill and turn.latest_start is not None
-        engine._rows = [sequence(40, 30.0)]  # time to spare: everyone waiting joins
-        assert engine._admissible(engine._rows) == [loose, unbudgeted, urgent]
-    finally:
-        loop.close()
-
-
-def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_due_before_it() -> None:
-    """A prefill cannot be interrupted, so a budgeted prompt joins a batch only when its first chunk fits
-    before the latest start of every running request due before it; a prompt past saving yields to every
-    request that can still make it, whatever its own deadline, until it has waited `WAIT_LIMIT_S`."""
-    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    # prefill: 10 ms a prompt token; steps: 50 ms
-    engine.profile = LatencyProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0)
-    loop = asyncio.new_event_loop()
-
-    def sequence(prompt_tokens: int, max_tokens: int, deadline_in_s: float) -> _Sequence:
-        handle = RequestHandle("r", list(range(1, prompt_tokens + 1)), loop, time.perf_counter() + deadline_in_s)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
-
-    try:
-        # 20 steps need 1 s, 1.25 s with SAFETY: 0.35 s to spare before a 1.6 s deadline
-        engine._rows = [sequence(3, 20, 1.6)]
-        short = sequence(3, 40, 60.0)  # a 30 ms prefill: fits
-        long = sequence(60, 40, 60.0)  # a 600 ms prefill: does not
-        hopeless = sequence(3, 40, 0.5)  # 2 s of steps: past saving, though due first
-        hopeless_long = sequence(60, 40, 0.5)
-        sooner = sequence(60, 4, 1.2)  # 0.8 s of work, due before the running request: EDF
-        engine._inbox.extend([short, long, hopeless, hopeless_long, sooner])
-        assert engine._admissible(engine._rows) == [short, hopeless, sooner]
-        hopeless_long.submitted_at -= WAIT_LIMIT_S  # waited long enough: it goes in whatever it delays
-        assert engine._admissible(engine._rows) == [short, hopeless, hopeless_long, sooner]
-        engine._rows = [sequence(3, 20, 0.5)]  # past saving itself: it holds no one back
-        assert engine._admissible(engine._rows) == [short, long, hopeless, hopeless_long, sooner]
-        engine._inbox.clear()
-        engine._inbox.extend([long, short])
-        turn = engine.pending()  # the compute thread sees the step and the chunk the turn would run
-        assert turn is not None and turn.cost_s == pytest.approx(0.05 + 0.6 + 0.03)  # both prompts fit one turn
-    finally:
-        loop.close()
-
-
 def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for_them(
     tiny_variant_dir: Path, tiny_loaded: LoadedVariant
 ) -> None:
@@ -364,7 +298,7 @@ def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for
     request is done, and it generates what whole-prompt generation gives."""
     engine, loaded = _hand_stepped(tiny_variant_dir)
     # prefill: 10 ms a prompt token (a chunk of the long prompt: 1.2 s); steps: 50 ms; `smoothing=0` keeps them
-    engine.profile = LatencyProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0, smoothing=0.0)
     long_prompt = _two_chunk_prompt(loaded)
     tight_prompt = [30, 31, 32]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -387,34 +321,6 @@ def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for
     assert order.index("long chunk") > len(order) - 1 - order[::-1].index("tight")  # after the tight one's last step
     assert tight_tokens == _reference_greedy(tiny_loaded, tight_prompt, 6)
     assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 6)
-
-
-def test_a_row_the_batch_pace_would_miss_but_its_own_steps_can_save_is_not_past_saving() -> None:
-    """The compute thread's urgency follows `_regroup`: a running row whose remaining steps no longer fit at
-    its batch's pace, but do stepped apart, keeps a latest start and its deadline (EDF turns), instead of
-    counting as past saving (background turns only); a row that not even its own steps can save is."""
-    engine = TransformersEngine(lambda: None, name="tiny", metrics=ServerMetrics())  # type: ignore[arg-type,return-value]
-    engine.state, engine.variant = EngineState.READY, object()  # type: ignore[assignment]
-    engine.profile = LatencyProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0)
-    loop = asyncio.new_event_loop()
-
-    def sequence(max_tokens: int, deadline_in_s: float) -> _Sequence:
-        handle = RequestHandle("r", [1, 2, 3], loop, time.perf_counter() + deadline_in_s)
-        return _Sequence(handle, SamplingParams(max_tokens=max_tokens), None, None, time.perf_counter())  # type: ignore[arg-type]
-
-    try:
-        # five rows step at 100 ms: 10 steps need 1 s in the batch, 0.2 s alone
-        tight = sequence(10, 0.5)
-        engine._rows = [sequence(40, 60.0) for _ in range(4)] + [tight]
-        turn = engine.pending()
-        assert turn is not None and not turn.past_saving
-        assert turn.deadline == tight.handle.deadline
-        assert turn.latest_start is not None and turn.latest_start <= tight.handle.deadline - 0.2 * SAFETY + 1e-6
-        engine._rows[-1] = sequence(10, 0.1)  # 0.2 s of steps even alone: past saving
-        turn = engine.pending()
-        assert turn is not None and turn.past_saving and turn.deadline is not None and turn.deadline > 50
-    finally:
-        loop.close()
 
 
 async def _drain(events: AsyncIterator[Any]) -> None:
@@ -449,7 +355,7 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     engine, _ = _hand_stepped(tiny_variant_dir)
     # predicted steps: 100 ms for one row, 400 for four; `smoothing=0` keeps them (the tiny model's real
     # steps take a millisecond)
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
     loose_prompts = [[5, 6, 7], [20, 21, 22, 23], [30, 31]]
     tight_prompt = [40, 41, 42, 43, 44]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -491,7 +397,7 @@ def test_the_batch_goes_on_by_itself_once_the_rows_stepped_apart_are_done(tiny_v
     engine.start()
     assert engine.wait_ready(60)
     # predicted steps of 100 ms alone, 400 ms for four (the tiny model's real ones take about a millisecond)
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(10.0, 1.0, step_b1_ms=100.0, step_b8_ms=800.0, load_ms=0.0, smoothing=0.0)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     async def scenario() -> list[int]:
@@ -542,6 +448,8 @@ def test_the_turn_trace_records_each_prefill_and_every_step_of_a_request(
         compute.trace_turns(None)
     turns = [json.loads(line) for line in trace.read_text().splitlines()]
     assert {t["engine"] for t in turns} == {"tiny"}
+    assert [t["warm_up"] for t in turns if "warm_up" in t] == [7, 6, 5, 4, 3, 2, 1]  # prefill, rows, 5 batch sizes
+    turns = [t for t in turns if "warm_up" not in t]
     prefills = [p for t in turns for p in t["prefills"]]
     assert [(p["id"], p["prompt"], p["max"]) for p in prefills] == [(handle.request_id, 4, 6)]
     assert 0 < prefills[0]["left_s"] <= 30
@@ -635,7 +543,7 @@ def test_rows_due_before_an_urgent_row_step_apart_with_it(tiny_variant_dir: Path
     budget waits. In a routing run the one due sooner waited, fell past saving and missed its budget."""
     engine, _ = _hand_stepped(tiny_variant_dir)
     # predicted steps: 20 ms for one row, 60 for three; `smoothing=0` keeps them
-    engine.profile = LatencyProfile(10.0, 1.0, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0, smoothing=0.0)
+    engine.profile = CostProfile(10.0, 1.0, step_b1_ms=20.0, step_b8_ms=160.0, load_ms=0.0, smoothing=0.0)
 
     def params(tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -714,10 +622,10 @@ def test_a_forward_that_raises_ends_every_request_with_the_error_and_fails_the_v
             raise RuntimeError("device lost")
         return forward(*args, **kwargs)
 
-    loaded.model.forward = failing_forward
     engine = TransformersEngine(lambda: loaded, name="tiny", metrics=ServerMetrics(), max_batch_size=2)
     engine.start()
     assert engine.wait_ready(60)
+    loaded.model.forward = failing_forward  # after the load-time warm-up, whose forwards are not counted
 
     async def main() -> list[GenerationEvent]:
         params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
@@ -736,5 +644,39 @@ def test_a_forward_that_raises_ends_every_request_with_the_error_and_fails_the_v
 
         with pytest.raises(EngineNotReadyError, match="device lost"):
             asyncio.run(submit_again())
+    finally:
+        engine.shutdown()
+
+
+def test_a_variant_warms_up_at_every_batch_size_before_it_serves_and_the_profile_learns_none_of_it(
+    tiny_variant_dir: Path,
+) -> None:
+    """Cold first forwards (allocation, kernel choice) would make the first requests slow and teach the
+    profile that slowness: they run, untimed, before the engine reports READY."""
+    shapes: list[tuple[int, int]] = []
+
+    def load() -> LoadedVariant:
+        loaded = load_variant(tiny_variant_dir, dtype="fp32")
+        loaded.model.register_forward_hook(
+            lambda _m, args, kwargs, _out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        )
+        return loaded
+
+    engine = TransformersEngine(load, name="tiny", metrics=ServerMetrics(), max_batch_size=6)
+    engine.profile = CostProfile(1.0, 0.1, step_b1_ms=5.0, step_b8_ms=10.0, load_ms=0.0)
+    engine.start()
+    try:
+        assert engine.wait_ready(60) and engine.state is EngineState.READY
+        assert (1, PREFILL_TOKENS) in shapes  # a whole prefill chunk
+        decode_batches = [rows for rows, tokens in shapes if tokens == 1]
+        assert decode_batches == [b for b in (6, 4, 2, 1) for _ in range(WARMUP_STEPS)]
+        assert engine.profile.observations == 0 and engine.profile.step_scale == 1.0  # no cold sample
+        before = len(shapes)
+
+        async def one() -> list[int]:
+            return (await _run(engine.submit([5, 6, 7], SamplingParams(max_tokens=3, temperature=0))))[0]
+
+        assert len(asyncio.run(one())) >= 1
+        assert engine.profile.observations >= 2 and len(shapes) > before  # served requests are learned from
     finally:
         engine.shutdown()

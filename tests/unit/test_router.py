@@ -17,21 +17,10 @@ from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
 from slimserve.server.engine import EngineBusyError, RequestHandle, TransformersEngine
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.router import (
-    GATHER,
-    MAX_MARGIN,
-    Budget,
-    BudgetError,
-    LatencyProfile,
-    Router,
-    alone_ms,
-    deadline_harm,
-    edf_plan,
-    parse_budget,
-    predict_ms,
-    workhorse_ms,
-)
+from slimserve.server.profile import CostProfile
+from slimserve.server.router import GATHER, MAX_MARGIN, Budget, BudgetError, Router, parse_budget, workhorse_ms
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.scheduler import alone_ms, deadline_harm, edf_plan, predict_ms
 from tests.tiny import make_tiny_variant
 
 
@@ -40,7 +29,7 @@ class Described:
     """A variant as the router sees it: figures only (the server tests below use real engines)."""
 
     name: str
-    profile: LatencyProfile
+    profile: CostProfile
     ppl_ratio: float | None
     memory_mb: float
     resident: bool = True
@@ -56,7 +45,7 @@ class Described:
 
 
 def _variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
-    profile = LatencyProfile(
+    profile = CostProfile(
         prefill_overhead_ms=5, prefill_per_token_ms=0.5, step_b1_ms=step_ms, step_b8_ms=2 * step_ms, load_ms=3000
     )
     return Described(name, profile, ppl_ratio, memory_mb, **kw)  # type: ignore[arg-type]
@@ -387,7 +376,7 @@ def test_queue_and_loading_count_against_a_variant() -> None:
 
 
 def test_profiles_follow_what_the_engine_measures() -> None:
-    profile = LatencyProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=10, step_b8_ms=20, load_ms=0)
+    profile = CostProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=10, step_b8_ms=20, load_ms=0)
     for _ in range(30):
         profile.observe_step(1, 0.030)  # the machine is 3x slower than the manifest said
     assert profile.step_ms(1) == pytest.approx(30, rel=0.05)
@@ -638,3 +627,18 @@ def test_a_request_shed_from_a_full_variant_is_predicted_and_learned_as_the_one_
     assert decision["predicted_ms"] == decision["candidates"]["tiny-small"] != decision["candidates"]["tiny-teacher"]
     assert response.headers["x-slimserve-predicted-ms"] == f"{decision['predicted_ms']:.0f}"  # type: ignore[attr-defined]
     assert response.headers["x-slimserve-route-reason"] == decision["reason"]  # type: ignore[attr-defined]
+
+
+def test_a_request_that_stopped_early_is_compared_with_the_prediction_for_its_own_tokens() -> None:
+    """20 of 100 tokens (EOS came early): its prefill in full and a fifth of its steps, not the whole
+    prediction, or every short answer would look faster than predicted."""
+    router = Router(reserve=0)
+    decision = router.choose([INT4], Budget(latency_ms=10_000), 20, 100)[1]
+    first = decision.first_token_ms["int4"]
+    assert 0 < first < decision.predicted_ms
+    expected = first + (decision.predicted_ms - first) * 20 / 100
+    assert decision.expected_ms(20) == pytest.approx(expected)
+    router.observe(decision, expected, tokens=20)
+    assert router.calibration == pytest.approx(1.0) and list(router.overruns["int4"]) == [pytest.approx(1.0)]
+    router.observe(decision, 2 * decision.predicted_ms)  # full length: against the whole prediction
+    assert list(router.overruns["int4"])[-1] == pytest.approx(2.0)

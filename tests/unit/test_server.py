@@ -244,6 +244,8 @@ def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: 
         forward, calls = loaded.model.forward, [0]
 
         def failing_forward(*args: Any, **kwargs: Any) -> Any:
+            if not armed.is_set():  # the load-time warm-up's forwards
+                return forward(*args, **kwargs)
             calls[0] += 1
             if calls[0] > 2:  # the prefill and one decode step succeed, then the model breaks
                 raise RuntimeError("simulated kernel failure")
@@ -252,9 +254,11 @@ def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: 
         loaded.model.forward = failing_forward
         return loaded
 
+    armed = threading.Event()
     engine = TransformersEngine(load_then_break_decoding, MODEL, ServerMetrics())
     with _client([engine], api_key=None) as c:
         _wait_healthy(c)
+        armed.set()
         response = _chat(c, stream=True, max_tokens=20, ignore_eos=True)
     assert response.status_code == 200
     frames = [f for f in response.text.split("\n\n") if f]
@@ -292,3 +296,17 @@ def test_omitted_max_tokens_is_capped_by_the_server_default(tiny_variant_dir: Pa
         assert result["usage"]["completion_tokens"] == 5 and result["choices"][0]["finish_reason"] == "length"
         explicit = c.post("/v1/chat/completions", json=body | {"max_tokens": 9}).json()
         assert explicit["usage"]["completion_tokens"] == 9
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_routed_request_calibrates_the_router_streamed_or_not(tiny_variant_dir: Path, stream: bool) -> None:
+    """Most clients stream: a streamed answer that ended on its own teaches the router as a collected one does."""
+    engine = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
+    with _client([engine]) as routed:
+        routed.headers["Authorization"] = f"Bearer {KEY}"
+        _wait_healthy(routed)
+        assert routed.get("/v1/slimserve/router").json()["calibration"] == 1.0
+        body = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": stream}
+        response = routed.post("/v1/chat/completions", json=body, headers={"X-Latency-Budget-Ms": "600000"})
+        assert response.status_code == 200 and response.headers["X-Slimserve-Budget"] == "predicted-met"
+        assert routed.get("/v1/slimserve/router").json()["calibration"] != 1.0

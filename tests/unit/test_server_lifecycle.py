@@ -26,13 +26,16 @@ MODEL = "tiny-llama"
 
 
 class HeldCompute:
-    """A compute thread that runs no turn but the one that stops an engine: what is admitted stays put."""
+    """A compute thread that runs no turn but the load-time warm-up's and the one that stops an engine: what
+    is admitted stays put."""
 
     def __init__(self) -> None:
         self.engines: list[TransformersEngine] = []
 
     def attach(self, engine: TransformersEngine) -> None:
         self.engines.append(engine)
+        while engine.state is EngineState.LOADING:  # its warm-up, after which it is READY
+            engine.step()
 
     def wake(self) -> None:
         for engine in self.engines:

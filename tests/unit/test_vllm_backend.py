@@ -9,7 +9,7 @@ import pytest
 
 from slimserve.models import VariantManifest
 from slimserve.models.runtimes import host_vllm_runtimes, runtimes_of, vllm_backend_note
-from slimserve.server.router import LatencyProfile
+from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.vllm_engine import (
     KV_CACHE_MIN_BYTES,
@@ -175,7 +175,7 @@ class _IterationStats:
 
 
 def test_vllms_step_timings_feed_the_latency_profile() -> None:
-    profile = LatencyProfile(prefill_overhead_ms=10, prefill_per_token_ms=1, step_b1_ms=20, step_b8_ms=40, load_ms=1000)
+    profile = CostProfile(prefill_overhead_ms=10, prefill_per_token_ms=1, step_b1_ms=20, step_b8_ms=40, load_ms=1000)
     observer = StepObserver(profile)
     for _ in range(60):
         observer.record(_SchedulerStats(8, 2), _IterationStats([0.08] * 8, [_Finished(128, 0.276)]))

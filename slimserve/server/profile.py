@@ -1,0 +1,104 @@
+"""What a variant's work costs: time to first token against prompt length, time per decode step against
+batch size, and load time, from the manifest's figures corrected by what the engine measures.
+
+Below both the engines (which feed it) and the router (which reads it): it imports neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimserve.models.manifest import VariantManifest
+
+
+def _nlms(
+    scale: float, tilt: float, f_scale: float, f_tilt: float, observed: float, rate: float
+) -> tuple[float, float]:
+    """One normalised-LMS step of y = scale * f_scale + tilt * f_tilt towards `observed` (stable for rate < 2)."""
+    error = observed - (scale * f_scale + tilt * f_tilt)
+    gain = rate / max(f_scale * f_scale + f_tilt * f_tilt, 1e-9)
+    return scale + gain * f_scale * error, tilt + gain * f_tilt * error
+
+
+@dataclass
+class CostProfile:
+    """Predicted time to first token and per decode step of one variant, corrected from live traffic: what
+    its turns cost, which the engine that runs them and the router that places requests both read.
+
+    The manifest's lines (TTFT(L) = overhead + per_token * L; step(B) = interpolation between its batch-1
+    and batch-8 step times) are the shape; traffic learns a scale (the machine is uniformly slower or
+    faster than when the manifest was measured) and a tilt (one end is off, e.g. per-sequence overhead
+    makes large batches slower than the batch-8 figure). Each observation moves the prediction
+    `smoothing` of the way to it.
+    """
+
+    prefill_overhead_ms: float
+    prefill_per_token_ms: float
+    step_b1_ms: float
+    step_b8_ms: float
+    load_ms: float
+    smoothing: float = 0.2
+    observations: int = 0
+    step_scale: float = 1.0
+    step_tilt: float = 0.0
+    prefill_scale: float = 1.0
+    prefill_tilt: float = 0.0
+
+    @classmethod
+    def from_manifest(cls, manifest: VariantManifest | None) -> CostProfile:
+        """Start from the manifest's measured figures (or conservative guesses from the size)."""
+        metrics = manifest.metrics if manifest else {}
+        size_mb = (manifest.size_bytes / 1e6) if manifest else 500.0
+        b1 = float(metrics.get("decode_tok_s_b1") or max(5.0, 12000.0 / max(size_mb, 1.0)))
+        b8 = float(metrics.get("decode_tok_s_b8") or 4 * b1)
+        ttft_128 = float(metrics.get("ttft_ms_128") or 1000.0 * 128 / (20 * b1))
+        return cls(
+            prefill_overhead_ms=0.2 * ttft_128,
+            prefill_per_token_ms=0.8 * ttft_128 / 128,
+            step_b1_ms=1000.0 / b1,
+            step_b8_ms=8000.0 / b8,
+            load_ms=1000.0 * float(metrics.get("load_s") or size_mb / 100.0),
+        )
+
+    def _prefill_features(self, prompt_tokens: int) -> tuple[float, float]:
+        at_128 = self.prefill_overhead_ms + 128 * self.prefill_per_token_ms
+        # the tilt pivots at 128 tokens, so scale (the level) and tilt (the slope) are learned apart
+        return self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens, (prompt_tokens / 128 - 1) * at_128
+
+    def _step_features(self, batch: int) -> tuple[float, float]:
+        share = (max(1, batch) - 1) / 7  # 0 at batch 1, 1 at batch 8 (beyond: extrapolated)
+        # the tilt is zero at batch 1: an error seen at batch 1 rescales the whole line
+        return self.step_b1_ms + share * (self.step_b8_ms - self.step_b1_ms), share * self.step_b1_ms
+
+    def ttft_ms(self, prompt_tokens: int) -> float:
+        f_scale, f_tilt = self._prefill_features(prompt_tokens)
+        return max(self.prefill_scale * f_scale + self.prefill_tilt * f_tilt, 0.1)
+
+    def step_ms(self, batch: int) -> float:
+        f_scale, f_tilt = self._step_features(batch)
+        return max(self.step_scale * f_scale + self.step_tilt * f_tilt, 0.1)
+
+    def manifest_ttft_ms(self, prompt_tokens: int) -> float:
+        """TTFT by the manifest's line alone, before any correction from traffic."""
+        return max(self._prefill_features(prompt_tokens)[0], 0.1)
+
+    def manifest_step_ms(self, batch: int) -> float:
+        """Step time by the manifest's figures alone, before any correction from traffic."""
+        return max(self._step_features(batch)[0], 0.1)
+
+    def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        f_scale, f_tilt = self._prefill_features(prompt_tokens)
+        self.prefill_scale, self.prefill_tilt = _nlms(
+            self.prefill_scale, self.prefill_tilt, f_scale, f_tilt, 1000 * seconds, self.smoothing
+        )
+        self.observations += 1
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        f_scale, f_tilt = self._step_features(batch)
+        self.step_scale, self.step_tilt = _nlms(
+            self.step_scale, self.step_tilt, f_scale, f_tilt, 1000 * seconds, self.smoothing
+        )
+        self.observations += 1
+
+    def observe_load(self, seconds: float) -> None:
+        self.load_ms = 1000 * seconds

@@ -1,0 +1,640 @@
+"""The scheduler: what an engine's next turn does, and which engine's turn it is, decided from the queue,
+the running rows, the variants' cost profiles and a clock passed in. No torch, no threads: an engine
+executes its plans (`schedule_prefill`, then `schedule_decode`, as vLLM's `schedule()` returns a plan
+the model runner carries out), the compute thread asks `next_turn` whose turn comes next, and the
+router asks it where a new request would finish (`edf_plan`, `predict_ms`, `alone_ms`), with the same
+`savable` test of whether a sequence can still make its deadline. Tests drive it with a fake clock.
+
+Within an engine, earliest deadline first: rows whose deadline the whole batch's steps would miss step
+apart from the rest while they need to (`schedule_decode`); a budgeted prompt is prefilled only in the
+spare time of the running rows due before it (`Scheduler.in_spare_time`), a chunk of `PREFILL_TOKENS`
+per turn. Between engines (`next_turn`): prefills without a budget first, then the engine due first by
+deadline, with paced work (no budget, or past saving) going between while the budgeted work can wait.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from slimserve.server.profile import CostProfile
+
+BACKGROUND_S = 1.0
+"""A sequence past saving (it will miss its budget whatever runs) steps at least this often; otherwise only
+when no other engine is due sooner, so it stops taking the cores from requests that can still make it."""
+
+SAFETY = 1.25
+"""A budgeted sequence's remaining steps are planned at this multiple of its engine's step time: turns
+of other engines (prefills, steps already under way) interleave with its own near its due time."""
+
+HOLD_STEPS = 8
+"""A row stepped apart for its deadline rejoins the whole batch once that batch's steps would leave it this
+many steps to spare: without the margin it would move back and forth at the edge of its budget."""
+
+WAIT_LIMIT_S = 10.0
+"""A budgeted prompt waits at most this long (from its submission) for the spare time of running sequences
+due before it (`Scheduler.in_spare_time`): past that it is prefilled even if they miss, so steady tight
+traffic cannot starve a request that is past saving."""
+
+PREFILL_TOKENS = 128
+"""Prompt tokens one turn prefills: a longer prompt is prefilled in chunks of about this size, one per turn,
+so the compute thread can give another engine's urgent steps a turn between them (a prefill cannot be
+interrupted; chunked prefill as in vLLM and Sarathi-Serve). Each chunk costs one more forward's fixed
+share, which is why the chunk is not smaller."""
+
+UNPROFILED_S = 0.05
+"""Seconds assumed for a step or a prefill of an engine that has no profile yet."""
+
+
+def savable(left_s: float, steps: int, step_alone_s: float, first_s: float = 0.0) -> bool:
+    """Whether `first_s` of prefill and then `steps` decode steps at batch one (`step_alone_s` each) end
+    within `left_s`: the one test of whether a sequence can still make its deadline, stepped apart from
+    the rest of its batch. A sequence that fails it is past saving and yields to all other work."""
+    return left_s >= first_s + steps * step_alone_s
+
+
+def prefill_chunks(prompt_tokens: int, per_turn: int = PREFILL_TOKENS) -> list[int]:
+    """Chunk sizes of a prompt's prefill: as few chunks of at most `per_turn` as it needs, of equal size."""
+    count = max(1, math.ceil(prompt_tokens / per_turn))
+    size, extra = divmod(prompt_tokens, count)
+    return [size + (i < extra) for i in range(count)]
+
+
+def prompt_chunk(prompt: list[int], done: int) -> list[int]:
+    """The tokens of the next chunk of `prompt` after the first `done` (`prefill_chunks`)."""
+    start = 0
+    for size in prefill_chunks(len(prompt)):
+        if start >= done:
+            return prompt[start : start + size]
+        start += size
+    return []
+
+
+def next_chunk_tokens(prompt_tokens: int, done: int) -> int:
+    """Tokens of the chunk after the first `done` of a prompt of `prompt_tokens`."""
+    start = 0
+    for size in prefill_chunks(prompt_tokens):
+        if start >= done:
+            return size
+        start += size
+    return 0
+
+
+class Job(Protocol):
+    """A sequence as the scheduler sees it (the engine's sequences provide it; tests use plain records)."""
+
+    @property
+    def deadline(self) -> float | None:
+        """On the scheduler's clock; None without a latency budget."""
+        ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def steps_left(self) -> int: ...
+    @property
+    def submitted_at(self) -> float: ...
+    @property
+    def last_token_at(self) -> float | None: ...
+    @property
+    def cancelled(self) -> bool: ...
+    @property
+    def done(self) -> bool: ...
+
+
+J = TypeVar("J", bound=Job)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What an engine has to do, for the choice of which engine steps next."""
+
+    step_s: float
+    """Predicted seconds of its next decode step."""
+    prefill: bool = False
+    """Sequences without a budget wait for admission (or the engine is stopping): step as soon as possible."""
+    latest_start: float | None = None
+    """Clock time by which its next step must start so that its budgeted sequences still finish on time
+    (None: none that can still make it)."""
+    deadline: float | None = None
+    """The earliest deadline of those budgeted sequences: the earliest-deadline-first order among engines."""
+    best_effort: bool = False
+    """It runs sequences without a budget: they advance at the round-robin pace."""
+    past_saving: bool = False
+    """It runs sequences that will miss their budgets whatever runs: they advance in the background."""
+    cost_s: float = 0.0
+    """Predicted seconds of the whole turn: its decode step and the prefill chunk it would run. Paced work
+    goes ahead of budgeted work only when all of this fits before the budgeted work's latest start."""
+
+
+@dataclass
+class PrefillPlan(Generic[J]):
+    """The prefill of an engine's next turn."""
+
+    jump: J | None = None
+    """A one-chunk prompt due before the prompt under way: prefilled whole first, the chunks wait."""
+    chunk: bool = False
+    """The next chunk of the prompt under way runs."""
+    start: list[J] = field(default_factory=list)
+    """Waiting prompts whose first chunk runs (or, cancelled, that leave the queue), in this order."""
+    seconds: float = 0.0
+    """Predicted seconds of all of it."""
+
+    @property
+    def empty(self) -> bool:
+        return self.jump is None and not self.chunk and not self.start
+
+
+def paced(turn: Turn, last_ran: float, busy_engines: int) -> float:
+    """When this engine's sequences without a budget, or past saving, are due their next step (inf: none)."""
+    candidates = [math.inf]
+    if turn.best_effort:  # the round-robin pace: once per round of every busy engine's step
+        candidates.append(last_ran + turn.step_s * busy_engines)
+    if turn.past_saving:
+        candidates.append(last_ran + BACKGROUND_S)
+    return min(candidates)
+
+
+def next_turn(turns: Sequence[Turn], last_ran: Sequence[float], now: float) -> int:
+    """Index of the engine to step next: prefills without a budget first, then the budgeted engine due
+    first by deadline, unless paced work is due before every budgeted engine's latest start and its whole
+    turn (`Turn.cost_s`, at `SAFETY`) still ends by then; among equals, the engine that has waited longest.
+
+    The turn's length matters because a paced turn may carry a prefill chunk: in a routing run a hopeless
+    request's 0.3 s chunks took their background turns from a request with 0.2 s to spare, which then
+    could no longer make its budget."""
+    prefills = [i for i, turn in enumerate(turns) if turn.prefill]
+    if prefills:
+        return min(prefills, key=lambda i: last_ran[i])
+    starts = {i: turn.latest_start for i, turn in enumerate(turns) if turn.latest_start is not None}
+    pace = [paced(turn, last_ran[i], len(turns)) for i, turn in enumerate(turns)]
+    earliest_pace = min(range(len(turns)), key=lambda i: (pace[i], last_ran[i]))
+    if not starts:
+        return earliest_pace
+    first_start = min(starts.values())
+    if pace[earliest_pace] < first_start and now + turns[earliest_pace].cost_s * SAFETY <= first_start:
+        return earliest_pace
+    return min(starts, key=lambda i: (_or_inf(turns[i].deadline), last_ran[i]))
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+class Scheduler(Generic[J]):
+    """One engine's turns: which prompt chunk to prefill, which rows step, who waits, what is past saving.
+
+    The engine passes what it holds: `waiting` (its queue, oldest first), `rows` (the sequences holding a
+    batch slot: both row groups and the prompt under way), `partial` (the prompt under way in chunks, and
+    how many of its tokens are in its cache) and `now`, on the same clock as the jobs' deadlines."""
+
+    def __init__(self, max_batch_size: int, profile: CostProfile | None = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.profile = profile
+        """The engine's live cost profile (the pool assigns it); the scheduler only reads it."""
+
+    # ---- costs -----------------------------------------------------------------------------------
+
+    def step_s(self, batch: int) -> float:
+        return self.profile.step_ms(batch) / 1000 if self.profile is not None else UNPROFILED_S
+
+    def prefill_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
+        """Predicted seconds of a `chunk_tokens` chunk of a prompt of `prompt_tokens` (its share of the TTFT)."""
+        whole_s = self.profile.ttft_ms(prompt_tokens) / 1000 if self.profile is not None else UNPROFILED_S
+        return whole_s * chunk_tokens / max(prompt_tokens, 1)
+
+    # ---- deadlines -------------------------------------------------------------------------------
+
+    def latest_start(
+        self, job: J, running: int, now: float, waiting: bool = False, partial_done: int | None = None
+    ) -> float | None:
+        """Clock time by which `job`'s work ahead (its prefill if waiting or under way, `partial_done` of its
+        prompt tokens already in; then its remaining steps, planned at `SAFETY` times their predicted
+        length) must start to meet its deadline; None without a budget, inf once not even that work alone
+        fits (past saving).
+
+        Its steps are planned at its batch's pace while that still fits, else at its own: `schedule_decode`
+        then steps it apart from the rest. Judged at the batch's pace alone, a tight request on a busy engine
+        counted as past saving, so the compute thread gave its engine only background turns while another
+        engine had budgeted work, though stepped apart it could still have made it."""
+        deadline = job.deadline
+        if deadline is None:
+            return None
+        if waiting or partial_done is not None:
+            prompt = job.prompt_tokens
+            first_s = self.prefill_s(prompt, prompt)
+            if not waiting:  # under way in chunks: what is left of its prompt, in a batch slot already its
+                first_s *= (prompt - (partial_done or 0)) / max(prompt, 1)
+            steps, batch = job.max_tokens, running + (1 if waiting else 0)
+        else:
+            first_s, steps, batch = 0.0, job.steps_left, running
+        ahead_s = first_s + steps * self.step_s(batch)
+        if deadline - now < ahead_s:
+            if not savable(deadline - now, steps, self.step_s(1), first_s):
+                return math.inf
+            ahead_s = first_s + steps * self.step_s(1)
+        return deadline - ahead_s * SAFETY
+
+    def savable(self, job: J, now: float) -> bool:
+        """A running row with a budget that its own steps, stepped apart, can still meet."""
+        return job.deadline is not None and savable(job.deadline - now, job.steps_left, self.step_s(1))
+
+    def in_spare_time(
+        self, job: J, rows: Sequence[J], now: float, cost_s: float, waiting: bool, partial: tuple[J, int] | None
+    ) -> bool:
+        """Whether `cost_s` of `job`'s prefill (planned at `SAFETY` times) can run now without delaying a
+        running sequence it must yield to past that sequence's latest start: one with a budget it can still
+        meet, due no later than `job` (earliest deadline first), or any such one if `job` is past saving (it
+        yields to all saveable work, as its decode steps do), or if it has waited `WAIT_LIMIT_S` already.
+
+        A prefill cannot be interrupted: in a routing run a hopeless request's 276-token prompt (three
+        chunks of 0.4 s) was prefilled into the turns of a running request with 0.6 s to spare, which then
+        missed its budget by 0.8 s."""
+        if now - job.submitted_at >= WAIT_LIMIT_S:
+            return True
+        own = self.latest_start(job, len(rows), now, waiting, self._done_of(job, partial))
+        deadline = job.deadline
+        limits = []
+        for other in rows:
+            if other is job or other.done or other.deadline is None:
+                continue
+            start = self.latest_start(other, len(rows), now, partial_done=self._done_of(other, partial))
+            if start is None or start == math.inf:  # past saving: it yields to everyone
+                continue
+            if own == math.inf or deadline is None or other.deadline <= deadline:
+                limits.append(start)
+        return not limits or now + cost_s * SAFETY <= min(limits)
+
+    @staticmethod
+    def _done_of(job: J, partial: tuple[J, int] | None) -> int | None:
+        return partial[1] if partial is not None and partial[0] is job else None
+
+    # ---- prefill ---------------------------------------------------------------------------------
+
+    def admissible(self, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float) -> list[J]:
+        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, except that a
+        budgeted one joins only when its first chunk fits before the latest start of every running sequence
+        it must not delay (`in_spare_time`); those without a budget, or cancelled, join at once."""
+        candidates = list(waiting)[: max(0, self.max_batch_size - len(rows))]
+        admitted: list[J] = []
+        spent_s = 0.0
+        for job in candidates:
+            if job.deadline is None or job.cancelled:
+                admitted.append(job)
+                continue
+            chunk_s = self.prefill_s(job.prompt_tokens, prefill_chunks(job.prompt_tokens)[0])
+            if self.in_spare_time(job, rows, now, spent_s + chunk_s, waiting=True, partial=partial):
+                admitted.append(job)
+                spent_s += chunk_s
+        return admitted
+
+    def schedule_prefill(
+        self, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float
+    ) -> PrefillPlan[J]:
+        """The prefill of the next turn, up to `PREFILL_TOKENS` prompt tokens: first a one-chunk prompt due
+        before the prompt under way (`ahead_of`), else the next chunk of that prompt if it fits the spare
+        time of the rows it yields to; then, once no prompt is under way, waiting prompts while what the
+        turn prefills leaves room for their first chunk (a prompt longer than a chunk ends the turn's list:
+        it stays under way)."""
+        plan: PrefillPlan[J] = PrefillPlan()
+        spent = 0
+        if partial is not None:
+            job, done = partial
+            ahead = self.ahead_of(job, waiting, rows, partial, now)
+            if ahead is not None:
+                plan.jump = ahead
+                plan.seconds = self.prefill_s(ahead.prompt_tokens, ahead.prompt_tokens)
+                return plan
+            if not self.next_chunk_fits(partial, rows, now):  # running sequences due first need this turn
+                return plan
+            spent = next_chunk_tokens(job.prompt_tokens, done)
+            plan.chunk, plan.seconds = True, self.prefill_s(job.prompt_tokens, spent)
+            if done + spent < job.prompt_tokens:  # not done yet: its chunk is this turn's prefill
+                return plan
+        for job in self.admissible(waiting, rows, partial, now):
+            if job.cancelled:  # leaves the queue, prefilling nothing
+                plan.start.append(job)
+                continue
+            first = prefill_chunks(job.prompt_tokens)[0]
+            if spent and spent + first > PREFILL_TOKENS:
+                break
+            plan.start.append(job)
+            spent += first
+            plan.seconds += self.prefill_s(job.prompt_tokens, first)
+            if first < job.prompt_tokens:  # it stays under way: the turn prefills nothing else
+                break
+        return plan
+
+    def next_chunk_fits(self, partial: tuple[J, int], rows: Sequence[J], now: float) -> bool:
+        """Whether the next chunk of the prompt under way runs this turn: always without a budget, else when
+        it fits the spare time of the running sequences it yields to (`in_spare_time`)."""
+        job, done = partial
+        if job.deadline is None or job.cancelled:
+            return True
+        chunk_s = self.prefill_s(job.prompt_tokens, next_chunk_tokens(job.prompt_tokens, done))
+        return self.in_spare_time(job, rows, now, chunk_s, waiting=False, partial=partial)
+
+    def ahead_of(
+        self, under_way: J, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float
+    ) -> J | None:
+        """A waiting sequence to prefill before the next chunk of the prompt under way: the admissible one
+        due soonest, if it is due before that prompt's deadline and its prompt is one chunk.
+
+        Earliest deadline first, as between engines: in a routing run a 45-token request with an 837 ms
+        budget arrived during the first of a 205-token prompt's two chunks (0.34 s each) on the same engine,
+        waited for the second, and missed by 0.6 s. A longer prompt does not jump: then two prompts would
+        be under way at once."""
+        due = under_way.deadline
+        sooner = [
+            j
+            for j in self.admissible(waiting, rows, partial, now)
+            if j.deadline is not None
+            and (due is None or j.deadline < due)
+            and j.prompt_tokens <= PREFILL_TOKENS
+            and not j.cancelled
+        ]
+        return min(sooner, key=lambda j: j.deadline or 0.0, default=None)
+
+    # ---- decode ----------------------------------------------------------------------------------
+
+    def schedule_decode(self, main: Sequence[J], apart: Sequence[J], now: float) -> list[J] | None:
+        """The rows to step this turn apart from the rest (None: the whole batch, as one), given the rows of
+        the main batch and those stepped apart last turn.
+
+        A row with a budget is urgent when the whole batch's steps (SAFETY times the step time of every
+        running row) would no longer finish it in time, yet steps of its own still can. Urgent rows are
+        split off and stepped alone while the rest of the batch waits, as a preemptive earliest-deadline
+        scheduler would: a batch step costs more the more rows it serves (the int4 student's: 44 ms at one
+        row, 126 at eight here), so a tight request that joins a busy batch misses at the batch's pace
+        where it would have made it alone. Rows due before an urgent row step with it, whether urgent or
+        not: in a routing run a loose request (128 tokens, 6.3 s left) stepped apart by urgency while a
+        request with 15 tokens and 1.5 s left waited, fell past saving and took 2.9 s against a 1.9 s
+        budget. Rows without a budget, or past saving, ride along once they have waited `BACKGROUND_S`,
+        so they still finish. With nothing urgent, or everything, the rows are one batch again."""
+        everyone = [*main, *apart]
+        if not everyone:
+            return None
+        full_s = self.step_s(len(everyone))
+
+        def urgent(job: J, margin_s: float) -> bool:
+            if not self.savable(job, now):
+                return False
+            deadline = job.deadline or 0.0  # set: savable
+            return deadline - job.steps_left * full_s * SAFETY <= now + margin_s
+
+        hurry = [j for j in apart if urgent(j, HOLD_STEPS * full_s)] + [j for j in main if urgent(j, 0.0)]
+        if hurry:  # earliest deadline first: rows due before an urgent row step with it, while they can make it
+            last_due = max(j.deadline or 0.0 for j in hurry)
+            hurry += [
+                j for j in everyone if j not in hurry and self.savable(j, now) and (j.deadline or 0.0) <= last_due
+            ]
+        if not hurry or len(hurry) == len(everyone):
+            return None
+
+        def in_background(job: J) -> bool:
+            """Without a budget or past saving, and not stepped for `BACKGROUND_S`."""
+            stepped = job.last_token_at
+            return not self.savable(job, now) and stepped is not None and now - stepped >= BACKGROUND_S
+
+        return [j for j in everyone if j in hurry or in_background(j)]
+
+    # ---- the engine's urgency --------------------------------------------------------------------
+
+    def turn(self, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float) -> Turn | None:
+        """How urgently this engine needs its next turn (for `next_turn`); None when it has nothing to do.
+
+        A waiting sequence counts like a running one whose work ahead is its prefill and every token: one
+        without a budget (or cancelled) is prefilled at once, one with a budget when its deadline needs it,
+        so a loose request's prefill does not cut into a tight request's steps on another engine."""
+        live = [j for j in rows if not j.done]
+        admissible = self.admissible(waiting, live, partial, now)
+        if not live and not admissible:
+            return None
+        latest: float | None = None
+        deadline: float | None = None
+        best_effort = past_saving = False
+        # a prompt under way in chunks is not a prefill that comes first: its next chunk takes the turn of a
+        # running sequence, so budgeted work due before it gets turns between its chunks
+        prefill_now = any(j.deadline is None or j.cancelled for j in admissible)
+        work = [(j, False) for j in live] + [(j, True) for j in admissible if j.deadline is not None]
+        for job, is_waiting in work:
+            start = self.latest_start(job, len(live), now, is_waiting, self._done_of(job, partial))
+            if start is None:
+                best_effort = True
+            elif start == math.inf:
+                past_saving = True
+            else:
+                latest = start if latest is None else min(latest, start)
+                if job.deadline is not None:
+                    deadline = job.deadline if deadline is None else min(deadline, job.deadline)
+        step_s = self.step_s(len(live))
+        plan = self.schedule_prefill(waiting, live, partial, now)
+        return Turn(
+            step_s,
+            prefill=prefill_now,
+            latest_start=latest,
+            deadline=deadline,
+            best_effort=best_effort,
+            past_saving=past_saving,
+            cost_s=(step_s if live else 0.0) + plan.seconds,
+        )
+
+
+# ---- predictions: where a new request would finish, as the scheduler would run it (the router's) ----------
+
+
+class Candidate(Protocol):
+    """What the router needs to know about one variant (the pool's entries provide it)."""
+
+    profile: CostProfile
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def resident(self) -> bool: ...
+    @property
+    def available(self) -> bool: ...
+    @property
+    def memory_mb(self) -> float: ...
+    @property
+    def ppl_ratio(self) -> float | None: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def max_batch_size(self) -> int: ...
+    def deadlines(self) -> list[tuple[float | None, int]]:
+        """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences."""
+        ...
+
+
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """End-to-end latency of this request on `candidate` as its own batch runs it (a device share of its
+    own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size."""
+    profile = candidate.profile
+    step = profile.step_ms(min(candidate.running + candidate.waiting + 1, candidate.max_batch_size))
+    load = 0.0 if candidate.resident else profile.load_ms
+    queue = queued_ms(candidate, prompt_tokens, max_tokens, step)
+    return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * step
+
+
+def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms: float) -> float:
+    """Waiting before its prefill: sequences queued ahead are prefilled first, and beyond the batch size a
+    slot frees only as running sequences finish."""
+    ahead = candidate.waiting
+    queue = ahead * candidate.profile.ttft_ms(prompt_tokens)
+    overflow = candidate.running + ahead + 1 - candidate.max_batch_size
+    if overflow > 0:
+        queue += overflow / candidate.max_batch_size * max_tokens * step_ms
+    return queue
+
+
+def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """Latency of this request on `candidate` with the cores to itself: its load if not resident, its
+    prefill, then its steps at batch size one. Earliest-deadline-first turns and rows stepped apart
+    (`Scheduler.schedule_decode`) give a tight request about this while the rest waits.
+
+    A request no variant fits goes to the cheapest variant fast enough alone, not the cheapest outright:
+    in a routing run at 0.3/s, 19 of 24 such requests that some variant alone could have met went by cost
+    to one that was not the fastest alone for them, and 4 made it. Not the fastest alone either: the
+    workhorse, when fast enough, keeps a second engine's steps out of its rounds (a run that chose the
+    fastest sent four to the idle int4 student, which took 1.4-1.6x their prediction while the 8-bit
+    student's batch ran).
+
+    It is the live profile's figure, unscaled by the router's calibration, as in the engine's test of
+    whether a row can still be saved: the calibration carries the waiting of requests that run with the
+    others, which a row stepped apart ahead of them does not do."""
+    profile = candidate.profile
+    load = 0.0 if candidate.resident else profile.load_ms
+    return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(1)
+
+
+def deadline_harm(target: Candidate, prompt_tokens: int, now: float | None = None) -> int:
+    """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
+    meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
+    larger batch for each token they still have to generate). `now`: on the deadlines' clock
+    (`time.perf_counter()` when not given)."""
+    now = time.perf_counter() if now is None else now
+    busy = target.running + target.waiting
+    step_now = target.profile.step_ms(busy) if busy else 0.0
+    added = target.profile.step_ms(busy + 1) - step_now
+    prefill = target.profile.ttft_ms(prompt_tokens)
+    pushed = 0
+    for deadline, remaining in target.deadlines():
+        if deadline is None:
+            continue
+        slack = 1000 * (deadline - now) - remaining * step_now
+        if 0 <= slack < prefill + remaining * added:
+            pushed += 1
+    return pushed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A new request on one candidate, as earliest-deadline-first would run it on the shared cores."""
+
+    finish_ms: float
+    """Predicted time until its last token: the work due before its deadline (every engine's steps
+    until its sequences due by then are done, prefills, its own steps) plus its load time."""
+    harm: int
+    """Running sequences predicted to meet their deadlines now that would miss them with it admitted."""
+    load: float
+    """Share of the time until its deadline that the work due by then (its own included) takes."""
+
+
+def edf_plan(
+    candidates: Sequence[Candidate],
+    target: Candidate,
+    prompt_tokens: int,
+    max_tokens: int,
+    deadline_ms: float | None,
+    scale: float = 1.0,
+    now: float | None = None,
+) -> Plan:
+    """Place a request with `deadline_ms` (from now; None: no budget) on `target`, under the compute thread's
+    earliest-deadline-first turns (`compute`).
+
+    The demand test of EDF scheduling: by each deadline d, the cores must have done every step due by d.
+    A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
+    once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
+    the number of its sequences due by d (urgent rows step apart from the rest of their batch). Sequences
+    without a budget are due at the round-robin pace, as the compute thread runs them; ones past saving
+    yield to everything else but still step once per `BACKGROUND_S`, which counts as work due by each
+    deadline. The new request adds its prefill and makes its engine's batch one larger. `scale`: real time
+    per profile time (the router's calibration); deadlines are compared with the profiles' work in profile
+    time. `now`: on the deadlines' clock (`time.perf_counter()` when not given).
+    """
+    now = time.perf_counter() if now is None else now
+    busy = {c.name: c.running + c.waiting for c in candidates}
+    steps_before = {c.name: c.profile.step_ms(busy[c.name]) for c in candidates if busy[c.name]}
+    steps_after = dict(steps_before, **{target.name: target.profile.step_ms(busy[target.name] + 1)})
+    pace = sum(steps_after.values())  # one round of every busy engine
+    due: list[float] = []  # ms from now
+    engine: list[str] = []
+    steps_left: list[int] = []
+    budgeted: list[bool] = []
+    for c in candidates:
+        for deadline, remaining in c.deadlines():
+            if deadline is None:  # no budget: the compute thread runs it at the round-robin pace
+                due.append(remaining * pace)
+            elif savable(1000 * (deadline - now) / scale, remaining, c.profile.step_ms(1)):
+                due.append(1000 * (deadline - now) / scale)
+            else:  # past saving (not even its own steps, stepped apart, fit): it yields to everything else
+                due.append(math.inf)
+            engine.append(c.name)
+            steps_left.append(remaining)
+            budgeted.append(deadline is not None and due[-1] != math.inf)
+    prefill = target.profile.ttft_ms(prompt_tokens)
+
+    background: dict[str, int] = {}  # per engine: the most steps left of its sequences past saving
+    for name, left, when in zip(engine, steps_left, due, strict=True):
+        if when == math.inf:
+            background[name] = max(background.get(name, 0), left)
+
+    profiles = {c.name: c.profile for c in candidates}
+
+    def demand(jobs: list[int], steps: dict[str, float], first_ms: float) -> dict[int, float]:
+        """Per job: the work (ms) that must be done by its due time. An engine steps its rows due first apart
+        from the rest of its batch when they need it (`Scheduler.schedule_decode`), so the work due by a
+        deadline runs at the step time of that engine's rows due by then, not of its whole batch; once a row
+        due by then cannot finish in time even alone, it is not stepped apart, and neither is the rest."""
+        longest: dict[str, int] = {}
+        apart: dict[str, int] = {}  # per engine: rows due so far, or 0 once they step as the whole batch
+        work = {}
+        for job in sorted(jobs, key=lambda j: due[j]):
+            if due[job] == math.inf:
+                continue
+            name = engine[job]
+            longest[name] = max(longest.get(name, 0), steps_left[job])
+            can_save = savable(due[job], steps_left[job], profiles[name].step_ms(1))
+            apart[name] = apart.get(name, 0) + 1 if can_save and apart.get(name, -1) != 0 else 0
+            pending = sum(
+                (min(steps.get(n, 0.0), profiles[n].step_ms(apart[n])) if apart[n] else steps.get(n, 0.0)) * left
+                for n, left in longest.items()
+            )
+            behind = sum(
+                steps.get(name, 0.0) * min(left, due[job] / (1000 * BACKGROUND_S))
+                for name, left in background.items()
+                if name not in longest
+            )
+            work[job] = first_ms + pending + behind
+        return work
+
+    running = list(range(len(due)))
+    before = demand(running, steps_before, 0.0)
+    due.append(deadline_ms / scale if deadline_ms is not None else prefill + max_tokens * pace)
+    engine.append(target.name)
+    steps_left.append(max_tokens)
+    budgeted.append(False)
+    after = demand([*running, len(due) - 1], steps_after, prefill)
+    harm = sum(1 for j in running if budgeted[j] and before[j] <= due[j] < after[j])
+    load = 0.0 if target.resident else target.profile.load_ms
+    queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
+    finish = load + queue + after[len(due) - 1]
+    return Plan(finish * scale, harm, finish / max(due[-1], 1e-3))
