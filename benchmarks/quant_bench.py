@@ -4,7 +4,7 @@
     python benchmarks/quant_bench.py [--teacher NAME_OR_DIR] [--methods bnb-int8 ...] [--write docs/BENCHMARKS.md]
 
 Variants are written to a scratch registry (`--home`, default `$SLIMSERVE_HOME/bench`) and rebuilt on
-every run, so the table always reflects the current code.
+every run, so the table always reflects the current code (`--reuse` measures the ones already there).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--teacher", default=DEFAULT_VARIANT, help="registered name or directory of the float teacher")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     parser.add_argument("--home", type=Path, default=None, help="scratch registry [default: $SLIMSERVE_HOME/bench]")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure variants already in the scratch registry instead of rebuilding them")  # fmt: skip
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()
 
@@ -68,9 +70,11 @@ def main() -> int:
     ]
     for quantize_config in runs:
         method, name = quantize_config.method, str(quantize_config.name)
-        shutil.rmtree(scratch.variants_dir / name, ignore_errors=True)
+        path = scratch.variants_dir / name
         print(f"== {name}", flush=True)
-        path = quantize_variant(str(teacher.path), quantize_config, scratch)
+        if not (args.reuse and (path / "manifest.json").is_file()):
+            shutil.rmtree(path, ignore_errors=True)
+            path = quantize_variant(str(teacher.path), quantize_config, scratch)
         metrics = evaluate(str(path), teacher=str(teacher.path), config=config)
         rows.append(row(path.name, method, METHODS[method].bits, metrics, teacher_metrics, fp32_size))
         print(rows[-1], flush=True)

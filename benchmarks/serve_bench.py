@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from openai import AsyncOpenAI
@@ -150,21 +151,27 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 90
     raise TimeoutError(f"{url} not healthy after {timeout} s")
 
 
-async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, eos_id: int) -> tuple[int, float]:
+async def one_request(
+    client: AsyncOpenAI, model: str, prompt: str, max_tokens: int, eos_id: int, api: str = "chat"
+) -> tuple[int, float]:
     started = time.perf_counter()
     ttft = float("nan")
-    stream = await client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        logit_bias={str(eos_id): -100},
-    )
+    common: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logit_bias": {str(eos_id): -100},
+    }
+    stream: Any
+    if api == "chat":
+        stream = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+    else:  # a base model without a chat template
+        stream = await client.completions.create(prompt=prompt, **common)
     usage_tokens, content_chunks = None, 0
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.choices and (chunk.choices[0].delta.content if api == "chat" else chunk.choices[0].text):
             content_chunks += 1
             if ttft != ttft:
                 ttft = time.perf_counter() - started
@@ -175,14 +182,15 @@ async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: 
 
 
 async def run_phase(
-    base_url: str, model: str, concurrency: int, per_worker: int, max_tokens: int, eos_id: int
+    base_url: str, model: str, concurrency: int, per_worker: int, max_tokens: int, eos_id: int, api: str = "chat"
 ) -> Phase:
     client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
     results: list[tuple[int, float]] = []
 
     async def worker(w: int) -> None:
         for i in range(per_worker):
-            results.append(await one_request(client, model, PROMPTS[(w + i) % len(PROMPTS)], max_tokens, eos_id))
+            prompt = PROMPTS[(w + i) % len(PROMPTS)]
+            results.append(await one_request(client, model, prompt, max_tokens, eos_id, api))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -206,11 +214,11 @@ def bench_server(server: Server, port: int, args: argparse.Namespace, log_dir: P
     try:
         wait_healthy(f"http://127.0.0.1:{port}{server.health}", process)
         base = f"http://127.0.0.1:{port}/v1"
-        asyncio.run(run_phase(base, server.model, 1, 1, 16, args.eos_id))  # warm-up
-        asyncio.run(run_phase(base, server.model, args.max_batch, 1, 16, args.eos_id))  # and every batch size
+        asyncio.run(run_phase(base, server.model, 1, 1, 16, args.eos_id, args.api))  # warm-up
+        asyncio.run(run_phase(base, server.model, args.max_batch, 1, 16, args.eos_id, args.api))  # every batch size
         for concurrency in args.concurrency:
             phase = asyncio.run(
-                run_phase(base, server.model, concurrency, args.per_worker, args.max_tokens, args.eos_id)
+                run_phase(base, server.model, concurrency, args.per_worker, args.max_tokens, args.eos_id, args.api)
             )
             print(
                 f"   c={concurrency}: {phase.tok_s:.1f} tok/s aggregate, TTFT p50 {phase.ttft_pct(0.5) * 1000:.0f} ms "
@@ -326,9 +334,9 @@ def render(results: list[ServerResult], args: argparse.Namespace) -> str:
         f"- command: `python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- date: {today()}",
         f"- machine: {machine()}",
-        f"- workload: chat requests from {len(PROMPTS)} prompts, exactly {args.max_tokens} completion tokens each "
-        f"(EOS banned with logit_bias), greedy, streamed; each of c clients sends {args.per_worker} requests back to "
-        "back; tok/s = all completion tokens / wall time of the phase; TTFT = time to the first content chunk; "
+        f"- workload: {args.api} requests from {len(PROMPTS)} prompts, exactly {args.max_tokens} completion tokens "
+        f"each (EOS banned with logit_bias), greedy, streamed; each of c clients sends {args.per_worker} requests "
+        "back to back; tok/s = all completion tokens / wall time of the phase; TTFT = time to the first content chunk; "
         f"every server decodes at most {args.max_batch} sequences together; both vLLM rows get a "
         f"{args.kv_cache_gib} GiB KV cache; RSS sums the server's processes.",
         "",
@@ -387,6 +395,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="sequences each server decodes together")
     parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per request")
     parser.add_argument("--eos-id", type=int, default=2, help="token id banned so every request runs to max-tokens")
+    parser.add_argument("--api", choices=["chat", "completions"], default="chat",
+                        help="endpoint: completions for a base model without a chat template")  # fmt: skip
     parser.add_argument("--dtype", default="fast", help="slimserve's compute dtype (transformers engine)")
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm/bin/python"), help="python of make setup-vllm")
     parser.add_argument("--llama-server", default=str(ROOT / ".llama-cpp/bin/llama-server"), help="llama-server binary")
