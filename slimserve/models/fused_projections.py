@@ -6,7 +6,7 @@ Measured on a 2-core AVX2 EPYC in bf16, one row: the int4 student's five input-s
 layer took 316 us as five calls and 190 us as two (int8 weights: 154 against 115 us). Joining the weights
 row-wise leaves each output column's dot product as it was: the outputs of torch's int4/int8 CPU kernels
 are bitwise equal (checked in the tests). Whole decode steps of the int4 student and the int8 teacher
-were 1.02-1.12x faster joined, prefill unchanged (`benchmarks/fused_speed.py`, docs/BENCHMARKS.md).
+were 1.02-1.12x faster joined, prefill unchanged (`benchmarks/tools/fused_speed.py`, docs/BENCHMARKS.md).
 
 A fused model serves only: its projections have new names, so it is neither saved nor trained.
 """
