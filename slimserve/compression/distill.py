@@ -82,8 +82,8 @@ class DistillConfig:
     """Wall-clock budget; the run stops (checkpointed) at whichever of this and max_steps comes first."""
     dtype: str = "fast"
     """Autocast dtype of the forward passes: `bf16`, `fp32` (no autocast) or `fast`: bf16 where the machine
-    runs it natively (a GPU, an AVX-512 CPU), else fp32. On an AVX2-only CPU one step of the default
-    student under bf16 autocast took ~18x as long as in fp32 (`native_bf16`)."""
+    runs it natively (a GPU, an AVX-512 CPU), else fp32: emulated bf16 makes a training step many times
+    slower (`native_bf16`)."""
     freeze_embeddings: bool = False
     """Keep the (tied) token embedding and output head at the teacher's values: on a 49k-token vocabulary
     they are a third of a small student's weights, and their gradient a sizeable share of each step."""
