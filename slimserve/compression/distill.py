@@ -44,12 +44,15 @@ class DistillConfig:
     name: str
     """Registry name of the student."""
     student: StudentSpec = field(default_factory=StudentSpec)
+    """How the student is cut from the teacher (its fields are flags of their own: --layers, --mlp-ratio...)."""
     student_config: str | None = None
     """A config.json for a fresh student (same tokenizer) instead of cutting one from the teacher."""
     divergence: str = "forward_kl"
     """forward_kl, reverse_kl or jsd (GKD's generalised JSD with `beta`)."""
     beta: float = 0.5
+    """jsd: mixture weight (GKD's beta)."""
     temperature: float = 1.0
+    """Softmax temperature of both distributions in the divergence."""
     alpha: float = 0.0
     """Weight of cross-entropy on the data (0: pure KD, 1: plain language-model training)."""
     data: list[str] = field(default_factory=list)
@@ -58,21 +61,29 @@ class DistillConfig:
     generated: int = 0
     """Teacher answers to this many built-in prompts added to the data (sequence-level KD)."""
     generation_tokens: int = 96
+    """Most tokens the teacher generates for each `generated` prompt."""
     on_policy: float = 0.0
     """GKD's lambda: share of steps whose sequences the student samples itself (scored by the teacher)."""
     seq_len: int = 256
+    """Tokens per training sequence."""
     batch_size: int = 4
+    """Sequences per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     lr: float = 2e-4
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth of it)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 10
+    """Optimizer steps of linear learning-rate warm-up."""
     max_steps: int = 200
+    """Optimizer steps to train."""
     max_minutes: float | None = None
     """Wall-clock budget; the run stops (checkpointed) at whichever of this and max_steps comes first."""
     dtype: str = "fast"
     """Autocast dtype of the forward passes: `bf16`, `fp32` (no autocast) or `fast`: bf16 where the machine
-    runs it natively (a GPU, an AVX-512 CPU), else fp32. On an AVX2-only CPU one step of the default
-    student under bf16 autocast took ~18x as long as in fp32 (`native_bf16`)."""
+    runs it natively (a GPU, an AVX-512 CPU), else fp32: emulated bf16 makes a training step many times
+    slower (`native_bf16`)."""
     freeze_embeddings: bool = False
     """Keep the (tied) token embedding and output head at the teacher's values: on a 49k-token vocabulary
     they are a third of a small student's weights, and their gradient a sizeable share of each step."""
@@ -81,9 +92,13 @@ class DistillConfig:
     qat: str | None = None
     """int4 or int8: fake-quantized weights during training, then export through the quantization stage."""
     qat_group_size: int = 128
+    """Weights per quantization group of int4 QAT (and of its exported variant)."""
     checkpoint_every: int = 50
+    """Optimizer steps between checkpoints."""
     resume: bool = False
+    """Continue from the run's latest checkpoint."""
     seed: int = 0
+    """Seed of data order, sampling and any random initialisation."""
     output_dir: str | None = None
     """Where checkpoints go; default `$SLIMSERVE_HOME/runs/<name>`."""
 

@@ -110,8 +110,8 @@ def _text_ids(variant: LoadedVariant, text: str, config: EvalConfig) -> torch.Te
 @dataclass
 class TeacherScores:
     """The teacher's log-probabilities on every scoring window of one text, computed once for all the
-    variants measured against it: a recipe evaluates six, and each used to run the teacher over the text
-    again (on a 2-core AVX2 CPU about half a minute per variant, for the same numbers)."""
+    variants measured against it: a recipe evaluates several, and running the teacher again for each gives the
+    same numbers at half a minute a variant on a small CPU."""
 
     name: str
     ids: torch.Tensor

@@ -25,8 +25,8 @@ GUARD_WINDOW_TOKENS = 128
 
 AGREEMENT_FLOORS = {"8-bit": 0.5, "4-bit": 0.35, "distill": 0.2}
 """Lowest top-1 agreement with the source a variant may have, per method family. Correct methods clear
-these with margin (docs/BENCHMARKS.md, SmolLM2-135M, 4096 tokens: 8-bit 87.9-97.0%, 4-bit 65.9-83.3%,
-distilled students 65.7-68.4%); a transform that breaks the model lands near 0% (Gemma 3 270M above).
+these with margin (their agreement is in docs/BENCHMARKS.md, "Quantization" and "The default recipe"); a
+transform that breaks the model lands near 0% (Gemma 3 270M above).
 The floors catch collapse, not regressions: `slimserve eval` measures those."""
 
 

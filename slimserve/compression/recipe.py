@@ -26,7 +26,7 @@ import yaml
 
 from slimserve.compression.distill import DistillConfig
 from slimserve.compression.quantize import QuantizeConfig
-from slimserve.compression.student import StudentSpec
+from slimserve.configs import from_mapping
 from slimserve.models.registry import VariantRegistry
 
 STEP_KINDS = ("distill", "quantize", "evaluate")
@@ -53,7 +53,9 @@ class EvaluateStep:
     variants: list[str] | None = None
     """Names to measure; default: the teacher and every variant the recipe produced."""
     max_tokens: int = 4096
+    """Tokens of held-out text scored per variant."""
     runtime: bool = True
+    """Measure load time, memory and speed as well as quality."""
 
 
 Step = QuantizeStep | DistillStep | EvaluateStep
@@ -68,21 +70,17 @@ class Recipe:
     """Directory for report.md and pareto.png; default `$SLIMSERVE_HOME/reports/<name>`."""
 
 
-def _check_keys(where: str, given: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+RECIPE_KEYS = ("name", "teacher", "steps", "report")
 
 
 def parse_recipe(data: dict[str, Any], name: str = "recipe") -> Recipe:
-    """Build a Recipe from parsed YAML, with errors that name the offending step and key."""
+    """Build a Recipe from parsed YAML; each step is built by its config class (`from_mapping`, as the
+    CLI's --config files are), with errors that name the offending step and key."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with `teacher` and `steps`")
-    _check_keys("recipe", data, {"name", "teacher", "steps", "report"})
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise RecipeError(f"recipe: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(RECIPE_KEYS))}")
     if "teacher" not in data or not data.get("steps"):
         raise RecipeError("a recipe needs `teacher` and a non-empty `steps` list")
     teacher = str(data["teacher"])
@@ -95,22 +93,13 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe") -> Recipe:
         where = f"step {index} ({kind})"
         try:
             if kind == "quantize":
-                _check_keys(where, params, _field_names(QuantizeConfig) | {"source"})
                 source = str(params.pop("source", "teacher"))
-                steps.append(QuantizeStep(source=source, config=QuantizeConfig(**params)))
+                steps.append(QuantizeStep(source=source, config=from_mapping(QuantizeConfig, params)))
             elif kind == "distill":
-                _check_keys(where, params, _field_names(DistillConfig) - {"teacher"} | {"teacher"})
-                if "name" not in params:
-                    raise RecipeError(f"{where}: `name` is required")
-                student = params.pop("student", {}) or {}
-                if not isinstance(student, dict):
-                    raise RecipeError(f"{where}: `student` must be a mapping")
-                _check_keys(f"{where} student", student, _field_names(StudentSpec))
                 params.setdefault("teacher", "teacher")
-                steps.append(DistillStep(DistillConfig(student=StudentSpec(**student), **params)))
+                steps.append(DistillStep(from_mapping(DistillConfig, params)))
             elif kind == "evaluate":
-                _check_keys(where, params, _field_names(EvaluateStep))
-                steps.append(EvaluateStep(**params))
+                steps.append(from_mapping(EvaluateStep, params))
             else:
                 raise RecipeError(f"{where}: unknown step kind; choose one of {', '.join(STEP_KINDS)}")
         except RecipeError:

@@ -3,12 +3,9 @@
 The quantized variants compute in bf16 because torch's fused int8/int4 CPU kernels are fastest there, and
 on a CPU with native bf16 the float variants do too (twice as fast as fp32 for decoding). The rest of the
 model follows their dtype, but torch's bf16 attention kernel on the CPU is slow for the few queries of a
-decode step, and transformers' SDPA path repeats the grouped KV heads whenever a mask is given (every
-padded batch). Measured on a 2-core AMD EPYC with AVX-512 (bf16), one decode step's attention for 9 query
-and 3 KV heads of 64, batch 8, 400 cached tokens: bf16 1619 us, fp32 with the KV heads shared 260 us, fp32
-with them repeated 1833 us (batch 1, 150 cached: 92 against 47 us). Prefill chunks (128 queries) were on
-par in bf16 and fp32 there. On a CPU that only emulates bf16 (AVX2), every bf16 attention was about twice as
-slow as fp32 (`_scaled_dot_product_flash_attention_for_cpu`, 140-240 against 70-80 us per layer and step).
+decode step (several times fp32's with shared KV heads), transformers' SDPA path repeats the grouped KV
+heads whenever a mask is given (every padded batch), and where bf16 is only emulated (AVX2) every bf16
+attention is about twice as slow as fp32. `benchmarks/tools/attention_speed.py` times both side by side.
 
 So this attention casts query, key and value to fp32 around torch's SDPA for decode steps (up to
 `FP32_QUERIES` queries), for every call where bf16 is emulated, and whenever the cache hands it fp32 keys
@@ -29,7 +26,7 @@ NAME = "sdpa_cpu"
 
 FP32_QUERIES = 16
 """Up to this many queries per call (decode steps, short chunks) attention runs in fp32 even where bf16 is
-native: at 16 queries over 300 cached tokens fp32 was still ahead (174 against 192 us), at 37 behind."""
+native: fp32 stays ahead up to about this many queries (`benchmarks/tools/attention_speed.py`)."""
 
 
 def cpu_sdpa(

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# Up to this many rows the fused kernel beats dequantize-then-GEMM; measured on a 1536x576 layer on
-# 2 cores: bf16 M=1 0.03 vs 0.49 ms, M=8 0.11 vs 0.28 ms, M=128 1.6 vs 0.85 ms; fp32 M=1 0.37 vs
-# 2.4 ms but M=32 12 vs 1.5 ms (the fp32 kernel is slow).
+# Up to this many rows the fused kernel beats dequantize-then-GEMM (a 1536x576 layer on 2 cores; the fp32
+# kernel falls behind after a few rows).
 FUSED_KERNEL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 4}
 
 
@@ -27,9 +26,8 @@ def cpu_has_vnni() -> bool:
     accumulate u8 x s8 products exactly.
 
     Without it fbgemm adds pairs of products in int16 (vpmaddubsw), which saturates for full-range 8-bit
-    activations: measured on an AVX2-only EPYC, a 128 -> 256 layer's one-row result was off by 4.4 where
-    the outputs reach 40 (7-bit activations: 0.48; the exact per-token `torch._int_mm` path: 0.26). That is
-    why PyTorch's own x86 quantization defaults to `reduce_range`."""
+    activations (errors of a tenth of the output range on an AVX2-only CPU, ten times those of 7-bit
+    activations). That is why PyTorch's own x86 quantization defaults to `reduce_range`."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -42,10 +40,9 @@ def native_bf16() -> bool:
     """True where bf16 matmuls run on native instructions: a CUDA GPU, or a CPU that oneDNN gives a bf16
     path (AVX-512 or AMX on x86, BF16 on Arm).
 
-    Why it matters: on a 2-core AVX2-only EPYC (no AVX-512), measured with transformers `generate` after a
-    128-token prompt, the fp32 teacher decoded 12.9 tok/s at batch 1 and 35.2 at batch 8, bf16 8.2 and
-    13.6; a distillation step under bf16 autocast took 228 s against 12 s in fp32. Where AVX-512 is
-    present, bf16 decodes about twice as fast as fp32."""
+    Why it matters: where bf16 is only emulated (AVX2) it decodes slower than fp32 and trains many times
+    slower; where it is native, bf16 decodes about twice as fast as fp32 (docs/BENCHMARKS.md, "Compute dtype
+    and speed")."""
     if torch.cuda.is_available():
         return True
     try:
@@ -80,8 +77,7 @@ class Int8WeightOnlyLinear(nn.Module):
         if rows.shape[0] <= FUSED_KERNEL_MAX_ROWS.get(x.dtype, 0):
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, scales)  # (M, N)
         elif x.dtype == torch.bfloat16 and not native_bf16():
-            # the same in fp32 where bf16 GEMMs are emulated: on an AVX2-only EPYC a 128-token forward of
-            # the int8 teacher took 2.1 s with the bf16 GEMM and 0.73 s with this
+            # the same in fp32 where bf16 GEMMs are emulated (about 3x faster than the emulated bf16 GEMM)
             weight = self.weight_int8.float() * self.scales[:, None]
             y = torch.nn.functional.linear(rows.float(), weight).to(x.dtype)
         else:  # prefill and wide batches: one dequantization, then a regular GEMM, is faster
@@ -101,9 +97,9 @@ class Int4WeightOnlyLinear(nn.Module):
     """Group-wise asymmetric int4 weights run by torch's fused CPU kernel (`_weight_int4pack_mm_for_cpu`).
 
     The kernel computes w = (q - 8) * scale + zero per group with q in [0, 15], so compressed-tensors'
-    signed q' in [-8, 7] with integer zero point z maps to q = q' + 8 and zero = -z * scale. Measured on
-    2 cores, bf16: 1536x576 at M=1 0.030 vs 0.069 ms for the bf16 GEMV, M=8 on par, M=128 about 2x slower
-    (prefill pays that; decoding is what the format is for).
+    signed q' in [-8, 7] with integer zero point z maps to q = q' + 8 and zero = -z * scale. Against a bf16
+    GEMM it is about 2x faster for one row, on par at 8, about 2x slower at 128 (prefill pays that; decoding
+    is what the format is for).
     """
 
     packed: torch.Tensor
@@ -244,7 +240,7 @@ class Int8DynamicLinear(nn.Module):
     Several rows (prefill, batched decode) go through `torch._int_mm` with one scale per row: torch's
     eager dynamic kernels use one scale per call, which costs quality when a call holds many tokens.
     A single row (decode at batch 1) goes through fbgemm's fused dynamic kernel, about 2x faster than a
-    bf16 GEMV there (0.046 vs 0.096 ms for 1536x576 on 2 cores); with one row its scale is per token too.
+    bf16 GEMV there; with one row its scale is per token too.
     Without VNNI its activations keep 7 bits (`reduce_range`, `cpu_has_vnni`): 8 would saturate.
     """
 

@@ -1,12 +1,10 @@
 """One matmul where a decoder layer runs several on the same input: its query, key and value projections,
 and its MLP's gate and up projections (vLLM's `QKVParallelLinear` and `MergedColumnParallelLinear`).
 
-Why: decoding one token at a time on a few cores, a projection costs mostly its call, not its arithmetic.
-Measured on a 2-core AVX2 EPYC in bf16, one row: the int4 student's five input-side projections of a
-layer took 316 us as five calls and 190 us as two (int8 weights: 154 against 115 us). Joining the weights
-row-wise leaves each output column's dot product as it was: the outputs of torch's int4/int8 CPU kernels
-are bitwise equal (checked in the tests). Whole decode steps of the int4 student and the int8 teacher
-were 1.02-1.12x faster joined, prefill unchanged (`benchmarks/fused_speed.py`, docs/BENCHMARKS.md).
+Why: decoding one token at a time on a few cores, a projection costs mostly its call, not its arithmetic
+(`benchmarks/tools/fused_speed.py` times decode steps both ways). Joining the weights row-wise leaves each
+output column's dot product as it was: the outputs of torch's int4/int8 CPU kernels are bitwise equal
+(checked in the tests).
 
 A fused model serves only: its projections have new names, so it is neither saved nor trained.
 """
@@ -57,7 +55,7 @@ def joined_linear(parts: list[nn.Module]) -> nn.Module | None:
     when they cannot be joined (different kinds, inputs or calibrated activation scales).
 
     Only torch's integer CPU kernels are joined. Float `nn.Linear`s are not: the fp32 teacher gained nothing
-    (65.6 against 65.3 ms a step at batch 1) and its fp32 GEMV rounded differently with the joined shape."""
+    and its fp32 GEMV rounded differently with the joined shape."""
     layers: list[Any] = list(parts)  # the kernels' buffers, read by kind below
     kind = type(layers[0])
     if any(type(p) is not kind for p in layers) or len({_in_features(p) for p in layers}) != 1:

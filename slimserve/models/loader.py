@@ -122,11 +122,10 @@ def load_variant(
     """Load a variant by directory or registered name.
 
     `dtype` is the compute dtype: `None`/`auto` keeps float variants as stored (quantized ones compute
-    in bf16); `fast` (the server's default) is bf16 where the machine runs it natively (about twice as
-    fast as fp32 for decoding on an AVX-512 CPU) and the stored dtype elsewhere (bf16 without native
-    support was 1.6-2.6x slower than fp32). Quantized variants compute in bf16 under `fast` either way:
-    their fused int8/int4 kernels were faster in bf16 on both kinds of CPU (AVX2: int4 11.2 against 4.8
-    tok/s at batch 1).
+    in bf16); `fast` (the server's default) is bf16 where the machine runs it natively and the stored dtype
+    elsewhere (emulated bf16 is slower than fp32). Quantized variants compute in bf16 under `fast` either
+    way: their fused int8/int4 kernels are faster in bf16 on both kinds of CPU (docs/BENCHMARKS.md, "Compute
+    dtype and speed").
 
     `fused` joins each layer's q/k/v and gate/up projections into one matmul each (`fused_projections`),
     for serving: a fused model has other module names, so it is neither saved nor trained.
@@ -151,7 +150,7 @@ def load_variant(
         if tied_int8:
             tie_int8_embedding(model, torch_dtype)
     # transformers' SDPA path repeats grouped KV heads under a mask, and torch's bf16 attention on the CPU is
-    # slow for decode steps: both measured in `cpu_attention`
+    # slow for decode steps (`cpu_attention` says why)
     use_cpu_attention(model)
     if fused:
         fuse_projections(model)

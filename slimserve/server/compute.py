@@ -1,24 +1,20 @@
 """One thread for all model compute on the CPU: every resident variant's prefill and decode steps.
 
-Measured here: torch work spread over threads is slower than the same work on one thread (each thread
-that calls into torch gets its own OpenMP team, and idle teams keep spinning on the shared cores).
-Running `generate` from FastAPI's threadpool cut bf16 decode from ~50 to ~33 tok/s. With several
-variants resident, one thread per engine would oversubscribe the two cores the same way, so all
-engines take turns on this one thread, one step (admitting and prefilling new sequences, then one
-decode step of the batch) per turn.
+Torch work spread over threads is slower than the same work on one thread: each thread that calls into
+torch gets its own OpenMP team, and idle teams keep spinning on the shared cores. So all engines take
+turns on this one thread, one step (admitting and prefilling new sequences, then one decode step of the
+batch) per turn.
 
 Whose turn it is follows earliest-deadline-first: among engines serving sequences with a latency budget,
 the one whose earliest deadline comes first steps, so a tight request's steps run back to back ahead of
-one with time to spare (those catch up later, still within their budgets where the cores allow). This is
-the order the router's `edf_plan` predicts finish times under. Ordering by latest start instead
-(deadline less the remaining steps, least laxity first) ran a long request ahead of a short one due
-sooner until both were at the edge of their budgets: the router had predicted the short one's 16 tokens
-in 1.6 s and they took 6.8. A waiting sequence's prefill counts like a running one's steps: without a
-budget it comes first (the request starts at once), with one by its deadline. Sequences without a budget
-advance at the round-robin pace (one step per round of busy engines), and ones that can no longer make
-their budget at least once a second; either steps ahead of budgeted work only while that work's latest
-start leaves time. Round-robin alone made every busy variant slow every other's requests by a full step,
-whatever their budgets. The choice itself is the scheduler's (`scheduler.next_turn`); this module runs it.
+one with time to spare. This is the order the router's `edf_plan` predicts finish times under (least
+laxity first would run a long request ahead of a short one due sooner until both were at the edge of their
+budgets). A waiting sequence's prefill counts like a running one's steps: without a budget it comes first
+(the request starts at once), with one by its deadline. Sequences without a budget advance at the
+round-robin pace (one step per round of busy engines), and ones that can no longer make their budget at
+least once a second; either steps ahead of budgeted work only while that work's latest start leaves time
+(round-robin alone would slow every variant's requests by a full step of each other busy variant). The
+choice itself is the scheduler's (`scheduler.next_turn`); this module runs it.
 """
 
 from __future__ import annotations

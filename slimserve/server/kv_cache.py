@@ -2,14 +2,10 @@
 
 Decode attention on the CPU runs in fp32 (`models.cpu_attention`), while the bf16 variants' projections
 hand it bf16 keys and values. transformers' `DynamicLayer` stores them as they come and concatenates each
-step's token onto the whole cache, so every decode step copied the cache twice per layer: once by `cat`,
-once by the attention's cast to fp32 (into fresh allocations, whose cost wanders with the allocator).
-Both grow with batch size x cached tokens. Profiled on a 2-core AVX2 EPYC, the int4 student at batch 8
-with ~200 cached tokens, 2 threads: copy_ 6.9 and 72 ms and cat 5 ms per step in two runs (steps of 87
-and 140 ms); with this cache copy_ 1.3-3.8 ms, no cat (steps of 72-79 ms). Timed side by side
-(`benchmarks/kv_cache_speed.py`, two samples) steps were 0.99-1.23x as fast: a few percent in steady state,
-more when the allocator charges for the fresh copies. This layer casts each token once, when it is cached,
-and writes it into spare room (`GROW_TOKENS` at a time).
+step's token onto the whole cache, so every decode step copies the cache twice per layer (by `cat`, then by
+the attention's cast to fp32), and both copies grow with batch size x cached tokens. This layer casts each
+token once, when it is cached, and writes it into spare room (`GROW_TOKENS` at a time); the side-by-side
+timing is `benchmarks/tools/kv_cache_speed.py`.
 The price: fp32 holds twice the bytes of bf16 (46 KB a token for SmolLM2-135M's 30 layers).
 """
 

@@ -15,7 +15,7 @@ from slimserve.server.router import Budget, Router
 def health(pool: VariantPool, draining: bool) -> tuple[HealthResponse, int]:
     """200 while some variant can serve (`degraded` when another failed to load: `errors` says why); 503
     while the variants loaded at start are loading, when none can serve, or while shutting down. A failed
-    variant beside working ones used to hold the whole server at 503 with no reason given."""
+    variant beside working ones must not hold the whole server at 503 with no reason given."""
     entries = pool.entries.values()
     states = {e.name: e.engine.state.value if e.started else "unloaded" for e in entries}
     errors = {e.name: e.engine.error or "failed" for e in entries if e.engine.state is EngineState.FAILED}

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from slimserve.cli import build_parser, main
+from slimserve.cli import VERBS, build_configs, build_parser, main
 from slimserve.models import VariantManifest
 from tests.tiny import make_tiny_variant
 
@@ -112,3 +113,64 @@ def test_eval_on_a_users_text_prints_without_touching_the_manifest(
     printed = json.loads(capsys.readouterr().out)
     assert printed["eval_text"] == "user text" and printed["perplexity"] != standard["perplexity"]
     assert VariantManifest.read(path).metrics == standard  # what the router compares is unchanged
+
+
+def configs_of(argv: list[str]) -> list[Any]:
+    args = build_parser().parse_args(argv)
+    return build_configs(VERBS[args.verb], args)
+
+
+def test_serve_reads_slimserve_environment_variables_under_config_file_and_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLIMSERVE_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("SLIMSERVE_API_KEY", "from-env")
+    (settings,) = configs_of(["serve"])
+    assert (settings.max_batch_size, settings.api_key, settings.port) == (3, "from-env", 8000)
+    config = tmp_path / "serve.yaml"
+    config.write_text("max-batch-size: 4\nvariants: [a, b]\n")
+    (settings,) = configs_of(["serve", "--config", str(config)])
+    assert (settings.max_batch_size, settings.variants, settings.api_key) == (4, ["a", "b"], "from-env")
+    (settings,) = configs_of(["serve", "--config", str(config), "--max-batch-size", "5", "--variant", "c"])
+    assert (settings.max_batch_size, settings.variants) == (5, ["c"])
+
+
+def test_an_environment_variable_changes_what_serve_does(
+    slimserve_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLIMSERVE_MIN_QUALITY", "superb")
+    assert main(["serve", "--variant", str(make_tiny_variant(tmp_path / "tiny")), "--port", "0"]) == 2
+    assert "tier" in capsys.readouterr().err
+
+
+def test_every_distill_field_has_a_flag(tmp_path: Path) -> None:
+    argv = ["distill", "teacher", "--name", "s", "--layers", "2", "--weight-decay", "0.1", "--warmup-steps", "3"]
+    argv += ["--generation-tokens", "12", "--qat-group-size", "64", "--keep-layers", "0", "1"]
+    (config,) = configs_of(argv)
+    assert (config.teacher, config.name, config.weight_decay, config.warmup_steps) == ("teacher", "s", 0.1, 3)
+    assert (config.generation_tokens, config.qat_group_size) == (12, 64)
+    assert (config.student.layers, config.student.keep_layers) == (2, [0, 1])
+    file = tmp_path / "distill.yaml"
+    file.write_text("teacher: t\nname: from-file\nstudent: {mlp_ratio: 0.5}\nlr: 1.0e-3\n")
+    (config,) = configs_of(["distill", "--config", str(file), "--layers", "3"])
+    assert (config.teacher, config.name, config.lr) == ("t", "from-file", 1e-3)
+    assert (config.student.layers, config.student.mlp_ratio) == (3, 0.5)
+
+
+def test_a_config_file_with_an_unknown_key_is_an_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "quantize.yaml"
+    file.write_text("method: int8-weight\ngroup_sise: 64\n")
+    assert main(["quantize", "tiny", "--config", str(file)]) == 2
+    assert "unknown key(s) group_sise" in capsys.readouterr().err
+    assert main(["distill", "teacher"]) == 2
+    assert "`name` is required" in capsys.readouterr().err
+
+
+def test_flag_help_is_the_config_fields_docstring(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Weights per quantization group for group-wise 4-bit methods" in out  # QuantizeConfig.group_size
+    assert "[default: 128]" in out

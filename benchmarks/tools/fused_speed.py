@@ -1,6 +1,6 @@
 """Decode-step time of served int8/int4 variants with their projections apart and joined (`fused_projections`).
 
-    python benchmarks/fused_speed.py [VARIANT ...] [--rounds 6] [--steps 20]
+    python benchmarks/tools/fused_speed.py [VARIANT ...] [--rounds 6] [--steps 20]
 
 Each variant is loaded twice as the server loads it (`dtype=fast`, slimserve's CPU attention and growing
 cache), once with `fused=True`; per shape (batch size and cached lengths, left-padded as the engine pads

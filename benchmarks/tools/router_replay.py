@@ -1,6 +1,6 @@
 """What scheduling alone could reach on a routing run's workload: replay it offline on one variant's costs.
 
-    python benchmarks/router_replay.py DUMP [--variant NAME] [--policy smallest] [--safety 1.25]
+    python benchmarks/tools/router_replay.py DUMP [--variant NAME] [--policy smallest] [--safety 1.25]
 
 DUMP is the `--dump` file of `router_bench.py`: every request's arrival, prompt and output tokens and budget,
 and the unloaded timings of each variant taken before the runs. The replay serves one policy's requests (the

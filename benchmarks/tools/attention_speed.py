@@ -1,6 +1,6 @@
 """Decode-step time of served variants under transformers' SDPA attention and slimserve's CPU attention.
 
-    python benchmarks/attention_speed.py [VARIANT ...] [--rounds 6] [--steps 20]
+    python benchmarks/tools/attention_speed.py [VARIANT ...] [--rounds 6] [--steps 20]
 
 Each variant is loaded as the server loads it (`dtype=fast`); per shape (batch size and cached lengths, the
 rows of a batch left-padded as the engine pads them) the two attentions step in alternation, round by

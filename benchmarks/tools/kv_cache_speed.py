@@ -1,6 +1,6 @@
 """Decode-step time of served variants with transformers' DynamicCache and slimserve's growing fp32 cache.
 
-    python benchmarks/kv_cache_speed.py [VARIANT ...] [--rounds 6] [--steps 20]
+    python benchmarks/tools/kv_cache_speed.py [VARIANT ...] [--rounds 6] [--steps 20]
 
 Each variant is loaded as the server loads it (`dtype=fast`, slimserve's CPU attention); per shape (batch size
 and cached lengths, left-padded as the engine pads them) the two caches step in alternation, round by round,

@@ -1,6 +1,6 @@
 """How fast the cores were in each phase of a routing benchmark, from its `--dump` and `--trace-turns`.
 
-    python benchmarks/router_drift.py DUMP.jsonl TURNS.jsonl [--variant smollm2-135m-student-int4]
+    python benchmarks/tools/router_drift.py DUMP.jsonl TURNS.jsonl [--variant smollm2-135m-student-int4]
 
 A routing run goes through phases: the unloaded line, each seed's alone replay, then each policy's replay.
 For each phase this lists its length, the share of it the compute thread was busy, and the median time of

@@ -1,6 +1,6 @@
 """Where each request's time went, from a routing benchmark's `--dump` and its server's `--trace-turns`.
 
-    python benchmarks/router_turns.py DUMP.jsonl TURNS.jsonl [--policy router] [--all]
+    python benchmarks/tools/router_turns.py DUMP.jsonl TURNS.jsonl [--policy router] [--all]
 
 Every compute turn the server ran while a request was in flight is charged to one of: its own prefill, its
 own decode steps, other requests' prefills, other requests' decode steps (on its engine's batch or another

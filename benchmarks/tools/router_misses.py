@@ -1,6 +1,6 @@
 """Where a routing benchmark's misses are, from its `--dump`: within budget per slack bin and policy.
 
-    python benchmarks/router_misses.py DUMP.jsonl [--list]
+    python benchmarks/tools/router_misses.py DUMP.jsonl [--list]
 
 `--list` adds every feasible request the router missed: its slack, tokens, budget, the variant it went to,
 the router's prediction, verdict and rule (dumps since the `X-Slimserve-Route-Reason` header), what it took,
@@ -26,6 +26,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # router_bench.py, the benchmark whose dumps this reads
 from router_bench import Alone, Outcome, by_slack
 
 
