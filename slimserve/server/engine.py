@@ -39,6 +39,7 @@ from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
+from slimserve.server.structured import GrammarCache, TokenMask
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,8 @@ class TransformersEngine:
         self._last_turn: dict[str, Any] = {}
         self._partial: _Partial | None = None
         """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
+        self._grammars: GrammarCache | None = None
+        """Compiled JSON grammars for this tokenizer, built on the first structured request."""
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -354,7 +357,7 @@ class TransformersEngine:
                 _Sequence(  # built first: a sampler that rejects its parameters leaves nothing queued
                     handle=handle,
                     params=params,
-                    sampler=Sampler(params, vocab),
+                    sampler=Sampler(params, vocab, self._token_mask(variant, params, vocab)),
                     detokenizer=IncrementalDetokenizer(variant.tokenizer, prompt_ids, params.stop),
                     submitted_at=time.perf_counter(),
                 )
@@ -372,6 +375,14 @@ class TransformersEngine:
             self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
         self.compute.wake()
         return [seq.handle for seq in built]
+
+    def _token_mask(self, variant: LoadedVariant, params: SamplingParams, vocab: int) -> TokenMask | None:
+        """The sequence's grammar state if its output is constrained (`structured`), compiled once per schema."""
+        if params.constraint is None:
+            return None
+        if self._grammars is None:  # on the event loop, like every submit: no other thread builds it
+            self._grammars = GrammarCache(variant.tokenizer, vocab, variant.eos_token_ids)
+        return TokenMask(self._grammars.compile(params.constraint).grammar, vocab)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is running, leave the compute thread and drop the model."""
