@@ -41,6 +41,8 @@ from slimserve.server.protocol import (
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.shutdown import ENGINE_STOP_S, SHUTTING_DOWN, Drain
+from slimserve.server.structured import Constraint, SchemaError, check
+from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -244,19 +246,21 @@ def create_app(
         _log_extra_fields(body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = (body.top_logprobs or 0) if body.logprobs else None
+        constraint = _request_constraint(body)
+        plan = _tool_plan(body)
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
             flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
-            make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
+            make = _params_factory(body, max_tokens, top, engine.sampling_defaults, constraint)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
         sent = await dispatch(
             request,
             body.model,
             body.slimserve,
-            lambda engine: [flow.chat_prompt_ids(engine, body.messages)],
+            lambda engine: [flow.chat_prompt_ids(engine, body.messages, body.tools)],
             body.requested_max_tokens(),
             param,
             submit,
@@ -267,16 +271,23 @@ def create_app(
 
         if body.stream:
             chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            calls = [ToolCallStream(plan) for _ in handles] if plan is not None else None
 
             def make_chunk(index: int, event: GenerationEvent | None) -> ChatCompletionChunk:
                 if event is None:
-                    choice = ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                    opening = DeltaMessage(role="assistant", content=None if calls else "")
+                    choice = ChatChunkChoice(index=index, delta=opening)
                 else:
+                    delta = DeltaMessage(content=event.text or None)
+                    finish = _openai_finish(event.finish_reason)
+                    if calls is not None:
+                        delta = DeltaMessage(tool_calls=calls[index].delta(event.text, finish is not None))
+                        finish = calls[index].finish_reason(finish)
                     choice = ChatChunkChoice(
                         index=index,
-                        delta=DeltaMessage(content=event.text or None),
+                        delta=delta,
                         logprobs=flow.chat_logprobs(tokenizer, event.logprobs) if top is not None else None,
-                        finish_reason=_openai_finish(event.finish_reason),
+                        finish_reason=finish,
                     )
                 return ChatCompletionChunk(id=chunk_id, created=created, model=engine.name, choices=[choice])
 
@@ -300,15 +311,21 @@ def create_app(
         results = await flow.collect(request, handles)
         record_outcome(sent, max(r.completion_tokens for r in results))
         response.headers.update(headers)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ResponseMessage(content=r.text),
-                logprobs=flow.chat_logprobs(tokenizer, r.logprobs) if top is not None else None,
-                finish_reason=_openai_finish(r.finish_reason),
+        choices = []
+        for i, r in enumerate(results):
+            message, finish = ResponseMessage(content=r.text), _openai_finish(r.finish_reason)
+            tool_calls = plan.calls(r.text) if plan is not None else None
+            if tool_calls:
+                message = ResponseMessage(content=None, tool_calls=tool_calls)
+                finish = "tool_calls" if finish == "stop" else finish
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=flow.chat_logprobs(tokenizer, r.logprobs) if top is not None else None,
+                    finish_reason=finish,
+                )
             )
-            for i, r in enumerate(results)
-        ]
         return ChatCompletionResponse(model=engine.name, choices=choices, usage=flow.usage([len(prompt)], results))
 
     @v1.post(
@@ -321,12 +338,13 @@ def create_app(
     ) -> CompletionResponse | StreamingResponse:
         request.state.model = body.model
         _log_extra_fields(body)
+        constraint = _request_constraint(body)
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
             flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
-            make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
+            make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults, constraint)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
         sent = await dispatch(
@@ -409,6 +427,7 @@ def _params_factory(
     max_tokens: int,
     top_logprobs: int | None,
     defaults: dict[str, Any],
+    constraint: Constraint | None = None,
 ) -> Callable[[int], SamplingParams]:
     """Sampling parameters for choice i: with a seed, choice i uses seed + i so choices differ yet repeat.
 
@@ -431,13 +450,36 @@ def _params_factory(
             logprobs=top_logprobs,
             ignore_eos=body.ignore_eos,
             logit_bias=body.token_bias(),
+            constraint=constraint,
         )
 
     return make
 
 
+def _request_constraint(body: ChatCompletionRequest | CompletionRequest) -> Constraint | None:
+    """The JSON the output must be (a required tool call's, else the response format's), checked against the
+    grammar library before routing: a schema it cannot compile is a 400 naming the field."""
+    try:
+        constraint = body.tool_constraint() if isinstance(body, ChatCompletionRequest) else None
+        constraint = constraint or body.constraint()
+        if constraint is not None:
+            check(constraint)
+    except SchemaError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_schema") from exc
+    return constraint
+
+
+def _tool_plan(body: ChatCompletionRequest) -> ToolCallPlan | None:
+    """How the output becomes tool calls: only under `required` or a named function (`tool_calls`)."""
+    if body.tool_choice == "required":
+        return ToolCallPlan(forced=None)
+    forced = body.forced_tool()
+    return ToolCallPlan(forced=forced.function.name) if forced is not None else None
+
+
 def _openai_finish(reason: str | None) -> str | None:
-    """OpenAI knows `stop` and `length`; an aborted sequence reports `stop`."""
+    """OpenAI knows `stop` and `length` (and `tool_calls`, set by the chat route); an aborted sequence
+    reports `stop`."""
     return "stop" if reason == "abort" else reason
 
 

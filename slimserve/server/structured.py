@@ -13,8 +13,9 @@ xgrammar 0.2.8), so both backends accept and refuse the same schemas and decode 
 llguidance (1.9.1) masks on CPU too; it was not chosen because it would be a second grammar engine next to
 the one vLLM already brings.
 
-Whitespace between JSON tokens is fixed (`any_whitespace=False`, vLLM's `disable_any_whitespace`): a
-small model left free to emit whitespace inside an object can fill its whole budget with it.
+JSON is compact (no whitespace between tokens: `SEPARATORS`, as vLLM's `disable_any_whitespace`, which the
+vLLM backend sets): a small model left free to emit whitespace inside an object can fill its whole budget
+with it, and every space is a decode step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import torch
 import xgrammar as xgr
 
 ANY_OBJECT = '{"type": "object"}'
-"""json_object's schema: OpenAI promises an object, not any JSON value."""
+"""json_object's schema: OpenAI promises an object, not any JSON value (vLLM's xgrammar backend agrees)."""
+
+SEPARATORS = (",", ":")
+"""Between items and after keys: compact JSON, what vLLM's `disable_any_whitespace` compiles."""
 
 
 class SchemaError(ValueError):
@@ -48,22 +52,25 @@ class Constraint:
     schema: str
     param: str
     """The request field the schema came from (`response_format`, `tools.0.function.parameters`, ...)."""
-    any_object: bool = False
-    """json_object: any JSON object (vLLM gets `json_object=True`)."""
     grammar: Any = field(default=None, compare=False, repr=False)
     """The compiled grammar (`xgrammar.CompiledGrammar`) for the engine's tokenizer, once compiled there."""
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | None, param: str) -> Constraint:
         if schema is None or schema is True or schema == {}:
-            return cls.json_object(param)
+            return cls(ANY_OBJECT, param)
         if not isinstance(schema, dict):
             raise SchemaError(f"{param}: a JSON Schema must be an object", param)
         return cls(json.dumps(schema, sort_keys=True), param)
 
     @classmethod
     def json_object(cls, param: str) -> Constraint:
-        return cls(ANY_OBJECT, param, any_object=True)
+        return cls(ANY_OBJECT, param)
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """vLLM's `StructuredOutputsParams` for the same constraint (its JSON Schema; json_object is the
+        same `{"type": "object"}` there)."""
+        return {"json": json.loads(self.schema)}
 
 
 _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
@@ -77,7 +84,7 @@ def _library_message(exc: Exception) -> str:
 @lru_cache(maxsize=256)
 def _check_schema(schema: str) -> str | None:
     try:
-        xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+        xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=SEPARATORS, strict_mode=True)
     except Exception as exc:  # xgrammar raises RuntimeError (and ValueError for bad JSON) for any schema it refuses
         return _library_message(exc)
     return None
@@ -113,8 +120,10 @@ class GrammarCache:
         if constraint.grammar is not None:
             return constraint
         check(constraint)
-        grammar = self._compiler.compile_json_schema(constraint.schema, any_whitespace=False, strict_mode=True)
-        return Constraint(constraint.schema, constraint.param, constraint.any_object, grammar)
+        grammar = self._compiler.compile_json_schema(
+            constraint.schema, any_whitespace=False, separators=SEPARATORS, strict_mode=True
+        )
+        return Constraint(constraint.schema, constraint.param, grammar)
 
 
 class TokenMask:
