@@ -145,9 +145,13 @@ def create_app(
         requested_max: int | None,
         max_param: str,
         submit: Callable[[ServingEngine, list[list[int]], int, float | None], list[RequestHandle]],
+        constrained: bool = False,
     ) -> Dispatch:
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
-        the router's next choice before the client sees 429."""
+        the router's next choice before the client sees 429. A `constrained` request (structured output)
+        costs its engine's masking per token on top of the profiles' figures: the probed engine's measured
+        overhead (the variants of a family share a tokenizer, so one figure serves them all; the vLLM
+        backend reports none, its masking is inside the steps it times)."""
         arrived = time.perf_counter()
         if drain.draining:
             raise APIError(503, f"{SHUTTING_DOWN}: not accepting requests", code="server_shutting_down")
@@ -163,7 +167,8 @@ def create_app(
                 pool.release(probe)
                 prompt_tokens = max(len(p) for p in build_prompts(probe_engine))
                 expected = requested_max or default_max_tokens or 256
-                order, decision = router.choose(list(entries), budget, prompt_tokens, expected)
+                extra_ms = expected * getattr(probe_engine, "mask_ms_per_token", 0.0) if constrained else 0.0
+                order, decision = router.choose(list(entries), budget, prompt_tokens, expected, extra_ms)
             except BudgetError as exc:
                 raise APIError(400, str(exc), param=exc.param) from exc
         last_error: APIError | None = None
@@ -264,6 +269,7 @@ def create_app(
             body.requested_max_tokens(),
             param,
             submit,
+            constrained=constraint is not None,
         )
         engine, prompt, handles = sent.engine, sent.prompts[0], sent.handles
         tokenizer = engine.tokenizer
@@ -355,6 +361,7 @@ def create_app(
             body.max_tokens,
             "max_tokens",
             submit,
+            constrained=constraint is not None,
         )
         engine, prompts, handles = sent.engine, sent.prompts, sent.handles
         tokenizer = engine.tokenizer

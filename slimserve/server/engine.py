@@ -39,7 +39,7 @@ from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.router import LatencyProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
-from slimserve.server.structured import GrammarCache, TokenMask
+from slimserve.server.structured import MASK_MS_PRIOR, GrammarCache, TokenMask
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,13 @@ class TransformersEngine:
             return None
         if self._grammars is None:  # on the event loop, like every submit: no other thread builds it
             self._grammars = GrammarCache(variant.tokenizer, vocab, variant.eos_token_ids)
-        return TokenMask(self._grammars.compile(params.constraint).grammar, vocab)
+        grammars = self._grammars
+        return TokenMask(grammars.compile(params.constraint).grammar, vocab, grammars.observe_mask)
+
+    @property
+    def mask_ms_per_token(self) -> float:
+        """What masking adds to each step of a constrained sequence (ms): measured once it has masked."""
+        return self._grammars.mask_ms if self._grammars is not None else MASK_MS_PRIOR
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is running, leave the compute thread and drop the model."""

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -31,6 +33,13 @@ import xgrammar as xgr
 
 ANY_OBJECT = '{"type": "object"}'
 """json_object's schema: OpenAI promises an object, not any JSON value (vLLM's xgrammar backend agrees)."""
+
+MASK_MS_PRIOR = 0.5
+"""Milliseconds one sequence's mask adds to a decode step, assumed until the engine has timed its own
+(`GrammarCache.mask_ms`): a prior for the router, not a measurement (`make bench-structured` measures it)."""
+
+MASK_SMOOTHING = 0.05
+"""Weight of each timed mask in the engine's moving average."""
 
 SEPARATORS = (",", ":")
 """Between items and after keys: compact JSON, what vLLM's `disable_any_whitespace` compiles."""
@@ -109,6 +118,12 @@ class GrammarCache:
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
         )
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+        self.mask_ms = MASK_MS_PRIOR
+        """Moving average of what one sequence's mask adds to a step (ms): the router's per-token overhead
+        for a constrained request on this engine."""
+
+    def observe_mask(self, seconds: float) -> None:
+        self.mask_ms += MASK_SMOOTHING * (1000 * seconds - self.mask_ms)
 
     @property
     def cached_bytes(self) -> int:
@@ -129,18 +144,23 @@ class GrammarCache:
 class TokenMask:
     """One sequence's place in its grammar: masks the logits of each step, advances on each sampled token."""
 
-    def __init__(self, grammar: Any, vocab_size: int) -> None:
+    def __init__(self, grammar: Any, vocab_size: int, timed: Callable[[float], None] | None = None) -> None:
         self._matcher = xgr.GrammarMatcher(grammar)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(vocab / 32)) int32
+        self._timed = timed
+        """Told the seconds of each mask (the engine's `GrammarCache.observe_mask`)."""
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of `logits` (vocab,) with every token the grammar forbids at -inf; once the grammar is
         complete (its stop token accepted) nothing is masked."""
         if self._matcher.is_terminated():
             return logits
+        began = time.perf_counter()
         self._matcher.fill_next_token_bitmask(self._bitmask)
         masked = logits.clone()
         xgr.apply_token_bitmask_inplace(masked, self._bitmask)
+        if self._timed is not None:
+            self._timed(time.perf_counter() - began)
         return masked
 
     def accept(self, token_id: int) -> None:

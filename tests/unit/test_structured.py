@@ -20,7 +20,7 @@ from slimserve.server.app import create_app
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.sampling import Sampler, SamplingParams
-from slimserve.server.structured import Constraint, GrammarCache, SchemaError, TokenMask, check
+from slimserve.server.structured import MASK_MS_PRIOR, Constraint, GrammarCache, SchemaError, TokenMask, check
 
 MODEL = "tiny-llama"
 PERSON = {
@@ -250,3 +250,8 @@ def test_tools_reach_a_template_that_takes_them_and_history_renders(client: Test
 def test_the_vllm_backend_gets_the_same_schema() -> None:
     assert Constraint.json_object("response_format").vllm_kwargs() == {"json": {"type": "object"}}
     assert Constraint.json_schema(PERSON, "guided_json").vllm_kwargs() == {"json": PERSON}
+
+
+def test_the_engine_times_its_masks_for_the_router(client: TestClient, engine: TransformersEngine) -> None:
+    _chat(client, response_format={"type": "json_object"}, max_tokens=20)
+    assert engine.mask_ms_per_token != MASK_MS_PRIOR and engine.mask_ms_per_token > 0
