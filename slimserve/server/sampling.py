@@ -86,9 +86,12 @@ class Sampler:
             self._counts[token_id] += 1
 
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """Pick the next token from one row of logits, shape (vocab,), float32."""
+        """Pick the next token from one row of logits, shape (vocab,), float32 (a grammar's mask may write
+        to it: the row is the caller's to discard)."""
         params = self.params
-        scores = logits if self.mask is None else self.mask.apply(logits)  # logprobs stay the model's own
+        scores = logits
+        if self.mask is not None:  # logprobs stay the model's own: then the mask works on a copy
+            scores = self.mask.apply(logits, copy=params.logprobs is not None)
         if self._bias_ids.numel():
             scores = scores.index_add(0, self._bias_ids, self._bias_values)
         if self._counts is not None:

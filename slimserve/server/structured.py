@@ -55,8 +55,8 @@ class SchemaError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a sequence's output must be: JSON valid against `schema` (JSON text, keys sorted, so equal
-    schemas share one compiled grammar)."""
+    """What a sequence's output must be: JSON valid against `schema` (JSON text, keys in the client's order:
+    the grammar emits properties in the schema's order, as OpenAI does)."""
 
     schema: str
     param: str
@@ -70,7 +70,7 @@ class Constraint:
             return cls(ANY_OBJECT, param)
         if not isinstance(schema, dict):
             raise SchemaError(f"{param}: a JSON Schema must be an object", param)
-        return cls(json.dumps(schema, sort_keys=True), param)
+        return cls(json.dumps(schema), param)
 
     @classmethod
     def json_object(cls, param: str) -> Constraint:
@@ -150,14 +150,16 @@ class TokenMask:
         self._timed = timed
         """Told the seconds of each mask (the engine's `GrammarCache.observe_mask`)."""
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of `logits` (vocab,) with every token the grammar forbids at -inf; once the grammar is
-        complete (its stop token accepted) nothing is masked."""
+    def apply(self, logits: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """`logits` (vocab,) with every token the grammar forbids at -inf, in place unless `copy` (a caller
+        that still needs the model's own logits, for logprobs, asks for a copy: copying a 49k-vocabulary
+        row costs more than the mask). Once the grammar is complete (its stop token accepted) nothing is
+        masked."""
         if self._matcher.is_terminated():
             return logits
         began = time.perf_counter()
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        masked = logits.clone()
+        masked = logits.clone() if copy else logits
         xgr.apply_token_bitmask_inplace(masked, self._bitmask)
         if self._timed is not None:
             self._timed(time.perf_counter() - began)
