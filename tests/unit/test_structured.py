@@ -256,3 +256,13 @@ def test_the_vllm_backend_gets_the_same_schema() -> None:
 def test_the_engine_times_its_masks_for_the_router(client: TestClient, engine: TransformersEngine) -> None:
     _chat(client, response_format={"type": "json_object"}, max_tokens=20)
     assert engine.mask_ms_per_token != MASK_MS_PRIOR and engine.mask_ms_per_token > 0
+
+
+def test_logprobs_of_a_constrained_choice_are_the_models_own(client: TestClient) -> None:
+    """The mask works on a copy then: the top alternatives include tokens the grammar forbade, all finite."""
+    body = _chat(client, response_format={"type": "json_object"}, logprobs=True, top_logprobs=5, max_tokens=6)
+    assert body.status_code == 200, body.text
+    content = body.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(len(t["top_logprobs"]) == 5 for t in content)
+    assert all(alt["logprob"] > -1e9 for t in content for alt in t["top_logprobs"])
+    assert content[0]["token"] == "{"
