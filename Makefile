@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype bench-structured compress clean
 
 setup: $(VENV)/.installed
 
@@ -87,6 +87,9 @@ bench-distill: setup  # ~30 min: KD vs CE students and the teacher's int4 QAT va
 
 bench-dtype: setup  # fp32 against bf16 compute per variant, timed side by side: what --dtype fast picks from
 	$(BIN)/python benchmarks/dtype_speed.py --write docs/BENCHMARKS.md
+
+bench-structured: setup  # ~10 min: JSON-Schema decoding against free decoding at concurrency 1 and 8, the mask's cost per token, validity
+	$(BIN)/python benchmarks/structured_bench.py --write docs/BENCHMARKS.md
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md

@@ -41,6 +41,8 @@ from slimserve.server.protocol import (
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.shutdown import ENGINE_STOP_S, SHUTTING_DOWN, Drain
+from slimserve.server.structured import Constraint, SchemaError, check
+from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,13 @@ def create_app(
         requested_max: int | None,
         max_param: str,
         submit: Callable[[ServingEngine, list[list[int]], int, float | None], list[RequestHandle]],
+        constrained: bool = False,
     ) -> Dispatch:
         """Choose the variant (exactly named, or by the router), then submit; a full queue falls through to
-        the router's next choice before the client sees 429."""
+        the router's next choice before the client sees 429. A `constrained` request (structured output)
+        costs its engine's masking per token on top of the profiles' figures: the probed engine's measured
+        overhead (the variants of a family share a tokenizer, so one figure serves them all; the vLLM
+        backend reports none, its masking is inside the steps it times)."""
         arrived = time.perf_counter()
         if drain.draining:
             raise APIError(503, f"{SHUTTING_DOWN}: not accepting requests", code="server_shutting_down")
@@ -161,7 +167,8 @@ def create_app(
                 pool.release(probe)
                 prompt_tokens = max(len(p) for p in build_prompts(probe_engine))
                 expected = requested_max or default_max_tokens or 256
-                order, decision = router.choose(list(entries), budget, prompt_tokens, expected)
+                extra_ms = expected * getattr(probe_engine, "mask_ms_per_token", 0.0) if constrained else 0.0
+                order, decision = router.choose(list(entries), budget, prompt_tokens, expected, extra_ms)
             except BudgetError as exc:
                 raise APIError(400, str(exc), param=exc.param) from exc
         last_error: APIError | None = None
@@ -247,22 +254,25 @@ def create_app(
         _log_extra_fields(body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = (body.top_logprobs or 0) if body.logprobs else None
+        constraint = _request_constraint(body)
+        plan = _tool_plan(body)
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
             flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
-            make = _params_factory(body, max_tokens, top, engine.sampling_defaults)
+            make = _params_factory(body, max_tokens, top, engine.sampling_defaults, constraint)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
         sent = await dispatch(
             request,
             body.model,
             body.slimserve,
-            lambda engine: [flow.chat_prompt_ids(engine, body.messages)],
+            lambda engine: [flow.chat_prompt_ids(engine, body.messages, body.tools)],
             body.requested_max_tokens(),
             param,
             submit,
+            constrained=constraint is not None,
         )
         engine, prompt, handles = sent.engine, sent.prompts[0], sent.handles
         tokenizer = engine.tokenizer
@@ -270,16 +280,23 @@ def create_app(
 
         if body.stream:
             chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            calls = [ToolCallStream(plan) for _ in handles] if plan is not None else None
 
             def make_chunk(index: int, event: GenerationEvent | None) -> ChatCompletionChunk:
                 if event is None:
-                    choice = ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                    opening = DeltaMessage(role="assistant", content=None if calls else "")
+                    choice = ChatChunkChoice(index=index, delta=opening)
                 else:
+                    delta = DeltaMessage(content=event.text or None)
+                    finish = _openai_finish(event.finish_reason)
+                    if calls is not None:
+                        delta = DeltaMessage(tool_calls=calls[index].delta(event.text, finish is not None))
+                        finish = calls[index].finish_reason(finish)
                     choice = ChatChunkChoice(
                         index=index,
-                        delta=DeltaMessage(content=event.text or None),
+                        delta=delta,
                         logprobs=flow.chat_logprobs(tokenizer, event.logprobs) if top is not None else None,
-                        finish_reason=_openai_finish(event.finish_reason),
+                        finish_reason=finish,
                     )
                 return ChatCompletionChunk(id=chunk_id, created=created, model=engine.name, choices=[choice])
 
@@ -303,15 +320,21 @@ def create_app(
         results = await flow.collect(request, handles)
         record_outcome(sent)
         response.headers.update(headers)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ResponseMessage(content=r.text),
-                logprobs=flow.chat_logprobs(tokenizer, r.logprobs) if top is not None else None,
-                finish_reason=_openai_finish(r.finish_reason),
+        choices = []
+        for i, r in enumerate(results):
+            message, finish = ResponseMessage(content=r.text), _openai_finish(r.finish_reason)
+            tool_calls = plan.calls(r.text) if plan is not None else None
+            if tool_calls:
+                message = ResponseMessage(content=None, tool_calls=tool_calls)
+                finish = "tool_calls" if finish == "stop" else finish
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=flow.chat_logprobs(tokenizer, r.logprobs) if top is not None else None,
+                    finish_reason=finish,
+                )
             )
-            for i, r in enumerate(results)
-        ]
         return ChatCompletionResponse(model=engine.name, choices=choices, usage=flow.usage([len(prompt)], results))
 
     @v1.post(
@@ -324,12 +347,13 @@ def create_app(
     ) -> CompletionResponse | StreamingResponse:
         request.state.model = body.model
         _log_extra_fields(body)
+        constraint = _request_constraint(body)
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
         ) -> list[RequestHandle]:
             flow.check_vocabulary(engine, body.token_bias(), "logit_bias")
-            make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults)
+            make = _params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults, constraint)
             return flow.submit_all(engine, prompts, make, body.n, deadline)
 
         sent = await dispatch(
@@ -340,6 +364,7 @@ def create_app(
             body.max_tokens,
             "max_tokens",
             submit,
+            constrained=constraint is not None,
         )
         engine, prompts, handles = sent.engine, sent.prompts, sent.handles
         tokenizer = engine.tokenizer
@@ -412,6 +437,7 @@ def _params_factory(
     max_tokens: int,
     top_logprobs: int | None,
     defaults: dict[str, Any],
+    constraint: Constraint | None = None,
 ) -> Callable[[int], SamplingParams]:
     """Sampling parameters for choice i: with a seed, choice i uses seed + i so choices differ yet repeat.
 
@@ -434,13 +460,36 @@ def _params_factory(
             logprobs=top_logprobs,
             ignore_eos=body.ignore_eos,
             logit_bias=body.token_bias(),
+            constraint=constraint,
         )
 
     return make
 
 
+def _request_constraint(body: ChatCompletionRequest | CompletionRequest) -> Constraint | None:
+    """The JSON the output must be (a required tool call's, else the response format's), checked against the
+    grammar library before routing: a schema it cannot compile is a 400 naming the field."""
+    try:
+        constraint = body.tool_constraint() if isinstance(body, ChatCompletionRequest) else None
+        constraint = constraint or body.constraint()
+        if constraint is not None:
+            check(constraint)
+    except SchemaError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_schema") from exc
+    return constraint
+
+
+def _tool_plan(body: ChatCompletionRequest) -> ToolCallPlan | None:
+    """How the output becomes tool calls: only under `required` or a named function (`tool_calls`)."""
+    if body.tool_choice == "required":
+        return ToolCallPlan(forced=None)
+    forced = body.forced_tool()
+    return ToolCallPlan(forced=forced.function.name) if forced is not None else None
+
+
 def _openai_finish(reason: str | None) -> str | None:
-    """OpenAI knows `stop` and `length`; an aborted sequence reports `stop`."""
+    """OpenAI knows `stop` and `length` (and `tool_calls`, set by the chat route); an aborted sequence
+    reports `stop`."""
     return "stop" if reason == "abort" else reason
 
 

@@ -7,6 +7,7 @@ flow (`run_choices`) submits the sequences, watches the client, and yields per-c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -28,6 +29,7 @@ from slimserve.server.protocol import (
     ChatMessage,
     ChoiceLogprobs,
     CompletionLogprobs,
+    Tool,
     TopLogprob,
     UsageInfo,
 )
@@ -52,14 +54,16 @@ class ChoiceResult:
         self.error = event.error or self.error
 
 
-def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[int]:
-    """Render messages with the tokenizer's own chat template, then tokenize."""
+def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
+    """Render messages (and tools, for a template that takes them; others ignore them) with the tokenizer's
+    own chat template, then tokenize."""
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"model {engine.name!r} has no chat template; use /v1/completions", code="no_template")
     try:
-        rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        rendered = [_template_message(m) for m in messages]
+        functions = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        text = tokenizer.apply_chat_template(rendered, tools=functions, add_generation_prompt=True, tokenize=False)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages", code="unsupported") from exc
     except Exception as exc:  # a template that raises (e.g. jinja's raise_exception) is a bad request
@@ -67,6 +71,26 @@ def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage]) -> list[
             400, f"chat template rejected the messages: {exc}", param="messages", code="invalid_value"
         ) from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it: `developer` is `system`; a call's arguments are a mapping (as
+    vLLM passes them: templates iterate or `tojson` them), not OpenAI's JSON text."""
+    rendered: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    rendered["content"] = message.text()
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            function = dict(call.get("function") or {})
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                with contextlib.suppress(ValueError):
+                    function["arguments"] = json.loads(arguments)
+            calls.append({**call, "function": function})
+        rendered["tool_calls"] = calls
+    return rendered
 
 
 def text_prompt_ids(engine: ServingEngine, prompt: str | list[int]) -> list[int]:

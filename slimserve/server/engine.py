@@ -40,6 +40,7 @@ from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
 from slimserve.server.scheduler import PREFILL_TOKENS, Scheduler, Turn, prompt_chunk
+from slimserve.server.structured import MASK_MS_PRIOR, GrammarCache, TokenMask
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,8 @@ class TransformersEngine:
         """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
         self._warm_up: list[Callable[[LoadedVariant], None]] = []
         """Pieces of the load-time warm-up still to run, one per turn (`_warm_up_pieces`)."""
+        self._grammars: GrammarCache | None = None
+        """Compiled JSON grammars for this tokenizer, built on the first structured request."""
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -364,7 +367,7 @@ class TransformersEngine:
                 _Sequence(  # built first: a sampler that rejects its parameters leaves nothing queued
                     handle=handle,
                     params=params,
-                    sampler=Sampler(params, vocab),
+                    sampler=Sampler(params, vocab, self._token_mask(variant, params, vocab)),
                     detokenizer=IncrementalDetokenizer(variant.tokenizer, prompt_ids, params.stop),
                     submitted_at=time.perf_counter(),
                 )
@@ -382,6 +385,20 @@ class TransformersEngine:
             self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
         self.compute.wake()
         return [seq.handle for seq in built]
+
+    def _token_mask(self, variant: LoadedVariant, params: SamplingParams, vocab: int) -> TokenMask | None:
+        """The sequence's grammar state if its output is constrained (`structured`), compiled once per schema."""
+        if params.constraint is None:
+            return None
+        if self._grammars is None:  # on the event loop, like every submit: no other thread builds it
+            self._grammars = GrammarCache(variant.tokenizer, vocab, variant.eos_token_ids)
+        grammars = self._grammars
+        return TokenMask(grammars.compile(params.constraint).grammar, vocab, grammars.observe_mask)
+
+    @property
+    def mask_ms_per_token(self) -> float:
+        """What masking adds to each step of a constrained sequence (ms): measured once it has masked."""
+        return self._grammars.mask_ms if self._grammars is not None else MASK_MS_PRIOR
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is running, leave the compute thread and drop the model."""

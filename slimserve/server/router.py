@@ -290,9 +290,11 @@ class Router:
         return min(self.expected_load() + BURST_DEVIATIONS * spread, 0.9)
 
     def choose(
-        self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int
+        self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int, extra_ms: float = 0.0
     ) -> tuple[list[C], Decision]:
-        """Candidates in the order to try (best first; the rest are fallbacks if the first is full)."""
+        """Candidates in the order to try (best first; the rest are fallbacks if the first is full). `extra_ms`:
+        what the request costs beyond the profiles' figures on any variant (masking its tokens to a grammar:
+        a per-token overhead times `max_tokens`), added to every prediction."""
         usable = [c for c in candidates if c.available]
         if not usable:
             raise BudgetError("no variant of this family can serve requests right now", "model")
@@ -310,7 +312,9 @@ class Router:
         limits = {c.name: budget.latency_ms / self.margin(c.name) for c in usable} if budget.latency_ms else {}
         scale = self.calibration
         reserve = self.current_reserve(budget.latency_ms)
-        least_work = min(c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable)
+        least_work = extra_ms + min(
+            c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable
+        )
         now = self.clock()
         with self._lock:
             self.arrivals.append((now, least_work * scale))
@@ -330,6 +334,7 @@ class Router:
             harm = {c.name: deadline_harm(c, prompt_tokens, now) for c in usable}
             load = {name: ms / limits[name] if limits else 0.0 for name, ms in predicted.items()}
             cost = predicted  # a device share of its own: its latency is all it costs
+        predicted = {name: ms + extra_ms for name, ms in predicted.items()}
         met: bool | None
 
         def quality(c: Candidate) -> float:
@@ -387,7 +392,7 @@ class Router:
                 # variants predicted within the bare budget sent 15 of them to the fp32 student), unless
                 # only steps of its own can make it: then the cheapest of the variants whose steps alone
                 # (`alone_ms`) make it, so a second engine wakes only when the workhorse cannot
-                alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) for c in best}
+                alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) + extra_ms for c in best}
                 slow = {name: ms > (budget.latency_ms or math.inf) for name, ms in alone.items()}
                 order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
                 met = predicted[order[0].name] <= budget.latency_ms

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimserve.server.structured import Constraint, TokenMask
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -34,6 +36,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Added to the logits of these token ids before sampling (OpenAI's `logit_bias`)."""
+    constraint: Constraint | None = None
+    """JSON the output must be (structured outputs, a required tool call); None: free text."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -61,8 +65,10 @@ class TokenLogprob:
 class Sampler:
     """Draws the next token for one sequence; keeps the counts the penalties need."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, mask: TokenMask | None = None) -> None:
         self.params = params
+        self.mask = mask
+        """The sequence's grammar (`params.constraint` compiled): tokens it forbids are never drawn."""
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         self._counts: torch.Tensor | None = None
@@ -80,9 +86,12 @@ class Sampler:
             self._counts[token_id] += 1
 
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """Pick the next token from one row of logits, shape (vocab,), float32."""
+        """Pick the next token from one row of logits, shape (vocab,), float32 (a grammar's mask may write
+        to it: the row is the caller's to discard)."""
         params = self.params
         scores = logits
+        if self.mask is not None:  # logprobs stay the model's own: then the mask works on a copy
+            scores = self.mask.apply(logits, copy=params.logprobs is not None)
         if self._bias_ids.numel():
             scores = scores.index_add(0, self._bias_ids, self._bias_values)
         if self._counts is not None:
@@ -100,6 +109,8 @@ class Sampler:
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self.observe(token)
+        if self.mask is not None:
+            self.mask.accept(token)
         if params.logprobs is None:
             return token, None
         return token, token_logprob(logits, token, params.logprobs)

@@ -14,10 +14,11 @@ process) and, where the host has cores enough, cores of its own for its worker's
 (`VLLM_CPU_OMP_THREADS_BIND`); see `cpu_placements`.
 
 Sampling maps one to one onto vLLM's SamplingParams (temperature, top_p, top_k, penalties, seed,
-stop strings, logprobs, logit_bias, ignore_eos, max_tokens); outputs are requested as deltas. A routed
-request's deadline becomes its vLLM `priority` (the engines run vLLM's priority scheduler, lower
-first), so earliest-deadline-first holds inside a vLLM engine as between engines. The router's latency
-profile learns from vLLM's own per-step timings (its stat logger), not from the event loop's view.
+stop strings, logprobs, logit_bias, ignore_eos, max_tokens, and a JSON constraint as `structured_outputs`,
+compiled by the same xgrammar); outputs are requested as deltas. A routed request's deadline becomes its
+vLLM `priority` (the engines run vLLM's priority scheduler, lower first), so earliest-deadline-first
+holds inside a vLLM engine as between engines. The router's latency profile learns from vLLM's own
+per-step timings (its stat logger), not from the event loop's view.
 """
 
 from __future__ import annotations
@@ -358,6 +359,7 @@ class VLLMEngine:
     def engine_args(self) -> Any:
         """vLLM's AsyncEngineArgs for this variant (the priority scheduler; memory by platform)."""
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
 
         memory: dict[str, Any] = (
             {"kv_cache_memory_bytes": self.kv_cache_bytes}
@@ -371,6 +373,9 @@ class VLLMEngine:
             dtype=vllm_dtype(self.dtype),
             scheduling_policy="priority",
             disable_log_stats=True,  # vLLM's periodic log lines off; the stat logger below still runs
+            # the grammar library and compact JSON of the transformers engine (`structured`); vLLM 0.32 reads
+            # disable_any_whitespace from here only, not from a request's StructuredOutputsParams
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             **memory,
         )
 
@@ -516,8 +521,13 @@ class VLLMEngine:
         loop = asyncio.get_running_loop()
         handle = _VllmHandle(f"{self.name}-{next(self._ids)}", prompt_ids, loop, deadline)
         handle.max_tokens = params.max_tokens
+        kwargs = vllm_sampling_kwargs(params)
+        if params.constraint is not None:  # checked against xgrammar by the app, as vLLM's backend will compile it
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(**params.constraint.vllm_kwargs())
         try:
-            sampling = VllmSamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+            sampling = VllmSamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
         except Exception as exc:  # vLLM validates on construction: a bad value is the client's 400
             raise ValueError(str(exc)) from exc
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)

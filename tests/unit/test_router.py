@@ -71,6 +71,15 @@ def test_tight_budgets_go_to_fast_variants_and_loose_ones_to_the_best() -> None:
     assert len(router.recent()) == 5
 
 
+def test_the_masking_cost_of_a_constrained_request_counts_against_its_budget() -> None:
+    """3 s fits int8 (~2.6 s) unconstrained; with 5 ms of masking per token (+0.5 s) it no longer does."""
+    router = Router(reserve=0)
+    free = router.choose(FAMILY, Budget(latency_ms=3_000), 20, 100)[1]
+    masked = router.choose(FAMILY, Budget(latency_ms=3_000), 20, 100, extra_ms=100 * 5.0)[1]
+    assert (free.variant, masked.variant) == ("int8", "int4")
+    assert masked.candidates["int8"] == pytest.approx(free.candidates["int8"] + 500, abs=1)
+
+
 def test_equal_quality_goes_to_the_faster_variant_and_a_headroom_is_kept() -> None:
     near_exact = _variant("int8-exact", step_ms=25, ppl_ratio=1.002, memory_mb=400)
     # +0.2% counts as the teacher's quality: the faster variant serves, leaving the cores to others

@@ -130,18 +130,16 @@ def test_prompt_errors_name_the_prompt(client: TestClient, prompt: Any, param: s
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"guided_regex": "[a-z]+"}, "guided_regex"),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
         ({"min_tokens": 3}, "min_tokens"),
     ],
 )
 def test_fields_that_would_change_the_output_are_refused(
     client: TestClient, fields: dict[str, Any], param: str
 ) -> None:
-    """They were ignored: a client asking for JSON or a tool call got plain text and a 200."""
+    """They were ignored: a client asking for a regex or the deprecated functions got plain text and a 200."""
     error = _error(_chat(client, **fields))
     assert error["code"] == "unsupported" and error["param"] == param
 
