@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--teacher", default=DEFAULT_VARIANT, help="registered name or directory of the float teacher")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     parser.add_argument("--home", type=Path, default=None, help="scratch registry [default: $SLIMSERVE_HOME/bench]")
+    parser.add_argument("--extras", choices=["all", "emb8", "none"], default="all",
+                        help="rows beyond one per method: int8 embedding (-emb8), int8 head (-head8)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="measure variants already in the scratch registry instead of rebuilding them")  # fmt: skip
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
@@ -61,12 +63,12 @@ def main() -> int:
     runs += [
         QuantizeConfig(method=method, embedding="int8", name=f"{teacher.name}-{method}-emb8")
         for method in args.methods
-        if method in INT8_EMBEDDING_METHODS
+        if method in INT8_EMBEDDING_METHODS and args.extras in ("all", "emb8")
     ]
     runs += [
         QuantizeConfig(method=method, keep=[], name=f"{teacher.name}-{method}-head8")
         for method in args.methods
-        if method in ("int8-dynamic", "int8-static")
+        if method in ("int8-dynamic", "int8-static") and args.extras == "all"
     ]
     for quantize_config in runs:
         method, name = quantize_config.method, str(quantize_config.name)
