@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from slimserve.compression.distill import DistillConfig
     from slimserve.compression.evaluate import EvalConfig
     from slimserve.compression.quantize import QuantizeConfig
+    from slimserve.server.profiling import ProfileConfig
 
 
 def serve(settings: ServerSettings) -> None:
@@ -348,6 +349,24 @@ def evaluate(args: EvalArgs, config: EvalConfig) -> None:
             print(f"{key:>18}: {value}")
 
 
+@dataclass
+class ProfileArgs:
+    variant: str
+    """Variant directory or registered name."""
+    write: bool = True
+    """Record the figures in the variant's manifest (--no-write only prints them)."""
+
+
+def profile(args: ProfileArgs, config: ProfileConfig) -> None:
+    """Measure what a variant's prefill and decode steps cost on this host; record it in its manifest, where
+    the router's and the simulator's cost profiles read it."""
+    from slimserve.models.loader import parse_dtype
+    from slimserve.server.profiling import profile_variant
+
+    parse_dtype(config.dtype)
+    profile_variant(args.variant, config, write=args.write, progress=lambda line: print(line, flush=True))
+
+
 @dataclass(frozen=True)
 class Verb:
     """A subcommand: `run` takes one object per config class, built from flags, --config and defaults."""
@@ -378,6 +397,12 @@ def _eval_configs() -> tuple[type, ...]:
     return EvalArgs, EvalConfig
 
 
+def _profile_configs() -> tuple[type, ...]:
+    from slimserve.server.profiling import ProfileConfig
+
+    return ProfileArgs, ProfileConfig
+
+
 def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
     from slimserve.compression.losses import DIVERGENCES
     from slimserve.compression.quantize import METHODS
@@ -400,6 +425,7 @@ def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
         },
         "eval": {"variant": {"positional": True}, "as_json": {"flag": "--json"}, "reference_dtype": dtypes},
         "compress": {"recipe": {"positional": True}},
+        "profile": {"variant": {"positional": True}, "dtype": dtypes},
         "import": {"source": {"positional": True}},
         "variants list": {"as_json": {"flag": "--json"}},
     }
@@ -412,6 +438,11 @@ VERBS: dict[str, Verb] = {
     "distill": Verb("distill a teacher into a smaller student and register it", distill, _distill_configs),
     "compress": Verb(
         "run a compression recipe (distill -> quantize -> evaluate -> report)", compress, lambda: (CompressArgs,)
+    ),
+    "profile": Verb(
+        "measure a variant's prefill and step times on this host and record them in its manifest",
+        profile,
+        _profile_configs,
     ),
     "import": Verb(
         "register your own model: a Hugging Face directory (safetensors) or a GGUF file; nothing is downloaded",
