@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from slimserve.compression.evaluate import EvalConfig
     from slimserve.compression.quantize import QuantizeConfig
     from slimserve.server.profiling import ProfileConfig
+    from slimserve.server.simulator import GridConfig
 
 
 def serve(settings: ServerSettings) -> None:
@@ -367,6 +368,27 @@ def profile(args: ProfileArgs, config: ProfileConfig) -> None:
     profile_variant(args.variant, config, write=args.write, progress=lambda line: print(line, flush=True))
 
 
+@dataclass
+class SimulateArgs:
+    variants: list[str]
+    """A registered variant whose manifest carries a cost profile (`slimserve profile`); repeat the flag for
+    each, the teacher first (quality is perplexity relative to it)."""
+    json_path: str | None = None
+    """Also write every cell's figures to this JSON file."""
+
+
+def simulate(args: SimulateArgs, grid: GridConfig) -> None:
+    """Serve seeded workloads on a virtual clock under each policy with the variants' measured cost profiles;
+    print SLO attainment and mean quality per cell and goodput per policy."""
+    from slimserve.server.simulator import grid_table, registered_variants, run_grid
+
+    variants = registered_variants(args.variants)
+    cells = run_grid(variants, grid)
+    print("\n".join(grid_table(variants, cells)))
+    if args.json_path is not None:
+        Path(args.json_path).write_text(json.dumps([c.figures() for c in cells], indent=1) + "\n")
+
+
 @dataclass(frozen=True)
 class Verb:
     """A subcommand: `run` takes one object per config class, built from flags, --config and defaults."""
@@ -403,9 +425,16 @@ def _profile_configs() -> tuple[type, ...]:
     return ProfileArgs, ProfileConfig
 
 
+def _simulate_configs() -> tuple[type, ...]:
+    from slimserve.server.simulator import GridConfig
+
+    return SimulateArgs, GridConfig
+
+
 def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
     from slimserve.compression.losses import DIVERGENCES
     from slimserve.compression.quantize import METHODS
+    from slimserve.server.simulator import POLICIES
 
     dtypes = {"choices": ["fast", "bf16", "fp32"]}
     return {
@@ -426,6 +455,11 @@ def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
         "eval": {"variant": {"positional": True}, "as_json": {"flag": "--json"}, "reference_dtype": dtypes},
         "compress": {"recipe": {"positional": True}},
         "profile": {"variant": {"positional": True}, "dtype": dtypes},
+        "simulate": {
+            "variants": {"flag": "--variant", "action": "append", "nargs": None, "metavar": "NAME"},
+            "json_path": {"flag": "--json", "metavar": "FILE"},
+            "policies": {"choices": list(POLICIES)},
+        },
         "import": {"source": {"positional": True}},
         "variants list": {"as_json": {"flag": "--json"}},
     }
@@ -443,6 +477,11 @@ VERBS: dict[str, Verb] = {
         "measure a variant's prefill and step times on this host and record them in its manifest",
         profile,
         _profile_configs,
+    ),
+    "simulate": Verb(
+        "compare routing policies on a seeded simulation over the variants' measured cost profiles",
+        simulate,
+        _simulate_configs,
     ),
     "import": Verb(
         "register your own model: a Hugging Face directory (safetensors) or a GGUF file; nothing is downloaded",
