@@ -351,12 +351,10 @@ class TransformersEngine:
         """Queue the sequences of one request (its choices, its prompts) in one step, all or none: raises
         EngineBusyError when they would take the queue past `max_waiting`.
 
-        Why in one step: the compute thread takes what waits at the start of each turn, and when a request's
-        choices were queued one by one, the first was sometimes prefilled and stepped alone before the
-        second came in. bf16 matmuls (here the MLP's down projection) and torch's fp32 attention kernel round
-        a row's last bits differently at batch 1 than at 2, so the same seeded request with n=2 on an idle
-        server drew other tokens in a third to half of the runs. Queued together, its choices start in the
-        same turns every time."""
+        Why in one step: the compute thread takes what waits at the start of each turn, so choices queued one
+        by one may be prefilled and stepped apart, and bf16 matmuls and torch's fp32 attention kernel round a
+        row's last bits differently at batch 1 than at 2: the same seeded request with n=2 would not repeat.
+        Queued together, its choices start in the same turns every time."""
         variant = self._require_variant()
         vocab = int(variant.model.config.vocab_size)
         built = []
@@ -444,8 +442,8 @@ class TransformersEngine:
         """The warm-up a variant runs before it serves, as vLLM's profiling run does: a prefill of a whole
         chunk, then `WARMUP_STEPS` decode steps at each batch size it will see, largest first (rows of
         different lengths, padded as in serving). Untimed: the profile learns from served requests only, so
-        cold-start time never enters it. Without it, the first request to each variant ran 1.4-2.6x its
-        prediction, and the profile then learned those cold steps as the variant's speed (issue 39).
+        cold-start time never enters it. Without it the first requests would pay those costs, and the profile
+        would learn the cold steps as the variant's speed.
 
         On the compute thread, a piece per turn, so the cores are not shared with a second torch thread
         and another variant's urgent steps can take turns between the pieces."""
