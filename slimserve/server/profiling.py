@@ -143,6 +143,9 @@ def measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[s
         raise ValueError(f"{variant.name}: a context of {variant.context_length} tokens is too short to profile")
     vocab = int(variant.model.config.vocab_size)
     found = Measured(load_s=variant.load_seconds)
+    skipped = sorted(n for n in {*config.prompt_lengths, *config.contexts} if n > room)
+    if skipped:
+        progress(f"skipped lengths {skipped}: beyond the context of {variant.context_length} tokens")
     for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
         timed = functools.partial(_timed_prefill, variant, _prompt(length, vocab))
         found.prefill_ms[length] = _median_ms(timed, config.repeats)

@@ -17,10 +17,23 @@ def test_profile_records_the_figures_the_cost_profile_reads(
     manifest = VariantManifest.read(path)
     manifest.metrics["perplexity"] = 12.5
     manifest.write(path)
-    argv = ["profile", "tiny-a", "--prompt-lengths", "16", "--batch-sizes", "2", "--contexts", "64", "--repeats", "1"]
+    argv = [
+        "profile",
+        "tiny-a",
+        "--prompt-lengths",
+        "16",
+        "--batch-sizes",
+        "2",
+        "--contexts",
+        "64",
+        "999",
+        "--repeats",
+        "1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "prefill    16 tokens" in printed and "step   2 rows" in printed and "at context 64" in printed
+    assert "skipped lengths [999]: beyond the context of 256 tokens" in printed
     metrics = VariantManifest.read(path).metrics
     assert metrics["perplexity"] == 12.5  # other figures are kept
     profile = CostProfile.from_manifest(VariantManifest.read(path))
