@@ -454,12 +454,12 @@ class TransformersEngine:
         batch = PaddedKVBatch()
 
         def prefill(loaded: LoadedVariant) -> None:
-            self._prefill(loaded, growing_cache(config), prompt)
+            prefill_forward(loaded.model, growing_cache(config), prompt)
 
         def rows(loaded: LoadedVariant) -> None:
             for row in range(sizes[0]):
                 cache = growing_cache(config)
-                self._prefill(loaded, cache, prompt[: 4 + row % 8])
+                prefill_forward(loaded.model, cache, prompt[: 4 + row % 8])
                 batch.add(cache)
 
         def steps(size: int) -> Callable[[LoadedVariant], None]:
@@ -468,14 +468,7 @@ class TransformersEngine:
                     batch.keep(list(range(size)))
                 tokens = torch.ones((size, 1), dtype=torch.long)  # (B, 1)
                 for _ in range(WARMUP_STEPS):
-                    mask, positions = batch.step_inputs()
-                    loaded.model(
-                        input_ids=tokens,
-                        attention_mask=mask,
-                        position_ids=positions,
-                        past_key_values=batch.cache,
-                        use_cache=True,
-                    )
+                    step_forward(loaded.model, batch, tokens)
 
             return run
 
@@ -675,7 +668,7 @@ class TransformersEngine:
             return 0
         chunk = prompt_chunk(prompt, partial.done)
         began = time.perf_counter()
-        logits = self._prefill(variant, partial.cache, chunk)
+        logits = prefill_forward(variant.model, partial.cache, chunk)
         partial.seconds += time.perf_counter() - began
         partial.done += len(chunk)
         last = partial.done >= len(prompt)
@@ -701,24 +694,10 @@ class TransformersEngine:
             rows.append(seq)
         return len(chunk)
 
-    def _prefill(self, variant: LoadedVariant, cache: DynamicCache, chunk: list[int]) -> torch.Tensor:
-        """One chunk of a prompt into `cache`, after the tokens it holds (positions follow from its length)."""
-        input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
-        out = variant.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()  # (1, vocab)
-
     def _decode_step(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> None:
         input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)
-        mask, positions = batch.step_inputs()
         began = time.perf_counter()
-        out = variant.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1].float()  # (B, vocab)
+        logits = step_forward(variant.model, batch, input_ids)
         self._emit(list(zip(rows, logits, strict=True)), eos)
         if self.profile is not None:  # the whole step as a client sees it: forward, sampling, delivery
             self.profile.observe_step(len(rows), time.perf_counter() - began)
@@ -783,6 +762,24 @@ class TransformersEngine:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
+
+
+def prefill_forward(model: Any, cache: DynamicCache, chunk: list[int]) -> torch.Tensor:
+    """One chunk of a prompt into `cache`, after the tokens it holds (positions follow from its length); the
+    last position's logits. The engine's and `slimserve profile`'s prefill."""
+    input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()  # (1, vocab)
+
+
+def step_forward(model: Any, batch: PaddedKVBatch, input_ids: torch.Tensor) -> torch.Tensor:
+    """One decode step of every row of `batch`, `input_ids` (B, 1) its next tokens; the logits (B, vocab).
+    The engine's and `slimserve profile`'s decode step."""
+    mask, positions = batch.step_inputs()
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+    )
+    return out.logits[:, -1].float()  # (B, vocab)
 
 
 def _put_all(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:

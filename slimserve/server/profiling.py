@@ -23,6 +23,7 @@ from slimserve.models.loader import LoadedVariant, load_variant
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 from slimserve.server.batch import PaddedKVBatch
+from slimserve.server.engine import prefill_forward, step_forward
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.scheduler import prompt_chunk
 
@@ -94,9 +95,7 @@ def _prefill(variant: LoadedVariant, prompt: list[int]) -> tuple[DynamicCache, t
     done, logits = 0, torch.empty(0)
     while done < len(prompt):
         chunk = prompt_chunk(prompt, done)
-        input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
-        out = variant.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()  # (1, vocab)
+        logits = prefill_forward(variant.model, cache, chunk)
         done += len(chunk)
     return cache, logits
 
@@ -124,11 +123,7 @@ def _timed_steps(variant: LoadedVariant, batch: PaddedKVBatch) -> Callable[[], f
     def step() -> float:
         nonlocal tokens
         began = time.perf_counter()
-        mask, positions = batch.step_inputs()
-        out = variant.model(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
-        )
-        tokens = out.logits[:, -1].float().argmax(-1, keepdim=True)  # (B, 1)
+        tokens = step_forward(variant.model, batch, tokens).argmax(-1, keepdim=True)  # (B, 1)
         return time.perf_counter() - began
 
     return step
