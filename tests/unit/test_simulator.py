@@ -125,3 +125,17 @@ def test_simulate_refuses_a_variant_without_a_measured_profile(
 def test_a_grid_with_a_bad_value_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--variant", "teacher", "--rates", "0.2", "0"]) == 2
     assert "--rates must be positive" in capsys.readouterr().err
+
+
+def test_simulate_takes_its_grid_from_a_config_file(
+    slimserve_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, tok_s in (("teacher", 12.5), ("int4", 33.0)):
+        _register(slimserve_home, name, {"ttft_ms_128": 600.0, "decode_tok_s_b1": tok_s, "decode_tok_s_b8": 3 * tok_s})
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        "variants: [teacher, int4]\nrates: [0.4]\nslo-scales: [4]\ncvs: [1]\ncount: 10\npolicies: [fcfs]\n"
+    )
+    assert main(["simulate", "--config", str(config), "--count", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "| cv | SLO scale | rate/s | fcfs |" in printed and "| 1 | 4 | 0.4 | " in printed
