@@ -35,7 +35,7 @@ PROFILE_BATCHES = (1, 8)
 
 @dataclass
 class ProfileConfig:
-    """What `slimserve profile` measures. Defaults take well under a minute for a 135M model on 2 cores."""
+    """What `slimserve profile` measures: each point costs `repeats` + 1 forwards (and a prefill per batch)."""
 
     prompt_lengths: list[int] = field(default_factory=lambda: [32, 128, 256, 512])
     """Prompt lengths whose prefill is timed (tokens; 128 is always measured)."""
