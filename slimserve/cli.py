@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from slimserve.compression.distill import DistillConfig
     from slimserve.compression.evaluate import EvalConfig
     from slimserve.compression.quantize import QuantizeConfig
+    from slimserve.server.profiling import ProfileConfig
+    from slimserve.server.simulator import GridConfig
 
 
 def serve(settings: ServerSettings) -> None:
@@ -348,6 +350,45 @@ def evaluate(args: EvalArgs, config: EvalConfig) -> None:
             print(f"{key:>18}: {value}")
 
 
+@dataclass
+class ProfileArgs:
+    variant: str
+    """Variant directory or registered name."""
+    write: bool = True
+    """Record the figures in the variant's manifest (--no-write only prints them)."""
+
+
+def profile(args: ProfileArgs, config: ProfileConfig) -> None:
+    """Measure what a variant's prefill and decode steps cost on this host; record it in its manifest, where
+    the router's and the simulator's cost profiles read it."""
+    from slimserve.models.loader import parse_dtype
+    from slimserve.server.profiling import profile_variant
+
+    parse_dtype(config.dtype)
+    profile_variant(args.variant, config, write=args.write, progress=lambda line: print(line, flush=True))
+
+
+@dataclass
+class SimulateArgs:
+    variants: list[str]
+    """A registered variant whose manifest carries a cost profile (`slimserve profile`); repeat the flag for
+    each, the teacher first (quality is perplexity relative to it)."""
+    json_path: str | None = None
+    """Also write every cell's figures to this JSON file."""
+
+
+def simulate(args: SimulateArgs, grid: GridConfig) -> None:
+    """Serve seeded workloads on a virtual clock under each policy with the variants' measured cost profiles;
+    print SLO attainment and mean quality per cell and goodput per policy."""
+    from slimserve.server.simulator import grid_table, registered_variants, run_grid
+
+    variants = registered_variants(args.variants)
+    cells = run_grid(variants, grid)
+    print("\n".join(grid_table(variants, cells)))
+    if args.json_path is not None:
+        Path(args.json_path).write_text(json.dumps([c.figures() for c in cells], indent=1) + "\n")
+
+
 @dataclass(frozen=True)
 class Verb:
     """A subcommand: `run` takes one object per config class, built from flags, --config and defaults."""
@@ -378,9 +419,22 @@ def _eval_configs() -> tuple[type, ...]:
     return EvalArgs, EvalConfig
 
 
+def _profile_configs() -> tuple[type, ...]:
+    from slimserve.server.profiling import ProfileConfig
+
+    return ProfileArgs, ProfileConfig
+
+
+def _simulate_configs() -> tuple[type, ...]:
+    from slimserve.server.simulator import GridConfig
+
+    return SimulateArgs, GridConfig
+
+
 def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
     from slimserve.compression.losses import DIVERGENCES
     from slimserve.compression.quantize import METHODS
+    from slimserve.server.simulator import POLICIES
 
     dtypes = {"choices": ["fast", "bf16", "fp32"]}
     return {
@@ -400,6 +454,12 @@ def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
         },
         "eval": {"variant": {"positional": True}, "as_json": {"flag": "--json"}, "reference_dtype": dtypes},
         "compress": {"recipe": {"positional": True}},
+        "profile": {"variant": {"positional": True}, "dtype": dtypes},
+        "simulate": {
+            "variants": {"flag": "--variant", "action": "append", "nargs": None, "metavar": "NAME"},
+            "json_path": {"flag": "--json", "metavar": "FILE"},
+            "policies": {"choices": list(POLICIES)},
+        },
         "import": {"source": {"positional": True}},
         "variants list": {"as_json": {"flag": "--json"}},
     }
@@ -412,6 +472,16 @@ VERBS: dict[str, Verb] = {
     "distill": Verb("distill a teacher into a smaller student and register it", distill, _distill_configs),
     "compress": Verb(
         "run a compression recipe (distill -> quantize -> evaluate -> report)", compress, lambda: (CompressArgs,)
+    ),
+    "profile": Verb(
+        "measure a variant's prefill and step times on this host and record them in its manifest",
+        profile,
+        _profile_configs,
+    ),
+    "simulate": Verb(
+        "compare routing policies on a seeded simulation over the variants' measured cost profiles",
+        simulate,
+        _simulate_configs,
     ),
     "import": Verb(
         "register your own model: a Hugging Face directory (safetensors) or a GGUF file; nothing is downloaded",

@@ -351,12 +351,10 @@ class TransformersEngine:
         """Queue the sequences of one request (its choices, its prompts) in one step, all or none: raises
         EngineBusyError when they would take the queue past `max_waiting`.
 
-        Why in one step: the compute thread takes what waits at the start of each turn, and when a request's
-        choices were queued one by one, the first was sometimes prefilled and stepped alone before the
-        second came in. bf16 matmuls (here the MLP's down projection) and torch's fp32 attention kernel round
-        a row's last bits differently at batch 1 than at 2, so the same seeded request with n=2 on an idle
-        server drew other tokens in a third to half of the runs. Queued together, its choices start in the
-        same turns every time."""
+        Why in one step: the compute thread takes what waits at the start of each turn, so choices queued one
+        by one may be prefilled and stepped apart, and bf16 matmuls and torch's fp32 attention kernel round a
+        row's last bits differently at batch 1 than at 2: the same seeded request with n=2 would not repeat.
+        Queued together, its choices start in the same turns every time."""
         variant = self._require_variant()
         vocab = int(variant.model.config.vocab_size)
         built = []
@@ -444,8 +442,8 @@ class TransformersEngine:
         """The warm-up a variant runs before it serves, as vLLM's profiling run does: a prefill of a whole
         chunk, then `WARMUP_STEPS` decode steps at each batch size it will see, largest first (rows of
         different lengths, padded as in serving). Untimed: the profile learns from served requests only, so
-        cold-start time never enters it. Without it, the first request to each variant ran 1.4-2.6x its
-        prediction, and the profile then learned those cold steps as the variant's speed (issue 39).
+        cold-start time never enters it. Without it the first requests would pay those costs, and the profile
+        would learn the cold steps as the variant's speed.
 
         On the compute thread, a piece per turn, so the cores are not shared with a second torch thread
         and another variant's urgent steps can take turns between the pieces."""
@@ -456,12 +454,12 @@ class TransformersEngine:
         batch = PaddedKVBatch()
 
         def prefill(loaded: LoadedVariant) -> None:
-            self._prefill(loaded, growing_cache(config), prompt)
+            prefill_forward(loaded.model, growing_cache(config), prompt)
 
         def rows(loaded: LoadedVariant) -> None:
             for row in range(sizes[0]):
                 cache = growing_cache(config)
-                self._prefill(loaded, cache, prompt[: 4 + row % 8])
+                prefill_forward(loaded.model, cache, prompt[: 4 + row % 8])
                 batch.add(cache)
 
         def steps(size: int) -> Callable[[LoadedVariant], None]:
@@ -470,14 +468,7 @@ class TransformersEngine:
                     batch.keep(list(range(size)))
                 tokens = torch.ones((size, 1), dtype=torch.long)  # (B, 1)
                 for _ in range(WARMUP_STEPS):
-                    mask, positions = batch.step_inputs()
-                    loaded.model(
-                        input_ids=tokens,
-                        attention_mask=mask,
-                        position_ids=positions,
-                        past_key_values=batch.cache,
-                        use_cache=True,
-                    )
+                    step_forward(loaded.model, batch, tokens)
 
             return run
 
@@ -677,7 +668,7 @@ class TransformersEngine:
             return 0
         chunk = prompt_chunk(prompt, partial.done)
         began = time.perf_counter()
-        logits = self._prefill(variant, partial.cache, chunk)
+        logits = prefill_forward(variant.model, partial.cache, chunk)
         partial.seconds += time.perf_counter() - began
         partial.done += len(chunk)
         last = partial.done >= len(prompt)
@@ -703,24 +694,10 @@ class TransformersEngine:
             rows.append(seq)
         return len(chunk)
 
-    def _prefill(self, variant: LoadedVariant, cache: DynamicCache, chunk: list[int]) -> torch.Tensor:
-        """One chunk of a prompt into `cache`, after the tokens it holds (positions follow from its length)."""
-        input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
-        out = variant.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()  # (1, vocab)
-
     def _decode_step(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> None:
         input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)
-        mask, positions = batch.step_inputs()
         began = time.perf_counter()
-        out = variant.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1].float()  # (B, vocab)
+        logits = step_forward(variant.model, batch, input_ids)
         self._emit(list(zip(rows, logits, strict=True)), eos)
         if self.profile is not None:  # the whole step as a client sees it: forward, sampling, delivery
             self.profile.observe_step(len(rows), time.perf_counter() - began)
@@ -785,6 +762,24 @@ class TransformersEngine:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
+
+
+def prefill_forward(model: Any, cache: DynamicCache, chunk: list[int]) -> torch.Tensor:
+    """One chunk of a prompt into `cache`, after the tokens it holds (positions follow from its length); the
+    last position's logits. The engine's and `slimserve profile`'s prefill."""
+    input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()  # (1, vocab)
+
+
+def step_forward(model: Any, batch: PaddedKVBatch, input_ids: torch.Tensor) -> torch.Tensor:
+    """One decode step of every row of `batch`, `input_ids` (B, 1) its next tokens; the logits (B, vocab).
+    The engine's and `slimserve profile`'s decode step."""
+    mask, positions = batch.step_inputs()
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+    )
+    return out.logits[:, -1].float()  # (B, vocab)
 
 
 def _put_all(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:

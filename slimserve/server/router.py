@@ -4,9 +4,9 @@ A budget is a latency (end to end, milliseconds), a memory ceiling (the variant'
 minimum quality (the variant's held-out perplexity as a ratio to the teacher's, or a named tier). The
 router predicts each candidate's latency for *this* request from a live profile (time to first token as a
 function of prompt length, time per decode step as a function of batch size, the queue ahead, the load time
-when the variant is not resident), starting from the figures `slimserve eval` wrote into the manifest and
-corrected by what the engine measures while serving. On the CPU, where every variant's steps share the
-cores, the prediction follows the compute thread's earliest-deadline-first turns (the scheduler's
+when the variant is not resident), starting from the figures `slimserve profile` (or `slimserve eval`) wrote
+into the manifest and corrected by what the engine measures while serving. On the CPU, where every variant's
+steps share the cores, the prediction follows the compute thread's earliest-deadline-first turns (the scheduler's
 `edf_plan`, which plans as its `Scheduler` runs them): a request is placed where it meets its budget
 without pushing running requests over theirs. It picks the highest-quality variant predicted to meet the
 budget; if none can, the fastest, and says so. While the cores are busy (the expected load leaves no room
@@ -33,28 +33,18 @@ QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "a
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
 
 MAX_MARGIN = 2.0
-"""The largest factor a variant's budgets are divided by. Overruns beyond it come from cores taken by other
-engines' work that no prediction made at arrival sees; a routing run at offered load 0.5 ended with margins
-of 3.5-3.7 (the cap was 4), so 80 of its 120 requests were predicted to miss on every variant and went by
-cost alone, where always-smallest met 86% of the feasible budgets to the router's 77%."""
+"""The largest factor a variant's budgets are divided by: overruns beyond it come from other engines' work that
+no prediction made at arrival sees, and a larger margin would make every variant look too slow."""
 
 GATHER = 0.15
 """An engine already stepping a batch serves a fallback unless an idle one is this much faster alone: two busy
-engines on two cores step in turns, each round costing both their steps, where one engine's batch steps its
-rows at once. Two variants close in speed otherwise split the load by each request's shape (a routing run at
-offered load 0.5 that ranked them at the requests in flight sent 35 of its 60 requests to the int4 student
-and 20 to the 8-bit student, and met 74% of the feasible budgets of that seed to always-smallest's 81%)."""
+engines on shared cores step in turns, each round costing both their steps, where one engine's batch steps
+its rows at once; without it two variants close in speed split the load by each request's shape."""
 
 BURST_DEVIATIONS = 1.0
 """Standard deviations of the work arriving before a deadline (`Router.load_spread`) that the reserve keeps
-free on top of its mean. The mean alone let a better variant take a loose request whenever the average
-load left room; the arrivals that came were then sometimes a burst of tighter requests, which ran first
-(earliest deadline first) on the workhorse while the upgraded request waited on its own engine. Over seven
-routing runs on the AVX2 machine (seeds 0-3), requests upgraded for quality took a median 1.1x their
-predicted latency but up to 6.9x, and 4 of 55 missed: all with budgets under 3.4x their prediction, among
-them the same request (seed 1, 48 + 64 tokens, budget 11.8 s) in two runs, at 21.6 and 23.9 s, which
-always-smallest served in 3.3 and 4.7 s. With this reserve no upgraded request missed in four seeds
-(docs/BENCHMARKS.md); per pair of seeds it sent 5 and 10 of 120 requests past the workhorse, 14 before."""
+free on top of its mean: with the mean alone a burst of tighter requests, run first (earliest deadline
+first), can leave a request upgraded for quality waiting on its own engine past its deadline."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
@@ -131,18 +121,12 @@ def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> floa
     batch size one by the manifest's figures (plus the load if not resident), less `GATHER` of it if
     `target` is already stepping a batch.
 
-    Batch one, not a full batch: ranked at a batch of 8 (the rule before), the variant that batches best
-    won even where it is the slowest for a request on its own. The manifests of an AVX-512 machine made
-    the fp32 student the cheapest in a full batch (151.7 tok/s against the int4 student's 145.0) while its
-    own steps are 1.7x slower (34.0 against 56.6 tok/s). On an AVX2 machine at load 0.5, 6 of the 9
-    requests the router predicted to miss but some variant's own steps could make went by that rank to the
-    8-bit or fp32 student; always-smallest met 7 of the 9, and 87.5% of the feasible budgets to the
-    router's 75.0%. Where budgets are at stake batches are small.
+    Batch one, not a full batch: where budgets are at stake batches are small, and ranked at a full batch
+    the variant that batches best wins even where it is the slowest for a request on its own.
 
-    The figures are the manifest's, which `slimserve eval` measured on a quiet machine, not the ones
-    corrected from traffic: those carry the contention of whenever each variant ran, so the variant that
-    serves under load learns to look slow (after a routing run the int4 student's batch-1 step had grown
-    to 62 ms from 42 unloaded, the fp32 student's stayed at 60, and busy cores went to the fp32 student).
+    The figures are the manifest's, measured on a quiet machine, not the ones corrected from traffic: those
+    carry the contention of whenever each variant ran, so the variant that serves under load would learn
+    to look slow and lose the load it serves best.
     """
     profile = target.profile
     load = 0.0 if target.resident else profile.load_ms
@@ -209,8 +193,7 @@ class Router:
         self.min_overruns = 8
         self.quality_tolerance = quality_tolerance
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
-        which leaves the cores to requests that need them (an int8 variant at +0.0% serves instead of the
-        teacher)."""
+        which leaves the cores to requests that need them."""
         self.calibration = 1.0
         """Actual / predicted latency of recent routed requests (a moving average): predictions are scaled
         by it, so a machine busier than the profiles know sends requests to faster variants."""
@@ -257,9 +240,8 @@ class Router:
         missed one request at a time, and how far the tail runs can differ by variant: a slow variant's
         requests last longer, so more later arrivals with earlier deadlines take the cores before them.
         On shared cores a variant with too few of its own takes every variant's overruns until it has
-        them: they come from the same cores' interference, and the fixed headroom made a variant that had
-        hardly served look surer than the one serving most (a routing run sent it budgets the fastest
-        variant, at its margin, was predicted to miss).
+        them: they come from the same cores' interference, and the fixed headroom would make a variant that
+        has hardly served look surer than the one serving most.
         """
         with self._lock:
             ratios = sorted(self.overruns.get(name, ()))
@@ -343,8 +325,7 @@ class Router:
         def best_first(group: list[C], tolerance: float) -> list[C]:
             """By quality, then by cost among variants of equal quality (within `tolerance`), then by predicted
             latency. On shared cores the cost is the workhorse's (`workhorse_ms`): by predicted latency an
-            idle equal looks faster: one routing run sent 13 of its 120 requests, the next 13 of its first
-            60, to the fp32 student, whose perplexity equals the 8-bit student's, the workhorse's."""
+            idle equal looks faster, and waking it slows every round of the cores."""
             if not group:
                 return []
             top = min(quality(c) for c in group)
@@ -386,12 +367,9 @@ class Router:
                 reason = "within the latency budget, adding least work (busy cores: room kept for later requests)"
                 met = True
             else:
-                # none fits its margin: on shared cores, where it costs least (the variant predicted to
-                # finish it soonest is often an idle slower one, whose steps then slow every round; a
-                # routing run spread its fallbacks over five variants so, and one that still preferred
-                # variants predicted within the bare budget sent 15 of them to the fp32 student), unless
-                # only steps of its own can make it: then the cheapest of the variants whose steps alone
-                # (`alone_ms`) make it, so a second engine wakes only when the workhorse cannot
+                # none fits its margin: where it costs least (the variant predicted to finish it soonest is
+                # often an idle slower one, whose steps then slow every round), unless only steps of its own
+                # can make it: then the cheapest whose steps alone (`alone_ms`) make it
                 alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) + extra_ms for c in best}
                 slow = {name: ms > (budget.latency_ms or math.inf) for name, ms in alone.items()}
                 order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
@@ -440,13 +418,11 @@ class Router:
         A request the router already predicted to miss is left out: once it cannot make its budget the
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
         not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
-        calibration and the fastest variant's margin (a routing run ended with every int4 variant's at the
-        cap), so later budgets it could meet look out of reach and fall back to it as predicted misses.
+        calibration and the fastest variant's margin, so later budgets it could meet look out of reach and
+        fall back to it as predicted misses.
 
-        Also left out when it finished sooner than predicted, though that only says the prediction
-        overstated: counting those (calibration and margin) helped at 0.6/s on a slower AVX-512 machine
-        (163 of 187 feasible budgets met over four seeds, against 153) but cost more at 0.3/s (169 of 194,
-        against 180 of 188), where the goal is within reach."""
+        Also left out when it finished sooner than predicted: that only says the prediction overstated, and
+        counting it would loosen the margins where budgets are within reach."""
         expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
         if expected_ms <= 0 or decision.budget_met is False:
             return

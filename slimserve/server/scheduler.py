@@ -165,9 +165,8 @@ def next_turn(turns: Sequence[Turn], last_ran: Sequence[float], now: float) -> i
     first by deadline, unless paced work is due before every budgeted engine's latest start and its whole
     turn (`Turn.cost_s`, at `SAFETY`) still ends by then; among equals, the engine that has waited longest.
 
-    The turn's length matters because a paced turn may carry a prefill chunk: in a routing run a hopeless
-    request's 0.3 s chunks took their background turns from a request with 0.2 s to spare, which then
-    could no longer make its budget."""
+    The turn's length matters because a paced turn may carry a prefill chunk longer than the time a
+    budgeted request has to spare."""
     prefills = [i for i, turn in enumerate(turns) if turn.prefill]
     if prefills:
         return min(prefills, key=lambda i: last_ran[i])
@@ -220,8 +219,7 @@ class Scheduler(Generic[J]):
 
         Its steps are planned at its batch's pace while that still fits, else at its own: `schedule_decode`
         then steps it apart from the rest. Judged at the batch's pace alone, a tight request on a busy engine
-        counted as past saving, so the compute thread gave its engine only background turns while another
-        engine had budgeted work, though stepped apart it could still have made it."""
+        would count as past saving and get only background turns, though stepped apart it can still make it."""
         deadline = job.deadline
         if deadline is None:
             return None
@@ -252,9 +250,8 @@ class Scheduler(Generic[J]):
         meet, due no later than `job` (earliest deadline first), or any such one if `job` is past saving (it
         yields to all saveable work, as its decode steps do), or if it has waited `WAIT_LIMIT_S` already.
 
-        A prefill cannot be interrupted: in a routing run a hopeless request's 276-token prompt (three
-        chunks of 0.4 s) was prefilled into the turns of a running request with 0.6 s to spare, which then
-        missed its budget by 0.8 s."""
+        A prefill cannot be interrupted, so a chunk started in a running request's last spare time makes it
+        miss."""
         if now - job.submitted_at >= WAIT_LIMIT_S:
             return True
         own = self.latest_start(job, len(rows), now, waiting, self._done_of(job, partial))
@@ -345,10 +342,8 @@ class Scheduler(Generic[J]):
         """A waiting sequence to prefill before the next chunk of the prompt under way: the admissible one
         due soonest, if it is due before that prompt's deadline and its prompt is one chunk.
 
-        Earliest deadline first, as between engines: in a routing run a 45-token request with an 837 ms
-        budget arrived during the first of a 205-token prompt's two chunks (0.34 s each) on the same engine,
-        waited for the second, and missed by 0.6 s. A longer prompt does not jump: then two prompts would
-        be under way at once."""
+        Earliest deadline first, as between engines: a short request due soon should not wait for every
+        chunk of a long prompt. A longer prompt does not jump: then two prompts would be under way at once."""
         due = under_way.deadline
         sooner = [
             j
@@ -369,13 +364,12 @@ class Scheduler(Generic[J]):
         A row with a budget is urgent when the whole batch's steps (SAFETY times the step time of every
         running row) would no longer finish it in time, yet steps of its own still can. Urgent rows are
         split off and stepped alone while the rest of the batch waits, as a preemptive earliest-deadline
-        scheduler would: a batch step costs more the more rows it serves (the int4 student's: 44 ms at one
-        row, 126 at eight here), so a tight request that joins a busy batch misses at the batch's pace
-        where it would have made it alone. Rows due before an urgent row step with it, whether urgent or
-        not: in a routing run a loose request (128 tokens, 6.3 s left) stepped apart by urgency while a
-        request with 15 tokens and 1.5 s left waited, fell past saving and took 2.9 s against a 1.9 s
-        budget. Rows without a budget, or past saving, ride along once they have waited `BACKGROUND_S`,
-        so they still finish. With nothing urgent, or everything, the rows are one batch again."""
+        scheduler would: a batch step costs more the more rows it serves, so a tight request that joins a
+        busy batch misses at the batch's pace where it would have made it alone. Rows due before an urgent
+        row step with it, whether urgent or not: urgency alone would step a loose long request apart while
+        a short one due sooner waits and falls past saving. Rows without a budget, or past saving, ride along
+        once they have waited `BACKGROUND_S`, so they still finish. With nothing urgent, or everything, the
+        rows are one batch again."""
         everyone = [*main, *apart]
         if not everyone:
             return None
@@ -500,12 +494,9 @@ def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float
     prefill, then its steps at batch size one. Earliest-deadline-first turns and rows stepped apart
     (`Scheduler.schedule_decode`) give a tight request about this while the rest waits.
 
-    A request no variant fits goes to the cheapest variant fast enough alone, not the cheapest outright:
-    in a routing run at 0.3/s, 19 of 24 such requests that some variant alone could have met went by cost
-    to one that was not the fastest alone for them, and 4 made it. Not the fastest alone either: the
-    workhorse, when fast enough, keeps a second engine's steps out of its rounds (a run that chose the
-    fastest sent four to the idle int4 student, which took 1.4-1.6x their prediction while the 8-bit
-    student's batch ran).
+    A request no variant fits goes to the cheapest variant fast enough alone, not the cheapest outright
+    (which is often too slow for it alone), nor the fastest alone: the workhorse, when fast enough, keeps
+    a second engine's steps out of its rounds.
 
     It is the live profile's figure, unscaled by the router's calibration, as in the engine's test of
     whether a row can still be saved: the calibration carries the waiting of requests that run with the

@@ -323,3 +323,129 @@ def goodput(results: dict[float, Result], target: float = 0.95) -> float:
             break
         best = rate
     return best
+
+
+PROFILE_FIGURES = ("ttft_ms_128", "decode_tok_s_b1", "decode_tok_s_b8")
+"""Manifest figures a variant's cost profile is built from (`CostProfile.from_manifest`)."""
+
+
+def registered_variants(names: Sequence[str]) -> list[Variant]:
+    """The named variants' cost profiles from their manifests, quality from their perplexity against the
+    first (the teacher). A variant whose manifest lacks a measured profile is an error naming it."""
+    from slimserve.models.registry import VariantRegistry  # here: the simulator itself needs no registry
+
+    registry = VariantRegistry()
+    manifests = [registry.resolve(name).manifest for name in names]
+    for manifest in manifests:
+        missing = [key for key in PROFILE_FIGURES if not manifest.metrics.get(key)]
+        if missing:
+            raise ValueError(
+                f"{manifest.name} has no measured cost profile ({', '.join(missing)}): "
+                f"run `slimserve profile {manifest.name}` first"
+            )
+    reference = manifests[0].metrics.get("perplexity")
+    variants = []
+    for manifest in manifests:
+        ppl = manifest.metrics.get("perplexity")
+        ratio = float(ppl) / float(reference) if ppl and reference else 1.0
+        variants.append(Variant(manifest.name, CostProfile.from_manifest(manifest), ratio))
+    return variants
+
+
+@dataclass
+class GridConfig:
+    """The workloads `slimserve simulate` serves under each policy: every rate x SLO scale x burstiness,
+    each with `count` requests per seed."""
+
+    rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])
+    """Request rates (per second)."""
+    slo_scales: list[float] = field(default_factory=lambda: [2.0, 3.0, 5.0])
+    """Each request's budget as a multiple of its best unloaded latency."""
+    cvs: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Burstiness: coefficient of variation of the gaps between arrivals (1: Poisson, above 1: bursty)."""
+    count: int = 200
+    """Requests per cell and seed."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Workload seeds; a cell's figures pool them. The same seeds give the same numbers on any machine."""
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    """Policies compared, in the order of the table's columns."""
+
+    def __post_init__(self) -> None:
+        for flag, values in (("--rates", self.rates), ("--slo-scales", self.slo_scales), ("--cvs", self.cvs)):
+            if not values or any(v <= 0 for v in values):
+                raise ValueError(f"{flag} must be positive numbers, got {values}")
+        if self.count < 1:
+            raise ValueError(f"--count must be at least 1, got {self.count}")
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise ValueError(f"--policies must be among {', '.join(POLICIES)}, got {self.policies}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One policy on one workload of the grid, its seeds pooled."""
+
+    policy: str
+    cv: float
+    slo_scale: float
+    rate: float
+    result: Result
+
+    def figures(self) -> dict[str, float | str]:
+        return {
+            "policy": self.policy,
+            "cv": self.cv,
+            "slo_scale": self.slo_scale,
+            "rate": self.rate,
+            "attainment": self.result.attainment,
+            "mean_quality": self.result.mean_quality,
+            "p50_ms": self.result.percentile_ms(0.5),
+            "p90_ms": self.result.percentile_ms(0.9),
+        }
+
+
+def run_grid(variants: Sequence[Variant], grid: GridConfig) -> list[Cell]:
+    """Every cell of `grid` under every policy, in the table's order (burstiness, SLO scale, rate, policy)."""
+    cells = []
+    for cv in grid.cvs:
+        for scale in grid.slo_scales:
+            for rate in grid.rates:
+                for policy in grid.policies:
+                    results = [
+                        simulate(variants, Workload(rate, grid.count, cv, scale, seed=seed), policy)
+                        for seed in grid.seeds
+                    ]
+                    pooled = Result(
+                        policy,
+                        sum(r.requests for r in results),
+                        sum(r.met for r in results),
+                        sum(r.mean_quality for r in results) / len(results),
+                        [ms for r in results for ms in r.latencies_ms],
+                    )
+                    cells.append(Cell(policy, cv, scale, rate, pooled))
+    return cells
+
+
+def grid_table(variants: Sequence[Variant], cells: Sequence[Cell]) -> list[str]:
+    """SLO attainment and mean quality per policy and cell (a Markdown table), then goodput per policy."""
+    policies = list(dict.fromkeys(c.policy for c in cells))
+    lines = [
+        f"variants: {', '.join(f'{v.name} (ppl x{v.ppl_ratio:.3f})' for v in variants)}",
+        "| cv | SLO scale | rate/s | " + " | ".join(policies) + " |",
+        "|---" * (3 + len(policies)) + "|",
+    ]
+    rows: dict[tuple[float, float, float], list[str]] = {}
+    by_policy: dict[tuple[str, float, float], dict[float, Result]] = {}
+    for cell in cells:
+        text = f"{cell.result.attainment:.1%} q{cell.result.mean_quality:.3f}"
+        rows.setdefault((cell.cv, cell.slo_scale, cell.rate), []).append(text)
+        by_policy.setdefault((cell.policy, cell.cv, cell.slo_scale), {})[cell.rate] = cell.result
+    lines += [f"| {cv:g} | {scale:g} | {rate:g} | " + " | ".join(row) + " |" for (cv, scale, rate), row in rows.items()]
+    lines += ["", "goodput at 95% attainment (requests/s; 0: not even the lowest rate)"]
+    lines += [
+        f"  {policy:>8}  cv {cv:g}  SLO x{scale:g}: {goodput(results):g}"
+        for (policy, cv, scale), results in by_policy.items()
+    ]
+    return lines

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 
+from slimserve.cli import main
+from slimserve.models.manifest import VariantManifest
 from slimserve.server.profile import CostProfile
 from slimserve.server.scheduler import PREFILL_TOKENS
 from slimserve.server.simulator import POLICIES, Result, Variant, Workload, arrivals, goodput, simulate
@@ -73,3 +77,65 @@ def test_goodput_is_the_highest_rate_up_to_which_the_target_held() -> None:
 
     assert goodput({0.1: result(99), 0.2: result(96), 0.4: result(90), 0.8: result(97)}) == 0.2
     assert goodput({0.1: result(50)}) == 0.0
+
+
+def _register(home: Path, name: str, metrics: dict[str, float]) -> None:
+    """A registered variant with a manifest alone: the simulator reads nothing else."""
+    directory = home / "variants" / name
+    directory.mkdir(parents=True)
+    manifest = VariantManifest(
+        name, base_model=name, method="none", bits=32, parameters=10**6, size_bytes=4 * 10**6, dtype="float32"
+    )
+    manifest.metrics = metrics
+    manifest.write(directory)
+
+
+def test_simulate_verb_prints_the_grid_from_profiled_manifests_the_same_each_time(
+    slimserve_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, tok_s, ppl in (("teacher", 12.5, 10.0), ("int4", 33.0, 10.9)):
+        profiled = {"ttft_ms_128": 8000 / tok_s, "decode_tok_s_b1": tok_s, "decode_tok_s_b8": 3 * tok_s}
+        _register(slimserve_home, name, {**profiled, "perplexity": ppl})
+    out = tmp_path / "cells.json"
+    argv = ["simulate", "--variant", "teacher", "--variant", "int4", "--rates", "0.2", "0.6", "--slo-scales", "3"]
+    argv += ["--cvs", "2", "--count", "20", "--seeds", "0", "1", "--policies", "router", "fastest", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "int4 (ppl x1.090)" in printed and "| cv | SLO scale | rate/s | router | fastest |" in printed
+    assert "| 2 | 3 | 0.6 | " in printed and "goodput at 95% attainment" in printed
+    cells = json.loads(out.read_text())
+    assert [(c["policy"], c["rate"]) for c in cells] == [
+        ("router", 0.2),
+        ("fastest", 0.2),
+        ("router", 0.6),
+        ("fastest", 0.6),
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_simulate_refuses_a_variant_without_a_measured_profile(
+    slimserve_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _register(slimserve_home, "unprofiled", {"perplexity": 10.0})
+    assert main(["simulate", "--variant", "unprofiled"]) == 2
+    assert "run `slimserve profile unprofiled` first" in capsys.readouterr().err
+
+
+def test_a_grid_with_a_bad_value_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--variant", "teacher", "--rates", "0.2", "0"]) == 2
+    assert "--rates must be positive" in capsys.readouterr().err
+
+
+def test_simulate_takes_its_grid_from_a_config_file(
+    slimserve_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, tok_s in (("teacher", 12.5), ("int4", 33.0)):
+        _register(slimserve_home, name, {"ttft_ms_128": 600.0, "decode_tok_s_b1": tok_s, "decode_tok_s_b8": 3 * tok_s})
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        "variants: [teacher, int4]\nrates: [0.4]\nslo-scales: [4]\ncvs: [1]\ncount: 10\npolicies: [fcfs]\n"
+    )
+    assert main(["simulate", "--config", str(config), "--count", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "| cv | SLO scale | rate/s | fcfs |" in printed and "| 1 | 4 | 0.4 | " in printed
