@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 from openai import AsyncOpenAI
 from report import machine, today, write_section
 
@@ -228,7 +229,7 @@ def bench_server(server: Server, port: int, args: argparse.Namespace, log_dir: P
             )
             phases.append(phase)
         return ServerResult(server, phases, peak_rss_mb(process.pid))
-    except (RuntimeError, TimeoutError, httpx.HTTPError, OSError) as exc:
+    except (RuntimeError, TimeoutError, httpx.HTTPError, OSError, openai.APIError) as exc:  # a crashed server is a row
         print(f"   failed: {exc} (log: {log})", flush=True)
         return ServerResult(server, phases, float("nan"), error=str(exc))
     finally:
