@@ -6,10 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message
+
+
+def wait_ready(client: TestClient) -> None:
+    """Poll `/health` until the app's variants have loaded (20 s at most)."""
+    for _ in range(400):
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(client.get("/health").json())
 
 
 @dataclass

@@ -4,7 +4,6 @@ and the OpenAPI document's promises."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from slimserve.server import middleware
 from slimserve.server.app import create_app
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
+from tests.asgi import wait_ready
 
 MODEL = "tiny-llama"
 KEY = "sk-edge"
@@ -31,10 +31,7 @@ def engine(tiny_variant_dir: Path) -> TransformersEngine:
 def client(engine: TransformersEngine) -> Iterator[TestClient]:
     with TestClient(create_app([engine], engine.metrics, api_key=KEY), raise_server_exceptions=False) as c:
         c.headers["Authorization"] = f"Bearer {KEY}"
-        for _ in range(400):
-            if c.get("/health").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_ready(c)
         yield c
 
 

@@ -60,14 +60,6 @@ def _slow_loader(variant_dir: Path, step_s: float) -> Callable[[], LoadedVariant
     return load
 
 
-def _ready(client: TestClient) -> None:
-    for _ in range(400):
-        if client.get("/health").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(client.get("/health").json())
-
-
 def _body(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "The capital", "max_tokens": 200, "ignore_eos": True} | fields
 
@@ -101,7 +93,7 @@ def test_a_client_that_leaves_stops_its_generation_within_a_step(tiny_variant_di
         return stopped_s, engine.running
 
     with TestClient(app) as client:
-        _ready(client)
+        asgi.wait_ready(client)
         stopped_s, running = client.portal.call(scenario)
         text = client.get("/metrics").text
     assert running == 0 and stopped_s < 1.0
@@ -130,7 +122,7 @@ def test_shutdown_lets_short_requests_finish_then_ends_long_streams_with_an_erro
         return long, blocking, short, refused, time.perf_counter() - began
 
     with TestClient(app) as client:
-        _ready(client)
+        asgi.wait_ready(client)
         long, blocking, short, refused, took_s = client.portal.call(scenario)
     assert 1.0 <= took_s < 2.0
     assert long.frames()[-1] == "data: [DONE]"
@@ -194,7 +186,7 @@ def test_a_full_queue_is_429_with_its_drain_time_and_a_request_it_could_never_ho
         engine.submit_many([([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))] * 2)
 
     with TestClient(app) as client:
-        _ready(client)
+        asgi.wait_ready(client)
         assert engine.profile is not None
         engine.profile.step_b1_ms = engine.profile.step_b8_ms = 50.0  # 200 tokens: 10 s a sequence
         too_large = client.post("/v1/completions", json=_body(prompt=["a", "b", "c"], max_tokens=4))
@@ -223,7 +215,7 @@ def test_a_failed_variant_is_reported_refused_with_its_reason_and_can_be_loaded_
     good = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
     bad = TransformersEngine(flaky, "tiny-broken", good.metrics)
     with TestClient(create_app([good, bad], good.metrics)) as client:
-        _ready(client)
+        asgi.wait_ready(client)
         health = client.get("/health").json()
         assert health["status"] == "degraded" and "weights missing" in health["errors"]["tiny-broken"]
         cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}

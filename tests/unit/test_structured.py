@@ -4,7 +4,6 @@ output is noise, so JSON that parses and validates can only come from the gramma
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.sampling import Sampler, SamplingParams
 from slimserve.server.structured import MASK_MS_PRIOR, Constraint, GrammarCache, SchemaError, TokenMask, check
+from tests.asgi import wait_ready
 
 MODEL = "tiny-llama"
 PERSON = {
@@ -55,10 +55,7 @@ def engine(tiny_variant_dir: Path) -> TransformersEngine:
 @pytest.fixture(scope="module")
 def client(engine: TransformersEngine) -> Iterator[TestClient]:
     with TestClient(create_app([engine], engine.metrics), raise_server_exceptions=False) as c:
-        for _ in range(400):
-            if c.get("/health").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_ready(c)
         yield c
 
 
