@@ -71,8 +71,16 @@ def test_concurrent_greedy_requests_match_solo_generate(tiny_variant_dir: Path, 
     expected = [_reference_greedy(tiny_loaded, p, 12) for p in prompts]
     engine = _engine(tiny_variant_dir)
 
+    _assert_greedy_together(engine, prompts, 12, expected)
+
+
+def _assert_greedy_together(
+    engine: TransformersEngine, prompts: list[list[int]], max_tokens: int, expected: list[list[int]]
+) -> None:
+    """Submit every prompt at once, greedy for `max_tokens`, and compare with `expected`; then shut down."""
+
     async def main() -> list[list[int]]:
-        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         handles = [engine.submit(p, params) for p in prompts]
         return [tokens for tokens, _ in await asyncio.gather(*(_run(h) for h in handles))]
 
@@ -580,15 +588,7 @@ def test_any_architecture_batched_greedy_matches_generate_past_its_window(arch: 
     expected = [_reference_greedy(loaded, p, 2 * SLIDING_WINDOW) for p in prompts]
     engine = _engine(variant_dir)
 
-    async def main() -> list[list[int]]:
-        params = SamplingParams(max_tokens=2 * SLIDING_WINDOW, temperature=0, ignore_eos=True)
-        handles = [engine.submit(p, params) for p in prompts]
-        return [tokens for tokens, _ in await asyncio.gather(*(_run(h) for h in handles))]
-
-    try:
-        assert asyncio.run(main()) == expected
-    finally:
-        engine.shutdown()
+    _assert_greedy_together(engine, prompts, 2 * SLIDING_WINDOW, expected)
 
 
 def test_a_model_the_batch_cannot_hold_fails_at_load_naming_why(tiny_loaded: LoadedVariant) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.app import create_app
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
+from tests.asgi import wait_ready
 
 MODEL = "tiny-llama"
 KEY = "sk-test"
@@ -25,20 +25,12 @@ def _client(engines: list[TransformersEngine], api_key: str | None = KEY) -> Tes
     return TestClient(create_app(engines, engines[0].metrics, api_key=api_key), raise_server_exceptions=False)
 
 
-def _wait_healthy(client: TestClient) -> None:
-    for _ in range(200):
-        if client.get("/health").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(client.get("/health").json())
-
-
 @pytest.fixture(scope="module")
 def client(tiny_variant_dir: Path) -> Iterator[TestClient]:
     engine = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
     with _client([engine]) as c:
         c.headers["Authorization"] = f"Bearer {KEY}"
-        _wait_healthy(c)
+        wait_ready(c)
         yield c
 
 
@@ -234,7 +226,7 @@ def test_health_is_503_while_loading(tiny_variant_dir: Path) -> None:
         assert c.get("/health").status_code == 503
         assert _chat(c).status_code == 503
         release.set()
-        _wait_healthy(c)
+        wait_ready(c)
         assert _chat(c).status_code == 200
 
 
@@ -257,7 +249,7 @@ def test_error_after_stream_started_is_a_data_chunk_then_done(tiny_variant_dir: 
     armed = threading.Event()
     engine = TransformersEngine(load_then_break_decoding, MODEL, ServerMetrics())
     with _client([engine], api_key=None) as c:
-        _wait_healthy(c)
+        wait_ready(c)
         armed.set()
         response = _chat(c, stream=True, max_tokens=20, ignore_eos=True)
     assert response.status_code == 200
@@ -277,7 +269,7 @@ def test_omitted_sampling_fields_take_the_models_generation_config(tmp_path: Pat
     GenerationConfig(do_sample=True, top_k=1, eos_token_id=2).save_pretrained(variant)
     engine = TransformersEngine(lambda: load_variant(variant, dtype="fp32"), MODEL, ServerMetrics())
     with _client([engine], api_key=None) as c:
-        _wait_healthy(c)
+        wait_ready(c)
         assert engine.sampling_defaults == {"top_k": 1}
         hot = [_chat(c, temperature=1.5, max_tokens=12, ignore_eos=True).json() for _ in range(3)]
         texts = {r["choices"][0]["message"]["content"] for r in hot}
@@ -290,7 +282,7 @@ def test_omitted_max_tokens_is_capped_by_the_server_default(tiny_variant_dir: Pa
     capped = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
     app = create_app([capped], capped.metrics, default_max_tokens=5)
     with TestClient(app) as c:
-        _wait_healthy(c)
+        wait_ready(c)
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
         result = c.post("/v1/chat/completions", json=body).json()
         assert result["usage"]["completion_tokens"] == 5 and result["choices"][0]["finish_reason"] == "length"
@@ -304,7 +296,7 @@ def test_a_routed_request_calibrates_the_router_streamed_or_not(tiny_variant_dir
     engine = TransformersEngine(lambda: load_variant(tiny_variant_dir, dtype="fp32"), MODEL, ServerMetrics())
     with _client([engine]) as routed:
         routed.headers["Authorization"] = f"Bearer {KEY}"
-        _wait_healthy(routed)
+        wait_ready(routed)
         assert routed.get("/v1/slimserve/router").json()["calibration"] == 1.0
         body = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": stream}
         response = routed.post("/v1/chat/completions", json=body, headers={"X-Latency-Budget-Ms": "600000"})
