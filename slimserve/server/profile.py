@@ -6,9 +6,29 @@ Below both the engines (which feed it) and the router (which reads it): it impor
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from slimserve.models.manifest import VariantManifest
+
+Points = tuple[tuple[int, float], ...]
+"""Measured (x, milliseconds) pairs, x ascending: prompt tokens for a prefill, rows for a decode step."""
+
+
+def interpolate(points: Sequence[tuple[int, float]], x: float) -> float:
+    """Piecewise-linear through `points`, extended beyond either end along the nearest segment."""
+    if len(points) == 1:
+        return points[0][1] * max(x, 1) / max(points[0][0], 1)
+    xs = [p[0] for p in points]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _points(table: Mapping[str, float] | None) -> Points:
+    """A manifest's {"x": ms} table as sorted points (JSON keys are strings)."""
+    return tuple(sorted((int(x), float(ms)) for x, ms in (table or {}).items()))
 
 
 def _nlms(
@@ -25,8 +45,10 @@ class CostProfile:
     """Predicted time to first token and per decode step of one variant, corrected from live traffic: what
     its turns cost, which the engine that runs them and the router that places requests both read.
 
-    The manifest's lines (TTFT(L) = overhead + per_token * L; step(B) = interpolation between its batch-1
-    and batch-8 step times) are the shape; traffic learns a scale (the machine is uniformly slower or
+    The manifest's measurements are the shape: the tables `slimserve profile` records (prefill time at each
+    measured prompt length, step time at each measured batch size, interpolated between them), or, from
+    older manifests, lines (TTFT(L) = overhead + per_token * L; step(B) through the batch-1 and batch-8
+    step times); traffic learns a scale (the machine is uniformly slower or
     faster than when the manifest was measured) and a tilt (one end is off, e.g. per-sequence overhead
     makes large batches slower than the batch-8 figure). Each observation moves the prediction
     `smoothing` of the way to it.
@@ -43,6 +65,10 @@ class CostProfile:
     step_tilt: float = 0.0
     prefill_scale: float = 1.0
     prefill_tilt: float = 0.0
+    prefill_points: Points = ()
+    """Measured (prompt tokens, ms) of a whole prefill; empty: the overhead + per-token line."""
+    step_points: Points = ()
+    """Measured (rows, ms) of one decode step; empty: the line through the batch-1 and batch-8 figures."""
 
     @classmethod
     def from_manifest(cls, manifest: VariantManifest | None) -> CostProfile:
@@ -52,23 +78,36 @@ class CostProfile:
         b1 = float(metrics.get("decode_tok_s_b1") or max(5.0, 12000.0 / max(size_mb, 1.0)))
         b8 = float(metrics.get("decode_tok_s_b8") or 4 * b1)
         ttft_128 = float(metrics.get("ttft_ms_128") or 1000.0 * 128 / (20 * b1))
+        table = metrics.get("cost_profile") or {}
         return cls(
             prefill_overhead_ms=0.2 * ttft_128,
             prefill_per_token_ms=0.8 * ttft_128 / 128,
             step_b1_ms=1000.0 / b1,
             step_b8_ms=8000.0 / b8,
             load_ms=1000.0 * float(metrics.get("load_s") or size_mb / 100.0),
+            prefill_points=_points(table.get("prefill_ms")),
+            step_points=_points(table.get("step_ms")),
         )
 
+    def _base_prefill_ms(self, prompt_tokens: int) -> float:
+        if self.prefill_points:
+            return interpolate(self.prefill_points, prompt_tokens)
+        return self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens
+
+    def _base_step_ms(self, batch: int) -> float:
+        if self.step_points:
+            return interpolate(self.step_points, max(1, batch))
+        share = (max(1, batch) - 1) / 7  # 0 at batch 1, 1 at batch 8 (beyond: extrapolated)
+        return self.step_b1_ms + share * (self.step_b8_ms - self.step_b1_ms)
+
     def _prefill_features(self, prompt_tokens: int) -> tuple[float, float]:
-        at_128 = self.prefill_overhead_ms + 128 * self.prefill_per_token_ms
         # the tilt pivots at 128 tokens, so scale (the level) and tilt (the slope) are learned apart
-        return self.prefill_overhead_ms + self.prefill_per_token_ms * prompt_tokens, (prompt_tokens / 128 - 1) * at_128
+        return self._base_prefill_ms(prompt_tokens), (prompt_tokens / 128 - 1) * self._base_prefill_ms(128)
 
     def _step_features(self, batch: int) -> tuple[float, float]:
-        share = (max(1, batch) - 1) / 7  # 0 at batch 1, 1 at batch 8 (beyond: extrapolated)
+        share = (max(1, batch) - 1) / 7
         # the tilt is zero at batch 1: an error seen at batch 1 rescales the whole line
-        return self.step_b1_ms + share * (self.step_b8_ms - self.step_b1_ms), share * self.step_b1_ms
+        return self._base_step_ms(batch), share * self._base_step_ms(1)
 
     def ttft_ms(self, prompt_tokens: int) -> float:
         f_scale, f_tilt = self._prefill_features(prompt_tokens)

@@ -2,10 +2,10 @@
 (chunked prefill into a growing cache; decode steps of a padded batch), recorded in its manifest where
 `CostProfile.from_manifest` reads it.
 
-The manifest keeps the figures the cost profile is built from: `ttft_ms_128` (prefill of a 128-token
-prompt), `decode_tok_s_b1` and `decode_tok_s_b8` (rows per second of a decode step at 1 and 8 rows) and
-`load_s`. The other points (prefill against prompt length, steps against rows and context) are printed,
-so a user sees how far the profile's lines hold on this host.
+The manifest keeps the tables the cost profile interpolates (`cost_profile`: prefill milliseconds by
+prompt length, decode-step milliseconds by rows, and one-row steps by context length, which the profile
+does not read yet), plus the summary figures other readers use: `ttft_ms_128`, `decode_tok_s_b1` and
+`decode_tok_s_b8` (rows per second of a decode step at 1 and 8 rows) and `load_s`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -69,13 +70,22 @@ class Measured:
     context_step_ms: dict[int, float] = field(default_factory=dict)
     load_s: float = 0.0
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, Any]:
         """The manifest figures `CostProfile.from_manifest` reads."""
+
+        def table(ms: dict[int, float]) -> dict[str, float]:
+            return {str(x): round(v, 3) for x, v in sorted(ms.items())}
+
         return {
             "ttft_ms_128": round(self.prefill_ms[PROFILE_PROMPT], 2),
             "decode_tok_s_b1": round(1000.0 / self.step_ms[1], 2),
             "decode_tok_s_b8": round(8000.0 / self.step_ms[8], 2),
             "load_s": round(self.load_s, 3),
+            "cost_profile": {
+                "prefill_ms": table(self.prefill_ms),
+                "step_ms": table(self.step_ms),
+                "context_step_ms": table(self.context_step_ms),
+            },
         }
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from slimserve.cli import main
 from slimserve.models import VariantManifest
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import CostProfile, interpolate
 from tests.tiny import make_tiny_variant
 
 
@@ -41,6 +41,11 @@ def test_profile_records_the_figures_the_cost_profile_reads(
     assert profile.step_b8_ms == pytest.approx(8000 / metrics["decode_tok_s_b8"])
     assert profile.ttft_ms(128) == pytest.approx(metrics["ttft_ms_128"])
     assert profile.load_ms == pytest.approx(1000 * metrics["load_s"]) and profile.load_ms > 0
+    # between the summary figures the profile follows the measured tables, not a line through them
+    table = metrics["cost_profile"]
+    assert set(table["step_ms"]) == {"1", "2", "8"} and set(table["context_step_ms"]) == {"64"}
+    assert profile.step_ms(2) == pytest.approx(table["step_ms"]["2"])
+    assert profile.ttft_ms(16) == pytest.approx(table["prefill_ms"]["16"])
 
 
 def test_profile_without_write_leaves_the_manifest(slimserve_home: Path) -> None:
@@ -49,3 +54,13 @@ def test_profile_without_write_leaves_the_manifest(slimserve_home: Path) -> None
     argv = ["profile", "tiny-a", "--no-write", "--prompt-lengths", "8", "--batch-sizes", "1", "--contexts", "8"]
     assert main([*argv, "--repeats", "1"]) == 0
     assert VariantManifest.read(path).metrics == before
+
+
+def test_interpolation_follows_the_measured_points_and_extends_the_end_segments() -> None:
+    points = ((1, 10.0), (2, 12.0), (8, 30.0))
+    assert interpolate(points, 1) == 10.0 and interpolate(points, 5) == pytest.approx(21.0)
+    assert interpolate(points, 16) == pytest.approx(54.0)  # the 2-8 slope (3 ms a row) carried on
+    profile = CostProfile(0.0, 1.0, step_b1_ms=10.0, step_b8_ms=30.0, load_ms=0.0, step_points=points)
+    assert profile.step_ms(2) == pytest.approx(12.0)  # the line through b1 and b8 would say 12.86
+    profile.observe_step(2, 0.024)  # twice the table: learning rescales it
+    assert profile.step_ms(2) > 12.0
