@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype bench-structured compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype bench-structured bench-simulate compress clean
 
 setup: $(VENV)/.installed
 
@@ -90,6 +90,12 @@ bench-dtype: setup  # fp32 against bf16 compute per variant, timed side by side:
 
 bench-structured: setup  # ~10 min: JSON-Schema decoding against free decoding at concurrency 1 and 8, the mask's cost per token, validity
 	$(BIN)/python benchmarks/structured_bench.py --write docs/BENCHMARKS.md
+
+# deterministic (any load): every policy on a grid of rates x SLO scales x burstiness from the registered
+# variants' measured profiles (slimserve profile), the issue's checks, plots, and each rule switched off
+SIM_VARIANTS ?= smollm2-135m-instruct smollm2-135m-instruct-int8-dynamic smollm2-135m-instruct-int4-gptq
+bench-simulate: setup
+	$(BIN)/python benchmarks/simulate.py --variants $(SIM_VARIANTS) --seeds 0 1 --ablate --plots docs/img --write docs/BENCHMARKS.md
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md

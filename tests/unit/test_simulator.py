@@ -51,14 +51,26 @@ def test_workloads_are_seeded_with_budgets_a_scale_of_the_best_unloaded_latency(
 
 def test_alone_at_low_load_a_request_takes_its_unloaded_latency() -> None:
     """One request at a time, on one variant: its prefill (in chunks of `PREFILL_TOKENS`) and its steps at
-    batch one, nothing more."""
-    workload = Workload(rate_per_s=0.01, count=5, slo_scale=1.001, prompt_tokens=(200, 200), output_tokens=(10, 10))
+    batch one, nothing more, when turns cost exactly their profile's figures."""
+    workload = Workload(
+        rate_per_s=0.01, count=5, slo_scale=1.001, prompt_tokens=(200, 200), output_tokens=(10, 10), jitter=0.0
+    )
     result = simulate([FAMILY[2]], workload, "fastest")
     profile = FAMILY[2].profile
     assert PREFILL_TOKENS < 200  # two chunks, each its share of the TTFT
     expected = profile.ttft_ms(200) + 9 * profile.step_ms(1)
     assert result.latencies_ms == pytest.approx([expected] * 5)
     assert result.attainment == 1.0 and result.served == {"int4": 5}
+
+
+def test_jitter_varies_each_turn_around_the_profile_and_the_live_profile_learns_it() -> None:
+    workload = Workload(rate_per_s=0.01, count=40, prompt_tokens=(64, 64), output_tokens=(20, 20), jitter=0.3)
+    latencies = simulate([FAMILY[2]], workload, "fastest").latencies_ms
+    profile = FAMILY[2].profile
+    exact = profile.ttft_ms(64) + 19 * profile.step_ms(1)
+    assert len(set(latencies)) == 40 and min(latencies) < exact < max(latencies)
+    assert sum(latencies) / 40 == pytest.approx(exact, rel=0.05)  # mean-one noise
+    assert profile.observations == 0  # the variant's own profile is the truth; the engine's copy learns
 
 
 def test_policies_differ_where_they_should() -> None:

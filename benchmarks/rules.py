@@ -1,0 +1,107 @@
+"""Each scheduling and routing rule, switched off: what `benchmarks/simulate.py --ablate` compares the router
+against, so a rule stays only where the simulator shows it helps.
+
+A rule is switched off by patching it to its neutral form for the length of a `with` block (the constant
+that sizes it set to the value that makes it do nothing, or the method replaced by the plain choice it
+refines). Patching, not flags in the product: the product keeps one way of doing each thing, and a rule
+the evidence removes is deleted from the code, and from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+from slimserve.server import router, scheduler, simulator
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    what: str
+    """The rule, as a reader of the code knows it."""
+    off: Callable[[], contextlib.AbstractContextManager[Any]]
+    """Patches that switch it off."""
+
+
+def _constant(module: Any, name: str, value: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    return lambda: mock.patch.object(module, name, value)
+
+
+def _round_robin(turns: Any, last_ran: Any, now: float) -> int:
+    """Turns between engines without deadlines: the engine that has waited longest."""
+    return min(range(len(turns)), key=lambda i: last_ran[i])
+
+
+def _no_harm(plan: Callable[..., scheduler.Plan]) -> Callable[..., scheduler.Plan]:
+    def planned(*args: Any, **kwargs: Any) -> scheduler.Plan:
+        return dataclasses.replace(plan(*args, **kwargs), harm=0)
+
+    return planned
+
+
+RULES = (
+    Rule(
+        "step-apart",
+        "urgent rows step apart from the batch (Scheduler.schedule_decode)",
+        lambda: mock.patch.object(scheduler.Scheduler, "schedule_decode", lambda self, main, apart, now: None),
+    ),
+    Rule("hold", "a row stepped apart rejoins HOLD_STEPS steps early", _constant(scheduler, "HOLD_STEPS", 0)),
+    Rule(
+        "spare-time",
+        "a budgeted prompt waits for the spare time of rows due before it (Scheduler.in_spare_time)",
+        lambda: mock.patch.object(scheduler.Scheduler, "in_spare_time", lambda self, *a, **k: True),
+    ),
+    Rule("wait-limit", "... for at most WAIT_LIMIT_S", _constant(scheduler, "WAIT_LIMIT_S", math.inf)),
+    Rule(
+        "jump",
+        "a short prompt due sooner is prefilled between another prompt's chunks (Scheduler.ahead_of)",
+        lambda: mock.patch.object(scheduler.Scheduler, "ahead_of", lambda self, *a, **k: None),
+    ),
+    Rule("safety", "remaining steps planned at SAFETY x their predicted time", _constant(scheduler, "SAFETY", 1.0)),
+    Rule(
+        "background",
+        "past-saving rows step only every BACKGROUND_S (else with everyone)",
+        _constant(scheduler, "BACKGROUND_S", 0.0),
+    ),
+    Rule(
+        "edf-turns",
+        "between engines, the one due first by deadline takes the turn (next_turn)",
+        _constant(simulator, "next_turn", _round_robin),
+    ),
+    Rule(
+        "margins",
+        "budgets divided by each variant's overrun quantile (Router.margin)",
+        lambda: mock.patch.object(router.Router, "margin", lambda self, name: 1.0),
+    ),
+    Rule(
+        "calibration",
+        "predictions scaled by the observed actual/predicted ratio, margins learned (Router.observe)",
+        lambda: mock.patch.object(router.Router, "observe", lambda self, *a, **k: None),
+    ),
+    Rule(
+        "reserve",
+        "a better variant only while the load leaves a reserve for later requests (Router.current_reserve)",
+        lambda: mock.patch.object(router.Router, "current_reserve", lambda self, budget_ms=None: 0.0),
+    ),
+    Rule("burst", "the reserve adds BURST_DEVIATIONS of the load's spread", _constant(router, "BURST_DEVIATIONS", 0.0)),
+    Rule("gather", "a busy engine counts GATHER cheaper (load gathers on one batch)", _constant(router, "GATHER", 0.0)),
+    Rule(
+        "workhorse",
+        "fallbacks and equals ranked by their cost alone (workhorse_ms), not by predicted latency",
+        _constant(router, "workhorse_ms", lambda target, prompt_tokens, max_tokens: 0.0),
+    ),
+    Rule(
+        "harm",
+        "a variant whose admission would push running requests over their budgets ranks lower (edf_plan.harm)",
+        lambda: mock.patch.object(router, "edf_plan", _no_harm(scheduler.edf_plan)),
+    ),
+)
+"""Every rule the simulator can switch off, by name."""
+
+BY_NAME = {rule.name: rule for rule in RULES}
