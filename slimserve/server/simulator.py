@@ -101,6 +101,7 @@ class _Job:
     submitted_at: float
     budget_ms: float
     decision: Decision | None = None
+    variant: str = ""
     generated: int = 0
     last_token_at: float | None = None
     finished_at: float | None = None
@@ -247,7 +248,10 @@ class Result:
     mean_quality: float
     """Mean perplexity ratio of the variants that served (1.0: all by the teacher)."""
     latencies_ms: list[float] = field(default_factory=list)
+    """Per request, in order of arrival."""
     served: dict[str, int] = field(default_factory=dict)
+    routed: list[str] = field(default_factory=list)
+    """Per request, in order of arrival: the variant that served it."""
 
     @property
     def attainment(self) -> float:
@@ -285,7 +289,15 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
             engine, decision = choose(arrival)
             deadline = None if policy == "fcfs" else arrival.at_s + arrival.budget_ms / 1000
             engine.queue.append(
-                _Job(arrival.prompt_tokens, arrival.output_tokens, deadline, arrival.at_s, arrival.budget_ms, decision)
+                _Job(
+                    arrival.prompt_tokens,
+                    arrival.output_tokens,
+                    deadline,
+                    arrival.at_s,
+                    arrival.budget_ms,
+                    decision,
+                    engine.name,
+                )
             )
             served[engine.name] = served.get(engine.name, 0) + 1
             stalled.clear()
@@ -307,11 +319,14 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
                 router.observe(job.decision, 1000 * ((job.finished_at or clock[0]) - job.submitted_at), job.generated)
             done.append(job)
     quality = {v.name: v.ppl_ratio for v in variants}
+    done.sort(key=lambda j: j.submitted_at)
     latencies = [1000 * ((j.finished_at or 0.0) - j.submitted_at) for j in done]
     met = sum(ms <= j.budget_ms for ms, j in zip(latencies, done, strict=True))
     total = sum(served.values())
     mean_quality = sum(quality[name] * n for name, n in served.items()) / total if total else 0.0
-    return Result(policy, workload.count, met, mean_quality, latencies, dict(sorted(served.items())))
+    return Result(
+        policy, workload.count, met, mean_quality, latencies, dict(sorted(served.items())), [j.variant for j in done]
+    )
 
 
 def _chooser(

@@ -28,6 +28,7 @@ def test_the_same_seed_gives_the_same_numbers_to_the_last_digit(policy: str) -> 
     workload = Workload(rate_per_s=0.8, count=60, cv=2.0, slo_scale=3.0, seed=7)
     first, again = simulate(FAMILY, workload, policy), simulate(FAMILY, workload, policy)
     assert first.latencies_ms == again.latencies_ms and first.served == again.served
+    assert first.routed == again.routed and sorted(set(first.routed)) == sorted(first.served)
     assert (first.met, first.mean_quality) == (again.met, again.mean_quality)
     assert len(first.latencies_ms) == 60  # every request finished
     other = simulate(FAMILY, Workload(rate_per_s=0.8, count=60, cv=2.0, slo_scale=3.0, seed=8), policy)
