@@ -8,8 +8,8 @@ engine's), or nothing on the compute thread (the event loop, HTTP, tokenizing: t
 A request is found in the trace by the sequence ids its response named (`X-Slimserve-Sequences`); both
 clocks are `time.perf_counter()` of the same machine.
 
-Lists the feasible requests that missed their budget (`--all`: every request of the policy), then the
-median share of each part over the feasible ones met and missed.
+Lists the requests that missed their budget (`--all`: every request of the policy) with the simulator's
+latency for each, then the median share of each part over the requests met and missed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
-
-from router_misses import alone_from_dump, slack
 
 PARTS = (
     "wait: prefills",
@@ -96,19 +94,15 @@ def main() -> int:
     turns = sorted(
         (json.loads(line) for line in args.turns.read_text().splitlines() if line.strip()), key=lambda t: t["at"]
     )
-    alone = alone_from_dump(rows)
     chosen = [r for r in rows if r.get("policy") == args.policy and r.get("sequences")]
     if not chosen:
         print(f"no {args.policy} requests with sequence ids in {args.dump} (a dump from before --trace-turns?)")
         return 2
-    header = "| seed | rate | at s | slack | tokens | variant | budget ms | took ms | " + " | ".join(PARTS)
+    header = "| seed | rate | at s | simulated ms | tokens | variant | budget ms | took ms | " + " | ".join(PARTS)
     print(header + " | own steps (apart) | longest other turn ms |")
     print("|" + "---:|" * (len(PARTS) + 10))
     met: dict[bool, list[Spent]] = {True: [], False: []}
     for row in sorted(chosen, key=lambda r: (r["seed"], r["rate"], r["at"])):
-        s = slack(row, alone)
-        if s < 1:
-            continue
         spent = charge(row, turns)
         within = row["ms"] <= row["budget_ms"]
         met[within].append(spent)
@@ -116,12 +110,13 @@ def main() -> int:
             continue
         parts = " | ".join(f"{spent.parts[p]:.0f}" for p in PARTS)
         print(
-            f"| {row['seed']} | {row['rate']} | {row['at']} | {s:.2f} | {row['prompt_tokens']}+{row['max_tokens']} | "
+            f"| {row['seed']} | {row['rate']} | {row['at']} | {row.get('sim_ms')} | "
+            f"{row['prompt_tokens']}+{row['max_tokens']} | "
             f"{row['variant']} | {row['budget_ms']} | {row['ms']} | {parts} | {spent.own_steps} ({spent.apart_steps}) "
             f"| {spent.biggest_other_ms:.0f} |"
         )
     print()
-    print("| feasible | requests | " + " | ".join(f"{p} (median share)" for p in PARTS) + " |")
+    print("| within budget | requests | " + " | ".join(f"{p} (median share)" for p in PARTS) + " |")
     print("|---|" + "---:|" * (len(PARTS) + 1))
     for within in (True, False):
         group = met[within]
