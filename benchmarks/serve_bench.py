@@ -78,10 +78,21 @@ class Phase:
     completion_tokens: int
     wall_s: float
     ttft_s: list[float]
+    api_cpu_s: float = 0.0
+    """CPU seconds the server's own process spent in the phase (HTTP, the OpenAI layer; slimserve's
+    transformers engine and llama-server compute there too)."""
+    engine_cpu_s: float = 0.0
+    """CPU seconds of its child processes (vLLM's engine core and worker)."""
 
     @property
     def tok_s(self) -> float:
         return self.completion_tokens / self.wall_s
+
+    def cpu_ms_per_token(self) -> str:
+        """Server CPU per completion token, API process / children: on two cores what the API process spends
+        is taken from the engine's steps, whatever the wall clock says."""
+        tokens = max(self.completion_tokens, 1)
+        return f"{1000 * self.api_cpu_s / tokens:.2f} / {1000 * self.engine_cpu_s / tokens:.2f}"
 
     def ttft_pct(self, q: float) -> float:
         ordered = sorted(self.ttft_s)
@@ -136,6 +147,19 @@ def peak_rss_mb(pid: int) -> float:
             continue
         total += int(match.group(1)) if match else 0
     return total / 1024
+
+
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each process of the server's tree (/proc/PID/stat, fields 14 and 15)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[member] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 900) -> None:
@@ -218,13 +242,17 @@ def bench_server(server: Server, port: int, args: argparse.Namespace, log_dir: P
         asyncio.run(run_phase(base, server.model, 1, 1, 16, args.eos_id, args.api))  # warm-up
         asyncio.run(run_phase(base, server.model, args.max_batch, 1, 16, args.eos_id, args.api))  # every batch size
         for concurrency in args.concurrency:
+            before = cpu_seconds(process.pid)
             phase = asyncio.run(
                 run_phase(base, server.model, concurrency, args.per_worker, args.max_tokens, args.eos_id, args.api)
             )
+            spent = {pid: secs - before.get(pid, 0.0) for pid, secs in cpu_seconds(process.pid).items()}
+            phase.api_cpu_s = spent.pop(process.pid, 0.0)
+            phase.engine_cpu_s = sum(spent.values())
             print(
                 f"   c={concurrency}: {phase.tok_s:.1f} tok/s aggregate, TTFT p50 {phase.ttft_pct(0.5) * 1000:.0f} ms "
                 f"p95 {phase.ttft_pct(0.95) * 1000:.0f} ms ({phase.requests} requests, {phase.completion_tokens} "
-                "tokens)",
+                f"tokens; server CPU ms/token, API / children: {phase.cpu_ms_per_token()})",
                 flush=True,
             )
             phases.append(phase)
@@ -339,18 +367,21 @@ def render(results: list[ServerResult], args: argparse.Namespace) -> str:
         f"each (EOS banned with logit_bias), greedy, streamed; each of c clients sends {args.per_worker} requests "
         "back to back; tok/s = all completion tokens / wall time of the phase; TTFT = time to the first content chunk; "
         f"every server decodes at most {args.max_batch} sequences together; both vLLM rows get a "
-        f"{args.kv_cache_gib} GiB KV cache; RSS sums the server's processes.",
+        f"{args.kv_cache_gib} GiB KV cache; RSS sums the server's processes; CPU ms/token: CPU time of the server's "
+        "own process and of its children (vLLM's engine core) per completion token in the phase.",
         "",
-        "| server | variant | concurrency | aggregate tok/s | TTFT p50 (ms) | TTFT p95 (ms) | peak RSS (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| server | variant | concurrency | aggregate tok/s | TTFT p50 (ms) | TTFT p95 (ms) | peak RSS (MB) | "
+        "CPU ms/token: API / children |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         if result.error:
-            lines.append(f"| {result.server.name} | {result.server.variant} | - | failed: {result.error} | | | |")
+            lines.append(f"| {result.server.name} | {result.server.variant} | - | failed: {result.error} | | | | |")
         for phase in result.phases:
             lines.append(
                 f"| {result.server.name} | {result.server.variant} | {phase.concurrency} | {phase.tok_s:.1f} | "
-                f"{phase.ttft_pct(0.5) * 1000:.0f} | {phase.ttft_pct(0.95) * 1000:.0f} | {result.peak_rss_mb:.0f} |"
+                f"{phase.ttft_pct(0.5) * 1000:.0f} | {phase.ttft_pct(0.95) * 1000:.0f} | {result.peak_rss_mb:.0f} | "
+                f"{phase.cpu_ms_per_token()} |"
             )
     lines += ["", *verdicts(results, args)]
     return "\n".join(lines)
