@@ -95,7 +95,7 @@ bench-structured: setup  # ~10 min: JSON-Schema decoding against free decoding a
 # variants' measured profiles (slimserve profile), the issue's checks, plots, and each rule switched off
 SIM_VARIANTS ?= smollm2-135m-instruct smollm2-135m-instruct-int8-dynamic smollm2-135m-instruct-int4-gptq
 bench-simulate: setup
-	$(BIN)/python benchmarks/simulate.py --variants $(SIM_VARIANTS) --seeds 0 1 --ablate --plots docs/img --write docs/BENCHMARKS.md
+	$(BIN)/python benchmarks/simulate.py --variants $(SIM_VARIANTS) --rates 0.2 0.5 1 1.5 2 --seeds 0 1 --ablate --plots docs/img --write docs/BENCHMARKS.md
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
 	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md

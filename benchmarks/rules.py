@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,13 +50,11 @@ RULES = (
         "urgent rows step apart from the batch (Scheduler.schedule_decode)",
         lambda: mock.patch.object(scheduler.Scheduler, "schedule_decode", lambda self, main, apart, now: None),
     ),
-    Rule("hold", "a row stepped apart rejoins HOLD_STEPS steps early", _constant(scheduler, "HOLD_STEPS", 0)),
     Rule(
         "spare-time",
         "a budgeted prompt waits for the spare time of rows due before it (Scheduler.in_spare_time)",
         lambda: mock.patch.object(scheduler.Scheduler, "in_spare_time", lambda self, *a, **k: True),
     ),
-    Rule("wait-limit", "... for at most WAIT_LIMIT_S", _constant(scheduler, "WAIT_LIMIT_S", math.inf)),
     Rule(
         "jump",
         "a short prompt due sooner is prefilled between another prompt's chunks (Scheduler.ahead_of)",
@@ -67,7 +64,7 @@ RULES = (
     Rule(
         "background",
         "past-saving rows step only every BACKGROUND_S (else with everyone)",
-        _constant(scheduler, "BACKGROUND_S", 0.0),
+        _constant(scheduler, "BACKGROUND_S", 1e-6),
     ),
     Rule(
         "edf-turns",

@@ -30,15 +30,6 @@ SAFETY = 1.25
 """A budgeted sequence's remaining steps are planned at this multiple of its engine's step time: turns
 of other engines (prefills, steps already under way) interleave with its own near its due time."""
 
-HOLD_STEPS = 8
-"""A row stepped apart for its deadline rejoins the whole batch once that batch's steps would leave it this
-many steps to spare: without the margin it would move back and forth at the edge of its budget."""
-
-WAIT_LIMIT_S = 10.0
-"""A budgeted prompt waits at most this long (from its submission) for the spare time of running sequences
-due before it (`Scheduler.in_spare_time`): past that it is prefilled even if they miss, so steady tight
-traffic cannot starve a request that is past saving."""
-
 PREFILL_TOKENS = 128
 """Prompt tokens one turn prefills: a longer prompt is prefilled in chunks of about this size, one per turn,
 so the compute thread can give another engine's urgent steps a turn between them (a prefill cannot be
@@ -248,12 +239,10 @@ class Scheduler(Generic[J]):
         """Whether `cost_s` of `job`'s prefill (planned at `SAFETY` times) can run now without delaying a
         running sequence it must yield to past that sequence's latest start: one with a budget it can still
         meet, due no later than `job` (earliest deadline first), or any such one if `job` is past saving (it
-        yields to all saveable work, as its decode steps do), or if it has waited `WAIT_LIMIT_S` already.
+        yields to all saveable work, as its decode steps do).
 
         A prefill cannot be interrupted, so a chunk started in a running request's last spare time makes it
         miss."""
-        if now - job.submitted_at >= WAIT_LIMIT_S:
-            return True
         own = self.latest_start(job, len(rows), now, waiting, self._done_of(job, partial))
         deadline = job.deadline
         limits = []
@@ -358,8 +347,8 @@ class Scheduler(Generic[J]):
     # ---- decode ----------------------------------------------------------------------------------
 
     def schedule_decode(self, main: Sequence[J], apart: Sequence[J], now: float) -> list[J] | None:
-        """The rows to step this turn apart from the rest (None: the whole batch, as one), given the rows of
-        the main batch and those stepped apart last turn.
+        """The rows to step this turn apart from the rest (None: the whole batch, as one), given last turn's
+        two row groups (the main batch and the rows stepped apart; together every running row).
 
         A row with a budget is urgent when the whole batch's steps (SAFETY times the step time of every
         running row) would no longer finish it in time, yet steps of its own still can. Urgent rows are
@@ -375,13 +364,13 @@ class Scheduler(Generic[J]):
             return None
         full_s = self.step_s(len(everyone))
 
-        def urgent(job: J, margin_s: float) -> bool:
+        def urgent(job: J) -> bool:
             if not self.savable(job, now):
                 return False
             deadline = job.deadline or 0.0  # set: savable
-            return deadline - job.steps_left * full_s * SAFETY <= now + margin_s
+            return deadline - job.steps_left * full_s * SAFETY <= now
 
-        hurry = [j for j in apart if urgent(j, HOLD_STEPS * full_s)] + [j for j in main if urgent(j, 0.0)]
+        hurry = [j for j in everyone if urgent(j)]
         if hurry:  # earliest deadline first: rows due before an urgent row step with it, while they can make it
             last_due = max(j.deadline or 0.0 for j in hurry)
             hurry += [

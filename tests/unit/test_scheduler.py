@@ -12,7 +12,6 @@ from slimserve.server.scheduler import (
     BACKGROUND_S,
     PREFILL_TOKENS,
     SAFETY,
-    WAIT_LIMIT_S,
     Scheduler,
     savable,
 )
@@ -68,7 +67,7 @@ def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_t
 def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_due_before_it() -> None:
     """A prefill cannot be interrupted, so a budgeted prompt joins a batch only when its first chunk fits
     before the latest start of every running request due before it; a prompt past saving yields to every
-    request that can still make it, whatever its own deadline, until it has waited `WAIT_LIMIT_S`."""
+    request that can still make it, whatever its own deadline."""
     # prefill: 10 ms a prompt token; steps: 50 ms
     plan = scheduler(CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0))
     # 20 steps need 1 s, 1.25 s with SAFETY: 0.35 s to spare before a 1.6 s deadline
@@ -80,8 +79,6 @@ def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_du
     sooner = job(4, 1.2, prompt_tokens=60)  # 0.8 s of work, due before the running request: EDF
     waiting = [short, long, hopeless, hopeless_long, sooner]
     assert plan.admissible(waiting, rows, None, NOW) == [short, hopeless, sooner]
-    hopeless_long.submitted_at -= WAIT_LIMIT_S  # waited long enough: it goes in whatever it delays
-    assert plan.admissible(waiting, rows, None, NOW) == [short, hopeless, hopeless_long, sooner]
     rows = [job(20, 0.5)]  # past saving itself: it holds no one back
     assert plan.admissible(waiting, rows, None, NOW) == [short, long, hopeless, hopeless_long, sooner]
     turn = plan.turn([long, short], rows, None, NOW)  # the step and the chunks the turn would run
@@ -120,7 +117,7 @@ def test_rows_due_before_an_urgent_row_step_with_it_and_the_hopeless_ride_along_
     idle.last_token_at = NOW  # stepped just now: it waits
     apart = plan.schedule_decode([loose, urgent, sooner, hopeless, idle], [], NOW)
     assert apart == [urgent, sooner, hopeless]
-    # once the whole batch's pace would leave it `HOLD_STEPS` steps to spare, it rejoins the batch
+    # once the whole batch's pace makes its deadline, it rejoins the batch
     assert plan.schedule_decode([loose, hopeless, idle], [job(10, 60.0)], NOW) is None
 
 
