@@ -130,6 +130,8 @@ def main() -> int:
     parser.add_argument("--slo-scale", type=float, default=3.0)
     parser.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1: Poisson)")
     parser.add_argument("--count", type=int, default=40, help="requests per rate")
+    parser.add_argument("--prompt-tokens", nargs=2, type=int, default=[16, 256], metavar=("LOW", "HIGH"))
+    parser.add_argument("--output-tokens", nargs=2, type=int, default=[16, 128], metavar=("LOW", "HIGH"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jitter", type=float, default=0.1, help="the simulator's per-turn cost noise (CV)")
     parser.add_argument("--dump", type=Path, default=None, help="every request, live and simulated (JSON lines)")
@@ -152,7 +154,16 @@ def main() -> int:
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", process)
         for rate in args.rates:
-            workload = Workload(rate, args.count, args.cv, args.slo_scale, jitter=args.jitter, seed=args.seed)
+            workload = Workload(
+                rate,
+                args.count,
+                args.cv,
+                args.slo_scale,
+                tuple(args.prompt_tokens),
+                tuple(args.output_tokens),
+                jitter=args.jitter,
+                seed=args.seed,
+            )
             requests = arrivals(workload, variants)
             simulated = simulate(variants, workload, "router")
             prompts = token_prompts(teacher_dir, requests, args.seed)
