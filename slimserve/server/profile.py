@@ -7,7 +7,8 @@ Below both the engines (which feed it) and the router (which reads it): it impor
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from slimserve.models.manifest import VariantManifest
@@ -16,7 +17,8 @@ Points = tuple[tuple[int, float], ...]
 """Measured (x, milliseconds) pairs, x ascending: prompt tokens for a prefill, rows for a decode step."""
 
 
-def interpolate(points: Sequence[tuple[int, float]], x: float) -> float:
+@functools.lru_cache(maxsize=4096)  # the router and the scheduler ask the same few points every turn
+def interpolate(points: Points, x: float) -> float:
     """Piecewise-linear through `points`, extended beyond either end along the nearest segment."""
     if len(points) == 1:
         return points[0][1] * max(x, 1) / max(points[0][0], 1)

@@ -74,7 +74,7 @@ class Measured:
         """The manifest figures `CostProfile.from_manifest` reads."""
 
         def table(ms: dict[int, float]) -> dict[str, float]:
-            return {str(x): round(v, 3) for x, v in sorted(ms.items())}
+            return {str(x): round(v, 2) for x, v in sorted(ms.items())}  # as the summary figures
 
         return {
             "ttft_ms_128": round(self.prefill_ms[PROFILE_PROMPT], 2),
