@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from slimserve.compression.distill import DistillConfig
+from slimserve.compression.distill_config import DistillConfig
 from slimserve.compression.quantize import QuantizeConfig
 from slimserve.configs import from_mapping
 from slimserve.models.registry import VariantRegistry
