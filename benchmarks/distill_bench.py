@@ -18,7 +18,7 @@ from report import machine, today, write_section
 from slimserve.compression.distill import DistillConfig, distill
 from slimserve.compression.evaluate import EvalConfig, evaluate
 from slimserve.compression.qat import export_config
-from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import method_config, quantize_variant
 from slimserve.compression.student import StudentSpec
 from slimserve.models import DEFAULT_VARIANT, VariantManifest, VariantRegistry, slimserve_home
 
@@ -93,7 +93,7 @@ def main() -> int:
         ),
         scratch,
     )
-    exported = quantize_variant(str(trained), QuantizeConfig(**export_config("int4", 128)), scratch)
+    exported = quantize_variant(str(trained), method_config(**export_config("int4", 128)), scratch)
     metrics = evaluate(str(exported), teacher=str(teacher.path), config=config, registry=scratch)
     rows.append(
         row(

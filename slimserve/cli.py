@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimserve.configs import ConfigError, add_flags, config_fields, from_mapping, given, merged, read_config_file
+from slimserve.configs import ConfigError, add_flags, field_names, from_mapping, given, merged, read_config_file
 from slimserve.launch import serve
 from slimserve.models.registry import DEFAULT_VARIANT, VariantNotFoundError, VariantRegistry
 from slimserve.server.settings import ServerSettings
@@ -116,9 +116,9 @@ def distill(config: DistillConfig) -> None:
     print(f"wrote {path}")
     if config.qat:
         from slimserve.compression.qat import export_config
-        from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+        from slimserve.compression.quantize import method_config, quantize_variant
 
-        exported = quantize_variant(str(path), QuantizeConfig(**export_config(config.qat, config.qat_group_size)))
+        exported = quantize_variant(str(path), method_config(**export_config(config.qat, config.qat_group_size)))
         print(f"wrote {exported}")
 
 
@@ -358,7 +358,7 @@ def build_configs(verb: Verb, args: argparse.Namespace) -> list[Any]:
     """One object per config class of `verb`: its defaults, under the --config file, under the flags given."""
     classes = verb.configs()
     from_file = read_config_file(args.config) if args.config else {}
-    names = [{f.name for f in config_fields(cls)} for cls in classes]
+    names = [field_names(cls) for cls in classes]
     unknown = sorted(set(from_file) - set().union(*names))
     if unknown:
         allowed = ", ".join(sorted(set().union(*names)))
