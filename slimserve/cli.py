@@ -115,10 +115,9 @@ def distill(config: DistillConfig) -> None:
     path = run_distill(config)
     print(f"wrote {path}")
     if config.qat:
-        from slimserve.compression.qat import export_config
-        from slimserve.compression.quantize import method_config, quantize_variant
+        from slimserve.compression.quantize import quantize_variant
 
-        exported = quantize_variant(str(path), method_config(**export_config(config.qat, config.qat_group_size)))
+        exported = quantize_variant(str(path), config.qat_export())
         print(f"wrote {exported}")
 
 

@@ -190,7 +190,7 @@ class Distiller:
         if config.qat is not None:
             from slimserve.compression.qat import attach_fake_quantization
 
-            report["fake_quantized_linears"] = attach_fake_quantization(student, config.qat, config.qat_group_size)
+            report["fake_quantized_linears"] = attach_fake_quantization(student, config.qat, config.qat_grid)
         if config.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slimserve.compression.data import BUILTIN_CORPORA
 from slimserve.compression.losses import DIVERGENCES
+from slimserve.compression.quantize_config import Int4Config, QuantizationError, QuantizeConfig, method_config
 from slimserve.compression.student import StudentSpec
 from slimserve.models.loader import native_bf16
 
@@ -72,8 +73,9 @@ class DistillConfig:
     """> 0: train LoRA adapters of this rank (peft) instead of all weights, merged at the end."""
     qat: str | None = None
     """int4 or int8: fake-quantized weights during training, then export through the quantization stage."""
-    qat_group_size: int = 128
-    """Weights per quantization group of int4 QAT (and of its exported variant)."""
+    qat_group_size: int | None = None
+    """Weights per quantization group of int4 QAT and of its exported variant [default: int4-rtn's
+    --group-size]."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints."""
     resume: bool = False
@@ -82,6 +84,19 @@ class DistillConfig:
     """Seed of data order, sampling and any random initialisation."""
     output_dir: str | None = None
     """Where checkpoints go; default `$SLIMSERVE_HOME/runs/<name>`."""
+
+    def qat_export(self) -> QuantizeConfig:
+        """The quantization stage's config that writes the grid QAT trains on (`--qat` only)."""
+        from slimserve.compression.qat import export_config
+
+        if self.qat is None:
+            raise DistillError("qat_export: this run has no --qat")
+        return method_config(**export_config(self.qat, self.qat_grid))
+
+    @property
+    def qat_grid(self) -> int:
+        """Weights per group of int4 QAT: `qat_group_size`, else int4's `--group-size` default."""
+        return self.qat_group_size if self.qat_group_size is not None else Int4Config.group_size
 
     def autocast_dtype(self) -> str:
         """`bf16` or `fp32`: what `dtype` means on this machine."""
@@ -109,6 +124,14 @@ class DistillConfig:
             raise DistillError("seq_len, batch_size, grad_accum and max_steps must be positive")
         if self.qat is not None and self.qat not in ("int4", "int8"):
             raise DistillError(f"qat must be int4 or int8, got {self.qat!r}")
+        if self.qat_group_size is not None and self.qat != "int4":
+            given = self.qat or "none"
+            raise DistillError(f"--qat-group-size applies only with --qat int4 (this run's --qat: {given})")
+        if self.qat is not None:
+            try:
+                self.qat_export()  # the export's own checks, before any training
+            except QuantizationError as exc:
+                raise DistillError(f"--qat {self.qat}: {exc}") from exc
         if self.dtype not in ("fast", "bf16", "fp32"):
             raise DistillError(f"dtype must be fast, bf16 or fp32, got {self.dtype!r}")
         for item in self.data:

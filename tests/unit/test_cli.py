@@ -145,7 +145,7 @@ def test_an_environment_variable_changes_what_serve_does(
 
 def test_every_distill_field_has_a_flag(tmp_path: Path) -> None:
     argv = ["distill", "teacher", "--name", "s", "--layers", "2", "--weight-decay", "0.1", "--warmup-steps", "3"]
-    argv += ["--generation-tokens", "12", "--qat-group-size", "64", "--keep-layers", "0", "1"]
+    argv += ["--generation-tokens", "12", "--qat", "int4", "--qat-group-size", "64", "--keep-layers", "0", "1"]
     (config,) = configs_of(argv)
     assert (config.teacher, config.name, config.weight_decay, config.warmup_steps) == ("teacher", "s", 0.1, 3)
     assert (config.generation_tokens, config.qat_group_size) == (12, 64)
@@ -196,3 +196,12 @@ def test_quantize_help_groups_each_methods_own_flags(capsys: pytest.CaptureFixtu
     assert "only with --method int4-gptq: --damp DAMP" in out
     assert "only with --method int4-gptq, int4-rtn: --group-size GROUP_SIZE" in out
     assert "[default: 0.5 for int8-dynamic, 0.75 for int8-static]" in out
+
+
+def test_qat_group_size_without_int4_qat_is_an_error_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["distill", "teacher", "--name", "s", "--qat-group-size", "64"]) == 2
+    assert "--qat-group-size applies only with --qat int4 (this run's --qat: none)" in capsys.readouterr().err
+    assert main(["distill", "teacher", "--name", "s", "--qat", "int4", "--qat-group-size", "100"]) == 2
+    assert "--qat int4: --group-size must be 32, 64, 128 or 256, got 100" in capsys.readouterr().err
+    (config,) = configs_of(["distill", "teacher", "--name", "s", "--qat", "int8"])
+    assert config.qat_export().method == "int8-weight" and config.qat_grid == 128

@@ -218,12 +218,13 @@ def test_builtin_corpora_add_library_docstrings_and_keep_out_the_held_out_text()
 
 
 def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: VariantRegistry) -> None:
-    from slimserve.compression.qat import attach_fake_quantization, export_config
-    from slimserve.compression.quantize import method_config, quantize_variant
+    from slimserve.compression.qat import attach_fake_quantization
+    from slimserve.compression.quantize import quantize_variant
 
-    path = distill(_config(qat="int4", qat_group_size=32, max_steps=4), registry)
+    run = _config(qat="int4", qat_group_size=32, max_steps=4)
+    path = distill(run, registry)
     assert VariantManifest.read(path).method == "distill-qat-int4"
-    exported = quantize_variant(str(path), method_config(**export_config("int4", 32)), registry)
+    exported = quantize_variant(str(path), run.qat_export(), registry)
 
     trained = load_variant(path, dtype="fp32", registry=registry).model
     attach_fake_quantization(trained, "int4", 32)  # the forward the training saw
