@@ -105,9 +105,9 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 def choices(cls: type) -> dict[str, type] | None:
-    """The classes a config with a `choice_field` stands for, by that field's value (`QuantizeConfig`: one
-    class per method); None for a plain config."""
-    return cls.choices() if hasattr(cls, "choice_field") else None  # type: ignore[attr-defined]
+    """The classes a config that declares a `choice_field` stands for, by that field's value
+    (`QuantizeConfig`: one class per method); None for a plain config (and for the choices themselves)."""
+    return cls.choices() if "choice_field" in vars(cls) else None  # type: ignore[attr-defined]
 
 
 def field_names(cls: type) -> set[str]:
