@@ -17,8 +17,7 @@ from report import machine, today, write_section
 
 from slimserve.compression.distill import DistillConfig, distill
 from slimserve.compression.evaluate import EvalConfig, evaluate
-from slimserve.compression.qat import export_config
-from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import quantize_variant
 from slimserve.compression.student import StudentSpec
 from slimserve.models import DEFAULT_VARIANT, VariantManifest, VariantRegistry, slimserve_home
 
@@ -81,19 +80,17 @@ def main() -> int:
     for stale in (name, f"{name}-int4-rtn"):
         shutil.rmtree(scratch.variants_dir / stale, ignore_errors=True)
     print(f"== {name}", flush=True)
-    trained = distill(
-        DistillConfig(
-            teacher=str(teacher.path),
-            name=name,
-            qat="int4",
-            lr=2e-5,
-            max_steps=1_000_000,
-            max_minutes=args.qat_minutes,
-            checkpoint_every=1_000_000,
-        ),
-        scratch,
+    run = DistillConfig(
+        teacher=str(teacher.path),
+        name=name,
+        qat="int4",
+        lr=2e-5,
+        max_steps=1_000_000,
+        max_minutes=args.qat_minutes,
+        checkpoint_every=1_000_000,
     )
-    exported = quantize_variant(str(trained), QuantizeConfig(**export_config("int4", 128)), scratch)
+    trained = distill(run, scratch)
+    exported = quantize_variant(str(trained), run.qat_export(), scratch)
     metrics = evaluate(str(exported), teacher=str(teacher.path), config=config, registry=scratch)
     rows.append(
         row(

@@ -18,7 +18,12 @@ from typing import Any
 from report import machine, today, write_section
 
 from slimserve.compression.evaluate import EvalConfig, evaluate
-from slimserve.compression.quantize import INT8_EMBEDDING_METHODS, METHODS, QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import (
+    INT8_EMBEDDING_METHODS,
+    METHODS,
+    method_config,
+    quantize_variant,
+)
 from slimserve.models import DEFAULT_VARIANT, VariantRegistry, slimserve_home
 
 TARGETS = {
@@ -57,16 +62,16 @@ def main() -> int:
     teacher_metrics = evaluate(str(teacher.path), teacher=str(teacher.path), config=config, write=False)
     fp32_size = teacher_metrics["size_bytes"]
     rows = [row(teacher.name, "none (bf16 compute)", 32, teacher_metrics, teacher_metrics, fp32_size)]
-    runs = [QuantizeConfig(method=method, name=f"{teacher.name}-{method}") for method in args.methods]
+    runs = [method_config(method, name=f"{teacher.name}-{method}") for method in args.methods]
     # weight-only methods also with one int8 table for the tied embedding and head (smaller and faster);
     # W8A8 methods with an int8 head of their own (faster, but the float embedding stays as well)
     runs += [
-        QuantizeConfig(method=method, embedding="int8", name=f"{teacher.name}-{method}-emb8")
+        method_config(method, embedding="int8", name=f"{teacher.name}-{method}-emb8")
         for method in args.methods
         if method in INT8_EMBEDDING_METHODS and args.extras in ("all", "emb8")
     ]
     runs += [
-        QuantizeConfig(method=method, keep=[], name=f"{teacher.name}-{method}-head8")
+        method_config(method, keep=[], name=f"{teacher.name}-{method}-head8")
         for method in args.methods
         if method in ("int8-dynamic", "int8-static") and args.extras == "all"
     ]

@@ -276,7 +276,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 def prepare_variants(names: list[str]) -> dict[str, Path]:
     """Variant directories: registered ones as they are; the teacher's int8-dynamic / int4-gptq made on demand."""
-    from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+    from slimserve.compression.quantize import method_config, quantize_variant
     from slimserve.models import VariantRegistry
 
     registry = VariantRegistry()
@@ -286,7 +286,7 @@ def prepare_variants(names: list[str]) -> dict[str, Path]:
         if found is None and name.startswith(f"{TEACHER}-"):
             method = name.removeprefix(f"{TEACHER}-")
             print(f"== quantizing {TEACHER} with {method} (once; registered as {name})", flush=True)
-            quantize_variant(TEACHER, QuantizeConfig(method=method), registry)
+            quantize_variant(TEACHER, method_config(method), registry)
             found = registry.find(name)
         paths[name] = registry.resolve(name).path if found is None else found.path
     return paths

@@ -3,7 +3,10 @@
 A config is a dataclass whose attribute docstrings document its fields (compression) or a pydantic
 settings model whose `Field(description=...)` does (`ServerSettings`, which also reads `SLIMSERVE_*`).
 From either, `add_flags` derives the command-line flags (name, type, choices, help, default shown) and
-`from_mapping` builds the config from a YAML mapping, rejecting unknown keys by name.
+`from_mapping` builds the config from a YAML mapping, rejecting unknown keys by name. A config with a
+`choice_field` stands for one of several classes (`QuantizeConfig`: one per method): its flags are theirs
+together, grouped by the choices that take them, and a mapping builds the class its choice picks, naming
+any key that belongs to another choice.
 
 Why a small generator over `dataclasses.fields` rather than jsonargparse or pydantic-settings' CLI: the
 existing verbs keep flags those libraries would spell differently (`--variant` repeated into
@@ -101,11 +104,49 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def choices(cls: type) -> dict[str, type] | None:
+    """The classes a config that declares a `choice_field` stands for, by that field's value
+    (`QuantizeConfig`: one class per method); None for a plain config (and for the choices themselves)."""
+    return cls.choices() if "choice_field" in vars(cls) else None  # type: ignore[attr-defined]
+
+
+def field_names(cls: type) -> set[str]:
+    """Every key a mapping for `cls` may hold (for a config with choices: the keys of any choice)."""
+    names = {f.name for f in config_fields(cls)}
+    for member in (choices(cls) or {}).values():
+        names |= {f.name for f in config_fields(member)}
+    return names
+
+
+def chosen_class(cls: type, data: Mapping[str, Any]) -> type:
+    """The class `data` picks among `cls`'s choices (`cls` itself for a plain config). A key that belongs to
+    another choice is an error naming it, as its flag, and the choice that was made."""
+    options = choices(cls)
+    if options is None:
+        return cls
+    tag = cls.choice_field  # type: ignore[attr-defined]
+    if tag not in data:
+        raise ConfigError(f"`{tag}` is required")
+    value = data[tag]
+    if value not in options:
+        raise ConfigError(f"unknown {tag} {value!r}; choose one of {', '.join(sorted(options))}")
+    chosen = options[value]
+    names = {value: {f.name for f in config_fields(member)} for value, member in options.items()}
+    for key in data:
+        users = sorted(v for v, own in names.items() if key in own)
+        if key not in names[value] and users:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to --{tag} {value} (only to {', '.join(users)})")
+    return chosen
+
+
 def from_mapping(cls: type, data: Mapping[str, Any]) -> Any:
     """`cls(**data)` with nested configs built from mappings; an unknown or missing key is a `ConfigError`
-    naming it (the class's own checks then run as usual)."""
+    naming it (the class's own checks then run as usual). A config with choices is built as the class that
+    `data` picks (`chosen_class`)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    cls = chosen_class(cls, data)
     fields = {f.name: f for f in config_fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -159,7 +200,8 @@ def add_flags(
     spelling: Mapping[str, Mapping[str, Any]] | None = None,
     prefix: str = "",
 ) -> None:
-    """One flag per field of `cls` (nested configs flattened under their own field names).
+    """One flag per field of `cls` (nested configs flattened under their own field names; a config with
+    choices also gets its choices' fields, grouped by the choices that take them).
 
     Parsed values land in the namespace as `<key>:<dotted field path>` and only when given (defaults stay
     with the config class). `spelling` overrides how a field's flag is written: `flag` (its name, e.g.
@@ -171,41 +213,72 @@ def add_flags(
         if is_config(tp):
             add_flags(parser, tp, key, spelling, prefix=f"{path}.")
             continue
-        custom = dict(spelling.get(field.name, {}))
-        if custom.pop("skip", False):
-            continue
-        dest = f"{key}:{path}"
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(field)}
-        kwargs["metavar"] = field.name.upper()
-        flag = custom.pop("flag", "--" + field.name.replace("_", "-"))
-        if custom.pop("positional", False):
-            kwargs = {"help": kwargs["help"], "default": None, "nargs": "?", "metavar": field.name}
-            parser.add_argument(dest, **{**kwargs, **custom})
-            continue
-        origin = typing.get_origin(tp)
-        if tp is bool:
-            if field.default is True:
-                flag = custom.pop("flag", None) or f"--no-{field.name.replace('_', '-')}"
-                kwargs["action"] = "store_false"
-            else:
-                kwargs["action"] = "store_true"
-        elif origin is Literal:
-            choices = typing.get_args(tp)
-            kwargs.update(type=type(choices[0]), choices=choices)
-        elif origin is list:
-            (item,) = typing.get_args(tp) or (str,)
-            kwargs.update(type=item, nargs="+")
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
+        _add_flag(parser, cls, field, f"{key}:{path}", spelling.get(field.name, {}))
+    if choices(cls):
+        _add_choice_flags(parser, cls, key, spelling)
+
+
+def _add_choice_flags(
+    parser: argparse.ArgumentParser, cls: type, key: str, spelling: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """The fields of `cls`'s choices that `cls` lacks, one argument group per set of choices taking them; a
+    default that differs between choices is shown per choice."""
+    shared = {f.name for f in config_fields(cls)}
+    uses: dict[str, list[tuple[str, ConfigField]]] = {}
+    for value, member in (choices(cls) or {}).items():
+        for field in config_fields(member):
+            if field.name not in shared:
+                uses.setdefault(field.name, []).append((value, field))
+    groups: dict[tuple[str, ...], Any] = {}
+    tag = cls.choice_field  # type: ignore[attr-defined]
+    for name, found in uses.items():
+        values = tuple(sorted(value for value, _ in found))
+        field = found[0][1]
+        if len({repr(f.default) for _, f in found}) > 1:
+            per_choice = ", ".join(f"{f.default} for {value}" for value, f in found)
+            field = dataclasses.replace(field, default=MISSING, help=f"{field.help} [default: {per_choice}]")
+        if values not in groups:
+            groups[values] = parser.add_argument_group(f"only with --{tag} {', '.join(values)}")
+        _add_flag(groups[values], cls, field, f"{key}:{name}", spelling.get(name, {}))
+
+
+def _add_flag(parser: Any, cls: type, field: ConfigField, dest: str, spelled: Mapping[str, Any]) -> None:
+    """`field`'s flag, written as `spelled` says (see `add_flags`)."""
+    tp = _unwrap_optional(field.type)
+    custom = dict(spelled)
+    if custom.pop("skip", False):
+        return
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help(field)}
+    kwargs["metavar"] = field.name.upper()
+    flag = custom.pop("flag", "--" + field.name.replace("_", "-"))
+    if custom.pop("positional", False):
+        kwargs = {"help": kwargs["help"], "default": None, "nargs": "?", "metavar": field.name}
+        parser.add_argument(dest, **{**kwargs, **custom})
+        return
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if field.default is True:
+            flag = custom.pop("flag", None) or f"--no-{field.name.replace('_', '-')}"
+            kwargs["action"] = "store_false"
         else:
-            raise TypeError(f"{cls.__name__}.{field.name}: no flag for type {tp!r}")
-        kwargs.update(custom)
-        if kwargs.get("action") in ("store_true", "store_false"):
-            kwargs.pop("type", None)
-            kwargs.pop("metavar", None)
-        if "choices" in kwargs:
-            kwargs.pop("metavar", None)
-        parser.add_argument(flag, **kwargs)
+            kwargs["action"] = "store_true"
+    elif origin is Literal:
+        options = typing.get_args(tp)
+        kwargs.update(type=type(options[0]), choices=options)
+    elif origin is list:
+        (item,) = typing.get_args(tp) or (str,)
+        kwargs.update(type=item, nargs="+")
+    elif tp in (int, float, str):
+        kwargs["type"] = tp
+    else:
+        raise TypeError(f"{cls.__name__}.{field.name}: no flag for type {tp!r}")
+    kwargs.update(custom)
+    if kwargs.get("action") in ("store_true", "store_false"):
+        kwargs.pop("type", None)
+        kwargs.pop("metavar", None)
+    if "choices" in kwargs:
+        kwargs.pop("metavar", None)
+    parser.add_argument(flag, **kwargs)
 
 
 def given(args: argparse.Namespace, key: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import METHODS, CalibrationConfig, method_config, quantize_variant
 from slimserve.models.registry import VariantRegistry
 from tests.tiny import make_tiny_variant
 
@@ -31,7 +31,9 @@ def tiny_quantized(root: Path, arch: str, method: str, **options: Any) -> Path:
     if key not in _MADE:
         tiny_source(root, arch)
         name = f"{arch}-{method}" + "".join(f"-{v}" for _, v in sorted(options.items()))
-        config = QuantizeConfig(method=method, name=name, calibration_tokens=CALIBRATION_TOKENS, **options)
+        if issubclass(METHODS[method].config, CalibrationConfig):
+            options = {"calibration_tokens": CALIBRATION_TOKENS, **options}
+        config = method_config(method, name=name, **options)
         _MADE[key] = quantize_variant(arch, config, VariantRegistry(root))
     return _MADE[key]
 

@@ -14,8 +14,12 @@ from tqdm.auto import tqdm
 
 from slimserve.compression.quantize_config import (
     CALIBRATION_SEQUENCE,
+    GPTQConfig,
+    Int4Config,
     QuantizationError,
     QuantizeConfig,
+    W8A8DynamicConfig,
+    W8A8StaticConfig,
     calibration_ids,
     require_linears,
 )
@@ -39,8 +43,8 @@ class CompressedTensorsRTN:
     activations: str = "none"
     """`none` (W8A16), `dynamic` (W8A8, a scale per token at run time) or `static` (W8A8, one scale per
     layer fixed from calibration); both W8A8 kinds are smoothed first (SmoothQuant)."""
-    default_alpha: float = 0.5
-    """SmoothQuant strength when the config gives none."""
+    config: type[QuantizeConfig] = QuantizeConfig
+    """`QuantizeConfig` for W8A16; `W8A8DynamicConfig` / `W8A8StaticConfig` (calibration, smoothing)."""
     runtimes: list[str] = field(default_factory=lambda: ["transformers", "vllm", "slimserve-cpu-kernels"])
 
     def scheme(self, config: QuantizeConfig) -> Any:
@@ -65,7 +69,7 @@ class CompressedTensorsRTN:
                 raise QuantizationError(f"{self.name} smooths activations first, and {exc}") from exc
 
     def smooth(
-        self, model: Any, source: RegisteredVariant, config: QuantizeConfig
+        self, model: Any, source: RegisteredVariant, config: W8A8DynamicConfig
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """SmoothQuant in place; returns provenance and each Linear's input maxima after smoothing."""
         from transformers import AutoTokenizer
@@ -80,7 +84,7 @@ class CompressedTensorsRTN:
 
         ids = calibration_ids(AutoTokenizer.from_pretrained(source.path), config)
         probe = ids[:SMOOTHING_PROBE_TOKENS].unsqueeze(0)
-        alpha = config.smoothing_alpha if config.smoothing_alpha is not None else self.default_alpha
+        alpha = config.smoothing_alpha
         try:
             with torch.no_grad():
                 before = model(probe).logits
@@ -106,7 +110,7 @@ class CompressedTensorsRTN:
         untie_head_if_quantized(model, config)
         details: dict[str, Any] = {}
         input_maxima: dict[str, torch.Tensor] = {}
-        if self.activations != "none":
+        if isinstance(config, W8A8DynamicConfig):
             details, input_maxima = self.smooth(model, source, config)
         scheme = self.scheme(config)
         apply_quantization_config(
@@ -123,7 +127,7 @@ class CompressedTensorsRTN:
             for name, module in model.named_modules():
                 if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_scale"):
                     continue
-                if hasattr(module, "input_scale"):  # static W8A8: one symmetric scale per layer
+                if hasattr(module, "input_scale") and isinstance(config, W8A8StaticConfig):  # one scale per layer
                     clip = torch.quantile(input_maxima[name], config.activation_quantile)
                     module.input_scale.fill_(float(clip.clamp(min=1e-8)) / 127)
                 weight = module.weight  # (N, K)
@@ -156,9 +160,11 @@ class GroupwiseInt4:
     name: str
     calibrated: bool
     bits: int = 4
+    config: type[QuantizeConfig] = Int4Config
+    """`GPTQConfig` where `calibrated`, else `Int4Config`."""
     runtimes: list[str] = field(default_factory=lambda: ["transformers", "vllm", "slimserve-cpu-kernels"])
 
-    def check(self, model: Any, config: QuantizeConfig) -> None:
+    def check(self, model: Any, config: Int4Config) -> None:
         from slimserve.compression.gptq import decoder_layers, group_size_for
 
         try:
@@ -170,7 +176,7 @@ class GroupwiseInt4:
         if not linears:
             raise QuantizationError(f"{type(model).__name__} has no Linear layers that {self.name} can quantize")
 
-    def apply(self, source: RegisteredVariant, staging: Path, config: QuantizeConfig) -> dict[str, Any]:
+    def apply(self, source: RegisteredVariant, staging: Path, config: Int4Config) -> dict[str, Any]:
         from compressed_tensors.quantization import (
             QuantizationArgs,
             QuantizationConfig,
@@ -204,10 +210,12 @@ class GroupwiseInt4:
             raise QuantizationError(f"{source.name!r} has no Linear layers that {self.name} can quantize")
 
         sequences: list[torch.Tensor] = []
-        if self.calibrated:
+        gptq: dict[str, Any] = {}
+        if isinstance(config, GPTQConfig):
             sequences = list(
                 calibration_ids(AutoTokenizer.from_pretrained(source.path), config).split(CALIBRATION_SEQUENCE)
             )
+            gptq = {"damp": config.damp, "act_order": config.act_order}
         bar = tqdm(total=len(blocks), desc=f"{self.name} {source.name}", unit="block", leave=False)
         try:
             results = quantize_layers_sequentially(
@@ -215,8 +223,7 @@ class GroupwiseInt4:
                 sequences,
                 plan,
                 calibrated=self.calibrated,
-                damp=config.damp,
-                act_order=config.act_order,
+                **gptq,
                 progress=lambda _message: bar.update(1),
             )
         finally:

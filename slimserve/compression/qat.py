@@ -64,5 +64,8 @@ def detach_fake_quantization(model: nn.Module) -> int:
 
 
 def export_config(mode: str, group_size: int) -> dict[str, Any]:
-    """Quantization-stage settings that reproduce the trained grid."""
+    """Quantization-stage settings that reproduce the trained grid (`method_config`'s arguments; int8 rows
+    have no group size)."""
+    if mode == "int8":
+        return {"method": EXPORT_METHOD[mode]}
     return {"method": EXPORT_METHOD[mode], "group_size": group_size, "clip_search": False}

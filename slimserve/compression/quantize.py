@@ -19,11 +19,17 @@ import torch
 
 from slimserve.compression.compressed import CompressedTensorsRTN, GroupwiseInt4
 from slimserve.compression.quantize_config import (
+    CalibrationConfig,
+    GPTQConfig,
+    Int4Config,
     QuantizationError,
     QuantizeConfig,
     QuantMethod,
+    W8A8DynamicConfig,
+    W8A8StaticConfig,
     calibration_ids,
     calibration_text,
+    method_config,
     require_linears,
 )
 from slimserve.models.cpu_kernels import TIED_INT8_EMBEDDING
@@ -34,11 +40,17 @@ from slimserve.models.runtimes import with_vllm_cpu
 
 __all__ = [
     "METHODS",
+    "CalibrationConfig",
+    "GPTQConfig",
+    "Int4Config",
     "QuantMethod",
     "QuantizationError",
     "QuantizeConfig",
+    "W8A8DynamicConfig",
+    "W8A8StaticConfig",
     "calibration_ids",
     "calibration_text",
+    "method_config",
     "preflight",
     "quantize_variant",
 ]
@@ -55,6 +67,8 @@ class BitsAndBytes:
     name: str
     bits: int
     quant_type: str | None = None
+    config: type[QuantizeConfig] = QuantizeConfig
+    """Round-to-nearest through bitsandbytes takes only the options every method takes."""
     runtimes: list[str] = field(default_factory=lambda: ["transformers", "vllm"])
 
     def check(self, model: Any, config: QuantizeConfig) -> None:
@@ -86,9 +100,9 @@ class BitsAndBytes:
 
 METHODS: dict[str, QuantMethod] = {
     "int8-weight": CompressedTensorsRTN("int8-weight", 8),
-    "int8-dynamic": CompressedTensorsRTN("int8-dynamic", 8, activations="dynamic"),
-    "int8-static": CompressedTensorsRTN("int8-static", 8, activations="static", default_alpha=0.75),
-    "int4-gptq": GroupwiseInt4("int4-gptq", calibrated=True),
+    "int8-dynamic": CompressedTensorsRTN("int8-dynamic", 8, activations="dynamic", config=W8A8DynamicConfig),
+    "int8-static": CompressedTensorsRTN("int8-static", 8, activations="static", config=W8A8StaticConfig),
+    "int4-gptq": GroupwiseInt4("int4-gptq", calibrated=True, config=GPTQConfig),
     "int4-rtn": GroupwiseInt4("int4-rtn", calibrated=False),
     "bnb-int8": BitsAndBytes("bnb-int8", 8),
     "bnb-nf4": BitsAndBytes("bnb-nf4", 4, "nf4"),
@@ -136,10 +150,6 @@ def quantize_variant(source_ref: str, config: QuantizeConfig, registry: VariantR
             "quantize its float parent instead"
         )
     method = METHODS[config.method]
-    if config.embedding == "int8" and config.method not in INT8_EMBEDDING_METHODS:
-        raise QuantizationError(
-            f"--embedding int8 needs a weight-only method ({', '.join(INT8_EMBEDDING_METHODS)}), not {config.method}"
-        )
     name = config.name or f"{source.name}-{config.method}"
     target = registry.variants_dir / name
     if target.exists():

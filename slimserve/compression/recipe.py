@@ -9,8 +9,9 @@
     report: reports/smollm2
 
 Every step writes a registered variant (writing into the registry is registering). `source: teacher`
-names the recipe's teacher. The whole recipe is validated before the first step runs: unknown keys,
-unknown step kinds and sources that neither exist nor are produced by an earlier step are errors.
+names the recipe's teacher. The whole recipe is validated before the first step runs: unknown keys, a
+quantize option of another method (`damp` on int8-weight), unknown step kinds and sources that neither
+exist nor are produced by an earlier step are errors.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from slimserve.compression.distill import DistillConfig
+from slimserve.compression.distill_config import DistillConfig
 from slimserve.compression.quantize import QuantizeConfig
-from slimserve.configs import from_mapping
+from slimserve.configs import ConfigError, from_mapping
 from slimserve.models.registry import VariantRegistry
 
 STEP_KINDS = ("distill", "quantize", "evaluate")
@@ -64,26 +65,27 @@ Step = QuantizeStep | DistillStep | EvaluateStep
 @dataclass
 class Recipe:
     name: str
+    """Names the report; default: the recipe file's name."""
     teacher: str
+    """The variant that `source: teacher` (and every distill step) starts from."""
     steps: list[Step] = field(default_factory=list)
     report: str | None = None
     """Directory for report.md and pareto.png; default `$SLIMSERVE_HOME/reports/<name>`."""
 
 
-RECIPE_KEYS = ("name", "teacher", "steps", "report")
-
-
 def parse_recipe(data: dict[str, Any], name: str = "recipe") -> Recipe:
-    """Build a Recipe from parsed YAML; each step is built by its config class (`from_mapping`, as the
-    CLI's --config files are), with errors that name the offending step and key."""
+    """Build a Recipe from parsed YAML; the recipe's keys are `Recipe`'s fields and each step is built by its
+    config class (`from_mapping`, as the CLI's --config files are), with errors that name the offending step
+    and key."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with `teacher` and `steps`")
-    unknown = sorted(set(data) - set(RECIPE_KEYS))
-    if unknown:
-        raise RecipeError(f"recipe: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(RECIPE_KEYS))}")
-    if "teacher" not in data or not data.get("steps"):
-        raise RecipeError("a recipe needs `teacher` and a non-empty `steps` list")
-    teacher = str(data["teacher"])
+    try:
+        recipe: Recipe = from_mapping(Recipe, {"name": name, **data, "steps": []})
+    except ConfigError as exc:
+        raise RecipeError(f"recipe: {exc}") from exc
+    if not data.get("steps"):
+        raise RecipeError("a recipe needs a non-empty `steps` list")
+    teacher = str(recipe.teacher)
     steps: list[Step] = []
     for index, raw in enumerate(data["steps"], start=1):
         if not isinstance(raw, dict) or len(raw) != 1:
@@ -106,7 +108,8 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe") -> Recipe:
             raise
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{where}: {exc}") from exc
-    return Recipe(name=str(data.get("name", name)), teacher=teacher, steps=steps, report=data.get("report"))
+    recipe.name, recipe.teacher, recipe.steps = str(recipe.name), teacher, steps
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:

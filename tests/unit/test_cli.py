@@ -145,7 +145,7 @@ def test_an_environment_variable_changes_what_serve_does(
 
 def test_every_distill_field_has_a_flag(tmp_path: Path) -> None:
     argv = ["distill", "teacher", "--name", "s", "--layers", "2", "--weight-decay", "0.1", "--warmup-steps", "3"]
-    argv += ["--generation-tokens", "12", "--qat-group-size", "64", "--keep-layers", "0", "1"]
+    argv += ["--generation-tokens", "12", "--qat", "int4", "--qat-group-size", "64", "--keep-layers", "0", "1"]
     (config,) = configs_of(argv)
     assert (config.teacher, config.name, config.weight_decay, config.warmup_steps) == ("teacher", "s", 0.1, 3)
     assert (config.generation_tokens, config.qat_group_size) == (12, 64)
@@ -174,3 +174,34 @@ def test_flag_help_is_the_config_fields_docstring(capsys: pytest.CaptureFixture[
     out = " ".join(capsys.readouterr().out.split())
     assert "Weights per quantization group for group-wise 4-bit methods" in out  # QuantizeConfig.group_size
     assert "[default: 128]" in out
+
+
+def test_a_flag_of_another_method_is_an_error_naming_the_flag_and_the_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["quantize", "tiny", "--method", "int8-weight", "--damp", "0.1"]) == 2
+    assert "--damp does not apply to --method int8-weight (only to int4-gptq)" in capsys.readouterr().err
+    file = tmp_path / "quantize.yaml"
+    file.write_text("method: bnb-nf4\nsmoothing_alpha: 0.3\n")
+    assert main(["quantize", "tiny", "--config", str(file)]) == 2
+    assert "--smoothing-alpha does not apply to --method bnb-nf4" in capsys.readouterr().err
+    (_, config) = configs_of(["quantize", "tiny", "--config", str(file), "--method", "int8-static"])
+    assert (config.method, config.smoothing_alpha, config.activation_quantile) == ("int8-static", 0.3, 1.0)
+
+
+def test_quantize_help_groups_each_methods_own_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "only with --method int4-gptq: --damp DAMP" in out
+    assert "only with --method int4-gptq, int4-rtn: --group-size GROUP_SIZE" in out
+    assert "[default: 0.5 for int8-dynamic, 0.75 for int8-static]" in out
+
+
+def test_qat_group_size_without_int4_qat_is_an_error_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["distill", "teacher", "--name", "s", "--qat-group-size", "64"]) == 2
+    assert "--qat-group-size applies only with --qat int4 (this run's --qat: none)" in capsys.readouterr().err
+    assert main(["distill", "teacher", "--name", "s", "--qat", "int4", "--qat-group-size", "100"]) == 2
+    assert "--qat int4: --group-size must be 32, 64, 128 or 256, got 100" in capsys.readouterr().err
+    (config,) = configs_of(["distill", "teacher", "--name", "s", "--qat", "int8"])
+    assert config.qat_export().method == "int8-weight" and config.qat_grid == 128

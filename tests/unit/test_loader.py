@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import slimserve.compression.distill as distill
+import slimserve.compression.distill_config as distill_config
 import slimserve.models.loader as loader
-from slimserve.compression.distill import DistillConfig, DistillError
+from slimserve.compression.distill_config import DistillConfig, DistillError
 from slimserve.compression.quantize import QuantizeConfig, quantize_variant
 from slimserve.models import VariantRegistry, load_variant
 from tests.tiny import make_tiny_variant
@@ -39,10 +39,10 @@ def test_fast_is_bf16_only_where_native_and_quantized_variants_keep_bf16(
 def test_distillation_autocasts_in_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch) -> None:
     config = DistillConfig(teacher="t", name="s")
     assert config.dtype == "fast"
-    monkeypatch.setattr(distill, "native_bf16", lambda: False)
+    monkeypatch.setattr(distill_config, "native_bf16", lambda: False)
     assert config.autocast_dtype() == "fp32"
     assert DistillConfig(teacher="t", name="s", dtype="bf16").autocast_dtype() == "bf16"
-    monkeypatch.setattr(distill, "native_bf16", lambda: True)
+    monkeypatch.setattr(distill_config, "native_bf16", lambda: True)
     assert config.autocast_dtype() == "bf16"
     with pytest.raises(DistillError, match="dtype must be fast, bf16 or fp32"):
         DistillConfig(teacher="t", name="s", dtype="fp16")

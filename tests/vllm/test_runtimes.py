@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import method_config, quantize_variant
 from slimserve.models import VariantManifest, VariantRegistry
 from tests.vllm.conftest import vllm_environment
 
@@ -38,7 +38,7 @@ def test_vllm_cpu_loads_what_the_manifest_says(
 
     if vllm_platform() != "cpu":
         pytest.skip("the vllm-cpu runtime is checked on a CPU host")
-    config = QuantizeConfig(method=method, calibration_tokens=512)
+    config = method_config(method, **({"calibration_tokens": 512} if method == "int8-static" else {}))
     path = quantize_variant(str(teacher), config, scratch)
     claimed = bool(platform_runtimes("cpu") & set(VariantManifest.read(path).runtimes))
     script = tmp_path / "load.py"

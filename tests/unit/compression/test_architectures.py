@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimserve.compression.quantize import METHODS, QuantizationError, QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import METHODS, QuantizationError, method_config, quantize_variant
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
 from slimserve.models.cpu_kernels import Int8TiedEmbedding, Int8WeightOnlyLinear, tie_int8_embedding
 from tests.tiny import ARCHITECTURES, tiny_model
@@ -118,7 +118,7 @@ def test_smoothing_refuses_an_architecture_it_has_no_rules_for_before_writing(
     registry = VariantRegistry()
     _olmo2_variant(registry)
     with pytest.raises(QuantizationError, match=r"no rules for Olmo2ForCausalLM \(model_type 'olmo2'\)"):
-        quantize_variant("olmo2", QuantizeConfig(method=method, calibration_tokens=256), registry)
+        quantize_variant("olmo2", method_config(method, calibration_tokens=256), registry)
     assert [p.name for p in registry.variants_dir.iterdir()] == ["olmo2"]  # not even a staging directory
 
 

@@ -17,7 +17,7 @@ from slimserve.compression.distill import (
     training_progress,
 )
 from slimserve.compression.losses import distillation_loss, token_divergence
-from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import method_config, quantize_variant
 from slimserve.compression.student import (
     StudentError,
     StudentSpec,
@@ -106,7 +106,7 @@ def test_a_width_pruned_student_registers_loads_and_quantizes_to_int4(registry: 
     loaded = load_variant(path, dtype="fp32", registry=registry)
     assert loaded.model.config.intermediate_size == 64
     assert [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers] == [64] * 3
-    quantized = quantize_variant(str(path), QuantizeConfig(method="int4-gptq", calibration_tokens=512), registry)
+    quantized = quantize_variant(str(path), method_config("int4-gptq", calibration_tokens=512), registry)
     model = load_variant(quantized, dtype="bf16", registry=registry).model
     out = model.generate(SEQUENCES[0][None, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
@@ -218,12 +218,13 @@ def test_builtin_corpora_add_library_docstrings_and_keep_out_the_held_out_text()
 
 
 def test_int4_qat_trains_on_exactly_the_grid_the_export_writes(registry: VariantRegistry) -> None:
-    from slimserve.compression.qat import attach_fake_quantization, export_config
-    from slimserve.compression.quantize import QuantizeConfig, quantize_variant
+    from slimserve.compression.qat import attach_fake_quantization
+    from slimserve.compression.quantize import quantize_variant
 
-    path = distill(_config(qat="int4", qat_group_size=32, max_steps=4), registry)
+    run = _config(qat="int4", qat_group_size=32, max_steps=4)
+    path = distill(run, registry)
     assert VariantManifest.read(path).method == "distill-qat-int4"
-    exported = quantize_variant(str(path), QuantizeConfig(**export_config("int4", 32)), registry)
+    exported = quantize_variant(str(path), run.qat_export(), registry)
 
     trained = load_variant(path, dtype="fp32", registry=registry).model
     attach_fake_quantization(trained, "int4", 32)  # the forward the training saw

@@ -14,7 +14,7 @@ from slimserve.cli import main
 from slimserve.compression import quantize
 from slimserve.compression.distill import DistillConfig, distill
 from slimserve.compression.guard import AGREEMENT_FLOORS, GuardError, method_family
-from slimserve.compression.quantize import QuantizationError, QuantizeConfig, quantize_variant
+from slimserve.compression.quantize import QuantizationError, QuantizeConfig, method_config, quantize_variant
 from slimserve.compression.smoothing import NORM_PLACEMENTS, NormPlacement
 from slimserve.compression.student import StudentSpec
 from slimserve.models import VariantManifest, VariantRegistry
@@ -30,6 +30,7 @@ class ScrambledHead:
     name: str = "scrambled"
     bits: int = 8
     runtimes: list[str] = field(default_factory=lambda: ["transformers"])
+    config: type[QuantizeConfig] = QuantizeConfig
 
     def check(self, model: Any, config: QuantizeConfig) -> None:
         pass
@@ -83,7 +84,7 @@ def test_smoothing_with_another_architectures_rules_is_refused_before_writing(
     make_tiny_variant(registry.variants_dir / "gemma", name="gemma", arch="gemma3")
     monkeypatch.setitem(NORM_PLACEMENTS, "gemma3_text", NormPlacement())
     with pytest.raises(QuantizationError, match="smoothing changed Gemma3ForCausalLM's float logits"):
-        quantize_variant("gemma", QuantizeConfig(method="int8-dynamic", calibration_tokens=256), registry)
+        quantize_variant("gemma", method_config("int8-dynamic", calibration_tokens=256), registry)
     assert sorted(p.name for p in registry.variants_dir.iterdir()) == ["gemma", "tiny"]
 
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from slimserve.compression.quantize import QuantizationError, QuantizeConfig, quantize_variant
+from slimserve.compression.qat import export_config
+from slimserve.compression.quantize import (
+    GPTQConfig,
+    Int4Config,
+    QuantizationError,
+    QuantizeConfig,
+    method_config,
+    quantize_variant,
+)
 from slimserve.models import VariantManifest, VariantRegistry, load_variant
 from tests.tiny import make_tiny_variant
 from tests.tiny_variants import shared_root, tiny_quantized, tiny_source
@@ -68,9 +76,9 @@ def test_bad_requests_fail_before_writing_anything(registry: VariantRegistry, tm
     with pytest.raises(QuantizationError, match="bnb-nf4"):
         QuantizeConfig(method="int3-magic")
     with pytest.raises(QuantizationError, match="does not exist"):
-        QuantizeConfig(method="bnb-nf4", calibration=str(tmp_path / "missing.txt"))
+        method_config("int4-gptq", calibration=str(tmp_path / "missing.txt"))
     with pytest.raises(QuantizationError, match="group-size"):
-        QuantizeConfig(method="bnb-nf4", group_size=100)
+        method_config("int4-rtn", group_size=100)
 
     quantize_variant("tiny", QuantizeConfig(method="bnb-nf4"), registry)
     with pytest.raises(QuantizationError, match="already quantized"):
@@ -153,7 +161,29 @@ def test_int8_dynamic_smooths_quantizes_activations_per_token_and_stays_close(ro
 
 def test_smoothing_alpha_is_validated() -> None:
     with pytest.raises(QuantizationError, match="smoothing-alpha"):
-        QuantizeConfig(method="int8-dynamic", smoothing_alpha=1.5)
+        method_config("int8-dynamic", smoothing_alpha=1.5)
+
+
+def test_each_method_takes_its_own_options_and_names_an_option_of_another() -> None:
+    assert type(method_config("int4-gptq")) is GPTQConfig and type(method_config("bnb-nf4")) is QuantizeConfig
+    assert method_config("int8-dynamic").smoothing_alpha == 0.5
+    assert method_config("int8-static").smoothing_alpha == 0.75
+    with pytest.raises(QuantizationError, match=r"--damp does not apply to --method int8-weight \(only to int4-gptq\)"):
+        method_config("int8-weight", damp=0.1)
+    with pytest.raises(QuantizationError, match="--calibration-tokens does not apply to --method int4-rtn"):
+        method_config("int4-rtn", calibration_tokens=512)
+    with pytest.raises(QuantizationError, match="--group-size does not apply to --method bnb-nf4"):
+        method_config("bnb-nf4", group_size=64)
+    with pytest.raises(QuantizationError, match=r"unknown key.*group_sise"):
+        method_config("int4-rtn", group_sise=64)
+    with pytest.raises(QuantizationError, match="--method int4-gptq takes a GPTQConfig"):
+        QuantizeConfig(method="int4-gptq")
+
+
+def test_qat_exports_through_the_config_of_the_method_it_trained_for() -> None:
+    assert method_config(**export_config("int8", 64)) == QuantizeConfig(method="int8-weight")
+    exported = method_config(**export_config("int4", 64))
+    assert isinstance(exported, Int4Config) and (exported.group_size, exported.clip_search) == (64, False)
 
 
 def test_int8_static_uses_one_calibrated_scale_per_layer(root: Path) -> None:

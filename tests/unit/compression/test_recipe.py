@@ -22,7 +22,7 @@ RECIPE = {
                 "max_steps": 3,
             }
         },
-        {"quantize": {"source": "student", "method": "int4-rtn", "calibration_tokens": 256}},
+        {"quantize": {"source": "student", "method": "int4-rtn"}},
         {"evaluate": {"max_tokens": 256, "runtime": False}},
     ],
 }
@@ -59,6 +59,11 @@ def test_recipe_errors_name_the_problem_before_anything_runs(registry: VariantRe
         parse_recipe({"teacher": "teacher", "steps": [{"distill": {"name": "s", "student": {"depth": 2}}}]})
     with pytest.raises(RecipeError, match="unknown method"):
         parse_recipe({"teacher": "teacher", "steps": [{"quantize": {"method": "int3"}}]})
+    rtn = {"method": "int4-rtn", "calibration_tokens": 256}
+    with pytest.raises(RecipeError, match=r"step 1 \(quantize\): --calibration-tokens does not apply to --method int4"):
+        parse_recipe({"teacher": "teacher", "steps": [{"quantize": rtn}]})
+    with pytest.raises(RecipeError, match=r"recipe: unknown key\(s\) stepz"):
+        parse_recipe({"teacher": "teacher", "stepz": []})
     missing = parse_recipe({"teacher": "teacher", "steps": [{"quantize": {"source": "ghost", "method": "int4-rtn"}}]})
     with pytest.raises(RecipeError, match="'ghost' is neither registered"):
         validate(missing, registry)
