@@ -39,9 +39,10 @@ def serve(settings: ServerSettings) -> None:
     from slimserve.models.loader import load_variant, parse_dtype
     from slimserve.server.app import create_app
     from slimserve.server.compute import ComputeThread
-    from slimserve.server.engine import ServingEngine, TransformersEngine
+    from slimserve.server.engine import TransformersEngine
     from slimserve.server.metrics import ServerMetrics
     from slimserve.server.router import Budget, parse_quality
+    from slimserve.server.serving_engine import ServingEngine
     from slimserve.server.shutdown import serve as serve_app
 
     explicit = settings.variants is not None

@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from slimserve import __version__
 from slimserve.server import completions as flow
 from slimserve.server import status
-from slimserve.server.engine import EngineNotReadyError, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.errors import APIError, install_error_handlers
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.middleware import CountRequests, RequireKey
@@ -40,6 +39,7 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.serving_engine import EngineNotReadyError, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.shutdown import ENGINE_STOP_S, SHUTTING_DOWN, Drain
 from slimserve.server.structured import Constraint, SchemaError, check
 from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream

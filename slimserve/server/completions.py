@@ -16,13 +16,6 @@ from typing import Any
 
 from fastapi import Request
 
-from slimserve.server.engine import (
-    EngineBusyError,
-    EngineNotReadyError,
-    GenerationEvent,
-    RequestHandle,
-    ServingEngine,
-)
 from slimserve.server.errors import APIError
 from slimserve.server.protocol import (
     ChatLogprob,
@@ -34,6 +27,13 @@ from slimserve.server.protocol import (
     UsageInfo,
 )
 from slimserve.server.sampling import SamplingParams, TokenLogprob
+from slimserve.server.serving_engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    GenerationEvent,
+    RequestHandle,
+    ServingEngine,
+)
 
 
 @dataclass

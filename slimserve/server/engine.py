@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -38,8 +37,15 @@ from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
-from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
+from slimserve.server.sampling import Sampler, SamplingParams
 from slimserve.server.scheduler import PREFILL_TOKENS, Scheduler, Turn, prompt_chunk
+from slimserve.server.serving_engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    EngineState,
+    GenerationEvent,
+    RequestHandle,
+)
 from slimserve.server.structured import MASK_MS_PRIOR, GrammarCache, TokenMask
 
 log = logging.getLogger(__name__)
@@ -50,78 +56,6 @@ WARMUP_BATCHES = (1, 2, 4, 8, 16)
 WARMUP_STEPS = 2
 """Decode steps at each warm-up batch size: the first forward at a shape pays one-off costs (allocation,
 kernel choice, lazy initialisation) that the first requests would otherwise pay and the profile learn."""
-
-
-class EngineState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-
-class EngineBusyError(RuntimeError):
-    """The waiting queue is full: the caller should retry later (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        """The engine's estimate of when enough of what it holds will have finished to admit the request."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The model is still loading or failed to load (HTTP 503)."""
-
-
-@dataclass
-class GenerationEvent:
-    """What one decode step produced for one sequence."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None = None
-    """`stop` (EOS or a stop string), `length` (max_tokens), `abort` or `error`; None while running."""
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class RequestHandle:
-    """A submitted sequence: iterate its events from the event loop, or cancel it."""
-
-    def __init__(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        loop: asyncio.AbstractEventLoop,
-        deadline: float | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.loop = loop
-        self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.finished = False
-        self.deadline = deadline
-        """`time.perf_counter()` by which the client's latency budget wants it done (routed requests only)."""
-        self.completion_tokens = 0
-        """Tokens generated as of the last event read (`events`)."""
-        self.finish_reason: str | None = None
-        """How it ended, once its last event was read."""
-
-    def cancel(self) -> None:
-        """Stop generating (client gone, or another choice failed); the engine drops it at its next step."""
-        self.cancelled.set()
-
-    async def events(self) -> AsyncIterator[GenerationEvent]:
-        while True:
-            event = await self.queue.get()
-            self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
-            if event.finish_reason is not None:
-                self.finish_reason = event.finish_reason
-            yield event
-            if event.finish_reason is not None:
-                self.finished = True
-                return
 
 
 @dataclass(eq=False)  # identity: a sequence is found in (and removed from) the queue as itself
@@ -171,49 +105,6 @@ class _Partial:
     """Compute time of its chunks so far (the prefill as the profile learns it, without others' turns)."""
     left_s: float | None = None
     """Seconds to its deadline when its first chunk began (the turn trace)."""
-
-
-class ServingEngine(Protocol):
-    """What the pool and the app need from a backend (transformers on CPU, vLLM on GPU)."""
-
-    name: str
-    metrics: ServerMetrics
-    manifest: VariantManifest | None
-    state: EngineState
-    error: str | None
-    variant: Any
-    profile: CostProfile | None
-    max_batch_size: int
-    max_waiting: int
-    """Sequences that may wait beyond the batch: the engine holds at most max_batch_size + max_waiting."""
-    shares_compute: bool
-    """Its steps take turns with other variants' on the same cores (CPU), rather than its own device share."""
-
-    def start(self) -> None: ...
-    def wait_ready(self, timeout: float | None = None) -> bool: ...
-    def fresh(self) -> ServingEngine: ...
-    def shutdown(self, timeout: float = 10.0) -> None: ...
-    def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
-        """Queue one sequence; `deadline` (`time.perf_counter()`) is when its latency budget ends, if any."""
-        ...
-
-    def submit_many(
-        self, sequences: Sequence[tuple[list[int], SamplingParams]], deadline: float | None = None
-    ) -> list[RequestHandle]:
-        """Queue the sequences of one request together, all or none."""
-        ...
-
-    @property
-    def tokenizer(self) -> Any: ...
-    @property
-    def context_length(self) -> int: ...
-    @property
-    def sampling_defaults(self) -> dict[str, Any]: ...
-    @property
-    def running(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
-    def deadlines(self) -> list[tuple[float | None, int]]: ...
 
 
 class TransformersEngine:

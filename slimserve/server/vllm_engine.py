@@ -40,10 +40,16 @@ from typing import Any
 
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.runtimes import host_vllm_runtimes, vllm_backend_note
-from slimserve.server.engine import EngineBusyError, EngineNotReadyError, EngineState, GenerationEvent, RequestHandle
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams, TokenLogprob
+from slimserve.server.serving_engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    EngineState,
+    GenerationEvent,
+    RequestHandle,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,18 @@ import torch
 
 from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.compute import ComputeThread
-from slimserve.server.engine import (
-    WARMUP_STEPS,
+from slimserve.server.engine import WARMUP_STEPS, TransformersEngine
+from slimserve.server.metrics import ServerMetrics
+from slimserve.server.profile import CostProfile
+from slimserve.server.sampling import SamplingParams
+from slimserve.server.scheduler import PREFILL_TOKENS, prefill_chunks, prompt_chunk
+from slimserve.server.serving_engine import (
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
     GenerationEvent,
     RequestHandle,
-    TransformersEngine,
 )
-from slimserve.server.metrics import ServerMetrics
-from slimserve.server.profile import CostProfile
-from slimserve.server.sampling import SamplingParams
-from slimserve.server.scheduler import PREFILL_TOKENS, prefill_chunks, prompt_chunk
 from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, make_tiny_variant
 
 
