@@ -7,6 +7,7 @@ errors it raises. Engines import this module; nothing here imports an engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -132,3 +133,19 @@ class ServingEngine(Protocol):
     @property
     def waiting(self) -> int: ...
     def deadlines(self) -> list[tuple[float | None, int]]: ...
+
+
+def deliver(deliveries: list[tuple[RequestHandle, GenerationEvent]]) -> None:
+    """Hand events to their handles from another thread (the compute thread): one call into each handle's
+    event loop for all of its events."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, GenerationEvent]]] = {}
+    for handle, event in deliveries:
+        by_loop.setdefault(handle.loop, []).append((handle, event))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:
+    for handle, event in items:
+        handle.queue.put_nowait(event)

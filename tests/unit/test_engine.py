@@ -15,7 +15,8 @@ import torch
 
 from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.compute import ComputeThread
-from slimserve.server.engine import WARMUP_STEPS, TransformersEngine
+from slimserve.server.engine import TransformersEngine
+from slimserve.server.forward import WARMUP_STEPS
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
