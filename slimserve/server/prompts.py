@@ -1,17 +1,61 @@
 """A request's prompts as token ids: chat messages through the tokenizer's own template, text or token-id
-prompts checked against the model's vocabulary.
+prompts checked against the model's vocabulary; and each request's prompts tokenized once per tokenizer
+(`PromptCache`), however many engines it is weighed on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from slimserve.server.errors import APIError
 from slimserve.server.protocol import ChatMessage, Tool
 from slimserve.server.serving_engine import ServingEngine
+
+_TOKENIZER_KEYS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+"""`tokenizer_key` of each tokenizer object seen (computed once: it reads the whole vocabulary)."""
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """What decides how a tokenizer turns a request into ids: its class, its whole definition (vocabulary,
+    merges, normalizer, pre- and post-processor: a fast tokenizer's JSON; a slow one's vocabulary), its
+    special tokens and its chat template. Two variants of a family load equal tokenizers from different
+    directories; their keys are equal."""
+    with contextlib.suppress(TypeError):  # an object that takes no weak reference is keyed afresh each time
+        if tokenizer in _TOKENIZER_KEYS:
+            return _TOKENIZER_KEYS[tokenizer]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    template = str(getattr(tokenizer, "chat_template", None))
+    digest = hashlib.sha256()
+    for part in (type(tokenizer).__qualname__, definition, special, template):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    key = digest.hexdigest()
+    with contextlib.suppress(TypeError):
+        _TOKENIZER_KEYS[tokenizer] = key
+    return key
+
+
+class PromptCache:
+    """One request's prompts, built (`build`: rendered and tokenized) once per kind of engine: an engine whose
+    tokenizer is alike (`tokenizer_key`) and whose model has the same vocabulary size (token-id prompts are
+    checked against it) takes the ids already built, another builds its own."""
+
+    def __init__(self, build: Callable[[ServingEngine], list[list[int]]]) -> None:
+        self._build = build
+        self._built: dict[tuple[str, int], list[list[int]]] = {}
+
+    def prompts(self, engine: ServingEngine) -> list[list[int]]:
+        key = (tokenizer_key(engine.tokenizer), _vocab_size(engine))
+        if key not in self._built:
+            self._built[key] = self._build(engine)
+        return self._built[key]
 
 
 def _vocab_size(engine: ServingEngine) -> int:

@@ -1,7 +1,7 @@
 """What every endpoint shares: the pool, the router and the metrics (`Dispatcher`, kept on `app.state`), and
 the path of a generation request from its model name to submitted sequences (`Dispatcher.dispatch`): the
-variant chosen (exactly named, or by the router), its sequences queued, its routing headers and its
-outcome recorded."""
+variant chosen (exactly named, or by the router), its prompts tokenized once per tokenizer (`PromptCache`),
+its sequences queued, its routing headers and its outcome recorded."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from slimserve.server import completions as flow
 from slimserve.server.errors import APIError
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.pool import VariantPool
+from slimserve.server.prompts import PromptCache
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
 from slimserve.server.serving_engine import EngineNotReadyError, RequestHandle, ServingEngine
 from slimserve.server.shutdown import SHUTTING_DOWN, Drain
@@ -66,7 +67,10 @@ class Dispatcher:
         the router's next choice before the client sees 429. A `constrained` request (structured output)
         costs its engine's masking per token on top of the profiles' figures: the probed engine's measured
         overhead (the variants of a family share a tokenizer, so one figure serves them all; the vLLM
-        backend reports none, its masking is inside the steps it times)."""
+        backend reports none, its masking is inside the steps it times).
+
+        The prompts are tokenized once: the router counts them on a resident variant (the probe), and the
+        chosen engine takes the same ids when its tokenizer is alike (`PromptCache`)."""
         arrived = time.perf_counter()
         pool, router = self.pool, self.router
         if self.drain.draining:
@@ -75,6 +79,7 @@ class Dispatcher:
         decision: Decision | None = None
         budget: Budget | None = None
         order = entries
+        prompt_cache = PromptCache(build_prompts)
         if routed:
             try:
                 headers = {k.lower(): v for k, v in request.headers.items()}
@@ -82,7 +87,7 @@ class Dispatcher:
                 probe = next((e for e in entries if e.resident), entries[0])
                 probe_engine = await pool.acquire(probe)
                 pool.release(probe)
-                prompt_tokens = max(len(p) for p in build_prompts(probe_engine))
+                prompt_tokens = max(len(p) for p in prompt_cache.prompts(probe_engine))
                 expected = requested_max or self.default_max_tokens or 256
                 extra_ms = expected * getattr(probe_engine, "mask_ms_per_token", 0.0) if constrained else 0.0
                 order, decision = router.choose(list(entries), budget, prompt_tokens, expected, extra_ms)
@@ -92,7 +97,7 @@ class Dispatcher:
         for position, entry in enumerate(order):
             engine = await pool.acquire(entry)
             try:
-                prompts = build_prompts(engine)
+                prompts = prompt_cache.prompts(engine)
                 max_tokens = flow.resolve_max_tokens(
                     engine, max(len(p) for p in prompts), requested_max, max_param, self.default_max_tokens
                 )
