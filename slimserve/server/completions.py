@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from slimserve.server.errors import APIError
+from slimserve.server.prompts import check_vocabulary
 from slimserve.server.protocol import (
     ChatCompletionRequest,
     ChatLogprob,
@@ -185,9 +186,12 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Choice
 
 
 def usage(prompt_lens: list[int], results: list[ChoiceResult]) -> UsageInfo:
+    return token_usage(prompt_lens, sum(r.completion_tokens for r in results))
+
+
+def token_usage(prompt_lens: list[int], completion_tokens: int) -> UsageInfo:
     prompt = sum(prompt_lens)
-    completion = sum(r.completion_tokens for r in results)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -258,6 +262,23 @@ async def stream_events(
         for h in handles:
             if not h.finished:
                 h.cancel()
+
+
+def submitter(
+    body: ChatCompletionRequest | CompletionRequest, top_logprobs: int | None, constraint: Constraint | None
+) -> Callable[[ServingEngine, list[list[int]], int, float | None], list[RequestHandle]]:
+    """How a request's sequences are queued on the engine chosen for it (`Dispatcher.dispatch`'s `submit`):
+    its logit_bias ids checked against that model's vocabulary, that model's sampling defaults for the
+    fields it leaves out, prompts x n sequences, all or none."""
+
+    def submit(
+        engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
+    ) -> list[RequestHandle]:
+        check_vocabulary(engine, body.token_bias(), "logit_bias")
+        make = params_factory(body, max_tokens, top_logprobs, engine.sampling_defaults, constraint)
+        return submit_all(engine, prompts, make, body.n, deadline)
+
+    return submit
 
 
 def params_factory(

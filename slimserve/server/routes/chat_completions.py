@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from slimserve.server import completions as flow
 from slimserve.server.openapi import STREAM_RESPONSE, error_responses
-from slimserve.server.prompts import chat_prompt_ids, check_vocabulary
+from slimserve.server.prompts import chat_prompt_ids
 from slimserve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -21,10 +21,9 @@ from slimserve.server.protocol import (
     ChatCompletionResponse,
     DeltaMessage,
     ResponseMessage,
-    UsageInfo,
 )
-from slimserve.server.routes.dispatch import Dispatcher, dispatcher, routing_headers
-from slimserve.server.serving_engine import GenerationEvent, RequestHandle, ServingEngine
+from slimserve.server.routes.dispatch import Dispatcher, dispatcher
+from slimserve.server.serving_engine import GenerationEvent
 from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream
 
 router = APIRouter(prefix="/v1")
@@ -48,13 +47,6 @@ async def chat_completions(
     constraint = flow.request_constraint(body)
     plan = tool_plan(body)
 
-    def submit(
-        engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
-    ) -> list[RequestHandle]:
-        check_vocabulary(engine, body.token_bias(), "logit_bias")
-        make = flow.params_factory(body, max_tokens, top, engine.sampling_defaults, constraint)
-        return flow.submit_all(engine, prompts, make, body.n, deadline)
-
     sent = await server.dispatch(
         request,
         body.model,
@@ -62,12 +54,11 @@ async def chat_completions(
         lambda engine: [chat_prompt_ids(engine, body.messages, body.tools)],
         body.requested_max_tokens(),
         param,
-        submit,
+        flow.submitter(body, top, constraint),
         constrained=constraint is not None,
     )
     engine, prompt, handles = sent.engine, sent.prompts[0], sent.handles
     tokenizer = engine.tokenizer
-    headers = routing_headers(sent)
 
     if body.stream:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -92,25 +83,12 @@ async def chat_completions(
             return ChatCompletionChunk(id=chunk_id, created=created, model=engine.name, choices=[choice])
 
         def final_usage(completion_tokens: int) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=chunk_id,
-                created=created,
-                model=engine.name,
-                choices=[],
-                usage=UsageInfo(
-                    prompt_tokens=len(prompt),
-                    completion_tokens=completion_tokens,
-                    total_tokens=len(prompt) + completion_tokens,
-                ),
-            )
+            usage = flow.token_usage([len(prompt)], completion_tokens)
+            return ChatCompletionChunk(id=chunk_id, created=created, model=engine.name, choices=[], usage=usage)
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = flow.stream_events(handles, make_chunk, final_usage if include_usage else None)
-        return flow.sse_response(server.tracked(sent, events), headers)
+        return server.stream(sent, make_chunk, final_usage, body.stream_options)
 
-    results = await flow.collect(request, handles)
-    server.record_outcome(sent)
-    response.headers.update(headers)
+    results = await server.collect(request, response, sent)
     choices = []
     for i, r in enumerate(results):
         message, finish = ResponseMessage(content=r.text), flow.openai_finish(r.finish_reason)

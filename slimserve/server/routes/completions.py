@@ -12,10 +12,10 @@ from fastapi.responses import StreamingResponse
 
 from slimserve.server import completions as flow
 from slimserve.server.openapi import STREAM_RESPONSE, error_responses
-from slimserve.server.prompts import check_vocabulary, text_prompt_ids
-from slimserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from slimserve.server.routes.dispatch import Dispatcher, dispatcher, routing_headers
-from slimserve.server.serving_engine import GenerationEvent, RequestHandle, ServingEngine
+from slimserve.server.prompts import text_prompt_ids
+from slimserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from slimserve.server.routes.dispatch import Dispatcher, dispatcher
+from slimserve.server.serving_engine import GenerationEvent
 
 router = APIRouter(prefix="/v1")
 
@@ -35,13 +35,6 @@ async def completions(
     flow.log_extra_fields(body)
     constraint = flow.request_constraint(body)
 
-    def submit(
-        engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
-    ) -> list[RequestHandle]:
-        check_vocabulary(engine, body.token_bias(), "logit_bias")
-        make = flow.params_factory(body, max_tokens, body.logprobs, engine.sampling_defaults, constraint)
-        return flow.submit_all(engine, prompts, make, body.n, deadline)
-
     sent = await server.dispatch(
         request,
         body.model,
@@ -49,12 +42,11 @@ async def completions(
         lambda engine: [text_prompt_ids(engine, p) for p in body.prompts()],
         body.max_tokens,
         "max_tokens",
-        submit,
+        flow.submitter(body, body.logprobs, constraint),
         constrained=constraint is not None,
     )
     engine, prompts, handles = sent.engine, sent.prompts, sent.handles
     tokenizer = engine.tokenizer
-    headers = routing_headers(sent)
     echoes = [tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
 
     if body.stream:
@@ -81,26 +73,12 @@ async def completions(
             return CompletionResponse(id=chunk_id, created=created, model=engine.name, choices=[choice])
 
         def final_usage(completion_tokens: int) -> CompletionResponse:
-            prompt_tokens = sum(len(p) for p in prompts)
-            return CompletionResponse(
-                id=chunk_id,
-                created=created,
-                model=engine.name,
-                choices=[],
-                usage=UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                ),
-            )
+            usage = flow.token_usage([len(p) for p in prompts], completion_tokens)
+            return CompletionResponse(id=chunk_id, created=created, model=engine.name, choices=[], usage=usage)
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = flow.stream_events(handles, make_chunk, final_usage if include_usage else None)
-        return flow.sse_response(server.tracked(sent, events), headers)
+        return server.stream(sent, make_chunk, final_usage, body.stream_options)
 
-    results = await flow.collect(request, handles)
-    server.record_outcome(sent)
-    response.headers.update(headers)
+    results = await server.collect(request, response, sent)
     choices = []
     for i, r in enumerate(results):
         echo = echoes[i // body.n]

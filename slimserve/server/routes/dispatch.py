@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
 
 from slimserve.server import completions as flow
 from slimserve.server.errors import APIError
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.pool import VariantPool
 from slimserve.server.prompts import PromptCache
+from slimserve.server.protocol import StreamOptions
 from slimserve.server.router import Budget, BudgetError, Decision, Router, parse_budget
-from slimserve.server.serving_engine import EngineNotReadyError, RequestHandle, ServingEngine
+from slimserve.server.serving_engine import EngineNotReadyError, GenerationEvent, RequestHandle, ServingEngine
 from slimserve.server.shutdown import SHUTTING_DOWN, Drain
 
 Submit = Callable[[ServingEngine, list[list[int]], int, float | None], list[RequestHandle]]
@@ -140,8 +142,28 @@ class Dispatcher:
             outcome = "within" if elapsed_ms <= sent.budget.latency_ms else "over"
             self.metrics.budget_outcome.labels(sent.engine.name, outcome).inc()
 
-    async def tracked(self, sent: Dispatch, events: AsyncIterator[str]) -> AsyncIterator[str]:
-        """A stream's events, its outcome recorded once it ends (or its client leaves)."""
+    def stream(
+        self,
+        sent: Dispatch,
+        make_chunk: Callable[[int, GenerationEvent | None], Any],
+        final_usage: Callable[[int], Any],
+        options: StreamOptions | None,
+    ) -> StreamingResponse:
+        """The request's chunks as server-sent events (`completions.stream_events`), with the usage chunk if
+        `options` ask for it and the routing headers; its outcome recorded once the stream ends."""
+        include_usage = bool(options and options.include_usage)
+        events = flow.stream_events(sent.handles, make_chunk, final_usage if include_usage else None)
+        return flow.sse_response(self._tracked(sent, events), routing_headers(sent))
+
+    async def collect(self, request: Request, response: Response, sent: Dispatch) -> list[flow.ChoiceResult]:
+        """Every choice run to its end (`completions.collect`); its outcome recorded, the routing headers set."""
+        headers = routing_headers(sent)  # the decision as made: what the router learns after does not change it
+        results = await flow.collect(request, sent.handles)
+        self.record_outcome(sent)
+        response.headers.update(headers)
+        return results
+
+    async def _tracked(self, sent: Dispatch, events: AsyncIterator[str]) -> AsyncIterator[str]:
         try:
             async for item in events:
                 yield item
