@@ -24,9 +24,10 @@ def serve(settings: ServerSettings) -> None:
     from slimserve.models.loader import load_variant, parse_dtype
     from slimserve.server.app import create_app
     from slimserve.server.compute import ComputeThread
-    from slimserve.server.engine import ServingEngine, TransformersEngine
+    from slimserve.server.engine import TransformersEngine
     from slimserve.server.metrics import ServerMetrics
     from slimserve.server.router import Budget, parse_quality
+    from slimserve.server.serving_engine import ServingEngine
     from slimserve.server.shutdown import serve as serve_app
 
     explicit = settings.variants is not None
@@ -113,15 +114,13 @@ def vllm_engines(
     """One VLLMEngine per variant this platform's vLLM can load. On a GPU each gets an equal share of the
     memory budget as `gpu_memory_utilization`; on a CPU an equal share of the budget (default: half of the
     memory available) less its weights becomes its KV cache, and cores are split per `cpu_placements`."""
-    from slimserve.server.vllm_engine import (
-        VLLMEngine,
+    from slimserve.server.vllm_engine import VLLMEngine, servable_by_vllm, vllm_platform
+    from slimserve.server.vllm_placement import (
         cpu_placements,
         gpu_memory_fraction,
         kv_bytes_per_token,
         kv_cache_bytes,
         read_config,
-        servable_by_vllm,
-        vllm_platform,
     )
 
     platform = vllm_platform()

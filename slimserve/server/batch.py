@@ -8,13 +8,16 @@ off into a batch of their own and merged back (the engine steps urgent rows apar
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from slimserve.server.kv_cache import GrowingKVLayer, growing_cache
+
+R = TypeVar("R", bound=Hashable)
 
 
 class PaddedKVBatch:
@@ -93,6 +96,53 @@ class PaddedKVBatch:
         for layer in _layers(self.cache):
             layer.keys = layer.keys[index, :, first_real:]
             layer.values = layer.values[index, :, first_real:]
+
+
+class SplitBatch(Generic[R]):
+    """The running rows as two padded batches: the main one, and the urgent rows stepped apart from it while
+    their deadlines need it (`Scheduler.schedule_decode` says which). Each list of rows is in the order of
+    its batch's cache rows."""
+
+    def __init__(self) -> None:
+        self.main = PaddedKVBatch()
+        self.main_rows: list[R] = []
+        self.apart = PaddedKVBatch()
+        self.apart_rows: list[R] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.main_rows) + len(self.apart_rows)
+
+    def rows(self) -> list[R]:
+        """Every row of both batches (a snapshot: another thread may move rows meanwhile)."""
+        return list(self.main_rows) + list(self.apart_rows)
+
+    def pairs(self) -> list[tuple[PaddedKVBatch, list[R]]]:
+        return [(self.main, self.main_rows), (self.apart, self.apart_rows)]
+
+    def regroup(self, apart: Sequence[R] | None) -> tuple[PaddedKVBatch, list[R]]:
+        """Move rows between the batches so that exactly `apart` are stepped apart (None: every row in the
+        main batch again); the batch and rows to step this turn returned."""
+        main, express = list(self.main_rows), list(self.apart_rows)
+        if apart is None:
+            if express:
+                self.main.merge(self.apart)
+                self.apart = PaddedKVBatch()
+                self.main_rows, self.apart_rows = main + express, []
+            return self.main, self.main_rows
+        chosen = set(apart)
+        leaving = [i for i, s in enumerate(express) if s not in chosen]
+        if leaving:
+            self.main.merge(self.apart.split(leaving))
+            main += [express[i] for i in leaving]
+            express = [s for s in express if s in chosen]
+        joining = [i for i, s in enumerate(main) if s in chosen]
+        if joining:
+            self.apart.merge(self.main.split(joining))
+            express += [main[i] for i in joining]
+            main = [s for s in main if s not in chosen]
+        self.main_rows, self.apart_rows = main, express
+        return self.apart, self.apart_rows
 
 
 def _layers(cache: DynamicCache) -> list[Any]:

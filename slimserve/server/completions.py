@@ -1,39 +1,45 @@
-"""Both completion endpoints: turn a validated request into engine sequences and OpenAI responses.
+"""What both completion endpoints (`routes/chat_completions.py`, `routes/completions.py`) share: a validated
+request's sampling parameters and constraint, its sequences submitted, watched and collected (or streamed
+as SSE), and the OpenAI shapes of usage, logprobs and finish reasons.
 
-Chat and legacy completions differ only in how the prompt is built and how a choice is shaped, so one
-flow (`run_choices`) submits the sequences, watches the client, and yields per-choice results.
+Chat and legacy completions differ only in how the prompt is built (`prompts`) and how a choice is shaped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
-from slimserve.server.engine import (
+from slimserve.server.errors import APIError
+from slimserve.server.prompts import check_vocabulary
+from slimserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatLogprob,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    CompletionRequest,
+    TopLogprob,
+    UsageInfo,
+)
+from slimserve.server.sampling import SamplingParams, TokenLogprob
+from slimserve.server.serving_engine import (
     EngineBusyError,
     EngineNotReadyError,
     GenerationEvent,
     RequestHandle,
     ServingEngine,
 )
-from slimserve.server.errors import APIError
-from slimserve.server.protocol import (
-    ChatLogprob,
-    ChatMessage,
-    ChoiceLogprobs,
-    CompletionLogprobs,
-    Tool,
-    TopLogprob,
-    UsageInfo,
-)
-from slimserve.server.sampling import SamplingParams, TokenLogprob
+from slimserve.server.structured import Constraint, SchemaError, check
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,65 +58,6 @@ class ChoiceResult:
         self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
         self.finish_reason = event.finish_reason or self.finish_reason
         self.error = event.error or self.error
-
-
-def chat_prompt_ids(engine: ServingEngine, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
-    """Render messages (and tools, for a template that takes them; others ignore them) with the tokenizer's
-    own chat template, then tokenize."""
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, f"model {engine.name!r} has no chat template; use /v1/completions", code="no_template")
-    try:
-        rendered = [_template_message(m) for m in messages]
-        functions = [t.model_dump(exclude_none=True) for t in tools] if tools else None
-        text = tokenizer.apply_chat_template(rendered, tools=functions, add_generation_prompt=True, tokenize=False)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="messages", code="unsupported") from exc
-    except Exception as exc:  # a template that raises (e.g. jinja's raise_exception) is a bad request
-        raise APIError(
-            400, f"chat template rejected the messages: {exc}", param="messages", code="invalid_value"
-        ) from exc
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _template_message(message: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates read it: `developer` is `system`; a call's arguments are a mapping (as
-    vLLM passes them: templates iterate or `tojson` them), not OpenAI's JSON text."""
-    rendered: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
-    rendered["content"] = message.text()
-    if message.tool_call_id is not None:
-        rendered["tool_call_id"] = message.tool_call_id
-    if message.tool_calls:
-        calls = []
-        for call in message.tool_calls:
-            function = dict(call.get("function") or {})
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                with contextlib.suppress(ValueError):
-                    function["arguments"] = json.loads(arguments)
-            calls.append({**call, "function": function})
-        rendered["tool_calls"] = calls
-    return rendered
-
-
-def text_prompt_ids(engine: ServingEngine, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        ids = list(engine.tokenizer(prompt)["input_ids"])
-    else:
-        check_vocabulary(engine, prompt, "prompt")
-        ids = list(prompt)
-    if not ids:
-        raise APIError(400, "prompt is empty after tokenization", param="prompt", code="invalid_value")
-    return ids
-
-
-def check_vocabulary(engine: ServingEngine, token_ids: Iterable[int], param: str) -> None:
-    """Token ids a request names (prompt ids, logit_bias keys) must be the model's: a 400 naming the field."""
-    vocab = int(engine.variant.model.config.vocab_size) if engine.variant else 0
-    bad = [t for t in token_ids if not 0 <= t < vocab]
-    if bad:
-        message = f"{param}: token ids out of range [0, {vocab}): {bad[:5]}"
-        raise APIError(400, message, param=param, code="invalid_value")
 
 
 def resolve_max_tokens(
@@ -239,9 +186,12 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Choice
 
 
 def usage(prompt_lens: list[int], results: list[ChoiceResult]) -> UsageInfo:
+    return token_usage(prompt_lens, sum(r.completion_tokens for r in results))
+
+
+def token_usage(prompt_lens: list[int], completion_tokens: int) -> UsageInfo:
     prompt = sum(prompt_lens)
-    completion = sum(r.completion_tokens for r in results)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -312,3 +262,89 @@ async def stream_events(
         for h in handles:
             if not h.finished:
                 h.cancel()
+
+
+def submitter(
+    body: ChatCompletionRequest | CompletionRequest, top_logprobs: int | None, constraint: Constraint | None
+) -> Callable[[ServingEngine, list[list[int]], int, float | None], list[RequestHandle]]:
+    """How a request's sequences are queued on the engine chosen for it (`Dispatcher.dispatch`'s `submit`):
+    its logit_bias ids checked against that model's vocabulary, that model's sampling defaults for the
+    fields it leaves out, prompts x n sequences, all or none."""
+
+    def submit(
+        engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
+    ) -> list[RequestHandle]:
+        check_vocabulary(engine, body.token_bias(), "logit_bias")
+        make = params_factory(body, max_tokens, top_logprobs, engine.sampling_defaults, constraint)
+        return submit_all(engine, prompts, make, body.n, deadline)
+
+    return submit
+
+
+def params_factory(
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    top_logprobs: int | None,
+    defaults: dict[str, Any],
+    constraint: Constraint | None = None,
+) -> Callable[[int], SamplingParams]:
+    """Sampling parameters for choice i: with a seed, choice i uses seed + i so choices differ yet repeat.
+
+    Fields the request leaves out take the model's own defaults (its generation_config.json), as vLLM does.
+    """
+    temperature = body.temperature if body.temperature is not None else defaults.get("temperature", 1.0)
+    top_p = body.top_p if body.top_p is not None else defaults.get("top_p", 1.0)
+    top_k = body.top_k if body.top_k is not None else defaults.get("top_k", 0)
+
+    def make(index: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=None if body.seed is None else body.seed + index,
+            stop=body.stop_list(),
+            logprobs=top_logprobs,
+            ignore_eos=body.ignore_eos,
+            logit_bias=body.token_bias(),
+            constraint=constraint,
+        )
+
+    return make
+
+
+def request_constraint(body: ChatCompletionRequest | CompletionRequest) -> Constraint | None:
+    """The JSON the output must be (a required tool call's, else the response format's), checked against the
+    grammar library before routing: a schema it cannot compile is a 400 naming the field."""
+    try:
+        constraint = body.tool_constraint() if isinstance(body, ChatCompletionRequest) else None
+        constraint = constraint or body.constraint()
+        if constraint is not None:
+            check(constraint)
+    except SchemaError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_schema") from exc
+    return constraint
+
+
+def openai_finish(reason: str | None) -> str | None:
+    """OpenAI knows `stop` and `length` (and `tool_calls`, set by the chat route); an aborted sequence
+    reports `stop`."""
+    return "stop" if reason == "abort" else reason
+
+
+def sse_response(events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+    )
+
+
+def log_extra_fields(body: Any) -> None:
+    """Fields the server ignores (they do not change the output), at debug level and truncated: the names
+    are the client's, and a client must not be able to fill the log."""
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        log.debug("ignoring request fields: %s", ", ".join(repr(name[:40]) for name in extra[:10]))

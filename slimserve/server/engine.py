@@ -15,205 +15,40 @@ keeps a small batcher over the model's forward and `DynamicCache` (see `batch.Pa
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from slimserve.models.loader import LoadedVariant
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.admission import drain_seconds
-from slimserve.server.batch import PaddedKVBatch
+from slimserve.server.batch import PaddedKVBatch, SplitBatch
 from slimserve.server.compute import ComputeThread
 from slimserve.server.detokenize import IncrementalDetokenizer
+from slimserve.server.forward import prefill_forward, step_forward, warm_up_pieces
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
-from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
-from slimserve.server.scheduler import PREFILL_TOKENS, Scheduler, Turn, prompt_chunk
+from slimserve.server.sampling import Sampler, SamplingParams
+from slimserve.server.scheduler import Scheduler, Turn, prompt_chunk
+from slimserve.server.sequence import EngineSequence, PartialPrefill
+from slimserve.server.serving_engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    EngineState,
+    GenerationEvent,
+    RequestHandle,
+    deliver,
+)
 from slimserve.server.structured import MASK_MS_PRIOR, GrammarCache, TokenMask
 
 log = logging.getLogger(__name__)
-
-WARMUP_BATCHES = (1, 2, 4, 8, 16)
-"""Batch sizes a variant's decode steps run at once when it loads (those up to its `max_batch_size`, and that)."""
-
-WARMUP_STEPS = 2
-"""Decode steps at each warm-up batch size: the first forward at a shape pays one-off costs (allocation,
-kernel choice, lazy initialisation) that the first requests would otherwise pay and the profile learn."""
-
-
-class EngineState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-
-class EngineBusyError(RuntimeError):
-    """The waiting queue is full: the caller should retry later (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        """The engine's estimate of when enough of what it holds will have finished to admit the request."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The model is still loading or failed to load (HTTP 503)."""
-
-
-@dataclass
-class GenerationEvent:
-    """What one decode step produced for one sequence."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None = None
-    """`stop` (EOS or a stop string), `length` (max_tokens), `abort` or `error`; None while running."""
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class RequestHandle:
-    """A submitted sequence: iterate its events from the event loop, or cancel it."""
-
-    def __init__(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        loop: asyncio.AbstractEventLoop,
-        deadline: float | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.loop = loop
-        self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.finished = False
-        self.deadline = deadline
-        """`time.perf_counter()` by which the client's latency budget wants it done (routed requests only)."""
-        self.completion_tokens = 0
-        """Tokens generated as of the last event read (`events`)."""
-        self.finish_reason: str | None = None
-        """How it ended, once its last event was read."""
-
-    def cancel(self) -> None:
-        """Stop generating (client gone, or another choice failed); the engine drops it at its next step."""
-        self.cancelled.set()
-
-    async def events(self) -> AsyncIterator[GenerationEvent]:
-        while True:
-            event = await self.queue.get()
-            self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
-            if event.finish_reason is not None:
-                self.finish_reason = event.finish_reason
-            yield event
-            if event.finish_reason is not None:
-                self.finished = True
-                return
-
-
-@dataclass(eq=False)  # identity: a sequence is found in (and removed from) the queue as itself
-class _Sequence:
-    handle: RequestHandle
-    params: SamplingParams
-    sampler: Sampler
-    detokenizer: IncrementalDetokenizer
-    submitted_at: float
-    generated: list[int] = field(default_factory=list)
-    last_token_at: float | None = None
-    done: bool = False
-    accounted: bool = False
-    """Its end was counted (tokens, and its place among the admitted), which happens once."""
-
-    @property
-    def steps_left(self) -> int:
-        return self.params.max_tokens - len(self.generated)
-
-    # the scheduler's view of it (`scheduler.Job`)
-    @property
-    def deadline(self) -> float | None:
-        return self.handle.deadline
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.handle.prompt_ids)
-
-    @property
-    def max_tokens(self) -> int:
-        return self.params.max_tokens
-
-    @property
-    def cancelled(self) -> bool:
-        return self.handle.cancelled.is_set()
-
-
-@dataclass(eq=False)
-class _Partial:
-    """A sequence whose prompt is partly in its cache (`PREFILL_TOKENS` per turn)."""
-
-    seq: _Sequence
-    cache: DynamicCache
-    done: int = 0
-    """Prompt tokens already in the cache."""
-    seconds: float = 0.0
-    """Compute time of its chunks so far (the prefill as the profile learns it, without others' turns)."""
-    left_s: float | None = None
-    """Seconds to its deadline when its first chunk began (the turn trace)."""
-
-
-class ServingEngine(Protocol):
-    """What the pool and the app need from a backend (transformers on CPU, vLLM on GPU)."""
-
-    name: str
-    metrics: ServerMetrics
-    manifest: VariantManifest | None
-    state: EngineState
-    error: str | None
-    variant: Any
-    profile: CostProfile | None
-    max_batch_size: int
-    max_waiting: int
-    """Sequences that may wait beyond the batch: the engine holds at most max_batch_size + max_waiting."""
-    shares_compute: bool
-    """Its steps take turns with other variants' on the same cores (CPU), rather than its own device share."""
-
-    def start(self) -> None: ...
-    def wait_ready(self, timeout: float | None = None) -> bool: ...
-    def fresh(self) -> ServingEngine: ...
-    def shutdown(self, timeout: float = 10.0) -> None: ...
-    def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> RequestHandle:
-        """Queue one sequence; `deadline` (`time.perf_counter()`) is when its latency budget ends, if any."""
-        ...
-
-    def submit_many(
-        self, sequences: Sequence[tuple[list[int], SamplingParams]], deadline: float | None = None
-    ) -> list[RequestHandle]:
-        """Queue the sequences of one request together, all or none."""
-        ...
-
-    @property
-    def tokenizer(self) -> Any: ...
-    @property
-    def context_length(self) -> int: ...
-    @property
-    def sampling_defaults(self) -> dict[str, Any]: ...
-    @property
-    def running(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
-    def deadlines(self) -> list[tuple[float | None, int]]: ...
 
 
 class TransformersEngine:
@@ -242,10 +77,10 @@ class TransformersEngine:
         self.manifest = manifest
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
-        self.scheduler: Scheduler[_Sequence] = Scheduler(max_batch_size)
+        self.scheduler: Scheduler[EngineSequence] = Scheduler(max_batch_size)
         """Plans each turn; the engine carries its plans out."""
         self.compute = compute or ComputeThread.shared()
-        self._inbox: deque[_Sequence] = deque()
+        self._inbox: deque[EngineSequence] = deque()
         """Sequences waiting for a batch slot, oldest first (guarded by `_lock`)."""
         self._in_flight = 0
         """Sequences admitted and not yet finished, wherever they are (queued, prefilling, in a batch): what
@@ -255,17 +90,13 @@ class TransformersEngine:
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._attached = False
-        self._batch = PaddedKVBatch()
-        self._rows: list[_Sequence] = []
-        self._express = PaddedKVBatch()
-        self._express_rows: list[_Sequence] = []
-        """Urgent rows, stepped apart from the rest of the batch while their deadlines need it (the scheduler's
-        `schedule_decode`)."""
+        self._split: SplitBatch[EngineSequence] = SplitBatch()
+        """The running batch, and its urgent rows stepped apart while their deadlines need it."""
         self._last_turn: dict[str, Any] = {}
-        self._partial: _Partial | None = None
+        self._partial: PartialPrefill | None = None
         """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
         self._warm_up: list[Callable[[LoadedVariant], None]] = []
-        """Pieces of the load-time warm-up still to run, one per turn (`_warm_up_pieces`)."""
+        """Pieces of the load-time warm-up still to run, one per turn (`forward.warm_up_pieces`)."""
         self._grammars: GrammarCache | None = None
         """Compiled JSON grammars for this tokenizer, built on the first structured request."""
         self._loader = threading.Thread(target=self._load_then_attach, name=f"load-{name}", daemon=True)
@@ -320,11 +151,11 @@ class TransformersEngine:
         """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
         return [(s.handle.deadline, s.steps_left) for s in self._running_rows() if not s.done]
 
-    def _running_rows(self) -> list[_Sequence]:
+    def _running_rows(self) -> list[EngineSequence]:
         """Every sequence in either batch, and the one being prefilled in chunks (a snapshot: the compute
         thread may move rows meanwhile)."""
         partial = self._partial
-        return list(self._rows) + list(self._express_rows) + ([partial.seq] if partial is not None else [])
+        return self._split.rows() + ([partial.seq] if partial is not None else [])
 
     @property
     def tokenizer(self) -> Any:
@@ -362,7 +193,7 @@ class TransformersEngine:
         for prompt_ids, params in sequences:
             handle = RequestHandle(f"{self.name}-{next(self._ids)}", prompt_ids, loop, deadline)
             built.append(
-                _Sequence(  # built first: a sampler that rejects its parameters leaves nothing queued
+                EngineSequence(  # built first: a sampler that rejects its parameters leaves nothing queued
                     handle=handle,
                     params=params,
                     sampler=Sampler(params, vocab, self._token_mask(variant, params, vocab)),
@@ -433,46 +264,10 @@ class TransformersEngine:
                 self._ready.set()
                 return
             self.variant, self.manifest = variant, variant.manifest
-            self._warm_up = self._warm_up_pieces(variant)
+            self._warm_up = warm_up_pieces(variant, self.max_batch_size)
             self._attached = True
         log.info("%s loaded in %.1f s; warming up", self.name, variant.load_seconds)
         self.compute.attach(self)  # READY once its warm-up turns have run (`step`)
-
-    def _warm_up_pieces(self, variant: LoadedVariant) -> list[Callable[[LoadedVariant], None]]:
-        """The warm-up a variant runs before it serves, as vLLM's profiling run does: a prefill of a whole
-        chunk, then `WARMUP_STEPS` decode steps at each batch size it will see, largest first (rows of
-        different lengths, padded as in serving). Untimed: the profile learns from served requests only, so
-        cold-start time never enters it. Without it the first requests would pay those costs, and the profile
-        would learn the cold steps as the variant's speed.
-
-        On the compute thread, a piece per turn, so the cores are not shared with a second torch thread
-        and another variant's urgent steps can take turns between the pieces."""
-        config = variant.model.config
-        vocab = int(config.vocab_size)
-        prompt = [i % vocab for i in range(1, PREFILL_TOKENS + 1)]
-        sizes = sorted({b for b in WARMUP_BATCHES if b < self.max_batch_size} | {self.max_batch_size}, reverse=True)
-        batch = PaddedKVBatch()
-
-        def prefill(loaded: LoadedVariant) -> None:
-            prefill_forward(loaded.model, growing_cache(config), prompt)
-
-        def rows(loaded: LoadedVariant) -> None:
-            for row in range(sizes[0]):
-                cache = growing_cache(config)
-                prefill_forward(loaded.model, cache, prompt[: 4 + row % 8])
-                batch.add(cache)
-
-        def steps(size: int) -> Callable[[LoadedVariant], None]:
-            def run(loaded: LoadedVariant) -> None:
-                if batch.size > size:
-                    batch.keep(list(range(size)))
-                tokens = torch.ones((size, 1), dtype=torch.long)  # (B, 1)
-                for _ in range(WARMUP_STEPS):
-                    step_forward(loaded.model, batch, tokens)
-
-            return run
-
-        return [prefill, rows, *(steps(size) for size in sizes)]
 
     # ---- compute thread ----------------------------------------------------------------------------
 
@@ -525,48 +320,29 @@ class TransformersEngine:
     def _turn(self, variant: LoadedVariant) -> bool:
         eos = variant.eos_token_ids
         self._last_turn = {"prefills": []}
-        admitted = self._admit(variant, self._batch, self._rows, eos)
+        admitted = self._admit(variant, self._split.main, self._split.main_rows, eos)
         self._drop_cancelled()
         batch, rows = self._regroup(time.perf_counter())
         stepped = bool(rows)  # before the step: finished rows leave `rows` (`_compact`)
         if rows:
             self._last_turn.update(
                 rows=[s.handle.request_id for s in rows],
-                apart=batch is self._express,
-                batch=len(self._rows) + len(self._express_rows),
+                apart=batch is self._split.apart,
+                batch=self._split.count,
             )
             self._decode_step(variant, batch, rows, eos)
-        self.metrics.running.labels(self.name).set(len(self._rows) + len(self._express_rows))
+        self.metrics.running.labels(self.name).set(self._split.count)
         return admitted or stepped
 
-    def _regroup(self, now: float) -> tuple[PaddedKVBatch, list[_Sequence]]:
+    def _regroup(self, now: float) -> tuple[PaddedKVBatch, list[EngineSequence]]:
         """Carry out the scheduler's decode plan (`Scheduler.schedule_decode`): the batch and rows to step,
         moving rows between the main batch and the one stepped apart."""
-        main, express = list(self._rows), list(self._express_rows)
-        apart = self.scheduler.schedule_decode(main, express, now)
-        if apart is None:
-            if express:
-                self._batch.merge(self._express)
-                self._express = PaddedKVBatch()
-                self._rows, self._express_rows = main + express, []
-            return self._batch, self._rows
-        chosen = set(apart)
-        leaving = [i for i, s in enumerate(express) if s not in chosen]
-        if leaving:
-            self._batch.merge(self._express.split(leaving))
-            main += [express[i] for i in leaving]
-            express = [s for s in express if s in chosen]
-        joining = [i for i, s in enumerate(main) if s in chosen]
-        if joining:
-            self._express.merge(self._batch.split(joining))
-            express += [main[i] for i in joining]
-            main = [s for s in main if s not in chosen]
-        self._rows, self._express_rows = main, express
-        return self._express, self._express_rows
+        apart = self.scheduler.schedule_decode(list(self._split.main_rows), list(self._split.apart_rows), now)
+        return self._split.regroup(apart)
 
     def _drop_cancelled(self) -> None:
         """Finish the cancelled rows of both batches (a waiting batch would otherwise keep them)."""
-        for batch, rows in ((self._batch, self._rows), (self._express, self._express_rows)):
+        for batch, rows in self._split.pairs():
             cancelled = [s for s in rows if s.handle.cancelled.is_set()]
             for seq in cancelled:
                 self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated)))
@@ -590,16 +366,16 @@ class TransformersEngine:
             return Turn(step_s=0.0, prefill=True)  # stopping: one more turn aborts what is left and detaches
         return self.scheduler.turn(self._waiting(), self._running_rows(), self._partial_state(), time.perf_counter())
 
-    def _waiting(self) -> list[_Sequence]:
+    def _waiting(self) -> list[EngineSequence]:
         with self._lock:
             return list(self._inbox)
 
-    def _partial_state(self) -> tuple[_Sequence, int] | None:
+    def _partial_state(self) -> tuple[EngineSequence, int] | None:
         """The prompt under way and how many of its tokens are in its cache, as the scheduler takes it."""
         partial = self._partial
         return (partial.seq, partial.done) if partial is not None else None
 
-    def _take_waiting(self) -> _Sequence | None:
+    def _take_waiting(self) -> EngineSequence | None:
         with self._lock:
             seq = self._inbox.popleft() if self._inbox else None
             self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
@@ -614,12 +390,11 @@ class TransformersEngine:
         self._partial = None
         while (waiting := self._take_waiting()) is not None:
             self._finish(waiting, GenerationEvent("", [], [], reason, 0, message))
-        self._rows, self._batch = [], PaddedKVBatch()
-        self._express_rows, self._express = [], PaddedKVBatch()
+        self._split = SplitBatch()
         self._stopped.set()
         self._ready.set()  # stopped or failed while warming up: nobody waits for it any longer
 
-    def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> bool:
+    def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[EngineSequence], eos: set[int]) -> bool:
         """Carry out the scheduler's prefill plan (`Scheduler.schedule_prefill`). True if it prefilled or took
         anything from the queue."""
         plan = self.scheduler.schedule_prefill(
@@ -637,7 +412,12 @@ class TransformersEngine:
         return not plan.empty
 
     def _start_prefill(
-        self, variant: LoadedVariant, seq: _Sequence, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]
+        self,
+        variant: LoadedVariant,
+        seq: EngineSequence,
+        batch: PaddedKVBatch,
+        rows: list[EngineSequence],
+        eos: set[int],
     ) -> int:
         """Take `seq` from the queue and prefill its first chunk (it becomes the prompt under way if it has
         more); tokens prefilled returned."""
@@ -648,7 +428,7 @@ class TransformersEngine:
             self._finish(seq, GenerationEvent("", [], [], "abort", 0))
             return 0
         deadline = seq.handle.deadline
-        partial = _Partial(
+        partial = PartialPrefill(
             seq,
             growing_cache(variant.model.config),
             left_s=round(deadline - time.perf_counter(), 4) if deadline is not None else None,
@@ -657,7 +437,12 @@ class TransformersEngine:
         return self._prefill_chunk(variant, partial, batch, rows, eos)
 
     def _prefill_chunk(
-        self, variant: LoadedVariant, partial: _Partial, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]
+        self,
+        variant: LoadedVariant,
+        partial: PartialPrefill,
+        batch: PaddedKVBatch,
+        rows: list[EngineSequence],
+        eos: set[int],
     ) -> int:
         """The next chunk of `partial`'s prompt (tokens prefilled returned); once the prompt is in, its first
         token is sampled and it joins the batch."""
@@ -694,7 +479,9 @@ class TransformersEngine:
             rows.append(seq)
         return len(chunk)
 
-    def _decode_step(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[_Sequence], eos: set[int]) -> None:
+    def _decode_step(
+        self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[EngineSequence], eos: set[int]
+    ) -> None:
         input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)
         began = time.perf_counter()
         logits = step_forward(variant.model, batch, input_ids)
@@ -704,12 +491,12 @@ class TransformersEngine:
         if any(s.done for s in rows):
             self._compact(batch, rows)
 
-    def _compact(self, batch: PaddedKVBatch, rows: list[_Sequence]) -> None:
+    def _compact(self, batch: PaddedKVBatch, rows: list[EngineSequence]) -> None:
         keep = [i for i, s in enumerate(rows) if not s.done]
         batch.keep(keep)
         rows[:] = [rows[i] for i in keep]
 
-    def _emit(self, stepped: list[tuple[_Sequence, torch.Tensor]], eos: set[int]) -> None:
+    def _emit(self, stepped: list[tuple[EngineSequence, torch.Tensor]], eos: set[int]) -> None:
         """Sample one token per sequence, detokenize, decide whether it finished, deliver the events."""
         now = time.perf_counter()
         deliveries: list[tuple[RequestHandle, GenerationEvent]] = []
@@ -738,14 +525,14 @@ class TransformersEngine:
                 seq.done = True
                 self._account(seq)
             deliveries.append((seq.handle, event))
-        self._deliver(deliveries)
+        deliver(deliveries)
 
-    def _finish(self, seq: _Sequence, event: GenerationEvent) -> None:
+    def _finish(self, seq: EngineSequence, event: GenerationEvent) -> None:
         seq.done = True
         self._account(seq)
-        self._deliver([(seq.handle, event)])
+        deliver([(seq.handle, event)])
 
-    def _account(self, seq: _Sequence) -> None:
+    def _account(self, seq: EngineSequence) -> None:
         if seq.accounted:
             return
         seq.accounted = True
@@ -753,35 +540,3 @@ class TransformersEngine:
             self._in_flight -= 1
         self.metrics.prompt_tokens.labels(self.name).inc(len(seq.handle.prompt_ids))
         self.metrics.completion_tokens.labels(self.name).inc(len(seq.generated))
-
-    @staticmethod
-    def _deliver(deliveries: list[tuple[RequestHandle, GenerationEvent]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, GenerationEvent]]] = {}
-        for handle, event in deliveries:
-            by_loop.setdefault(handle.loop, []).append((handle, event))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
-                loop.call_soon_threadsafe(_put_all, items)
-
-
-def prefill_forward(model: Any, cache: DynamicCache, chunk: list[int]) -> torch.Tensor:
-    """One chunk of a prompt into `cache`, after the tokens it holds (positions follow from its length); the
-    last position's logits. The engine's and `slimserve profile`'s prefill."""
-    input_ids = torch.tensor([chunk], dtype=torch.long)  # (1, T)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()  # (1, vocab)
-
-
-def step_forward(model: Any, batch: PaddedKVBatch, input_ids: torch.Tensor) -> torch.Tensor:
-    """One decode step of every row of `batch`, `input_ids` (B, 1) its next tokens; the logits (B, vocab).
-    The engine's and `slimserve profile`'s decode step."""
-    mask, positions = batch.step_inputs()
-    out = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
-    )
-    return out.logits[:, -1].float()  # (B, vocab)
-
-
-def _put_all(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:
-    for handle, event in items:
-        handle.queue.put_nowait(event)

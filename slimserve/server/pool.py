@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimserve.server.engine import EngineState, ServingEngine
 from slimserve.server.errors import APIError
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
+from slimserve.server.serving_engine import EngineState, ServingEngine
 
 log = logging.getLogger(__name__)
 

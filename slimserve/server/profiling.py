@@ -24,7 +24,7 @@ from slimserve.models.loader import LoadedVariant, load_variant
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
 from slimserve.server.batch import PaddedKVBatch
-from slimserve.server.engine import prefill_forward, step_forward
+from slimserve.server.forward import prefill_forward, step_forward
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.scheduler import prompt_chunk
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from slimserve.server.engine import GenerationEvent, RequestHandle
+from slimserve.server.serving_engine import GenerationEvent, RequestHandle
 
 log = logging.getLogger(__name__)
 

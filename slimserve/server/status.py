@@ -6,10 +6,10 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from slimserve.server.engine import EngineState
 from slimserve.server.pool import AUTO, PoolEntry, VariantPool
 from slimserve.server.protocol import HealthResponse, HealthStatus, ModelCard
 from slimserve.server.router import Budget, Router
+from slimserve.server.serving_engine import EngineState
 
 
 def health(pool: VariantPool, draining: bool) -> tuple[HealthResponse, int]:

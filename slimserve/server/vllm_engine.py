@@ -11,7 +11,7 @@ The same code runs on a CUDA GPU (the official `vllm`) and on a CPU host (`vllm-
 API). On a GPU each variant gets a share of the device memory (`gpu_memory_utilization`); on a CPU each
 gets a KV cache carved from the server's memory budget (what `VLLM_CPU_KVCACHE_SPACE` sets for a whole
 process) and, where the host has cores enough, cores of its own for its worker's OpenMP threads
-(`VLLM_CPU_OMP_THREADS_BIND`); see `cpu_placements`.
+(`VLLM_CPU_OMP_THREADS_BIND`); see `vllm_placement`.
 
 Sampling maps one to one onto vLLM's SamplingParams (temperature, top_p, top_k, penalties, seed,
 stop strings, logprobs, logit_bias, ignore_eos, max_tokens, and a JSON constraint as `structured_outputs`,
@@ -27,41 +27,33 @@ import asyncio
 import functools
 import importlib.util
 import itertools
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.runtimes import host_vllm_runtimes, vllm_backend_note
-from slimserve.server.engine import EngineBusyError, EngineNotReadyError, EngineState, GenerationEvent, RequestHandle
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams, TokenLogprob
+from slimserve.server.serving_engine import (
+    EngineBusyError,
+    EngineNotReadyError,
+    EngineState,
+    GenerationEvent,
+    RequestHandle,
+)
+from slimserve.server.vllm_placement import CpuPlacement, MiB, memory_args, spawn_environment
 
 log = logging.getLogger(__name__)
 
-MiB = 2**20
-
 NO_DEADLINE_PRIORITY = 2**62
 """vLLM priority of a request without a latency budget: after every request that has one."""
-
-KV_CACHE_MIN_BYTES = 256 * MiB
-"""The smallest KV cache a CPU engine is given, whatever the budget leaves (vLLM refuses to start without
-room for one full-length sequence; the default model needs 180 MiB for 8192 tokens in bf16)."""
-
-ENGINE_OVERHEAD_MB = 600.0
-"""Resident memory of one CPU engine beyond weights and KV cache (its worker process: torch, vLLM,
-compiled graphs), counted against the budget before the KV cache is carved from it."""
-
-CPU_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
-"""vLLM's CPU placement knobs; set by the user they apply to every variant as given."""
 
 _SPAWNING = threading.Lock()
 """Engines start one at a time: each reads its core binding from the environment when its engine process
@@ -100,89 +92,6 @@ def servable_by_vllm(manifest: VariantManifest | None, platform: str | None = No
     if manifest is None:
         return None
     return vllm_backend_note(manifest, platform_runtimes(platform))
-
-
-def gpu_memory_fraction(memory_budget_mb: float | None, variants: int, gpu_total_mb: float) -> float:
-    """Each resident variant's `gpu_memory_utilization`: an equal share of the server's memory budget."""
-    if variants < 1:
-        raise ValueError("at least one variant")
-    budget = memory_budget_mb if memory_budget_mb is not None else 0.9 * gpu_total_mb
-    return max(0.05, min(0.95, budget / variants / gpu_total_mb))
-
-
-def kv_bytes_per_token(config: Mapping[str, Any], dtype_bytes: int = 2) -> int:
-    """Bytes of K and V one token takes in every layer (a config.json of a decoder-only model)."""
-    text = config.get("text_config", config)
-    heads = int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-    return 2 * int(text["num_hidden_layers"]) * kv_heads * head_dim * dtype_bytes
-
-
-def kv_cache_bytes(share_mb: float, weights_mb: float, per_token: int, max_tokens: int) -> int:
-    """The KV cache of one CPU engine: what its share of the budget leaves after its weights and runtime,
-    at most what `max_tokens` resident tokens (every sequence at full length) can use, at least
-    `KV_CACHE_MIN_BYTES`."""
-    left = int((share_mb - weights_mb - ENGINE_OVERHEAD_MB) * MiB)
-    return max(KV_CACHE_MIN_BYTES, min(left, per_token * max_tokens))
-
-
-@dataclass(frozen=True)
-class CpuPlacement:
-    """Where one variant's vLLM engine runs on a CPU host."""
-
-    omp_threads_bind: str | None
-    """VLLM_CPU_OMP_THREADS_BIND for its worker ("0-3", "nobind"; None: as the environment says)."""
-    reserved_cpus: int | None
-    """VLLM_CPU_NUM_OF_RESERVED_CPU (None: vLLM's default, one core kept for its other processes)."""
-    shares_cores: bool
-    """Its worker's cores are also another variant's, so their steps take turns (the router's shared compute)."""
-
-
-def cpu_placements(variants: int, cpus: Sequence[int], environ: Mapping[str, str] | None = None) -> list[CpuPlacement]:
-    """Cores per variant: vLLM's own knobs where the user set them; otherwise one core kept for the API
-    process and the engine cores' schedulers where that still leaves each worker a core of its own, and the
-    rest split into contiguous equal blocks, one per variant. With fewer cores than variants the workers
-    are left unbound (`nobind`) and share every core.
-
-    Two cores and one variant give vLLM's `auto` binding (worker on core 0, core 1 for the API process and
-    the engine core, which polls its worker); two variants get a core each, no core kept."""
-    environ = os.environ if environ is None else environ
-    if any(key in environ for key in CPU_ENV):
-        return [CpuPlacement(None, None, shares_cores=variants > 1)] * variants
-    count = len(cpus)
-    reserve = 1 if count - 1 >= variants else 0
-    usable = list(cpus)[: count - reserve] if reserve else list(cpus)
-    if len(usable) < variants:  # vLLM's auto binding would pin every worker to the same first core
-        return [CpuPlacement("nobind", None, shares_cores=True)] * variants
-    per = len(usable) // variants
-    blocks = [usable[i * per : (i + 1) * per] for i in range(variants)]
-    return [CpuPlacement(_cpu_list(block), reserve, shares_cores=False) for block in blocks]
-
-
-def _cpu_list(cpus: Sequence[int]) -> str:
-    """ "0-3" for a contiguous block, "0,2,5" otherwise (the syntax of VLLM_CPU_OMP_THREADS_BIND)."""
-    ids = list(cpus)
-    if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1:
-        return f"{ids[0]}-{ids[-1]}"
-    return ",".join(str(i) for i in ids)
-
-
-@contextmanager
-def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, leave) environment variables while an engine process is spawned."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is not None:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def vllm_dtype(dtype: str) -> str:
@@ -361,11 +270,6 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.config import StructuredOutputsConfig
 
-        memory: dict[str, Any] = (
-            {"kv_cache_memory_bytes": self.kv_cache_bytes}
-            if self.kv_cache_bytes is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
-            else {"gpu_memory_utilization": self.gpu_memory_utilization}
-        )
         return AsyncEngineArgs(
             model=str(self.path),
             served_model_name=[self.name],
@@ -376,7 +280,7 @@ class VLLMEngine:
             # the grammar library and compact JSON of the transformers engine (`structured`); vLLM 0.32 reads
             # disable_any_whitespace from here only, not from a request's StructuredOutputsParams
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
-            **memory,
+            **memory_args(self.kv_cache_bytes, self.gpu_memory_utilization),
         )
 
     async def _load(self) -> None:
@@ -387,14 +291,10 @@ class VLLMEngine:
             self._observer.profile = self.profile
             args = self.engine_args()
             factory = _stat_logger_factory(self._observer)
-            env: dict[str, str | None] = {}
-            if self.placement is not None:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = self.placement.omp_threads_bind
-                reserved = self.placement.reserved_cpus
-                env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = None if reserved is None else str(reserved)
+            env = self.placement.environment() if self.placement is not None else {}
 
             def spawn() -> Any:
-                with _SPAWNING, _environment(env):
+                with _SPAWNING, spawn_environment(env):
                     return AsyncLLM.from_engine_args(args, stat_loggers=[factory])
 
             began = time.perf_counter()
@@ -580,12 +480,6 @@ class _VariantView:
     @property
     def config(self) -> Any:
         return self
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A variant's config.json."""
-    data: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
-    return data
 
 
 def _sampling_defaults(generation_config: Any) -> dict[str, Any]:

@@ -15,19 +15,19 @@ import torch
 
 from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.compute import ComputeThread
-from slimserve.server.engine import (
-    WARMUP_STEPS,
+from slimserve.server.engine import TransformersEngine
+from slimserve.server.forward import WARMUP_STEPS
+from slimserve.server.metrics import ServerMetrics
+from slimserve.server.profile import CostProfile
+from slimserve.server.sampling import SamplingParams
+from slimserve.server.scheduler import PREFILL_TOKENS, prefill_chunks, prompt_chunk
+from slimserve.server.serving_engine import (
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
     GenerationEvent,
     RequestHandle,
-    TransformersEngine,
 )
-from slimserve.server.metrics import ServerMetrics
-from slimserve.server.profile import CostProfile
-from slimserve.server.sampling import SamplingParams
-from slimserve.server.scheduler import PREFILL_TOKENS, prefill_chunks, prompt_chunk
 from tests.tiny import ARCHITECTURES, SLIDING_WINDOW, make_tiny_variant
 
 
@@ -389,7 +389,7 @@ def test_a_tight_request_joining_a_busy_batch_steps_apart_until_it_is_done(
     tight_done = progress.index(next(p for p in progress if p[3] == 10))  # the turn it got its last token
     assert tight_done == 8  # its prefill and first step in one turn, then eight more, back to back
     # in some of those turns it stepped alone while the loose requests waited (the batch would have missed)
-    apart = [b for a, b in zip(progress, progress[1 : tight_done + 1]) if b[:3] == a[:3] and b[3] > a[3]]
+    apart = [b for a, b in itertools.pairwise(progress[: tight_done + 1]) if b[:3] == a[:3] and b[3] > a[3]]
     assert apart
     assert progress[-1][:3] == (20, 20, 20)  # then they went on and finished
 

@@ -8,19 +8,24 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
 
 from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
-from slimserve.server.engine import EngineBusyError, RequestHandle, TransformersEngine
+from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
+from slimserve.server.prompts import PromptCache, tokenizer_key
 from slimserve.server.router import GATHER, MAX_MARGIN, Budget, BudgetError, Router, parse_budget, workhorse_ms
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.scheduler import alone_ms, deadline_harm, edf_plan, predict_ms
+from slimserve.server.serving_engine import EngineBusyError, RequestHandle
+from tests import asgi
 from tests.tiny import make_tiny_variant
 
 
@@ -651,3 +656,45 @@ def test_a_request_that_stopped_early_is_compared_with_the_prediction_for_its_ow
     assert router.calibration == pytest.approx(1.0) and list(router.overruns["int4"]) == [pytest.approx(1.0)]
     router.observe(decision, 2 * decision.predicted_ms)  # full length: against the whole prediction
     assert list(router.overruns["int4"])[-1] == pytest.approx(2.0)
+
+
+def test_a_routed_request_is_tokenized_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router counts the prompt's tokens on a resident variant; the variant it chooses has the family's
+    tokenizer, so it takes those ids rather than tokenizing the prompt again."""
+    metrics = ServerMetrics()
+    engines = _engines(tmp_path, metrics)
+    with TestClient(create_app(engines, metrics), raise_server_exceptions=False) as c:
+        asgi.wait_ready(c)
+        tokenizer_class = type(engines[0].tokenizer)
+        texts: list[str] = []
+        tokenize = tokenizer_class.__call__
+
+        def counting(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+            texts.append(text)
+            return tokenize(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer_class, "__call__", counting)
+        for model, budget in (("auto", "1000"), ("tiny-teacher", "60000"), ("tiny-small", "60000")):
+            texts.clear()
+            response = _ask(c, model, {"X-Latency-Budget-Ms": budget}, max_tokens=2)
+            assert response.status_code == 200, response.json()  # type: ignore[attr-defined]
+            assert len(texts) == 1, (model, texts)
+
+
+def test_prompts_are_built_again_only_for_a_tokenizer_that_differs(tmp_path: Path) -> None:
+    tokenizers = [AutoTokenizer.from_pretrained(make_tiny_variant(tmp_path / name, name=name)) for name in "ab"]
+    other = AutoTokenizer.from_pretrained(tmp_path / "a")
+    other.add_tokens(["<|tool|>"])
+    assert tokenizer_key(tokenizers[0]) == tokenizer_key(tokenizers[1]) != tokenizer_key(other)
+
+    def engine(tokenizer: Any, vocab: int = 400) -> Any:  # what PromptCache reads of an engine
+        config = SimpleNamespace(vocab_size=vocab)
+        return SimpleNamespace(tokenizer=tokenizer, variant=SimpleNamespace(model=SimpleNamespace(config=config)))
+
+    built: list[Any] = []
+    cache = PromptCache(lambda e: built.append(e) or [list(e.tokenizer("hello")["input_ids"])])
+    first = cache.prompts(engine(tokenizers[0]))
+    assert cache.prompts(engine(tokenizers[1])) is first and len(built) == 1
+    cache.prompts(engine(other))
+    cache.prompts(engine(tokenizers[1], vocab=512))  # token-id prompts are checked against the model's vocabulary
+    assert len(built) == 3

@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 from slimserve.models import LoadedVariant, load_variant
 from slimserve.server.admission import drain_seconds
 from slimserve.server.app import create_app
-from slimserve.server.engine import EngineBusyError, EngineState, TransformersEngine
+from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.serving_engine import EngineBusyError, EngineState
 from tests import asgi
 
 MODEL = "tiny-llama"

@@ -12,20 +12,22 @@ from slimserve.models.runtimes import host_vllm_runtimes, runtimes_of, vllm_back
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.vllm_engine import (
-    KV_CACHE_MIN_BYTES,
     NO_DEADLINE_PRIORITY,
-    CpuPlacement,
     DeltaConverter,
     StepObserver,
-    cpu_placements,
     deadline_priority,
-    gpu_memory_fraction,
-    kv_bytes_per_token,
-    kv_cache_bytes,
     servable_by_vllm,
     vllm_available,
     vllm_platform,
     vllm_sampling_kwargs,
+)
+from slimserve.server.vllm_placement import (
+    KV_CACHE_MIN_BYTES,
+    CpuPlacement,
+    cpu_placements,
+    gpu_memory_fraction,
+    kv_bytes_per_token,
+    kv_cache_bytes,
 )
 
 

