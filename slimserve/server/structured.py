@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -142,28 +142,18 @@ class GrammarCache:
 
 
 class TokenMask:
-    """One sequence's place in its grammar: masks the logits of each step, advances on each sampled token."""
+    """One sequence's place in its grammar: fills its row of a step's bitmask (`apply_masks`), advances on
+    each sampled token."""
 
-    def __init__(self, grammar: Any, vocab_size: int, timed: Callable[[float], None] | None = None) -> None:
+    def __init__(self, grammar: Any, timed: Callable[[float], None] | None = None) -> None:
         self._matcher = xgr.GrammarMatcher(grammar)
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(vocab / 32)) int32
-        self._timed = timed
-        """Told the seconds of each mask (the engine's `GrammarCache.observe_mask`)."""
+        self.timed = timed
+        """Told what this sequence's share of each step's masking took, in seconds (the engine's
+        `GrammarCache.observe_mask`)."""
 
-    def apply(self, logits: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        """`logits` (vocab,) with every token the grammar forbids at -inf, in place unless `copy` (a caller
-        that still needs the model's own logits, for logprobs, asks for a copy: copying a 49k-vocabulary
-        row costs more than the mask). Once the grammar is complete (its stop token accepted) nothing is
-        masked."""
-        if self._matcher.is_terminated():
-            return logits
-        began = time.perf_counter()
-        self._matcher.fill_next_token_bitmask(self._bitmask)
-        masked = logits.clone() if copy else logits
-        xgr.apply_token_bitmask_inplace(masked, self._bitmask)
-        if self._timed is not None:
-            self._timed(time.perf_counter() - began)
-        return masked
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens the grammar allows next into row `row` of `bitmask` (B, ceil(vocab / 32))."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.is_terminated():
@@ -171,4 +161,25 @@ class TokenMask:
 
     @property
     def complete(self) -> bool:
+        """The grammar is complete (its stop token accepted): nothing is masked any more."""
         return bool(self._matcher.is_terminated())
+
+
+def apply_masks(logits: torch.Tensor, masks: Sequence[TokenMask | None]) -> list[int]:
+    """Set every token the grammar forbids to -inf in the constrained rows of `logits` (B, vocab), in place,
+    the way vLLM batches xgrammar: each sequence fills its row of one (B, ceil(vocab / 32)) bitmask, and
+    one kernel call masks all those rows. Returns the rows it masked."""
+    live = [(i, mask) for i, mask in enumerate(masks) if mask is not None and not mask.complete]
+    if not live:
+        return []
+    began = time.perf_counter()
+    bitmask = xgr.allocate_token_bitmask(len(masks), logits.shape[-1])  # (B, ceil(vocab / 32)) int32
+    for i, mask in live:
+        mask.fill(bitmask, i)
+    rows = [i for i, _ in live]
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    share = (time.perf_counter() - began) / len(live)
+    for _, mask in live:
+        if mask.timed is not None:
+            mask.timed(share)
+    return rows

@@ -90,7 +90,7 @@ def test_constrained_output_is_valid_json_where_unconstrained_is_not(tiny_loaded
     grammars = GrammarCache(tiny_loaded.tokenizer, vocab, tiny_loaded.eos_token_ids)
     constraint = grammars.compile(Constraint.json_schema(PERSON, "response_format"))
     free = [_generate(tiny_loaded, None, seed) for seed in range(3)]
-    bound = [_generate(tiny_loaded, TokenMask(constraint.grammar, vocab), seed, steps=80) for seed in range(3)]
+    bound = [_generate(tiny_loaded, TokenMask(constraint.grammar), seed, steps=80) for seed in range(3)]
     for text in free:
         with pytest.raises(ValueError):
             json.loads(text)
