@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import xgrammar as xgr
@@ -53,33 +53,65 @@ class SchemaError(ValueError):
         self.param = param
 
 
+Kind = Literal["json", "regex", "choice", "grammar"]
+
+WHAT: dict[Kind, str] = {"json": "schema", "regex": "pattern", "choice": "choices", "grammar": "grammar"}
+"""What each kind's text is, as its 400 names it."""
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """What a sequence's output must be: JSON valid against `schema` (JSON text, keys in the client's order:
-    the grammar emits properties in the schema's order, as OpenAI does)."""
+    """What a sequence's output must be: JSON valid against a schema (keys in the client's order: the grammar
+    emits properties in the schema's order, as OpenAI does), text matching a regex, one of a list of
+    strings, or text of an EBNF grammar (xgrammar's dialect, as vLLM's `grammar` takes it)."""
 
-    schema: str
+    kind: Kind
+    text: str
+    """The JSON Schema (JSON text), the regex, the choices (a JSON list) or the EBNF grammar."""
     param: str
-    """The request field the schema came from (`response_format`, `tools.0.function.parameters`, ...)."""
+    """The request field it came from (`response_format`, `guided_regex`, `tools.0.function.parameters`...)."""
     grammar: Any = field(default=None, compare=False, repr=False)
     """The compiled grammar (`xgrammar.CompiledGrammar`) for the engine's tokenizer, once compiled there."""
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | None, param: str) -> Constraint:
         if schema is None or schema is True or schema == {}:
-            return cls(ANY_OBJECT, param)
+            return cls("json", ANY_OBJECT, param)
         if not isinstance(schema, dict):
             raise SchemaError(f"{param}: a JSON Schema must be an object", param)
-        return cls(json.dumps(schema), param)
+        return cls("json", json.dumps(schema), param)
 
     @classmethod
     def json_object(cls, param: str) -> Constraint:
-        return cls(ANY_OBJECT, param)
+        return cls("json", ANY_OBJECT, param)
+
+    @classmethod
+    def choice(cls, choices: list[str], param: str) -> Constraint:
+        return cls("choice", json.dumps(choices), param)
 
     def vllm_kwargs(self) -> dict[str, Any]:
-        """vLLM's `StructuredOutputsParams` for the same constraint (its JSON Schema; json_object is the
-        same `{"type": "object"}` there)."""
-        return {"json": json.loads(self.schema)}
+        """vLLM's `StructuredOutputsParams` for the same constraint (json_object is the same
+        `{"type": "object"}` schema there)."""
+        value = json.loads(self.text) if self.kind in ("json", "choice") else self.text
+        return {self.kind: value}
+
+    def ebnf(self) -> str:
+        """A choice as a grammar of its alternatives, as vLLM compiles one (`choice_as_grammar`)."""
+        return "root ::= " + " | ".join(_ebnf_literal(c) for c in json.loads(self.text))
+
+
+_EBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _ebnf_literal(text: str) -> str:
+    """`text` as an EBNF string literal: quotes, backslashes and control characters escaped."""
+
+    def escaped(ch: str) -> str:
+        if ch in _EBNF_ESCAPES:
+            return _EBNF_ESCAPES[ch]
+        return f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+
+    return '"' + "".join(map(escaped, text)) + '"'
 
 
 _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
@@ -90,21 +122,33 @@ def _library_message(exc: Exception) -> str:
     return _LOCATION.sub("", str(exc)).strip() or type(exc).__name__
 
 
+def _grammar(constraint: Constraint) -> Any:
+    """The constraint as an (uncompiled) `xgrammar.Grammar`."""
+    if constraint.kind == "json":
+        return xgr.Grammar.from_json_schema(
+            constraint.text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
+        )
+    if constraint.kind == "regex":
+        return xgr.Grammar.from_regex(constraint.text)
+    return xgr.Grammar.from_ebnf(constraint.ebnf() if constraint.kind == "choice" else constraint.text)
+
+
 @lru_cache(maxsize=256)
-def _check_schema(schema: str) -> str | None:
+def _check(kind: Kind, text: str) -> str | None:
     try:
-        xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=SEPARATORS, strict_mode=True)
-    except Exception as exc:  # xgrammar raises RuntimeError (and ValueError for bad JSON) for any schema it refuses
+        _grammar(Constraint(kind, text, ""))
+    except Exception as exc:  # xgrammar raises RuntimeError (and ValueError for bad JSON) for anything it refuses
         return _library_message(exc)
     return None
 
 
 def check(constraint: Constraint) -> None:
-    """Raise `SchemaError` naming the field if the library cannot compile the schema (no tokenizer needed:
-    the vLLM backend checks with it too, before vLLM would fail the request mid-stream)."""
-    problem = _check_schema(constraint.schema)
+    """Raise `SchemaError` naming the field if the library cannot compile the constraint (no tokenizer
+    needed: the vLLM backend checks with it too, before vLLM would fail the request mid-stream)."""
+    problem = _check(constraint.kind, constraint.text)
     if problem is not None:
-        raise SchemaError(f"{constraint.param}: the schema cannot be enforced: {problem}", constraint.param)
+        what = WHAT[constraint.kind]
+        raise SchemaError(f"{constraint.param}: the {what} cannot be enforced: {problem}", constraint.param)
 
 
 class GrammarCache:
@@ -135,10 +179,17 @@ class GrammarCache:
         if constraint.grammar is not None:
             return constraint
         check(constraint)
-        grammar = self._compiler.compile_json_schema(
-            constraint.schema, any_whitespace=False, separators=SEPARATORS, strict_mode=True
-        )
-        return Constraint(constraint.schema, constraint.param, grammar)
+        if constraint.kind == "json":
+            grammar = self._compiler.compile_json_schema(
+                constraint.text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
+            )
+        elif constraint.kind == "regex":
+            grammar = self._compiler.compile_regex(constraint.text)
+        else:
+            grammar = self._compiler.compile_grammar(
+                constraint.ebnf() if constraint.kind == "choice" else constraint.text
+            )
+        return Constraint(constraint.kind, constraint.text, constraint.param, grammar)
 
 
 class TokenMask:

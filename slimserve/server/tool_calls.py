@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from slimserve.server.protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from slimserve.server.structured_protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 
 
 @dataclass
