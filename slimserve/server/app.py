@@ -42,7 +42,7 @@ from slimserve.server.router import Budget, BudgetError, Decision, Router, parse
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.shutdown import ENGINE_STOP_S, SHUTTING_DOWN, Drain
 from slimserve.server.structured import Constraint, SchemaError, check
-from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream
+from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream, template_call_format
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,6 @@ def create_app(
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = (body.top_logprobs or 0) if body.logprobs else None
         constraint = _request_constraint(body)
-        plan = _tool_plan(body)
 
         def submit(
             engine: ServingEngine, prompts: list[list[int]], max_tokens: int, deadline: float | None
@@ -275,6 +274,7 @@ def create_app(
         engine, prompt, handles = sent.engine, sent.prompts[0], sent.handles
         tokenizer = engine.tokenizer
         headers = routing_headers(sent)
+        plan = _tool_plan(body, tokenizer)
 
         if body.stream:
             chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -288,7 +288,7 @@ def create_app(
                     delta = DeltaMessage(content=event.text or None)
                     finish = _openai_finish(event.finish_reason)
                     if calls is not None:
-                        delta = DeltaMessage(tool_calls=calls[index].delta(event.text, finish is not None))
+                        delta = calls[index].message(event.text, finish is not None)
                         finish = calls[index].finish_reason(finish)
                     choice = ChatChunkChoice(
                         index=index,
@@ -322,8 +322,8 @@ def create_app(
         for i, r in enumerate(results):
             message, finish = ResponseMessage(content=r.text), _openai_finish(r.finish_reason)
             tool_calls = plan.calls(r.text) if plan is not None else None
-            if tool_calls:
-                message = ResponseMessage(content=None, tool_calls=tool_calls)
+            if tool_calls and plan is not None:
+                message = ResponseMessage(content=plan.content(r.text), tool_calls=tool_calls)
                 finish = "tool_calls" if finish == "stop" else finish
             choices.append(
                 ChatChoice(
@@ -477,8 +477,11 @@ def _request_constraint(body: ChatCompletionRequest | CompletionRequest) -> Cons
     return constraint
 
 
-def _tool_plan(body: ChatCompletionRequest) -> ToolCallPlan | None:
-    """How the output becomes tool calls: only under `required` or a named function (`tool_calls`)."""
+def _tool_plan(body: ChatCompletionRequest, tokenizer: Any) -> ToolCallPlan | None:
+    """How the output becomes tool calls: under `required` or a named function, and under `auto` where the
+    chat template defines a call format (`tool_calls`)."""
+    if body.tools and body.tool_choice in (None, "auto") and template_call_format(tokenizer) is not None:
+        return ToolCallPlan(forced=None, auto=True)
     if body.tool_choice == "required":
         return ToolCallPlan(forced=None)
     forced = body.forced_tool()

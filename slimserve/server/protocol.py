@@ -204,9 +204,10 @@ class ChatCompletionRequest(_RequestModel, _SamplingFields, StructuredFields):
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call under `required`.")
     tool_choice: ToolChoice | None = Field(
         None,
-        description="`none` and `auto` (the default with tools): the model answers in text, with the tools in "
-        "its prompt where its chat template takes them; `required` or a named function: the call's arguments "
-        "are decoded under the function's JSON Schema.",
+        description="`none`: the model answers in text, with the tools in its prompt where its chat template "
+        "takes them; `auto` (the default with tools): the same, and calls the model writes in the template's "
+        "format (Hermes `<tool_call>` tags) are returned as tool_calls; `required` or a named function: the "
+        "call's arguments are decoded under the function's JSON Schema.",
     )
     tools: list[Tool] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
