@@ -1,9 +1,11 @@
 """Structured outputs: JSON a small compressed model cannot get wrong, valid by construction.
 
-A request's `response_format` (json_object, json_schema), vLLM's `guided_json`/`structured_outputs`, and a
-tool call it requires become one `Constraint`: a JSON Schema (or "any JSON object"). The transformers engine
-compiles it once per schema and masks, per sequence inside the continuous batch, every token that would
-leave the grammar (`TokenMask`); the vLLM backend hands the same schema to vLLM's structured outputs.
+A request's `response_format` (json_object, json_schema), vLLM's `guided_*`/`structured_outputs` fields, and
+a tool call it requires become one `Constraint`: a JSON Schema (or "any JSON object"), a regex, a choice of
+strings or an EBNF grammar. The transformers engine compiles it once per engine and keeps one matcher per
+sequence (`TokenMask`); each step the constrained rows of the batch are masked together (`apply_masks`),
+every token that would leave a grammar at -inf. The vLLM backend hands the same constraint to vLLM's
+structured outputs.
 
 The grammar library is xgrammar: its CPU path (`fill_next_token_bitmask` into an int32 bitmask, then
 `apply_token_bitmask_inplace`'s CPU kernel) runs with torch 2.13.0+cpu and this transformers as they are,
