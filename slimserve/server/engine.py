@@ -35,7 +35,7 @@ from slimserve.server.forward import prefill_forward, step_forward, warm_up_piec
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
-from slimserve.server.sampling import Sampler, SamplingParams
+from slimserve.server.sampling import Sampler, SamplingParams, sample_rows
 from slimserve.server.scheduler import Scheduler, Turn, prompt_chunk
 from slimserve.server.sequence import EngineSequence, PartialPrefill
 from slimserve.server.serving_engine import (
@@ -222,7 +222,7 @@ class TransformersEngine:
         if self._grammars is None:  # on the event loop, like every submit: no other thread builds it
             self._grammars = GrammarCache(variant.tokenizer, vocab, variant.eos_token_ids)
         grammars = self._grammars
-        return TokenMask(grammars.compile(params.constraint).grammar, vocab, grammars.observe_mask)
+        return TokenMask(grammars.compile(params.constraint).grammar, grammars.observe_mask)
 
     @property
     def mask_ms_per_token(self) -> float:
@@ -473,7 +473,7 @@ class TransformersEngine:
         self._partial = None
         if self.profile is not None:
             self.profile.observe_prefill(len(prompt), partial.seconds)
-        self._emit([(seq, logits[0])], eos)
+        self._emit([seq], logits, eos)
         if not seq.done:
             batch.add(partial.cache)
             rows.append(seq)
@@ -485,7 +485,7 @@ class TransformersEngine:
         input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)
         began = time.perf_counter()
         logits = step_forward(variant.model, batch, input_ids)
-        self._emit(list(zip(rows, logits, strict=True)), eos)
+        self._emit(rows, logits, eos)
         if self.profile is not None:  # the whole step as a client sees it: forward, sampling, delivery
             self.profile.observe_step(len(rows), time.perf_counter() - began)
         if any(s.done for s in rows):
@@ -496,12 +496,12 @@ class TransformersEngine:
         batch.keep(keep)
         rows[:] = [rows[i] for i in keep]
 
-    def _emit(self, stepped: list[tuple[EngineSequence, torch.Tensor]], eos: set[int]) -> None:
-        """Sample one token per sequence, detokenize, decide whether it finished, deliver the events."""
+    def _emit(self, stepped: list[EngineSequence], logits: torch.Tensor, eos: set[int]) -> None:
+        """Sample one token per sequence from its row of `logits` (B, vocab), detokenize, decide whether it
+        finished, deliver the events."""
         now = time.perf_counter()
         deliveries: list[tuple[RequestHandle, GenerationEvent]] = []
-        for seq, logits in stepped:
-            token, logprob = seq.sampler.sample(logits)
+        for seq, (token, logprob) in zip(stepped, sample_rows([s.sampler for s in stepped], logits), strict=True):
             seq.generated.append(token)
             if seq.last_token_at is None:
                 self.metrics.ttft.labels(self.name).observe(now - seq.submitted_at)

@@ -5,22 +5,31 @@ refuses the value (`"stream": "yes"`, `"max_tokens": true` are 400s, not coerced
 the edge: a lone surrogate anywhere in a request is a 400 naming the field, never a tokenizer's 500.
 Unknown fields are accepted (clients send them) and logged by the app, except those whose meaning would
 change the output (`UNSUPPORTED`): they are refused until implemented. `top_k` and `ignore_eos` are
-extensions, as in vLLM, and so are vLLM's `guided_json` and `structured_outputs` (its `json` and
-`json_object` only), which name the same JSON constraint as `response_format` (`structured`).
+extensions, as in vLLM, and so are vLLM's `guided_*` and `structured_outputs` constraints (json, regex,
+choice, grammar), whose types live beside OpenAI's `response_format` and tool types in `structured_protocol`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from slimserve.server.sampling import MAX_TOP_LOGPROBS
-from slimserve.server.structured import Constraint, SchemaError
+from slimserve.server.structured import Constraint
+from slimserve.server.structured_protocol import (
+    DeltaToolCall,
+    NamedToolChoice,
+    OpenAIModel,
+    StructuredFields,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    tool_constraint,
+)
 
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     # OpenAI's (`functions`/`function_call` are the deprecated form of `tools`)
@@ -34,9 +43,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "suffix": ("",),
     # vLLM's extensions that clients written for it send
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
     "min_tokens": (0,),
     "min_p": (0, 0.0),
     "repetition_penalty": (1, 1.0),
@@ -77,10 +83,6 @@ def _lone_surrogate(value: Any, path: list[str]) -> str | None:
             if found is not None:
                 return found
     return None
-
-
-class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class _RequestModel(OpenAIModel):
@@ -140,123 +142,6 @@ class ChatMessage(OpenAIModel):
         return "".join(parts)
 
 
-class JsonSchemaFormat(OpenAIModel):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = Field(
-        None, description="Accepted either way: the output is decoded under the schema, so it always holds."
-    )
-
-
-class ResponseFormat(OpenAIModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise PydanticCustomError(
-                "missing", "response_format.json_schema is required when type is 'json_schema'", {}
-            )
-        return self
-
-
-class FunctionDefinition(OpenAIModel):
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(OpenAIModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(OpenAIModel):
-    name: str
-
-
-class NamedToolChoice(OpenAIModel):
-    type: Literal["function"]
-    function: FunctionName
-
-
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
-
-
-def _format_constraint(response_format: ResponseFormat | None) -> Constraint | None:
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return Constraint.json_object("response_format")
-    assert response_format.json_schema is not None  # checked by ResponseFormat
-    return Constraint.json_schema(response_format.json_schema.schema_, "response_format.json_schema.schema")
-
-
-STRUCTURED_OUTPUTS_KEYS = frozenset({"json", "json_object", "disable_any_whitespace", "disable_additional_properties"})
-"""vLLM `structured_outputs` keys this server takes: the JSON ones (regex, choice, grammar are refused)."""
-
-
-class _StructuredFields(OpenAIModel):
-    """The JSON constraint fields both endpoints take: OpenAI's `response_format`, vLLM's two forms."""
-
-    response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's form of a json_schema (extension).")
-    structured_outputs: dict[str, Any] | None = Field(
-        None, description="vLLM's structured outputs: `json` or `json_object` (extension)."
-    )
-
-    @field_validator("structured_outputs")
-    @classmethod
-    def _json_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        other = sorted(set(value or {}) - STRUCTURED_OUTPUTS_KEYS)
-        if other:
-            raise PydanticCustomError(
-                "unsupported",
-                "structured_outputs.{key} is not supported by this server yet (json and json_object are)",
-                {"key": other[0], "param": "structured_outputs"},
-            )
-        return value
-
-    def constraint(self) -> Constraint | None:
-        """The JSON the output must be, from whichever field names it (at most one may); a value that is not a
-        schema is a `SchemaError` naming its field."""
-        given = [name for name in ("response_format", "guided_json", "structured_outputs") if _names_json(self, name)]
-        if len(given) > 1:
-            raise SchemaError(f"{given[1]}: give one of response_format, guided_json, structured_outputs", given[1])
-        if self.guided_json is not None:
-            return Constraint.json_schema(_schema_value(self.guided_json, "guided_json"), "guided_json")
-        if self.structured_outputs:
-            value = self.structured_outputs.get("json")
-            if value is not None:
-                param = "structured_outputs.json"
-                return Constraint.json_schema(_schema_value(value, param), param)
-            if self.structured_outputs.get("json_object"):
-                return Constraint.json_object("structured_outputs.json_object")
-        return _format_constraint(self.response_format)
-
-
-def _schema_value(value: Any, param: str) -> Any:
-    """vLLM takes a schema as an object or as its JSON text."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError as exc:
-        raise SchemaError(f"{param}: not valid JSON: {exc}", param) from exc
-
-
-def _names_json(body: _StructuredFields, name: str) -> bool:
-    value = getattr(body, name)
-    if name == "response_format":
-        return value is not None and value.type != "text"
-    if name == "structured_outputs":
-        return bool(value) and (value.get("json") is not None or bool(value.get("json_object")))
-    return value is not None
-
-
 NonEmptyText = Annotated[str, Field(min_length=1)]
 Stop = NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=4)] | None
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -311,7 +196,7 @@ class _SamplingFields(OpenAIModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class ChatCompletionRequest(_RequestModel, _SamplingFields, _StructuredFields):
+class ChatCompletionRequest(_RequestModel, _SamplingFields, StructuredFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
     logprobs: bool = False
@@ -319,9 +204,10 @@ class ChatCompletionRequest(_RequestModel, _SamplingFields, _StructuredFields):
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call under `required`.")
     tool_choice: ToolChoice | None = Field(
         None,
-        description="`none` and `auto` (the default with tools): the model answers in text, with the tools in "
-        "its prompt where its chat template takes them; `required` or a named function: the call's arguments "
-        "are decoded under the function's JSON Schema.",
+        description="`none`: the model answers in text, with the tools in its prompt where its chat template "
+        "takes them; `auto` (the default with tools): the same, and calls the model writes in the template's "
+        "format (Hermes `<tool_call>` tags) are returned as tool_calls; `required` or a named function: the "
+        "call's arguments are decoded under the function's JSON Schema.",
     )
     tools: list[Tool] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -352,11 +238,12 @@ class ChatCompletionRequest(_RequestModel, _SamplingFields, _StructuredFields):
                 "tool_choice names function {name}, which is not among the tools",
                 {"param": "tool_choice", "name": repr(choice.function.name)},
             )
-        if _format_constraint(self.response_format) is not None or self.guided_json or self.structured_outputs:
+        given = self.constraints_given()
+        if given:
             raise PydanticCustomError(
                 "invalid_value",
-                "response_format cannot be combined with a required tool call: the call's arguments are the JSON",
-                {"param": "response_format"},
+                "{param} cannot be combined with a required tool call: the call's arguments are the JSON",
+                {"param": given[0]},
             )
         return self
 
@@ -368,37 +255,14 @@ class ChatCompletionRequest(_RequestModel, _SamplingFields, _StructuredFields):
         return next(t for t in self.tools or [] if t.function.name == choice.function.name)
 
     def tool_constraint(self) -> Constraint | None:
-        """The JSON a required or named tool call is decoded under: the function's parameters (named), or an
-        array of one or more `{"name", "parameters"}` calls of the tools (required, as vLLM does)."""
-        tools = self.tools or []
-        forced = self.forced_tool()
-        if forced is not None:
-            index = tools.index(forced)
-            return Constraint.json_schema(forced.function.parameters, f"tools.{index}.function.parameters")
-        if self.tool_choice != "required":
-            return None
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": [t.function.name]},
-                    "parameters": t.function.parameters or {"type": "object"},
-                },
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for t in tools
-        ]
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-        if self.parallel_tool_calls is False:
-            schema["maxItems"] = 1
-        return Constraint.json_schema(schema, "tools")
+        """The JSON a required or named tool call is decoded under (`structured_protocol.tool_constraint`)."""
+        return tool_constraint(self.tools or [], self.tool_choice, self.parallel_tool_calls)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(_RequestModel, _SamplingFields, _StructuredFields):
+class CompletionRequest(_RequestModel, _SamplingFields, StructuredFields):
     model: str
     prompt: Prompt
     echo: bool = False
@@ -440,18 +304,6 @@ class ChoiceLogprobs(BaseModel):
     content: list[ChatLogprob] | None = None
 
 
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str
-    """JSON text, as OpenAI sends it."""
-
-
-class ToolCall(BaseModel):
-    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
@@ -478,18 +330,6 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-
-
-class DeltaFunctionCall(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall
 
 
 class DeltaMessage(BaseModel):

@@ -9,11 +9,12 @@ exactly under the same load, an idle server for instance, not under any load.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from slimserve.server.structured import Constraint, TokenMask
+from slimserve.server.structured import Constraint, TokenMask, apply_masks
 
 MAX_TOP_LOGPROBS = 20
 
@@ -88,10 +89,13 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """Pick the next token from one row of logits, shape (vocab,), float32 (a grammar's mask may write
         to it: the row is the caller's to discard)."""
+        return sample_rows([self], logits.unsqueeze(0))[0]
+
+    def draw(self, scores: torch.Tensor, logprobs: torch.Tensor | None = None) -> tuple[int, TokenLogprob | None]:
+        """Pick the next token from one row (vocab,) already masked by the grammar (`sample_rows`);
+        `logprobs` are the model's own where the mask changed the row (else they come from `scores`)."""
         params = self.params
-        scores = logits
-        if self.mask is not None:  # logprobs stay the model's own: then the mask works on a copy
-            scores = self.mask.apply(logits, copy=params.logprobs is not None)
+        raw = scores
         if self._bias_ids.numel():
             scores = scores.index_add(0, self._bias_ids, self._bias_values)
         if self._counts is not None:
@@ -113,7 +117,21 @@ class Sampler:
             self.mask.accept(token)
         if params.logprobs is None:
             return token, None
-        return token, token_logprob(logits, token, params.logprobs)
+        return token, token_logprob(raw if logprobs is None else logprobs, token, params.logprobs)
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
+    """One token per row of `logits` (B, vocab), float32, row i for `samplers[i]`: the grammars of the
+    constrained rows mask them together, in place (`apply_masks`); a constrained row that reports logprobs
+    keeps the model's own, taken before its mask."""
+    masks = [s.mask for s in samplers]
+    own = {  # log-softmax is idempotent: `token_logprob` normalising these again changes nothing
+        i: torch.log_softmax(logits[i], dim=-1)
+        for i, s in enumerate(samplers)
+        if s.params.logprobs is not None and s.mask is not None and not s.mask.complete
+    }
+    apply_masks(logits, masks)
+    return [s.draw(logits[i], own.get(i)) for i, s in enumerate(samplers)]
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -1,9 +1,11 @@
 """Structured outputs: JSON a small compressed model cannot get wrong, valid by construction.
 
-A request's `response_format` (json_object, json_schema), vLLM's `guided_json`/`structured_outputs`, and a
-tool call it requires become one `Constraint`: a JSON Schema (or "any JSON object"). The transformers engine
-compiles it once per schema and masks, per sequence inside the continuous batch, every token that would
-leave the grammar (`TokenMask`); the vLLM backend hands the same schema to vLLM's structured outputs.
+A request's `response_format` (json_object, json_schema), vLLM's `guided_*`/`structured_outputs` fields, and
+a tool call it requires become one `Constraint`: a JSON Schema (or "any JSON object"), a regex, a choice of
+strings or an EBNF grammar. The transformers engine compiles it once per engine and keeps one matcher per
+sequence (`TokenMask`); each step the constrained rows of the batch are masked together (`apply_masks`),
+every token that would leave a grammar at -inf. The vLLM backend hands the same constraint to vLLM's
+structured outputs.
 
 The grammar library is xgrammar: its CPU path (`fill_next_token_bitmask` into an int32 bitmask, then
 `apply_token_bitmask_inplace`'s CPU kernel) runs with torch 2.13.0+cpu and this transformers as they are,
@@ -23,10 +25,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import xgrammar as xgr
@@ -53,33 +55,65 @@ class SchemaError(ValueError):
         self.param = param
 
 
+Kind = Literal["json", "regex", "choice", "grammar"]
+
+WHAT: dict[Kind, str] = {"json": "schema", "regex": "pattern", "choice": "choices", "grammar": "grammar"}
+"""What each kind's text is, as its 400 names it."""
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """What a sequence's output must be: JSON valid against `schema` (JSON text, keys in the client's order:
-    the grammar emits properties in the schema's order, as OpenAI does)."""
+    """What a sequence's output must be: JSON valid against a schema (keys in the client's order: the grammar
+    emits properties in the schema's order, as OpenAI does), text matching a regex, one of a list of
+    strings, or text of an EBNF grammar (xgrammar's dialect, as vLLM's `grammar` takes it)."""
 
-    schema: str
+    kind: Kind
+    text: str
+    """The JSON Schema (JSON text), the regex, the choices (a JSON list) or the EBNF grammar."""
     param: str
-    """The request field the schema came from (`response_format`, `tools.0.function.parameters`, ...)."""
+    """The request field it came from (`response_format`, `guided_regex`, `tools.0.function.parameters`...)."""
     grammar: Any = field(default=None, compare=False, repr=False)
     """The compiled grammar (`xgrammar.CompiledGrammar`) for the engine's tokenizer, once compiled there."""
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | None, param: str) -> Constraint:
         if schema is None or schema is True or schema == {}:
-            return cls(ANY_OBJECT, param)
+            return cls("json", ANY_OBJECT, param)
         if not isinstance(schema, dict):
             raise SchemaError(f"{param}: a JSON Schema must be an object", param)
-        return cls(json.dumps(schema), param)
+        return cls("json", json.dumps(schema), param)
 
     @classmethod
     def json_object(cls, param: str) -> Constraint:
-        return cls(ANY_OBJECT, param)
+        return cls("json", ANY_OBJECT, param)
+
+    @classmethod
+    def choice(cls, choices: list[str], param: str) -> Constraint:
+        return cls("choice", json.dumps(choices), param)
 
     def vllm_kwargs(self) -> dict[str, Any]:
-        """vLLM's `StructuredOutputsParams` for the same constraint (its JSON Schema; json_object is the
-        same `{"type": "object"}` there)."""
-        return {"json": json.loads(self.schema)}
+        """vLLM's `StructuredOutputsParams` for the same constraint (json_object is the same
+        `{"type": "object"}` schema there)."""
+        value = json.loads(self.text) if self.kind in ("json", "choice") else self.text
+        return {self.kind: value}
+
+    def ebnf(self) -> str:
+        """A choice as a grammar of its alternatives, as vLLM compiles one (`choice_as_grammar`)."""
+        return "root ::= " + " | ".join(_ebnf_literal(c) for c in json.loads(self.text))
+
+
+_EBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _ebnf_literal(text: str) -> str:
+    """`text` as an EBNF string literal: quotes, backslashes and control characters escaped."""
+
+    def escaped(ch: str) -> str:
+        if ch in _EBNF_ESCAPES:
+            return _EBNF_ESCAPES[ch]
+        return f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+
+    return '"' + "".join(map(escaped, text)) + '"'
 
 
 _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
@@ -90,21 +124,33 @@ def _library_message(exc: Exception) -> str:
     return _LOCATION.sub("", str(exc)).strip() or type(exc).__name__
 
 
+def _grammar(constraint: Constraint) -> Any:
+    """The constraint as an (uncompiled) `xgrammar.Grammar`."""
+    if constraint.kind == "json":
+        return xgr.Grammar.from_json_schema(
+            constraint.text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
+        )
+    if constraint.kind == "regex":
+        return xgr.Grammar.from_regex(constraint.text)
+    return xgr.Grammar.from_ebnf(constraint.ebnf() if constraint.kind == "choice" else constraint.text)
+
+
 @lru_cache(maxsize=256)
-def _check_schema(schema: str) -> str | None:
+def _check(kind: Kind, text: str) -> str | None:
     try:
-        xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=SEPARATORS, strict_mode=True)
-    except Exception as exc:  # xgrammar raises RuntimeError (and ValueError for bad JSON) for any schema it refuses
+        _grammar(Constraint(kind, text, ""))
+    except Exception as exc:  # xgrammar raises RuntimeError (and ValueError for bad JSON) for anything it refuses
         return _library_message(exc)
     return None
 
 
 def check(constraint: Constraint) -> None:
-    """Raise `SchemaError` naming the field if the library cannot compile the schema (no tokenizer needed:
-    the vLLM backend checks with it too, before vLLM would fail the request mid-stream)."""
-    problem = _check_schema(constraint.schema)
+    """Raise `SchemaError` naming the field if the library cannot compile the constraint (no tokenizer
+    needed: the vLLM backend checks with it too, before vLLM would fail the request mid-stream)."""
+    problem = _check(constraint.kind, constraint.text)
     if problem is not None:
-        raise SchemaError(f"{constraint.param}: the schema cannot be enforced: {problem}", constraint.param)
+        what = WHAT[constraint.kind]
+        raise SchemaError(f"{constraint.param}: the {what} cannot be enforced: {problem}", constraint.param)
 
 
 class GrammarCache:
@@ -135,35 +181,32 @@ class GrammarCache:
         if constraint.grammar is not None:
             return constraint
         check(constraint)
-        grammar = self._compiler.compile_json_schema(
-            constraint.schema, any_whitespace=False, separators=SEPARATORS, strict_mode=True
-        )
-        return Constraint(constraint.schema, constraint.param, grammar)
+        if constraint.kind == "json":
+            grammar = self._compiler.compile_json_schema(
+                constraint.text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
+            )
+        elif constraint.kind == "regex":
+            grammar = self._compiler.compile_regex(constraint.text)
+        else:
+            grammar = self._compiler.compile_grammar(
+                constraint.ebnf() if constraint.kind == "choice" else constraint.text
+            )
+        return Constraint(constraint.kind, constraint.text, constraint.param, grammar)
 
 
 class TokenMask:
-    """One sequence's place in its grammar: masks the logits of each step, advances on each sampled token."""
+    """One sequence's place in its grammar: fills its row of a step's bitmask (`apply_masks`), advances on
+    each sampled token."""
 
-    def __init__(self, grammar: Any, vocab_size: int, timed: Callable[[float], None] | None = None) -> None:
+    def __init__(self, grammar: Any, timed: Callable[[float], None] | None = None) -> None:
         self._matcher = xgr.GrammarMatcher(grammar)
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(vocab / 32)) int32
-        self._timed = timed
-        """Told the seconds of each mask (the engine's `GrammarCache.observe_mask`)."""
+        self.timed = timed
+        """Told what this sequence's share of each step's masking took, in seconds (the engine's
+        `GrammarCache.observe_mask`)."""
 
-    def apply(self, logits: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        """`logits` (vocab,) with every token the grammar forbids at -inf, in place unless `copy` (a caller
-        that still needs the model's own logits, for logprobs, asks for a copy: copying a 49k-vocabulary
-        row costs more than the mask). Once the grammar is complete (its stop token accepted) nothing is
-        masked."""
-        if self._matcher.is_terminated():
-            return logits
-        began = time.perf_counter()
-        self._matcher.fill_next_token_bitmask(self._bitmask)
-        masked = logits.clone() if copy else logits
-        xgr.apply_token_bitmask_inplace(masked, self._bitmask)
-        if self._timed is not None:
-            self._timed(time.perf_counter() - began)
-        return masked
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens the grammar allows next into row `row` of `bitmask` (B, ceil(vocab / 32))."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.is_terminated():
@@ -171,4 +214,25 @@ class TokenMask:
 
     @property
     def complete(self) -> bool:
+        """The grammar is complete (its stop token accepted): nothing is masked any more."""
         return bool(self._matcher.is_terminated())
+
+
+def apply_masks(logits: torch.Tensor, masks: Sequence[TokenMask | None]) -> list[int]:
+    """Set every token the grammar forbids to -inf in the constrained rows of `logits` (B, vocab), in place,
+    the way vLLM batches xgrammar: each sequence fills its row of one (B, ceil(vocab / 32)) bitmask, and
+    one kernel call masks all those rows. Returns the rows it masked."""
+    live = [(i, mask) for i, mask in enumerate(masks) if mask is not None and not mask.complete]
+    if not live:
+        return []
+    began = time.perf_counter()
+    bitmask = xgr.allocate_token_bitmask(len(masks), logits.shape[-1])  # (B, ceil(vocab / 32)) int32
+    for i, mask in live:
+        mask.fill(bitmask, i)
+    rows = [i for i, _ in live]
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    share = (time.perf_counter() - began) / len(live)
+    for _, mask in live:
+        if mask.timed is not None:
+            mask.timed(share)
+    return rows

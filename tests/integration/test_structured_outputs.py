@@ -5,6 +5,7 @@ int8 variant: JSON valid against the schema on every prompt, whatever the model 
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -148,6 +149,25 @@ def check_required_tool_call(server: RunningServer, model: str) -> None:
     WeatherArgs.model_validate_json(call.function.arguments)  # type: ignore[union-attr]
 
 
+def check_regex_choice_and_grammar(server: RunningServer, model: str) -> None:
+    """vLLM's other constraints, as its OpenAI server takes them (`extra_body`), on chat and completions."""
+    client = server.client()
+    ask = [{"role": "user", "content": "Is Paris in France? Then give a date."}]
+    date = r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"
+    for extra in ({"guided_regex": date}, {"structured_outputs": {"regex": date}}):
+        chat = client.chat.completions.create(model=model, messages=ask, max_tokens=20, temperature=0, extra_body=extra)
+        assert re.fullmatch(date, chat.choices[0].message.content or ""), chat.choices[0].message.content
+    choices = ["yes", "no"]
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        chat = client.chat.completions.create(model=model, messages=ask, max_tokens=5, temperature=0, extra_body=extra)
+        assert chat.choices[0].message.content in choices
+    grammar = 'root ::= ("yes" | "no") ", " [0-9] [0-9]'
+    completion = client.completions.create(
+        model=model, prompt="Is Paris in France?", max_tokens=10, temperature=0, extra_body={"guided_grammar": grammar}
+    )
+    assert re.fullmatch(r"(yes|no), [0-9]{2}", completion.choices[0].text), completion.choices[0].text
+
+
 def test_parse_returns_the_pydantic_object(server: RunningServer) -> None:
     check_parse(server, MODEL)
 
@@ -167,3 +187,7 @@ def test_named_tool_call_arguments_validate_and_stream_to_the_same_call(server: 
 
 def test_required_tool_call(server: RunningServer) -> None:
     check_required_tool_call(server, MODEL)
+
+
+def test_regex_choice_and_grammar(server: RunningServer) -> None:
+    check_regex_choice_and_grammar(server, MODEL)

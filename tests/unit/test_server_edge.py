@@ -128,15 +128,15 @@ def test_prompt_errors_name_the_prompt(client: TestClient, prompt: Any, param: s
     ("fields", "param"),
     [
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"guided_regex": "[a-z]+"}, "guided_regex"),
-        ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
+        ({"best_of": 2}, "best_of"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
         ({"min_tokens": 3}, "min_tokens"),
     ],
 )
 def test_fields_that_would_change_the_output_are_refused(
     client: TestClient, fields: dict[str, Any], param: str
 ) -> None:
-    """They were ignored: a client asking for a regex or the deprecated functions got plain text and a 200."""
+    """They were ignored: a client asking for the deprecated functions got plain text and a 200."""
     error = _error(_chat(client, **fields))
     assert error["code"] == "unsupported" and error["param"] == param
 

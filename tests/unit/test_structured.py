@@ -4,6 +4,7 @@ output is noise, so JSON that parses and validates can only come from the gramma
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_constrained_output_is_valid_json_where_unconstrained_is_not(tiny_loaded
     grammars = GrammarCache(tiny_loaded.tokenizer, vocab, tiny_loaded.eos_token_ids)
     constraint = grammars.compile(Constraint.json_schema(PERSON, "response_format"))
     free = [_generate(tiny_loaded, None, seed) for seed in range(3)]
-    bound = [_generate(tiny_loaded, TokenMask(constraint.grammar, vocab), seed, steps=80) for seed in range(3)]
+    bound = [_generate(tiny_loaded, TokenMask(constraint.grammar), seed, steps=80) for seed in range(3)]
     for text in free:
         with pytest.raises(ValueError):
             json.loads(text)
@@ -263,3 +264,83 @@ def test_logprobs_of_a_constrained_choice_are_the_models_own(client: TestClient)
     assert content and all(len(t["top_logprobs"]) == 5 for t in content)
     assert all(alt["logprob"] > -1e9 for t in content for alt in t["top_logprobs"])
     assert content[0]["token"] == "{"
+
+
+@pytest.fixture(scope="module")
+def openai_client(client: TestClient) -> Any:
+    """The official client, talking to the app through the test client's transport."""
+    from openai import OpenAI
+
+    return OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+PLATE = r"[a-z]{3}-[0-9]{2}"
+CHOICES = ["yes", "no", 'maybe "so"\n']
+
+
+@pytest.mark.parametrize(
+    "extra", [{"guided_regex": PLATE}, {"structured_outputs": {"regex": PLATE}}], ids=["guided", "structured_outputs"]
+)
+def test_the_output_matches_the_regex_on_both_endpoints(openai_client: Any, extra: dict[str, Any]) -> None:
+    chat = openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=20, seed=4, n=2, extra_body=extra
+    )
+    completion = openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=20, seed=5, extra_body=extra)
+    texts = [c.message.content for c in chat.choices] + [completion.choices[0].text]
+    assert all(re.fullmatch(PLATE, text) for text in texts), texts
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"guided_choice": CHOICES}, {"structured_outputs": {"choice": CHOICES}}],
+    ids=["guided", "structured_outputs"],
+)
+def test_the_output_is_one_of_the_choices(openai_client: Any, extra: dict[str, Any]) -> None:
+    for seed in range(4):
+        chat = openai_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=20, seed=seed, extra_body=extra
+        )
+        assert chat.choices[0].message.content in CHOICES
+    completion = openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=20, seed=9, extra_body=extra)
+    assert completion.choices[0].text in CHOICES
+
+
+def test_the_output_follows_the_ebnf_grammar(openai_client: Any) -> None:
+    grammar = 'root ::= animal " " [0-9] [0-9]\nanimal ::= "cat" | "dog"'
+    for extra in ({"guided_grammar": grammar}, {"structured_outputs": {"grammar": grammar}}):
+        completion = openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=20, seed=3, extra_body=extra)
+        assert re.fullmatch(r"(cat|dog) [0-9]{2}", completion.choices[0].text), completion.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"guided_regex": "[a-"}, "guided_regex"),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+        ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+        ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs.grammar"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+    ],
+)
+def test_a_constraint_that_cannot_compile_is_a_400_naming_the_field(
+    openai_client: Any, extra: dict[str, Any], param: str
+) -> None:
+    from openai import BadRequestError
+
+    for create, fields in (
+        (openai_client.chat.completions.create, {"messages": [{"role": "user", "content": "Hi"}]}),
+        (openai_client.completions.create, {"prompt": "Hi"}),
+    ):
+        with pytest.raises(BadRequestError) as caught:
+            create(model=MODEL, max_tokens=4, extra_body=extra, **fields)
+        error = caught.value.body
+        assert isinstance(error, dict) and error["param"] == param, error
+
+
+def test_the_vllm_backend_gets_regex_choice_and_grammar() -> None:
+    assert Constraint("regex", PLATE, "guided_regex").vllm_kwargs() == {"regex": PLATE}
+    assert Constraint.choice(CHOICES, "guided_choice").vllm_kwargs() == {"choice": CHOICES}
+    assert Constraint("grammar", "root ::= a", "guided_grammar").vllm_kwargs() == {"grammar": "root ::= a"}

@@ -12,6 +12,7 @@ from tests.integration.test_structured_outputs import (
     check_json_object,
     check_named_tool_call,
     check_parse,
+    check_regex_choice_and_grammar,
     check_required_tool_call,
 )
 
@@ -41,3 +42,7 @@ def test_named_tool_call_arguments_validate_and_stream_to_the_same_call(vllm_ser
 
 def test_required_tool_call(vllm_server: RunningServer) -> None:
     check_required_tool_call(vllm_server, MODEL)
+
+
+def test_regex_choice_and_grammar(vllm_server: RunningServer) -> None:
+    check_regex_choice_and_grammar(vllm_server, MODEL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -24,7 +24,7 @@ from slimserve.server.protocol import (
 )
 from slimserve.server.routes.dispatch import Dispatcher, dispatcher
 from slimserve.server.serving_engine import GenerationEvent
-from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream
+from slimserve.server.tool_calls import ToolCallPlan, ToolCallStream, template_call_format
 
 router = APIRouter(prefix="/v1")
 
@@ -45,7 +45,6 @@ async def chat_completions(
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     top = (body.top_logprobs or 0) if body.logprobs else None
     constraint = flow.request_constraint(body)
-    plan = tool_plan(body)
 
     sent = await server.dispatch(
         request,
@@ -59,6 +58,7 @@ async def chat_completions(
     )
     engine, prompt, handles = sent.engine, sent.prompts[0], sent.handles
     tokenizer = engine.tokenizer
+    plan = tool_plan(body, tokenizer)
 
     if body.stream:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -72,7 +72,7 @@ async def chat_completions(
                 delta = DeltaMessage(content=event.text or None)
                 finish = flow.openai_finish(event.finish_reason)
                 if calls is not None:
-                    delta = DeltaMessage(tool_calls=calls[index].delta(event.text, finish is not None))
+                    delta = calls[index].message(event.text, finish is not None)
                     finish = calls[index].finish_reason(finish)
                 choice = ChatChunkChoice(
                     index=index,
@@ -93,8 +93,8 @@ async def chat_completions(
     for i, r in enumerate(results):
         message, finish = ResponseMessage(content=r.text), flow.openai_finish(r.finish_reason)
         tool_calls = plan.calls(r.text) if plan is not None else None
-        if tool_calls:
-            message = ResponseMessage(content=None, tool_calls=tool_calls)
+        if tool_calls and plan is not None:
+            message = ResponseMessage(content=plan.content(r.text), tool_calls=tool_calls)
             finish = "tool_calls" if finish == "stop" else finish
         choices.append(
             ChatChoice(
@@ -107,8 +107,11 @@ async def chat_completions(
     return ChatCompletionResponse(model=engine.name, choices=choices, usage=flow.usage([len(prompt)], results))
 
 
-def tool_plan(body: ChatCompletionRequest) -> ToolCallPlan | None:
-    """How the output becomes tool calls: only under `required` or a named function (`tool_calls`)."""
+def tool_plan(body: ChatCompletionRequest, tokenizer: Any) -> ToolCallPlan | None:
+    """How the output becomes tool calls: under `required` or a named function, and under `auto` where the
+    chat template defines a call format (`tool_calls`)."""
+    if body.tools and body.tool_choice in (None, "auto") and template_call_format(tokenizer) is not None:
+        return ToolCallPlan(forced=None, auto=True)
     if body.tool_choice == "required":
         return ToolCallPlan(forced=None)
     forced = body.forced_tool()
