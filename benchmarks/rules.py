@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
-from slimserve.server import router, scheduler, simulator
+from slimserve.server import predictions, router, scheduler, simulator
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,16 @@ class Rule:
     """Patches that switch it off."""
 
 
-def _constant(module: Any, name: str, value: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    return lambda: mock.patch.object(module, name, value)
+def _constant(name: str, value: Any, *modules: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """`name` set to `value` in each module that holds its own binding of it."""
+
+    def patched() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for module in modules:
+            stack.enter_context(mock.patch.object(module, name, value))
+        return stack
+
+    return patched
 
 
 def _round_robin(turns: Any, last_ran: Any, now: float) -> int:
@@ -37,8 +45,8 @@ def _round_robin(turns: Any, last_ran: Any, now: float) -> int:
     return min(range(len(turns)), key=lambda i: last_ran[i])
 
 
-def _no_harm(plan: Callable[..., scheduler.Plan]) -> Callable[..., scheduler.Plan]:
-    def planned(*args: Any, **kwargs: Any) -> scheduler.Plan:
+def _no_harm(plan: Callable[..., predictions.Plan]) -> Callable[..., predictions.Plan]:
+    def planned(*args: Any, **kwargs: Any) -> predictions.Plan:
         return dataclasses.replace(plan(*args, **kwargs), harm=0)
 
     return planned
@@ -60,16 +68,16 @@ RULES = (
         "a short prompt due sooner is prefilled between another prompt's chunks (Scheduler.ahead_of)",
         lambda: mock.patch.object(scheduler.Scheduler, "ahead_of", lambda self, *a, **k: None),
     ),
-    Rule("safety", "remaining steps planned at SAFETY x their predicted time", _constant(scheduler, "SAFETY", 1.0)),
+    Rule("safety", "remaining steps planned at SAFETY x their predicted time", _constant("SAFETY", 1.0, scheduler)),
     Rule(
         "background",
         "past-saving rows step only every BACKGROUND_S (else with everyone)",
-        _constant(scheduler, "BACKGROUND_S", 1e-6),
+        _constant("BACKGROUND_S", 1e-6, scheduler, predictions),
     ),
     Rule(
         "edf-turns",
         "between engines, the one due first by deadline takes the turn (next_turn)",
-        _constant(simulator, "next_turn", _round_robin),
+        _constant("next_turn", _round_robin, simulator),
     ),
     Rule(
         "margins",
@@ -86,17 +94,17 @@ RULES = (
         "a better variant only while the load leaves a reserve for later requests (Router.current_reserve)",
         lambda: mock.patch.object(router.Router, "current_reserve", lambda self, budget_ms=None: 0.0),
     ),
-    Rule("burst", "the reserve adds BURST_DEVIATIONS of the load's spread", _constant(router, "BURST_DEVIATIONS", 0.0)),
-    Rule("gather", "a busy engine counts GATHER cheaper (load gathers on one batch)", _constant(router, "GATHER", 0.0)),
+    Rule("burst", "the reserve adds BURST_DEVIATIONS of the load's spread", _constant("BURST_DEVIATIONS", 0.0, router)),
+    Rule("gather", "a busy engine counts GATHER cheaper (load gathers on one batch)", _constant("GATHER", 0.0, router)),
     Rule(
         "workhorse",
         "fallbacks and equals ranked by their cost alone (workhorse_ms), not by predicted latency",
-        _constant(router, "workhorse_ms", lambda target, prompt_tokens, max_tokens: 0.0),
+        _constant("workhorse_ms", lambda target, prompt_tokens, max_tokens: 0.0, router),
     ),
     Rule(
         "harm",
         "a variant whose admission would push running requests over their budgets ranks lower (edf_plan.harm)",
-        lambda: mock.patch.object(router, "edf_plan", _no_harm(scheduler.edf_plan)),
+        lambda: mock.patch.object(router, "edf_plan", _no_harm(predictions.edf_plan)),
     ),
 )
 """Every rule the simulator can switch off, by name."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from slimserve.server.scheduler import Candidate, alone_ms, deadline_harm, edf_plan, predict_ms
+from slimserve.server.predictions import Candidate, alone_ms, deadline_harm, edf_plan, predict_ms
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""

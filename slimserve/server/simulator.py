@@ -23,9 +23,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from slimserve.server.predictions import alone_ms
 from slimserve.server.profile import CostProfile
 from slimserve.server.router import Budget, Decision, Router
-from slimserve.server.scheduler import Scheduler, alone_ms, next_chunk_tokens, next_turn, prefill_chunks
+from slimserve.server.scheduler import Scheduler, next_chunk_tokens, next_turn, prefill_chunks
 
 POLICIES = ("router", "teacher", "fastest", "random", "fcfs")
 """`router`: the budget router; `teacher`: always the best quality; `fastest`: always the variant fastest
@@ -132,7 +133,7 @@ class _Engine:
         self.apart: list[_Job] = []
         self.partial: tuple[_Job, int] | None = None
 
-    # ---- the router's view (`scheduler.Candidate`) ----------------------------------------------
+    # ---- the router's view (`predictions.Candidate`) ----------------------------------------------
 
     @property
     def name(self) -> str:

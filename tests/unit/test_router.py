@@ -19,11 +19,11 @@ from slimserve.models import VariantManifest, load_variant
 from slimserve.server.app import create_app
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.profile import CostProfile
 from slimserve.server.prompts import PromptCache, tokenizer_key
 from slimserve.server.router import GATHER, MAX_MARGIN, Budget, BudgetError, Router, parse_budget, workhorse_ms
 from slimserve.server.sampling import SamplingParams
-from slimserve.server.scheduler import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.serving_engine import EngineBusyError, RequestHandle
 from tests import asgi
 from tests.tiny import make_tiny_variant

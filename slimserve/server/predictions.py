@@ -1,0 +1,207 @@
+"""Where a new request would finish on each variant, as the scheduler would run it: the router's predictions
+(`edf_plan` on shared cores, `predict_ms` on a device of its own, `alone_ms`, `deadline_harm`), planned with
+the scheduler's own test of whether a sequence can still make its deadline (`scheduler.savable`).
+
+Apart from `scheduler.py` because the scheduler decides one engine's next turn from what it holds, while
+these look ahead over every engine's queue for a request not yet placed; both read the same cost profiles.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from slimserve.server.profile import CostProfile
+from slimserve.server.scheduler import BACKGROUND_S, savable
+
+
+class Candidate(Protocol):
+    """What the router needs to know about one variant (the pool's entries provide it)."""
+
+    profile: CostProfile
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def resident(self) -> bool: ...
+    @property
+    def available(self) -> bool: ...
+    @property
+    def memory_mb(self) -> float: ...
+    @property
+    def ppl_ratio(self) -> float | None: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def max_batch_size(self) -> int: ...
+    def deadlines(self) -> list[tuple[float | None, int]]:
+        """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences."""
+        ...
+
+
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """End-to-end latency of this request on `candidate` as its own batch runs it (a device share of its
+    own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size."""
+    profile = candidate.profile
+    step = profile.step_ms(min(candidate.running + candidate.waiting + 1, candidate.max_batch_size))
+    load = 0.0 if candidate.resident else profile.load_ms
+    queue = queued_ms(candidate, prompt_tokens, max_tokens, step)
+    return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * step
+
+
+def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms: float) -> float:
+    """Waiting before its prefill: sequences queued ahead are prefilled first, and beyond the batch size a
+    slot frees only as running sequences finish."""
+    ahead = candidate.waiting
+    queue = ahead * candidate.profile.ttft_ms(prompt_tokens)
+    overflow = candidate.running + ahead + 1 - candidate.max_batch_size
+    if overflow > 0:
+        queue += overflow / candidate.max_batch_size * max_tokens * step_ms
+    return queue
+
+
+def alone_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+    """Latency of this request on `candidate` with the cores to itself: its load if not resident, its
+    prefill, then its steps at batch size one. Earliest-deadline-first turns and rows stepped apart
+    (`Scheduler.schedule_decode`) give a tight request about this while the rest waits.
+
+    A request no variant fits goes to the cheapest variant fast enough alone, not the cheapest outright
+    (which is often too slow for it alone), nor the fastest alone: the workhorse, when fast enough, keeps
+    a second engine's steps out of its rounds.
+
+    It is the live profile's figure, unscaled by the router's calibration, as in the engine's test of
+    whether a row can still be saved: the calibration carries the waiting of requests that run with the
+    others, which a row stepped apart ahead of them does not do."""
+    profile = candidate.profile
+    load = 0.0 if candidate.resident else profile.load_ms
+    return load + profile.ttft_ms(prompt_tokens) + max_tokens * profile.step_ms(1)
+
+
+def deadline_harm(target: Candidate, prompt_tokens: int, now: float | None = None) -> int:
+    """On a device share of its own (no shared cores): how many of `target`'s running sequences, predicted to
+    meet their deadline now, would miss it if one more request joined its batch (its prefill, then a
+    larger batch for each token they still have to generate). `now`: on the deadlines' clock
+    (`time.perf_counter()` when not given)."""
+    now = time.perf_counter() if now is None else now
+    busy = target.running + target.waiting
+    step_now = target.profile.step_ms(busy) if busy else 0.0
+    added = target.profile.step_ms(busy + 1) - step_now
+    prefill = target.profile.ttft_ms(prompt_tokens)
+    pushed = 0
+    for deadline, remaining in target.deadlines():
+        if deadline is None:
+            continue
+        slack = 1000 * (deadline - now) - remaining * step_now
+        if 0 <= slack < prefill + remaining * added:
+            pushed += 1
+    return pushed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A new request on one candidate, as earliest-deadline-first would run it on the shared cores."""
+
+    finish_ms: float
+    """Predicted time until its last token: the work due before its deadline (every engine's steps
+    until its sequences due by then are done, prefills, its own steps) plus its load time."""
+    harm: int
+    """Running sequences predicted to meet their deadlines now that would miss them with it admitted."""
+    load: float
+    """Share of the time until its deadline that the work due by then (its own included) takes."""
+
+
+def edf_plan(
+    candidates: Sequence[Candidate],
+    target: Candidate,
+    prompt_tokens: int,
+    max_tokens: int,
+    deadline_ms: float | None,
+    scale: float = 1.0,
+    now: float | None = None,
+) -> Plan:
+    """Place a request with `deadline_ms` (from now; None: no budget) on `target`, under the compute thread's
+    earliest-deadline-first turns (`compute`).
+
+    The demand test of EDF scheduling: by each deadline d, the cores must have done every step due by d.
+    A sequence due by d needs its engine's remaining steps (a batch step serves all its sequences at
+    once, so an engine's work is its longest remaining sequence due by d), at that engine's step time for
+    the number of its sequences due by d (urgent rows step apart from the rest of their batch). Sequences
+    without a budget are due at the round-robin pace, as the compute thread runs them; ones past saving
+    yield to everything else but still step once per `BACKGROUND_S`, which counts as work due by each
+    deadline. The new request adds its prefill and makes its engine's batch one larger. `scale`: real time
+    per profile time (the router's calibration); deadlines are compared with the profiles' work in profile
+    time. `now`: on the deadlines' clock (`time.perf_counter()` when not given).
+    """
+    now = time.perf_counter() if now is None else now
+    busy = {c.name: c.running + c.waiting for c in candidates}
+    steps_before = {c.name: c.profile.step_ms(busy[c.name]) for c in candidates if busy[c.name]}
+    steps_after = dict(steps_before, **{target.name: target.profile.step_ms(busy[target.name] + 1)})
+    pace = sum(steps_after.values())  # one round of every busy engine
+    due: list[float] = []  # ms from now
+    engine: list[str] = []
+    steps_left: list[int] = []
+    budgeted: list[bool] = []
+    for c in candidates:
+        for deadline, remaining in c.deadlines():
+            if deadline is None:  # no budget: the compute thread runs it at the round-robin pace
+                due.append(remaining * pace)
+            elif savable(1000 * (deadline - now) / scale, remaining, c.profile.step_ms(1)):
+                due.append(1000 * (deadline - now) / scale)
+            else:  # past saving (not even its own steps, stepped apart, fit): it yields to everything else
+                due.append(math.inf)
+            engine.append(c.name)
+            steps_left.append(remaining)
+            budgeted.append(deadline is not None and due[-1] != math.inf)
+    prefill = target.profile.ttft_ms(prompt_tokens)
+
+    background: dict[str, int] = {}  # per engine: the most steps left of its sequences past saving
+    for name, left, when in zip(engine, steps_left, due, strict=True):
+        if when == math.inf:
+            background[name] = max(background.get(name, 0), left)
+
+    profiles = {c.name: c.profile for c in candidates}
+
+    def demand(jobs: list[int], steps: dict[str, float], first_ms: float) -> dict[int, float]:
+        """Per job: the work (ms) that must be done by its due time. An engine steps its rows due first apart
+        from the rest of its batch when they need it (`Scheduler.schedule_decode`), so the work due by a
+        deadline runs at the step time of that engine's rows due by then, not of its whole batch; once a row
+        due by then cannot finish in time even alone, it is not stepped apart, and neither is the rest."""
+        longest: dict[str, int] = {}
+        apart: dict[str, int] = {}  # per engine: rows due so far, or 0 once they step as the whole batch
+        work = {}
+        for job in sorted(jobs, key=lambda j: due[j]):
+            if due[job] == math.inf:
+                continue
+            name = engine[job]
+            longest[name] = max(longest.get(name, 0), steps_left[job])
+            can_save = savable(due[job], steps_left[job], profiles[name].step_ms(1))
+            apart[name] = apart.get(name, 0) + 1 if can_save and apart.get(name, -1) != 0 else 0
+            pending = sum(
+                (min(steps.get(n, 0.0), profiles[n].step_ms(apart[n])) if apart[n] else steps.get(n, 0.0)) * left
+                for n, left in longest.items()
+            )
+            behind = sum(
+                steps.get(name, 0.0) * min(left, due[job] / (1000 * BACKGROUND_S))
+                for name, left in background.items()
+                if name not in longest
+            )
+            work[job] = first_ms + pending + behind
+        return work
+
+    running = list(range(len(due)))
+    before = demand(running, steps_before, 0.0)
+    due.append(deadline_ms / scale if deadline_ms is not None else prefill + max_tokens * pace)
+    engine.append(target.name)
+    steps_left.append(max_tokens)
+    budgeted.append(False)
+    after = demand([*running, len(due) - 1], steps_after, prefill)
+    harm = sum(1 for j in running if budgeted[j] and before[j] <= due[j] < after[j])
+    load = 0.0 if target.resident else target.profile.load_ms
+    queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
+    finish = load + queue + after[len(due) - 1]
+    return Plan(finish * scale, harm, finish / max(due[-1], 1e-3))
