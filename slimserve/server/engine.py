@@ -255,8 +255,7 @@ class TransformersEngine:
             growing_cache(variant.model.config)  # refuses, at load, a model the padded batch cannot hold
         except Exception as exc:
             log.exception("failed to load %s", self.name)
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.state = EngineState.FAILED
+            self._fail(exc)
             self._ready.set()
             return
         with self._lock:
@@ -289,11 +288,14 @@ class TransformersEngine:
             return self._turn(variant)
         except Exception as exc:
             log.exception("%s failed during a turn", self.name)
-            with self._lock:
-                self.error = f"{type(exc).__name__}: {exc}"
-                self.state = EngineState.FAILED
+            self._fail(exc)
             self._stop(f"{self.name} failed: {self.error}")
             return True
+
+    def _fail(self, exc: Exception) -> None:
+        with self._lock:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = EngineState.FAILED
 
     def _warm_up_turn(self, variant: LoadedVariant) -> bool:
         """The next piece of the warm-up; after the last the engine is READY. A forward that raises fails
@@ -303,9 +305,7 @@ class TransformersEngine:
             self._warm_up.pop(0)(variant)
         except Exception as exc:
             log.exception("%s failed to warm up", self.name)
-            with self._lock:
-                self.error = f"{type(exc).__name__}: {exc}"
-                self.state = EngineState.FAILED
+            self._fail(exc)
             self._warm_up = []
             self._stop()
             return True
@@ -502,27 +502,13 @@ class TransformersEngine:
         now = time.perf_counter()
         deliveries: list[tuple[RequestHandle, GenerationEvent]] = []
         for seq, (token, logprob) in zip(stepped, sample_rows([s.sampler for s in stepped], logits), strict=True):
-            seq.generated.append(token)
             if seq.last_token_at is None:
                 self.metrics.ttft.labels(self.name).observe(now - seq.submitted_at)
             else:
                 self.metrics.tpot.labels(self.name).observe(now - seq.last_token_at)
             seq.last_token_at = now
-            finish: str | None = None
-            if token in eos and not seq.params.ignore_eos:
-                text, finish = seq.detokenizer.flush(), "stop"
-            else:
-                delta = seq.detokenizer.add(token)
-                text = delta.text
-                if delta.stopped:
-                    finish = "stop"
-                elif len(seq.generated) >= seq.params.max_tokens:
-                    text, finish = text + seq.detokenizer.flush(), "length"
-            event = GenerationEvent(
-                text, [token], [logprob] if logprob is not None else [], finish, completion_tokens=len(seq.generated)
-            )
-            if finish is not None:
-                seq.done = True
+            event = seq.take(token, logprob, eos)
+            if seq.done:
                 self._account(seq)
             deliveries.append((seq.handle, event))
         deliver(deliveries)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from transformers import DynamicCache
 
 from slimserve.server.detokenize import IncrementalDetokenizer
-from slimserve.server.sampling import Sampler, SamplingParams
-from slimserve.server.serving_engine import RequestHandle
+from slimserve.server.sampling import Sampler, SamplingParams, TokenLogprob
+from slimserve.server.serving_engine import GenerationEvent, RequestHandle
 
 
 @dataclass(eq=False)  # identity: a sequence is found in (and removed from) the queue as itself
@@ -28,6 +28,25 @@ class EngineSequence:
     done: bool = False
     accounted: bool = False
     """Its end was counted (tokens, and its place among the admitted), which happens once."""
+
+    def take(self, token: int, logprob: TokenLogprob | None, eos: set[int]) -> GenerationEvent:
+        """Append a sampled token and say what its client gets: the text it completes, and the finish reason
+        if it ends the sequence (EOS unless ignored, a stop string, or `max_tokens`)."""
+        self.generated.append(token)
+        finish: str | None = None
+        if token in eos and not self.params.ignore_eos:
+            text, finish = self.detokenizer.flush(), "stop"
+        else:
+            delta = self.detokenizer.add(token)
+            text = delta.text
+            if delta.stopped:
+                finish = "stop"
+            elif len(self.generated) >= self.params.max_tokens:
+                text, finish = text + self.detokenizer.flush(), "length"
+        if finish is not None:
+            self.done = True
+        logprobs = [logprob] if logprob is not None else []
+        return GenerationEvent(text, [token], logprobs, finish, completion_tokens=len(self.generated))
 
     @property
     def steps_left(self) -> int:
