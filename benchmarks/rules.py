@@ -95,10 +95,9 @@ RULES = (
         lambda: mock.patch.object(router.Router, "current_reserve", lambda self, budget_ms=None: 0.0),
     ),
     Rule("burst", "the reserve adds BURST_DEVIATIONS of the load's spread", _constant("BURST_DEVIATIONS", 0.0, router)),
-    Rule("gather", "a busy engine counts GATHER cheaper (load gathers on one batch)", _constant("GATHER", 0.0, router)),
     Rule(
         "workhorse",
-        "fallbacks and equals ranked by their cost alone (workhorse_ms), not by predicted latency",
+        "fallbacks and equals ranked by their per-request cost at the batch they would join (workhorse_ms)",
         _constant("workhorse_ms", lambda target, prompt_tokens, max_tokens: 0.0, router),
     ),
     Rule(

@@ -11,10 +11,10 @@ steps share the cores, the prediction follows the compute thread's earliest-dead
 without pushing running requests over theirs. It picks the highest-quality variant predicted to meet the
 budget; if none can, the fastest, and says so. While the cores are busy (the expected load leaves no room
 for a better variant), and for a request no variant can serve in time, "fastest" on shared cores means the
-workhorse (`workhorse_ms`): the variant whose own steps finish this request soonest by its measured
-figures, or one already stepping a batch within `GATHER` of it, so load gathers on one fast engine's batch
-instead of spreading; a request that only steps of its own can still save goes to the workhorse of the
-variants whose steps alone make it (`alone_ms`).
+workhorse (`workhorse_ms`): the variant whose steps cost this request least at the batch it would join,
+by its measured figures, so load gathers on one engine's batch instead of spreading; a request that only
+steps of its own can still save goes to the workhorse of the variants whose steps alone make it
+(`alone_ms`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "a
 MAX_MARGIN = 2.0
 """The largest factor a variant's budgets are divided by: overruns beyond it come from other engines' work that
 no prediction made at arrival sees, and a larger margin would make every variant look too slow."""
-
-GATHER = 0.15
-"""An engine already stepping a batch serves a fallback unless an idle one is this much faster alone: two busy
-engines on shared cores step in turns, each round costing both their steps, where one engine's batch steps
-its rows at once; without it two variants close in speed split the load by each request's shape."""
 
 BURST_DEVIATIONS = 1.0
 """Standard deviations of the work arriving before a deadline (`Router.load_spread`) that the reserve keeps
@@ -117,12 +112,14 @@ C = TypeVar("C", bound=Candidate)
 
 
 def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> float:
-    """Cost of this request on `target` when the router sheds load: its prefill and `max_tokens` steps at
-    batch size one by the manifest's figures (plus the load if not resident), less `GATHER` of it if
-    `target` is already stepping a batch.
+    """Cost of this request to the cores on `target` when the router sheds load: its prefill, then its
+    share of `max_tokens` steps of the batch it would join (one step at the batch's size divided by its
+    rows), by the manifest's figures (plus the load if not resident).
 
-    Batch one, not a full batch: where budgets are at stake batches are small, and ranked at a full batch
-    the variant that batches best wins even where it is the slowest for a request on its own.
+    The batch it joins, not batch one: a variant whose step barely grows with its rows (the bf16 teacher on
+    AMX: 40 ms at one row, 49 at sixteen) costs the cores far less per request once busy than one faster
+    alone that batches poorly (int4 there: 21 and 59 ms); docs/BENCHMARKS.md, Routing on the simulator, rule
+    `workhorse`. An idle variant is ranked at batch one.
 
     The figures are the manifest's, measured on a quiet machine, not the ones corrected from traffic: those
     carry the contention of whenever each variant ran, so the variant that serves under load would learn
@@ -130,8 +127,9 @@ def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> floa
     """
     profile = target.profile
     load = 0.0 if target.resident else profile.load_ms
-    alone = load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * profile.manifest_step_ms(1)
-    return alone * (1 - GATHER) if target.running + target.waiting else alone
+    rows = min(target.running + target.waiting + 1, target.max_batch_size)
+    per_row_ms = profile.manifest_step_ms(rows) / rows
+    return load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * per_row_ms
 
 
 @dataclass
@@ -309,7 +307,7 @@ class Router:
             harm = {name: plan.harm for name, plan in plans.items()}
             load = {name: plan.load for name, plan in plans.items()}
             # what it costs the others: on shared cores the cheapest choice when the cores are busy is the
-            # workhorse, the fastest alone or a running batch nearly as fast (`workhorse_ms`)
+            # workhorse, the cheapest per request at the batch it would join (`workhorse_ms`)
             cost = {c.name: workhorse_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}

@@ -22,7 +22,7 @@ from slimserve.server.metrics import ServerMetrics
 from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.profile import CostProfile
 from slimserve.server.prompts import PromptCache, tokenizer_key
-from slimserve.server.router import GATHER, MAX_MARGIN, Budget, BudgetError, Router, parse_budget, workhorse_ms
+from slimserve.server.router import MAX_MARGIN, Budget, BudgetError, Router, parse_budget, workhorse_ms
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.serving_engine import EngineBusyError, RequestHandle
 from tests import asgi
@@ -245,8 +245,8 @@ def test_a_request_that_will_miss_joins_the_workhorse_batch_not_an_idle_slower_e
     family = [TEACHER, INT8, crowded]
     # 100 tokens on int4: its 7-row steps (37.1 ms) for all 100; on idle int8: 100 x 25 ms
     assert edf_plan(family, INT8, 20, 100, 300).finish_ms < edf_plan(family, crowded, 20, 100, 300).finish_ms
-    # by their own steps: 15 + 100 x 20 ms on int4, less the gathering discount of a running batch
-    assert workhorse_ms(crowded, 20, 100) == pytest.approx((15 + 100 * 20) * (1 - GATHER))
+    # its share of the batch it joins: 15 + 100 x (int4's 7-row step, 37.1 ms, over 7 rows); int8 idle: alone
+    assert workhorse_ms(crowded, 20, 100) == pytest.approx(15 + 100 * (20 + 6 / 7 * 20) / 7)
     assert workhorse_ms(INT8, 20, 100) == pytest.approx(15 + 100 * 25)
     decision = Router(reserve=0).choose(family, Budget(latency_ms=300), 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int4", False) and "fastest" in decision.reason
@@ -259,7 +259,8 @@ def test_a_request_only_its_own_steps_can_save_goes_where_they_can() -> None:
     now = time.perf_counter()
     busy = _variant("int8", step_ms=22, ppl_ratio=1.01, memory_mb=400, running=6, pending=[(now + 60, 50)] * 6)
     idle = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
-    # 40 tokens alone: 15 ms prefill + 40 x 20 ms = 815 ms on int4, 895 ms on int8, which is within GATHER
+    # 40 tokens alone: 15 ms prefill + 40 x 20 ms = 815 ms on int4, 895 ms on int8; int8's share of its batch
+    # of 7 is far less
     assert alone_ms(idle, 20, 40) == pytest.approx(815) and alone_ms(busy, 20, 40) == pytest.approx(895)
     assert workhorse_ms(busy, 20, 40) < workhorse_ms(idle, 20, 40)
     router = Router()
@@ -293,23 +294,24 @@ def test_a_tight_request_joining_a_busy_batch_is_predicted_at_the_pace_of_its_ow
     assert edf_plan([tight], tight, 200, 10, 5_000).harm == 1
 
 
-def test_busy_cores_do_not_join_a_slow_batch_when_an_idle_variant_is_much_faster_alone() -> None:
-    """A slow variant already stepping a long sequence adds little per token for one more row, but piling
-    requests on it keeps it busy: beyond `GATHER`, the variant fastest alone serves."""
+def test_busy_cores_join_a_running_batch_whose_share_costs_less_than_an_idle_variant_alone() -> None:
+    """A variant already stepping a batch adds one row's share of its step per token; an idle variant adds
+    its whole step: on shared cores the running batch is the cheaper place, even when it is slower alone."""
     now = time.perf_counter()
     slow_busy = _variant("int8", step_ms=25, ppl_ratio=1.09, memory_mb=400, running=1, pending=[(now + 60, 400)])
     fast = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
-    # equal quality; both fit 5 s (int8 joined: 100 x 28.6 ms, int4 alone: 100 x 20 ms), neither leaves the
-    # reserve for later requests free. int8's own steps are 25% slower, more than the gathering discount
-    assert workhorse_ms(fast, 20, 100) < workhorse_ms(slow_busy, 20, 100)
+    # equal quality; both fit 5 s, neither leaves the reserve for later requests free. int8's 2-row step
+    # (28.6 ms) shared by two rows costs 14.3 ms a token, int4 alone 20
+    assert workhorse_ms(slow_busy, 20, 100) == pytest.approx(15 + 100 * (25 + 25 / 7) / 2)
+    assert workhorse_ms(slow_busy, 20, 100) < workhorse_ms(fast, 20, 100)
     decision = Router(reserve=0.9).choose([slow_busy, fast], Budget(latency_ms=5_000), 20, 100)[1]
-    assert decision.variant == "int4" and "least" in decision.reason
+    assert decision.variant == "int8" and "least" in decision.reason
 
 
 def test_busy_cores_rank_variants_by_their_own_steps_not_by_how_well_they_batch() -> None:
-    """Ranked at a full batch, the variant that batches best took the fallbacks even where its own steps
-    were much slower (the fp32 student on an AVX-512 machine: the cheapest at 8 rows, 1.7x slower alone);
-    where budgets are at stake batches are small."""
+    """With nothing in flight a request would step alone: ranked at a full batch, the variant that batches
+    best would take it even where its own steps are much slower (the fp32 student on an AVX-512 machine:
+    the cheapest at 8 rows, 1.7x slower alone)."""
     fast = _variant("int4", step_ms=20, ppl_ratio=1.09, memory_mb=300)
     fast.profile.step_b8_ms = 60  # 7.5 ms per sequence at 8 rows
     batches_well = _variant("fp32", step_ms=30, ppl_ratio=1.09, memory_mb=400)
