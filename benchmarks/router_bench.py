@@ -47,11 +47,15 @@ class Live:
     sequences: str | None
 
 
-def token_prompts(teacher_dir: Path, requests: list[Arrival], seed: int) -> list[list[int]]:
-    """Per request, exactly its prompt length of token ids cut from held-out text at a seeded offset."""
+def held_out_ids(teacher_dir: Path) -> list[int]:
+    """The held-out text as the teacher's token ids, which prompts are cut from."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(str(teacher_dir))(eval_text())["input_ids"]
+    return list(AutoTokenizer.from_pretrained(str(teacher_dir))(eval_text())["input_ids"])
+
+
+def token_prompts(ids: list[int], requests: list[Arrival], seed: int) -> list[list[int]]:
+    """Per request, exactly its prompt length of token ids cut from held-out text at a seeded offset."""
     rng = random.Random(seed)
     prompts = []
     for request in requests:
@@ -140,7 +144,7 @@ def main() -> int:
     args = parser.parse_args()
 
     variants: list[Variant] = registered_variants(args.variants)
-    teacher_dir = VariantRegistry().resolve(args.variants[0]).path
+    ids = held_out_ids(VariantRegistry().resolve(args.variants[0]).path)
     port = free_port()
     command = [sys.executable, "-m", "slimserve", "serve", "--port", str(port)]
     for name in args.variants:
@@ -166,7 +170,7 @@ def main() -> int:
             )
             requests = arrivals(workload, variants)
             simulated = simulate(variants, workload, "router")
-            prompts = token_prompts(teacher_dir, requests, args.seed)
+            prompts = token_prompts(ids, requests, args.seed)
             live = asyncio.run(replay(f"http://127.0.0.1:{port}/v1", requests, prompts))
             results.append(compare(rate, requests, live, simulated.latencies_ms, simulated.routed))
             print(results[-1].row(), flush=True)
