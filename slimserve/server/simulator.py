@@ -181,12 +181,12 @@ class _Engine:
         spent, finished = 0.0, []
         if plan.jump is not None:
             self.queue.remove(plan.jump)
-            spent += self._prefill_s(plan.jump.prompt_tokens, plan.jump.prompt_tokens)
+            spent += self._prefill_s(plan.jump.prompt_tokens, plan.jump.prompt_tokens, last=True)
             finished += self._first_token(plan.jump, now + spent)
         if plan.chunk and self.partial is not None:
             job, done = self.partial
             chunk = next_chunk_tokens(job.prompt_tokens, done)
-            spent += self._prefill_s(job.prompt_tokens, chunk)
+            spent += self._prefill_s(job.prompt_tokens, chunk, last=done + chunk >= job.prompt_tokens)
             self.partial = (job, done + chunk)
             if done + chunk >= job.prompt_tokens:
                 self.partial = None
@@ -194,7 +194,7 @@ class _Engine:
         for job in plan.start:
             self.queue.remove(job)
             first = prefill_chunks(job.prompt_tokens)[0]
-            spent += self._prefill_s(job.prompt_tokens, first)
+            spent += self._prefill_s(job.prompt_tokens, first, last=first >= job.prompt_tokens)
             if first < job.prompt_tokens:
                 self.partial = (job, first)
             else:
@@ -223,10 +223,12 @@ class _Engine:
             self.apart = [j for j in self.apart if not j.done]
         return spent, finished
 
-    def _prefill_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
-        """A chunk's share of the whole prefill's true cost; the live profile learns the whole prefill's."""
+    def _prefill_s(self, prompt_tokens: int, chunk_tokens: int, last: bool) -> float:
+        """A chunk's share of the whole prefill's true cost; the live profile learns a whole prefill once, at
+        its last chunk, as the engine does."""
         whole_s = self.truth.ttft_ms(prompt_tokens) / 1000 * self.noise()
-        self.profile.observe_prefill(prompt_tokens, whole_s)
+        if last:
+            self.profile.observe_prefill(prompt_tokens, whole_s)
         return whole_s * chunk_tokens / max(prompt_tokens, 1)
 
     def _first_token(self, job: _Job, at: float) -> list[_Job]:
