@@ -4,8 +4,9 @@
     python benchmarks/router_bench.py [--variants NAME ...] [--rates 0.1 0.3] [--slo-scale 3] [--cv 1]
                                       [--count 40] [--seed 0] [--jitter 0.1] [--dump FILE] [--write FILE]
 
-The variants are registered ones with measured profiles (`slimserve profile`), the teacher first; the
-server serves them all. Per rate, the simulator's seeded workload (`slimserve.server.simulator.arrivals`:
+The variants are registered ones, the teacher first; the server serves them all. Each is profiled again
+first (`slimserve profile`, into its manifest; `--no-profile` keeps the recorded one), so the simulator's
+costs come from the same phase of the host as the live run: this host drifts 10-30% between phases. Per rate, the simulator's seeded workload (`slimserve.server.simulator.arrivals`:
 Gamma arrivals, prompt and output lengths, budgets an SLO scale times each request's best unloaded
 latency) is sent as completions requests: the prompt as exactly that many token ids of held-out text,
 `max_tokens` the output length with `ignore_eos` (every request does exactly the work simulated), the
@@ -140,9 +141,20 @@ def main() -> int:
     parser.add_argument("--jitter", type=float, default=0.1, help="the simulator's per-turn cost noise (CV)")
     parser.add_argument("--dump", type=Path, default=None, help="every request, live and simulated (JSON lines)")
     parser.add_argument("--trace-turns", type=Path, default=None, help="passed to the server (--trace-turns)")
+    parser.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="simulate on the profiles the manifests hold (by default each variant is profiled first, so the "
+        "simulated and the live run meet the host in the same phase)",
+    )
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
 
+    if args.profile:
+        for name in args.variants:
+            print(f"== slimserve profile {name} --repeats 5", flush=True)
+            subprocess.run([sys.executable, "-m", "slimserve", "profile", name, "--repeats", "5"], check=True)
     variants: list[Variant] = registered_variants(args.variants)
     ids = held_out_ids(VariantRegistry().resolve(args.variants[0]).path)
     port = free_port()
@@ -198,7 +210,8 @@ def main() -> int:
         args.dump.write_text("".join(json.dumps(row) + "\n" for row in dump))
     lines = heading("## Simulator fidelity: `make bench-router`", "benchmarks/router_bench.py")
     lines += [
-        f"- variants: {', '.join(args.variants)}, all resident, profiles as their manifests record them",
+        f"- variants: {', '.join(args.variants)}, all resident, "
+        + ("each profiled (`slimserve profile`) just before the replay" if args.profile else "profiles as recorded"),
         f"- workload: the simulator's (seed {args.seed}, {args.count} requests per rate, cv {args.cv:g}, SLO scale "
         f"{args.slo_scale:g}), sent as completions with `model: auto`, exact prompt token ids, `ignore_eos`",
         "- error: median over requests of |simulated - live| / live latency; same variant: share routed alike",

@@ -349,10 +349,11 @@ def sweep_servers(variant: str, path: Path, args: argparse.Namespace, port: int)
     every = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores))
     base = servers_for(variant, path, argparse.Namespace(**{**vars(args), "servers": ["slimserve-vllm"]}), port)[0]
     found = []
-    for label, env in CPU_LAYOUTS.items():
-        layout = {k: every if v == "all" else v for k, v in env.items()}
-        found.append(Server(f"slimserve-vllm ({label})", variant, base.command, base.health, base.model,
-                            {**base.env, **layout}))  # fmt: skip
+    for round_ in range(1, args.sweep_rounds + 1):  # interleaved: a later server runs on a warmer host
+        for label, env in CPU_LAYOUTS.items():
+            layout = {k: every if v == "all" else v for k, v in env.items()}
+            name = f"slimserve-vllm ({label}{f', round {round_}' if args.sweep_rounds > 1 else ''})"
+            found.append(Server(name, variant, base.command, base.health, base.model, {**base.env, **layout}))
     return found
 
 
@@ -434,6 +435,7 @@ def main() -> int:
     parser.add_argument("--llama-server", default=str(ROOT / ".llama-cpp/bin/llama-server"), help="llama-server binary")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache per vLLM row, GiB")
     parser.add_argument("--cpu-sweep", action="store_true", help="also slimserve-vllm under each of CPU_LAYOUTS")
+    parser.add_argument("--sweep-rounds", type=int, default=1, help="times --cpu-sweep goes through CPU_LAYOUTS")
     parser.add_argument("--section", default="serve-bench", help="section of the markdown file to write")
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()

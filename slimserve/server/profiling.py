@@ -1,6 +1,6 @@
-"""`slimserve profile`: what a variant's turns cost on this host, measured through the engine's own forwards
-(chunked prefill into a growing cache; decode steps of a padded batch), recorded in its manifest where
-`CostProfile.from_manifest` reads it.
+"""`slimserve profile`: what a variant's turns cost on this host, measured as the engine's own turns (a
+ready engine stepped by the profiler: chunked prefill, sampling, detokenizing and delivering included, as
+the simulator charges a turn), recorded in its manifest where `CostProfile.from_manifest` reads it.
 
 The manifest keeps the tables the cost profile interpolates (`cost_profile`: prefill milliseconds by
 prompt length, decode-step milliseconds by rows, and one-row steps by context length, which the profile
@@ -10,23 +10,23 @@ does not read yet), plus the summary figures other readers use: `ttft_ms_128`, `
 
 from __future__ import annotations
 
-import copy
-import functools
+import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from slimserve.models.loader import LoadedVariant, load_variant
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.registry import VariantRegistry
-from slimserve.server.batch import PaddedKVBatch
-from slimserve.server.forward import prefill_forward, step_forward
-from slimserve.server.kv_cache import growing_cache
-from slimserve.server.scheduler import prompt_chunk
+from slimserve.server.compute import ComputeThread
+from slimserve.server.engine import TransformersEngine
+from slimserve.server.metrics import ServerMetrics
+from slimserve.server.sampling import SamplingParams
+from slimserve.server.serving_engine import EngineState
 
 PROFILE_PROMPT = 128
 """Prompt length of the manifest's time-to-first-token figure (`ttft_ms_128`)."""
@@ -89,77 +89,87 @@ class Measured:
         }
 
 
-def _median_ms(run: Callable[[], float], repeats: int) -> float:
-    run()  # untimed: the first forward at a shape pays one-off costs
-    times = sorted(run() for _ in range(repeats))
-    return 1000.0 * times[len(times) // 2]
+def _engine(variant: LoadedVariant) -> TransformersEngine:
+    """A ready engine for `variant` whose turns the profiler takes itself: no load thread, and a compute
+    thread never started, so each `step()` is one turn timed alone."""
+    engine = TransformersEngine(
+        lambda: variant, name=variant.name, metrics=ServerMetrics(), compute=ComputeThread(name="profile-unstarted")
+    )
+    engine.state, engine.variant = EngineState.READY, variant
+    return engine
 
 
 def _prompt(length: int, vocab: int) -> list[int]:
     return [(7 * i + 3) % vocab for i in range(length)]
 
 
-def _prefill(variant: LoadedVariant, prompt: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-    """The whole prompt, chunk by chunk as the engine's turns prefill it; the cache and the last logits."""
-    cache = growing_cache(variant.model.config)
-    done, logits = 0, torch.empty(0)
-    while done < len(prompt):
-        chunk = prompt_chunk(prompt, done)
-        logits = prefill_forward(variant.model, cache, chunk)
-        done += len(chunk)
-    return cache, logits
-
-
-def _timed_prefill(variant: LoadedVariant, prompt: list[int]) -> float:
-    began = time.perf_counter()
-    _, logits = _prefill(variant, prompt)
-    logits.argmax(-1)
-    return time.perf_counter() - began
-
-
-def _batch(variant: LoadedVariant, rows: int, context: int) -> PaddedKVBatch:
-    """`rows` copies of one prefilled `context`-token prompt, as a batch the engine steps."""
-    cache, _ = _prefill(variant, _prompt(context, int(variant.model.config.vocab_size)))
-    batch = PaddedKVBatch()
-    for _ in range(rows):
-        batch.add(copy.deepcopy(cache))
-    return batch
-
-
-def _timed_steps(variant: LoadedVariant, batch: PaddedKVBatch) -> Callable[[], float]:
-    """One decode step of every row of `batch` per call, greedy token fed back (the cache grows by one)."""
-    tokens = torch.ones((batch.size, 1), dtype=torch.long)  # (B, 1)
-
-    def step() -> float:
-        nonlocal tokens
+async def _turns(
+    engine: TransformersEngine, prompts: list[list[int]], max_tokens: int
+) -> list[tuple[float, dict[str, Any]]]:
+    """Submit `prompts` (greedy, exactly `max_tokens` each) and take the engine's turns until it is idle:
+    each turn's seconds and its record (`last_turn`: prefills, rows stepped)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    handles = [engine.submit(prompt, params) for prompt in prompts]
+    turns = []
+    while True:
         began = time.perf_counter()
-        tokens = step_forward(variant.model, batch, tokens).argmax(-1, keepdim=True)  # (B, 1)
-        return time.perf_counter() - began
+        if not engine.step():
+            break
+        turns.append((time.perf_counter() - began, dict(engine.last_turn())))
+        await asyncio.sleep(0)  # deliver the turn's events, as the server's event loop does between turns
+    for handle in handles:
+        async for _ in handle.events():
+            pass
+    return turns
 
-    return step
+
+def _median_ms(seconds: list[float]) -> float:
+    return 1000.0 * statistics.median(seconds)
 
 
-@torch.inference_mode()
+async def _prefill_ms(engine: TransformersEngine, length: int, vocab: int, repeats: int) -> float:
+    """Turns from a prompt's arrival to its first token (every chunk, and sampling that token), the median
+    of `repeats` runs after an untimed one: the first forward at a shape pays one-off costs."""
+    runs = [await _turns(engine, [_prompt(length, vocab)], 1) for _ in range(repeats + 1)]
+    return _median_ms([sum(seconds for seconds, _ in run) for run in runs[1:]])
+
+
+async def _step_ms(engine: TransformersEngine, rows: int, context: int, vocab: int, repeats: int) -> float:
+    """Decode turns of `rows` sequences of a `context`-token prompt stepping together (no prefill in the
+    turn), the median of `repeats` after an untimed one."""
+    turns = await _turns(engine, [_prompt(context, vocab)] * rows, rows + repeats + 2)
+    full = [seconds for seconds, turn in turns if not turn["prefills"] and len(turn.get("rows", ())) == rows]
+    if len(full) < repeats + 1:
+        raise RuntimeError(f"{engine.name}: {len(full)} turns of {rows} rows, expected {repeats + 1}")
+    return _median_ms(full[1 : repeats + 1])
+
+
 def measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[str], None] = print) -> Measured:
     """Prefill time against prompt length, step time against rows (at a 128-token context) and against
-    context (one row), each the median of `config.repeats` runs after a warm-up run."""
-    room = variant.context_length - config.repeats - 2  # steps extend the context past the prompt
+    context (one row), each the median of `config.repeats` of the engine's own turns after an untimed one."""
+    with torch.inference_mode():
+        return asyncio.run(_measure(variant, config, progress))
+
+
+async def _measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[str], None]) -> Measured:
+    steps = config.repeats + max(*config.batch_sizes, *PROFILE_BATCHES) + 2  # decoding extends the context
+    room = variant.context_length - steps
     if room < PROFILE_PROMPT:
         raise ValueError(f"{variant.name}: a context of {variant.context_length} tokens is too short to profile")
     vocab = int(variant.model.config.vocab_size)
+    engine = _engine(variant)
     found = Measured(load_s=variant.load_seconds)
     skipped = sorted(n for n in {*config.prompt_lengths, *config.contexts} if n > room)
     if skipped:
         progress(f"skipped lengths {skipped}: beyond the context of {variant.context_length} tokens")
     for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
-        timed = functools.partial(_timed_prefill, variant, _prompt(length, vocab))
-        found.prefill_ms[length] = _median_ms(timed, config.repeats)
+        found.prefill_ms[length] = await _prefill_ms(engine, length, vocab, config.repeats)
         progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
     for rows in sorted({*PROFILE_BATCHES, *config.batch_sizes}):
-        found.step_ms[rows] = _median_ms(_timed_steps(variant, _batch(variant, rows, PROFILE_PROMPT)), config.repeats)
+        found.step_ms[rows] = await _step_ms(engine, rows, PROFILE_PROMPT, vocab, config.repeats)
         progress(f"step {rows:>3} rows at context {PROFILE_PROMPT}: {found.step_ms[rows]:8.2f} ms")
     for context in sorted(n for n in config.contexts if n <= room):
-        found.context_step_ms[context] = _median_ms(_timed_steps(variant, _batch(variant, 1, context)), config.repeats)
+        found.context_step_ms[context] = await _step_ms(engine, 1, context, vocab, config.repeats)
         progress(f"step   1 row  at context {context}: {found.context_step_ms[context]:8.2f} ms")
     return found
 
