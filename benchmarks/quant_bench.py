@@ -52,16 +52,14 @@ def main() -> int:
                         help="rows beyond one per method: int8 embedding (-emb8), int8 head (-head8)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="measure variants already in the scratch registry instead of rebuilding them")  # fmt: skip
+    parser.add_argument("--build-only", action="store_true",
+                        help="build the variants and stop (measure them later, on a quiet host: --reuse)")  # fmt: skip
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()
 
     teacher = VariantRegistry().resolve(args.teacher)
     scratch = VariantRegistry(args.home or slimserve_home() / "bench")
     config = EvalConfig()
-    print(f"== teacher {teacher.name}", flush=True)
-    teacher_metrics = evaluate(str(teacher.path), teacher=str(teacher.path), config=config, write=False)
-    fp32_size = teacher_metrics["size_bytes"]
-    rows = [row(teacher.name, "none (bf16 compute)", 32, teacher_metrics, teacher_metrics, fp32_size)]
     runs = [method_config(method, name=f"{teacher.name}-{method}") for method in args.methods]
     # weight-only methods also with one int8 table for the tied embedding and head (smaller and faster);
     # W8A8 methods with an int8 head of their own (faster, but the float embedding stays as well)
@@ -75,6 +73,11 @@ def main() -> int:
         for method in args.methods
         if method in ("int8-dynamic", "int8-static") and args.extras == "all"
     ]
+    if not args.build_only:
+        print(f"== teacher {teacher.name}", flush=True)
+        teacher_metrics = evaluate(str(teacher.path), teacher=str(teacher.path), config=config, write=False)
+        fp32_size = teacher_metrics["size_bytes"]
+        rows = [row(teacher.name, "none (bf16 compute)", 32, teacher_metrics, teacher_metrics, fp32_size)]
     for quantize_config in runs:
         method, name = quantize_config.method, str(quantize_config.name)
         path = scratch.variants_dir / name
@@ -82,10 +85,14 @@ def main() -> int:
         if not (args.reuse and (path / "manifest.json").is_file()):
             shutil.rmtree(path, ignore_errors=True)
             path = quantize_variant(str(teacher.path), quantize_config, scratch)
+        if args.build_only:
+            continue
         metrics = evaluate(str(path), teacher=str(teacher.path), config=config)
         rows.append(row(path.name, method, METHODS[method].bits, metrics, teacher_metrics, fp32_size))
         print(rows[-1], flush=True)
 
+    if args.build_only:
+        return 0
     body = "\n".join(
         [
             f"## Quantization of {teacher.name}: `make bench-quant`"
