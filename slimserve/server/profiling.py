@@ -26,6 +26,7 @@ from slimserve.models.registry import VariantRegistry
 from slimserve.server.batch import PaddedKVBatch
 from slimserve.server.forward import prefill_forward, step_forward
 from slimserve.server.kv_cache import growing_cache
+from slimserve.server.profile import VLLM_PROFILE_KEY
 from slimserve.server.scheduler import prompt_chunk
 
 PROFILE_PROMPT = 128
@@ -69,24 +70,32 @@ class Measured:
     step_ms: dict[int, float] = field(default_factory=dict)
     context_step_ms: dict[int, float] = field(default_factory=dict)
     load_s: float = 0.0
+    runtime: str = "transformers"
+    """Whose engine ran the forwards: `transformers` (slimserve's) or `vllm` (`vllm_profiling`)."""
+    max_num_batched_tokens: int | None = None
+    """vLLM only: its token budget per step, which the simulator's vLLM engine chunks prompts by."""
 
     def metrics(self) -> dict[str, Any]:
-        """The manifest figures `CostProfile.from_manifest` reads."""
+        """The manifest figures `CostProfile.from_manifest` reads: at the top level for the transformers
+        engine; for vLLM, all under `cost_profile_vllm`, so neither runtime's figures overwrite the other's."""
 
         def table(ms: dict[int, float]) -> dict[str, float]:
             return {str(x): round(v, 2) for x, v in sorted(ms.items())}  # as the summary figures
 
-        return {
+        summary = {
             "ttft_ms_128": round(self.prefill_ms[PROFILE_PROMPT], 2),
             "decode_tok_s_b1": round(1000.0 / self.step_ms[1], 2),
             "decode_tok_s_b8": round(8000.0 / self.step_ms[8], 2),
             "load_s": round(self.load_s, 3),
-            "cost_profile": {
-                "prefill_ms": table(self.prefill_ms),
-                "step_ms": table(self.step_ms),
-                "context_step_ms": table(self.context_step_ms),
-            },
         }
+        tables = {
+            "prefill_ms": table(self.prefill_ms),
+            "step_ms": table(self.step_ms),
+            "context_step_ms": table(self.context_step_ms),
+        }
+        if self.runtime == "transformers":
+            return {**summary, "cost_profile": tables}
+        return {VLLM_PROFILE_KEY: {**summary, **tables, "max_num_batched_tokens": self.max_num_batched_tokens}}
 
 
 def _median_ms(run: Callable[[], float], repeats: int) -> float:
