@@ -239,6 +239,9 @@ class SimulateArgs:
     each, the teacher first (quality is perplexity relative to it)."""
     json_path: str | None = None
     """Also write every cell's figures to this JSON file."""
+    backend: str = "transformers"
+    """Whose engine serves every variant, on its profile for that engine: transformers (`slimserve profile`) or
+    vllm (`slimserve profile --backend vllm`: vLLM's continuous batching, deadlines as priorities)."""
 
 
 def simulate(args: SimulateArgs, grid: GridConfig) -> None:
@@ -246,7 +249,7 @@ def simulate(args: SimulateArgs, grid: GridConfig) -> None:
     print SLO attainment and mean quality per cell and goodput per policy."""
     from slimserve.server.simulator import grid_table, registered_variants, run_grid
 
-    variants = registered_variants(args.variants)
+    variants = registered_variants(args.variants, args.backend)
     cells = run_grid(variants, grid)
     print("\n".join(grid_table(variants, cells)))
     if args.json_path is not None:
