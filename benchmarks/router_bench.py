@@ -6,7 +6,8 @@
 
 The variants are registered ones, the teacher first; the server serves them all. Each is profiled again
 first (`slimserve profile`, into its manifest; `--no-profile` keeps the recorded one), so the simulator's
-costs come from the same phase of the host as the live run: this host drifts 10-30% between phases. Per rate, the simulator's seeded workload (`slimserve.server.simulator.arrivals`:
+costs come from the same phase of the host as the live run: this host drifts 10-30% between phases.
+Per rate, the simulator's seeded workload (`slimserve.server.simulator.arrivals`:
 Gamma arrivals, prompt and output lengths, budgets an SLO scale times each request's best unloaded
 latency) is sent as completions requests: the prompt as exactly that many token ids of held-out text,
 `max_tokens` the output length with `ignore_eos` (every request does exactly the work simulated), the

@@ -2,11 +2,15 @@
 
     python benchmarks/simulate.py [--variants NAME ...] [--rates 0.1 0.3 ...] [--slo-scales 2 4 ...]
                                   [--cvs 1 2] [--count 200] [--seeds 0 1] [--jitter 0.1]
+                                  [--backend transformers|vllm]
                                   [--ablate [RULE ...]] [--plots DIR] [--json OUT] [--write FILE]
 
 Each cell of the grid (rate x SLO scale x burstiness) serves the same seeded requests under every policy
 (router, always-teacher, always-fastest, random, FCFS) on the variants' cost profiles: their manifests'
 measured tables (`slimserve profile`), or, without `--variants`, a demo family of three made-up profiles.
+`--backend vllm` serves every variant on a simulated vLLM engine (continuous batching, chunked prefill within
+vLLM's token budget, deadlines as priorities: `slimserve.server.sim_vllm`) from its vLLM profile
+(`slimserve profile NAME --backend vllm`); its section is written apart from the transformers engine's.
 Printed: SLO attainment and mean quality (perplexity ratio to the teacher) per policy and cell, goodput per
 policy (the highest rate at which at least 95% of requests met their SLO), and the issue's two checks.
 `--ablate` serves the grid again with each scheduling or routing rule switched off (`benchmarks/rules.py`)
@@ -26,7 +30,7 @@ from pathlib import Path
 from report import heading, publish
 from rules import BY_NAME, RULES
 
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import RUNTIMES, CostProfile
 from slimserve.server.simulator import (
     Cell,
     GridConfig,
@@ -131,7 +135,7 @@ def ablations(variants: Sequence[Variant], grid: GridConfig, base: Sequence[Cell
     return lines
 
 
-def plot(cells: Sequence[Cell], directory: Path) -> list[Path]:
+def plot(cells: Sequence[Cell], directory: Path, suffix: str = "") -> list[Path]:
     """SLO attainment and mean quality against rate, one panel per SLO scale, one line per policy (PNG)."""
     import matplotlib
 
@@ -158,7 +162,7 @@ def plot(cells: Sequence[Cell], directory: Path) -> list[Path]:
         axes[1][0].set_ylabel("mean perplexity ratio (lower is better)")
         axes[0][0].legend(fontsize=8)
         figure.tight_layout()
-        path = directory / f"simulate-cv{cv:g}.png"
+        path = directory / f"simulate{suffix}-cv{cv:g}.png"
         figure.savefig(path, dpi=80)
         plt.close(figure)
         written.append(path)
@@ -190,18 +194,30 @@ def main() -> int:
         metavar="RULE",
         help="switch each rule off in turn (no names: every rule) and report what it changes",
     )
+    parser.add_argument(
+        "--backend",
+        choices=RUNTIMES,
+        default="transformers",
+        help="whose engine serves the variants, on their profiles for it (`slimserve profile NAME --backend vllm`)",
+    )
     parser.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
     parser.add_argument("--json", type=Path, default=None, help="also write every cell's figures here")
     parser.add_argument("--write", type=Path, default=None, help="write the section into this Markdown file")
     args = parser.parse_args()
-    variants = registered_variants(args.variants) if args.variants else demo_family()
+    try:
+        variants = registered_variants(args.variants, args.backend) if args.variants else demo_family()
+    except ValueError as exc:
+        parser.error(str(exc))
+    variants = [dataclasses.replace(v, engine=args.backend) for v in variants]
+    vllm = args.backend == "vllm"
     grid = GridConfig(args.rates, args.slo_scales, args.cvs, args.count, args.seeds, args.jitter)
     cells = run_grid(variants, grid)
     table = grid_table(variants, cells)
     print("\n".join(table), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps([c.figures() for c in cells], indent=1) + "\n")
-    lines = heading("## Routing on the simulator: `make bench-simulate`", "benchmarks/simulate.py")
+    title = "## Routing on the simulator" + (", vLLM engines" if vllm else "") + ": `make bench-simulate`"
+    lines = heading(title, "benchmarks/simulate.py")
     lines += [
         f"- workload: {grid.count} requests per cell and seed (seeds {' '.join(map(str, grid.seeds))}), Gamma "
         "arrivals (cv 1: Poisson), prompts 16-256 and outputs 16-128 tokens (uniform), each budget the SLO scale "
@@ -210,8 +226,17 @@ def main() -> int:
         "- policies: router (the product); teacher (always the best quality); fastest (the variant fastest "
         "alone for the request); random; fcfs (fastest, no deadlines: first-come-first-served admission and "
         "whole-batch steps). Cells: SLO attainment, then mean perplexity ratio to the teacher (q).",
+        *(
+            [
+                "- engines: vLLM's (simulated): every running row decodes each step, waiting prompts are admitted "
+                "by deadline into the same step and chunked within vLLM's token budget; one step at a time on "
+                "the host, round robin among the engines."
+            ]
+            if vllm
+            else []
+        ),
         "- deterministic: the same command gives the same figures on any machine; only the profiles are "
-        "measured (`slimserve profile`, on the machine above).",
+        f"measured (`slimserve profile{' --backend vllm' if vllm else ''}`, on the machine above).",
         "",
         *describe(variants),
         "",
@@ -220,7 +245,7 @@ def main() -> int:
         *checks(cells),
     ]
     if args.plots is not None:
-        paths = plot(cells, args.plots)
+        paths = plot(cells, args.plots, "-vllm" if vllm else "")
         target = args.write.parent if args.write else Path.cwd()
         lines += ["", *(f"![{p.stem}]({os.path.relpath(p, target)})" for p in paths)]
     if args.ablate is not None:
@@ -232,7 +257,7 @@ def main() -> int:
             "",
             *ablations(variants, grid, cells, names),
         ]
-    publish("\n".join(lines), args.write, "simulate")
+    publish("\n".join(lines), args.write, "simulate-vllm" if vllm else "simulate")
     return 0
 
 

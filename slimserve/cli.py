@@ -7,6 +7,7 @@ reads `SLIMSERVE_<FIELD>` environment variables. Precedence: flags > --config fi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -190,16 +191,45 @@ class ProfileArgs:
     """Variant directory or registered name."""
     write: bool = True
     """Record the figures in the variant's manifest (--no-write only prints them)."""
+    backend: str = "transformers"
+    """Whose engine is measured: transformers (slimserve's; `cost_profile`) or vllm (vLLM's, run from the
+    vLLM venv; `cost_profile_vllm`, beside the transformers figures)."""
 
 
 def profile(args: ProfileArgs, config: ProfileConfig) -> None:
     """Measure what a variant's prefill and decode steps cost on this host; record it in its manifest, where
     the router's and the simulator's cost profiles read it."""
     from slimserve.models.loader import parse_dtype
-    from slimserve.server.profiling import profile_variant
 
     parse_dtype(config.dtype)
-    profile_variant(args.variant, config, write=args.write, progress=lambda line: print(line, flush=True))
+    progress = functools.partial(print, flush=True)
+    if args.backend == "vllm":
+        _profile_vllm(args, config, progress)
+    else:
+        from slimserve.server.profiling import profile_variant
+
+        profile_variant(args.variant, config, write=args.write, progress=progress)
+
+
+def _profile_vllm(args: ProfileArgs, config: ProfileConfig, progress: Callable[[str], None]) -> None:
+    """vLLM's engine built as `slimserve serve --backend vllm` builds it (one variant, rows up to the largest
+    measured batch), measured by `vllm_profiling`."""
+    from slimserve.launch import vllm_engines
+    from slimserve.server.profiling import PROFILE_BATCHES
+    from slimserve.server.vllm_engine import vllm_available
+
+    if not vllm_available():
+        raise ValueError(
+            "--backend vllm measures vLLM's engine, and vLLM does not import here: run it from the vLLM venv "
+            f"(`make setup-vllm`, then `.venv-vllm/bin/slimserve profile {args.variant} --backend vllm`)"
+        )
+    from slimserve.server.vllm_profiling import profile_vllm
+
+    rows = max(*PROFILE_BATCHES, *config.batch_sizes)
+    registry = VariantRegistry()
+    engine = vllm_engines([args.variant], registry, None, None, explicit=True, max_batch_size=rows, dtype=config.dtype)
+    env = engine[0].placement.environment() if engine[0].placement is not None else {}
+    profile_vllm(engine[0].engine_args(), env, engine[0].path, config, write=args.write, progress=progress)
 
 
 @dataclass
@@ -209,6 +239,9 @@ class SimulateArgs:
     each, the teacher first (quality is perplexity relative to it)."""
     json_path: str | None = None
     """Also write every cell's figures to this JSON file."""
+    backend: str = "transformers"
+    """Whose engine serves every variant, on its profile for that engine: transformers (`slimserve profile`) or
+    vllm (`slimserve profile --backend vllm`: vLLM's continuous batching, deadlines as priorities)."""
 
 
 def simulate(args: SimulateArgs, grid: GridConfig) -> None:
@@ -216,7 +249,7 @@ def simulate(args: SimulateArgs, grid: GridConfig) -> None:
     print SLO attainment and mean quality per cell and goodput per policy."""
     from slimserve.server.simulator import grid_table, registered_variants, run_grid
 
-    variants = registered_variants(args.variants)
+    variants = registered_variants(args.variants, args.backend)
     cells = run_grid(variants, grid)
     print("\n".join(grid_table(variants, cells)))
     if args.json_path is not None:
@@ -268,6 +301,7 @@ def _simulate_configs() -> tuple[type, ...]:
 def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
     from slimserve.compression.losses import DIVERGENCES
     from slimserve.compression.quantize import METHODS
+    from slimserve.server.profile import RUNTIMES
     from slimserve.server.simulator import POLICIES
 
     dtypes = {"choices": ["fast", "bf16", "fp32"]}
@@ -288,11 +322,12 @@ def _spelling() -> dict[str, dict[str, dict[str, Any]]]:
         },
         "eval": {"variant": {"positional": True}, "as_json": {"flag": "--json"}, "reference_dtype": dtypes},
         "compress": {"recipe": {"positional": True}},
-        "profile": {"variant": {"positional": True}, "dtype": dtypes},
+        "profile": {"variant": {"positional": True}, "dtype": dtypes, "backend": {"choices": list(RUNTIMES)}},
         "simulate": {
             "variants": {"flag": "--variant", "action": "append", "nargs": None, "metavar": "NAME"},
             "json_path": {"flag": "--json", "metavar": "FILE"},
             "policies": {"choices": list(POLICIES)},
+            "backend": {"choices": list(RUNTIMES)},
         },
         "import": {"source": {"positional": True}},
         "variants list": {"as_json": {"flag": "--json"}},

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 from slimserve.models.manifest import VariantManifest
 
+VLLM_PROFILE_KEY = "cost_profile_vllm"
+"""Manifest metric holding what a variant's steps cost in vLLM's engine (`slimserve profile --backend vllm`):
+its own summary figures and tables, apart from the transformers engine's."""
+RUNTIMES = ("transformers", "vllm")
+"""Engines a manifest can hold a cost profile for."""
+
 Points = tuple[tuple[int, float], ...]
 """Measured (x, milliseconds) pairs, x ascending: prompt tokens for a prefill, rows for a decode step."""
 
@@ -73,14 +79,19 @@ class CostProfile:
     """Measured (rows, ms) of one decode step; empty: the line through the batch-1 and batch-8 figures."""
 
     @classmethod
-    def from_manifest(cls, manifest: VariantManifest | None) -> CostProfile:
-        """Start from the manifest's measured figures (or conservative guesses from the size)."""
+    def from_manifest(cls, manifest: VariantManifest | None, runtime: str = "transformers") -> CostProfile:
+        """Start from the manifest's figures measured on `runtime`'s engine (or conservative guesses from the
+        size): the transformers engine's at the top level, vLLM's under `cost_profile_vllm`."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         metrics = manifest.metrics if manifest else {}
+        if runtime == "vllm":
+            metrics = metrics.get(VLLM_PROFILE_KEY) or {}
         size_mb = (manifest.size_bytes / 1e6) if manifest else 500.0
         b1 = float(metrics.get("decode_tok_s_b1") or max(5.0, 12000.0 / max(size_mb, 1.0)))
         b8 = float(metrics.get("decode_tok_s_b8") or 4 * b1)
         ttft_128 = float(metrics.get("ttft_ms_128") or 1000.0 * 128 / (20 * b1))
-        table = metrics.get("cost_profile") or {}
+        table = (metrics.get("cost_profile") or {}) if runtime == "transformers" else metrics
         return cls(
             prefill_overhead_ms=0.2 * ttft_128,
             prefill_per_token_ms=0.8 * ttft_128 / 128,

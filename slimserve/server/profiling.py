@@ -25,6 +25,7 @@ from slimserve.models.registry import VariantRegistry
 from slimserve.server.compute import ComputeThread
 from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
+from slimserve.server.profile import VLLM_PROFILE_KEY
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.serving_engine import EngineState
 
@@ -69,24 +70,32 @@ class Measured:
     step_ms: dict[int, float] = field(default_factory=dict)
     context_step_ms: dict[int, float] = field(default_factory=dict)
     load_s: float = 0.0
+    runtime: str = "transformers"
+    """Whose engine ran the forwards: `transformers` (slimserve's) or `vllm` (`vllm_profiling`)."""
+    max_num_batched_tokens: int | None = None
+    """vLLM only: its token budget per step, which the simulator's vLLM engine chunks prompts by."""
 
     def metrics(self) -> dict[str, Any]:
-        """The manifest figures `CostProfile.from_manifest` reads."""
+        """The manifest figures `CostProfile.from_manifest` reads: at the top level for the transformers
+        engine; for vLLM, all under `cost_profile_vllm`, so neither runtime's figures overwrite the other's."""
 
         def table(ms: dict[int, float]) -> dict[str, float]:
             return {str(x): round(v, 2) for x, v in sorted(ms.items())}  # as the summary figures
 
-        return {
+        summary = {
             "ttft_ms_128": round(self.prefill_ms[PROFILE_PROMPT], 2),
             "decode_tok_s_b1": round(1000.0 / self.step_ms[1], 2),
             "decode_tok_s_b8": round(8000.0 / self.step_ms[8], 2),
             "load_s": round(self.load_s, 3),
-            "cost_profile": {
-                "prefill_ms": table(self.prefill_ms),
-                "step_ms": table(self.step_ms),
-                "context_step_ms": table(self.context_step_ms),
-            },
         }
+        tables = {
+            "prefill_ms": table(self.prefill_ms),
+            "step_ms": table(self.step_ms),
+            "context_step_ms": table(self.context_step_ms),
+        }
+        if self.runtime == "transformers":
+            return {**summary, "cost_profile": tables}
+        return {VLLM_PROFILE_KEY: {**summary, **tables, "max_num_batched_tokens": self.max_num_batched_tokens}}
 
 
 def _engine(variant: LoadedVariant) -> TransformersEngine:

@@ -12,6 +12,10 @@ of variation is the burstiness; 1 is Poisson), prompt and output lengths drawn f
 budget an SLO scale times the request's best unloaded latency (its prefill and steps alone on the
 variant fastest for it).
 
+The engines are `sim_engine.SimEngine` (slimserve's transformers engine, as above) or, for a variant whose
+`engine` is `vllm`, `sim_vllm.VllmSimEngine`: vLLM's continuous batching on the profile measured through
+vLLM (`slimserve profile --backend vllm`), the router's deadlines as its priorities.
+
 No torch and no threads: `slimserve.server.simulator` imports the profile, the scheduler and the router.
 """
 
@@ -24,26 +28,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from slimserve.server.predictions import alone_ms
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import VLLM_PROFILE_KEY, CostProfile
 from slimserve.server.router import Budget, Decision, Router
-from slimserve.server.scheduler import Scheduler, next_chunk_tokens, next_turn, prefill_chunks
+from slimserve.server.scheduler import next_turn
+from slimserve.server.sim_engine import SimEngine, SimJob, Variant
+from slimserve.server.sim_vllm import VllmSimEngine
 
 POLICIES = ("router", "teacher", "fastest", "random", "fcfs")
 """`router`: the budget router; `teacher`: always the best quality; `fastest`: always the variant fastest
 alone for the request; `random`: uniformly among the variants; `fcfs`: the fastest, scheduled without
 deadlines (first come, first served admission and whole-batch steps: the scheduler's baseline)."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A variant as the simulator serves it: its cost profile and its quality."""
-
-    name: str
-    profile: CostProfile
-    ppl_ratio: float
-    """Held-out perplexity as a ratio to the teacher's (1.0: the teacher)."""
-    memory_mb: float = 0.0
-    max_batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -92,155 +86,6 @@ def _alone_ms(profile: CostProfile, prompt_tokens: int, output_tokens: int) -> f
     return profile.ttft_ms(prompt_tokens) + (output_tokens - 1) * profile.step_ms(1)
 
 
-@dataclass(eq=False)
-class _Job:
-    """A request as the scheduler sees it (`scheduler.Job`)."""
-
-    prompt_tokens: int
-    max_tokens: int
-    deadline: float | None
-    submitted_at: float
-    budget_ms: float
-    decision: Decision | None = None
-    variant: str = ""
-    generated: int = 0
-    last_token_at: float | None = None
-    finished_at: float | None = None
-    cancelled: bool = False
-
-    @property
-    def steps_left(self) -> int:
-        return self.max_tokens - self.generated
-
-    @property
-    def done(self) -> bool:
-        return self.finished_at is not None
-
-
-class _Engine:
-    """One variant's engine on the virtual clock: what `TransformersEngine` does with its scheduler's plans,
-    with every forward replaced by its profile's time. Also the router's `Candidate`."""
-
-    def __init__(self, variant: Variant, noise: Callable[[], float] = lambda: 1.0) -> None:
-        self.variant = variant
-        self.truth = variant.profile
-        """What turns cost (times `noise`); `profile` is the live copy the router and scheduler read."""
-        self.profile = dataclasses.replace(variant.profile)
-        self.noise = noise
-        self.scheduler: Scheduler[_Job] = Scheduler(variant.max_batch_size, self.profile)
-        self.queue: list[_Job] = []
-        self.main: list[_Job] = []
-        self.apart: list[_Job] = []
-        self.partial: tuple[_Job, int] | None = None
-
-    # ---- the router's view (`predictions.Candidate`) ----------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self.variant.name
-
-    @property
-    def memory_mb(self) -> float:
-        return self.variant.memory_mb
-
-    @property
-    def ppl_ratio(self) -> float | None:
-        return self.variant.ppl_ratio
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.variant.max_batch_size
-
-    @property
-    def resident(self) -> bool:
-        return True
-
-    @property
-    def available(self) -> bool:
-        return True
-
-    @property
-    def running(self) -> int:
-        return len(self.rows())
-
-    @property
-    def waiting(self) -> int:
-        return len(self.queue)
-
-    def deadlines(self) -> list[tuple[float | None, int]]:
-        return [(j.deadline, j.steps_left) for j in self.rows()]
-
-    def rows(self) -> list[_Job]:
-        return [*self.main, *self.apart, *([self.partial[0]] if self.partial is not None else [])]
-
-    # ---- turns ------------------------------------------------------------------------------------
-
-    def step(self, now: float) -> tuple[float, list[_Job]]:
-        """Carry out one turn from `now`: seconds it took and the requests it finished."""
-        plan = self.scheduler.schedule_prefill(self.queue, self.rows(), self.partial, now)
-        spent, finished = 0.0, []
-        if plan.jump is not None:
-            self.queue.remove(plan.jump)
-            spent += self._prefill_s(plan.jump.prompt_tokens, plan.jump.prompt_tokens, last=True)
-            finished += self._first_token(plan.jump, now + spent)
-        if plan.chunk and self.partial is not None:
-            job, done = self.partial
-            chunk = next_chunk_tokens(job.prompt_tokens, done)
-            spent += self._prefill_s(job.prompt_tokens, chunk, last=done + chunk >= job.prompt_tokens)
-            self.partial = (job, done + chunk)
-            if done + chunk >= job.prompt_tokens:
-                self.partial = None
-                finished += self._first_token(job, now + spent)
-        for job in plan.start:
-            self.queue.remove(job)
-            first = prefill_chunks(job.prompt_tokens)[0]
-            spent += self._prefill_s(job.prompt_tokens, first, last=first >= job.prompt_tokens)
-            if first < job.prompt_tokens:
-                self.partial = (job, first)
-            else:
-                finished += self._first_token(job, now + spent)
-        apart = self.scheduler.schedule_decode(self.main, self.apart, now + spent)
-        if apart is None:
-            self.main, self.apart = [*self.main, *self.apart], []
-            stepped = self.main
-        else:
-            chosen = set(apart)
-            everyone = [*self.main, *self.apart]
-            self.main = [j for j in everyone if j not in chosen]
-            self.apart = [j for j in everyone if j in chosen]
-            stepped = self.apart
-        if stepped:
-            step_s = self.truth.step_ms(len(stepped)) / 1000 * self.noise()
-            self.profile.observe_step(len(stepped), step_s)
-            spent += step_s
-            for job in stepped:
-                job.generated += 1
-                job.last_token_at = now + spent
-                if job.generated >= job.max_tokens:
-                    job.finished_at = now + spent
-                    finished.append(job)
-            self.main = [j for j in self.main if not j.done]
-            self.apart = [j for j in self.apart if not j.done]
-        return spent, finished
-
-    def _prefill_s(self, prompt_tokens: int, chunk_tokens: int, last: bool) -> float:
-        """A chunk's share of the whole prefill's true cost; the live profile learns a whole prefill once, at
-        its last chunk, as the engine does."""
-        whole_s = self.truth.ttft_ms(prompt_tokens) / 1000 * self.noise()
-        if last:
-            self.profile.observe_prefill(prompt_tokens, whole_s)
-        return whole_s * chunk_tokens / max(prompt_tokens, 1)
-
-    def _first_token(self, job: _Job, at: float) -> list[_Job]:
-        """The prefill's token: the job joins the batch, or is done if it wanted one token."""
-        job.generated, job.last_token_at = 1, at
-        if job.generated >= job.max_tokens:
-            job.finished_at = at
-            return [job]
-        self.main.append(job)
-        return []
-
-
 @dataclass
 class Result:
     """One policy on one workload."""
@@ -277,14 +122,14 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
     def noise() -> float:
         return math.exp(noise_rng.gauss(-sigma * sigma / 2, sigma)) if sigma else 1.0
 
-    engines = [_Engine(v, noise) for v in variants]
+    engines = [(VllmSimEngine if v.engine == "vllm" else SimEngine)(v, noise) for v in variants]
     router = Router(shared_compute=True, clock=lambda: clock[0])
     choose = _chooser(policy, engines, router, random.Random(workload.seed + 1))
     pending = list(arrivals(workload, variants))
     pending.reverse()  # popped from the end, in order of arrival
     last_ran = {id(e): 0.0 for e in engines}
     stalled: set[int] = set()  # engines whose turn found nothing to do, until the next arrival (as `compute`)
-    done: list[_Job] = []
+    done: list[SimJob] = []
     served: dict[str, int] = {}
     while pending or any(e.rows() or e.queue for e in engines):
         while pending and pending[-1].at_s <= clock[0]:
@@ -292,7 +137,7 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
             engine, decision = choose(arrival)
             deadline = None if policy == "fcfs" else arrival.at_s + arrival.budget_ms / 1000
             engine.queue.append(
-                _Job(
+                SimJob(
                     arrival.prompt_tokens,
                     arrival.output_tokens,
                     deadline,
@@ -304,7 +149,7 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
             )
             served[engine.name] = served.get(engine.name, 0) + 1
             stalled.clear()
-        turns = [(e, e.scheduler.turn(e.queue, e.rows(), e.partial, clock[0])) for e in engines]
+        turns = [(e, e.turn(clock[0])) for e in engines]
         busy = [(e, t) for e, t in turns if t is not None and id(e) not in stalled]
         if not busy:  # idle (or stuck) until the next arrival
             if not pending:
@@ -333,12 +178,12 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
 
 
 def _chooser(
-    policy: str, engines: list[_Engine], router: Router, rng: random.Random
-) -> Callable[[Arrival], tuple[_Engine, Decision | None]]:
-    def fastest(arrival: Arrival) -> _Engine:
+    policy: str, engines: list[SimEngine], router: Router, rng: random.Random
+) -> Callable[[Arrival], tuple[SimEngine, Decision | None]]:
+    def fastest(arrival: Arrival) -> SimEngine:
         return min(engines, key=lambda e: (alone_ms(e, arrival.prompt_tokens, arrival.output_tokens), e.name))
 
-    def choose(arrival: Arrival) -> tuple[_Engine, Decision | None]:
+    def choose(arrival: Arrival) -> tuple[SimEngine, Decision | None]:
         if policy == "router":
             order, decision = router.choose(
                 engines, Budget(latency_ms=arrival.budget_ms), arrival.prompt_tokens, arrival.output_tokens
@@ -368,26 +213,34 @@ PROFILE_FIGURES = ("ttft_ms_128", "decode_tok_s_b1", "decode_tok_s_b8")
 """Manifest figures a variant's cost profile is built from (`CostProfile.from_manifest`)."""
 
 
-def registered_variants(names: Sequence[str]) -> list[Variant]:
-    """The named variants' cost profiles from their manifests, quality from their perplexity against the
-    first (the teacher). A variant whose manifest lacks a measured profile is an error naming it."""
+def registered_variants(names: Sequence[str], runtime: str = "transformers") -> list[Variant]:
+    """The named variants' cost profiles on `runtime`'s engine (transformers or vllm) from their manifests,
+    quality from their perplexity against the first (the teacher). A variant whose manifest lacks that
+    runtime's measured profile is an error naming the command that measures it."""
     from slimserve.models.registry import VariantRegistry  # here: the simulator itself needs no registry
 
     registry = VariantRegistry()
     manifests = [registry.resolve(name).manifest for name in names]
     for manifest in manifests:
-        missing = [key for key in PROFILE_FIGURES if not manifest.metrics.get(key)]
+        figures = (manifest.metrics.get(VLLM_PROFILE_KEY) or {}) if runtime == "vllm" else manifest.metrics
+        missing = [key for key in PROFILE_FIGURES if not figures.get(key)]
         if missing:
+            flag, venv = (" --backend vllm", " (from the vLLM venv)") if runtime == "vllm" else ("", "")
             raise ValueError(
-                f"{manifest.name} has no measured cost profile ({', '.join(missing)}): "
-                f"run `slimserve profile {manifest.name}` first"
+                f"{manifest.name} has no measured {runtime} cost profile ({', '.join(missing)}): "
+                f"run `slimserve profile {manifest.name}{flag}`{venv} first"
             )
     reference = manifests[0].metrics.get("perplexity")
     variants = []
     for manifest in manifests:
         ppl = manifest.metrics.get("perplexity")
         ratio = float(ppl) / float(reference) if ppl and reference else 1.0
-        variants.append(Variant(manifest.name, CostProfile.from_manifest(manifest), ratio))
+        profile = CostProfile.from_manifest(manifest, runtime)
+        variant = Variant(manifest.name, profile, ratio, engine=runtime)
+        if runtime == "vllm":
+            budget = manifest.metrics[VLLM_PROFILE_KEY].get("max_num_batched_tokens")
+            variant = dataclasses.replace(variant, max_num_batched_tokens=int(budget or variant.max_num_batched_tokens))
+        variants.append(variant)
     return variants
 
 

@@ -64,3 +64,51 @@ def test_interpolation_follows_the_measured_points_and_extends_the_end_segments(
     assert profile.step_ms(2) == pytest.approx(12.0)  # the line through b1 and b8 would say 12.86
     profile.observe_step(2, 0.024)  # twice the table: learning rescales it
     assert profile.step_ms(2) > 12.0
+
+
+def test_a_vllm_profile_sits_beside_the_transformers_figures_and_reads_back_as_its_own(slimserve_home: Path) -> None:
+    from slimserve.server.profiling import Measured
+
+    path = make_tiny_variant(slimserve_home / "variants" / "tiny-a", name="tiny-a")
+    manifest = VariantManifest.read(path)
+    manifest.metrics.update({"ttft_ms_128": 50.0, "decode_tok_s_b1": 40.0, "decode_tok_s_b8": 160.0})
+    manifest.metrics["cost_profile"] = {"prefill_ms": {"128": 50.0}, "step_ms": {"1": 25.0, "8": 50.0}}
+    manifest.write(path)
+    measured = Measured(
+        prefill_ms={32: 6.0, 128: 12.0},
+        step_ms={1: 4.0, 2: 4.5, 8: 8.0},
+        context_step_ms={1024: 5.0},
+        load_s=30.0,
+        runtime="vllm",
+        max_num_batched_tokens=2048,
+    )
+    manifest = VariantManifest.read(path)
+    manifest.metrics.update(measured.metrics())
+    manifest.write(path)
+    metrics = VariantManifest.read(path).metrics
+    assert metrics["ttft_ms_128"] == 50.0 and metrics["cost_profile"]["step_ms"] == {"1": 25.0, "8": 50.0}
+    table = metrics["cost_profile_vllm"]
+    assert table["max_num_batched_tokens"] == 2048 and table["decode_tok_s_b8"] == 1000.0
+    transformers = CostProfile.from_manifest(VariantManifest.read(path))
+    vllm = CostProfile.from_manifest(VariantManifest.read(path), runtime="vllm")
+    assert transformers.step_ms(1) == pytest.approx(25.0) and transformers.ttft_ms(128) == pytest.approx(50.0)
+    assert vllm.step_ms(1) == pytest.approx(4.0) and vllm.step_ms(2) == pytest.approx(4.5)
+    assert vllm.ttft_ms(32) == pytest.approx(6.0) and vllm.load_ms == pytest.approx(30000.0)
+    with pytest.raises(ValueError, match="runtime must be one of transformers, vllm"):
+        CostProfile.from_manifest(None, runtime="llama.cpp")
+
+
+def test_profile_on_vllm_refuses_where_vllm_does_not_import(
+    slimserve_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.server.vllm_engine import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM imports here (the vLLM venv): the refusal is for the main venv")
+    path = make_tiny_variant(slimserve_home / "variants" / "tiny-a", name="tiny-a")
+    before = VariantManifest.read(path).metrics
+    assert main(["profile", "tiny-a", "--backend", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend vllm measures vLLM's engine, and vLLM does not import here" in err
+    assert "slimserve profile tiny-a --backend vllm" in err
+    assert VariantManifest.read(path).metrics == before
