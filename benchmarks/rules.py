@@ -90,12 +90,6 @@ RULES = (
         lambda: mock.patch.object(router.Router, "observe", lambda self, *a, **k: None),
     ),
     Rule(
-        "reserve",
-        "a better variant only while the load leaves a reserve for later requests (Router.current_reserve)",
-        lambda: mock.patch.object(router.Router, "current_reserve", lambda self, budget_ms=None: 0.0),
-    ),
-    Rule("burst", "the reserve adds BURST_DEVIATIONS of the load's spread", _constant("BURST_DEVIATIONS", 0.0, router)),
-    Rule(
         "workhorse",
         "fallbacks and equals ranked by their per-request cost at the batch they would join (workhorse_ms)",
         _constant("workhorse_ms", lambda target, prompt_tokens, max_tokens: 0.0, router),

@@ -9,12 +9,11 @@ into the manifest and corrected by what the engine measures while serving. On th
 steps share the cores, the prediction follows the compute thread's earliest-deadline-first turns (the scheduler's
 `edf_plan`, which plans as its `Scheduler` runs them): a request is placed where it meets its budget
 without pushing running requests over theirs. It picks the highest-quality variant predicted to meet the
-budget; if none can, the fastest, and says so. While the cores are busy (the expected load leaves no room
-for a better variant), and for a request no variant can serve in time, "fastest" on shared cores means the
-workhorse (`workhorse_ms`): the variant whose steps cost this request least at the batch it would join,
-by its measured figures, so load gathers on one engine's batch instead of spreading; a request that only
-steps of its own can still save goes to the workhorse of the variants whose steps alone make it
-(`alone_ms`).
+budget; if none can, the fastest, and says so. Among variants of equal quality, and for a request no
+variant can serve in time, "fastest" on shared cores means the workhorse (`workhorse_ms`): the variant
+whose steps cost this request least at the batch it would join, by its measured figures, so load gathers
+on one engine's batch instead of spreading; a request that only steps of its own can still save goes to
+the workhorse of the variants whose steps alone make it (`alone_ms`).
 """
 
 from __future__ import annotations
@@ -35,11 +34,6 @@ QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "a
 MAX_MARGIN = 2.0
 """The largest factor a variant's budgets are divided by: overruns beyond it come from other engines' work that
 no prediction made at arrival sees, and a larger margin would make every variant look too slow."""
-
-BURST_DEVIATIONS = 1.0
-"""Standard deviations of the work arriving before a deadline (`Router.load_spread`) that the reserve keeps
-free on top of its mean: with the mean alone a burst of tighter requests, run first (earliest deadline
-first), can leave a request upgraded for quality waiting on its own engine past its deadline."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
@@ -145,8 +139,6 @@ class Decision:
     prompt_tokens: int = 0
     max_tokens: int = 0
     budget: dict[str, Any] = field(default_factory=dict)
-    reserve: float = 0.0
-    """Share of the time to the deadline kept free for later requests when this one was placed."""
     first_token_ms: dict[str, float] = field(default_factory=dict)
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
 
@@ -169,7 +161,6 @@ class Router:
         shared_compute: bool = True,
         headroom: float = 0.1,
         quality_tolerance: float = 0.005,
-        reserve: float | None = None,
         coverage: float = 0.95,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -196,38 +187,10 @@ class Router:
         """Actual / predicted latency of recent routed requests (a moving average): predictions are scaled
         by it, so a machine busier than the profiles know sends requests to faster variants."""
         self.calibration_smoothing = 0.2
-        self.reserve = reserve
-        """Share of the time until a request's deadline kept free for requests that arrive after it: a
-        better variant is chosen only while the work due by then (its own included) leaves that much;
-        otherwise the variant that adds least work (usually joining a batch already running), since every
-        busy variant adds its whole step to the cores' rounds. None: the expected load of the requests
-        still to come (`expected_load`) plus `BURST_DEVIATIONS` of its spread over the time to the deadline
-        (`load_spread`), so a quiet server gives loose budgets the best variant and a busy one keeps the
-        cores for the requests that will follow."""
         self.clock = clock
         """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
         `time.perf_counter()`; the simulator's virtual clock)."""
-        self.arrivals: deque[tuple[float, float]] = deque(maxlen=64)
-        """(time, least work in ms) of recent routed requests: their rate and size predict what comes next."""
-        self.arrival_window_s = 60.0
         self._lock = threading.Lock()
-
-    def expected_load(self, now: float | None = None) -> float:
-        """Share of the cores the coming requests will need even on the fastest variant: recent arrivals
-        per second x their least work (seconds each) over the last `arrival_window_s` (at least 10 s,
-        so a burst of two does not look like a flood)."""
-        rate, works = self._arrivals(now)
-        return rate * sum(works) / len(works) if works else 0.0
-
-    def _arrivals(self, now: float | None) -> tuple[float, list[float]]:
-        """Arrivals per second over the last `arrival_window_s` (at least 10 s), and their least work (s)."""
-        now = self.clock() if now is None else now
-        with self._lock:
-            recent = [(at, work / 1000) for at, work in self.arrivals if now - at <= self.arrival_window_s]
-        if not recent:
-            return 0.0, []
-        span_s = min(max(now - min(at for at, _ in recent), 10.0), self.arrival_window_s)
-        return len(recent) / span_s, [work for _, work in recent]
 
     def margin(self, name: str) -> float:
         """How many times its prediction a request on this variant may take: the `coverage` quantile of its
@@ -249,25 +212,6 @@ class Router:
             return 1 / (1 - self.headroom)
         index = min(len(ratios) - 1, math.ceil(self.coverage * len(ratios)) - 1)
         return min(max(ratios[index], 1.0), MAX_MARGIN)
-
-    def load_spread(self, window_s: float, now: float | None = None) -> float:
-        """Standard deviation of the share of the next `window_s` seconds that arriving requests will need.
-
-        Requests arrive as a Poisson stream at rate r, each bringing w seconds of work (its least work, as
-        in `expected_load`): the work arriving within t seconds has mean r E[w] t and variance r E[w^2] t,
-        so its share of t deviates by sqrt(r E[w^2] / t): bursts matter more the closer the deadline."""
-        rate, works = self._arrivals(now)
-        if not works or window_s <= 0:
-            return 0.0
-        return math.sqrt(rate * sum(w * w for w in works) / len(works) / window_s)
-
-    def current_reserve(self, budget_ms: float | None = None) -> float:
-        """The reserve in force now for a request due in `budget_ms`: the fixed one, or the expected load
-        plus `BURST_DEVIATIONS` of its spread until then (capped at 90%)."""
-        if self.reserve is not None:
-            return self.reserve
-        spread = self.load_spread(budget_ms / 1000) if budget_ms else 0.0
-        return min(self.expected_load() + BURST_DEVIATIONS * spread, 0.9)
 
     def choose(
         self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int, extra_ms: float = 0.0
@@ -291,13 +235,7 @@ class Router:
         # per variant, the budget less the margin its predictions have needed (`margin`)
         limits = {c.name: budget.latency_ms / self.margin(c.name) for c in usable} if budget.latency_ms else {}
         scale = self.calibration
-        reserve = self.current_reserve(budget.latency_ms)
-        least_work = extra_ms + min(
-            c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable
-        )
         now = self.clock()
-        with self._lock:
-            self.arrivals.append((now, least_work * scale))
         if self.shared_compute:
             plans = {
                 c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale, now)
@@ -305,14 +243,12 @@ class Router:
             }
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
-            load = {name: plan.load for name, plan in plans.items()}
             # what it costs the others: on shared cores the cheapest choice when the cores are busy is the
             # workhorse, the cheapest per request at the batch it would join (`workhorse_ms`)
             cost = {c.name: workhorse_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens, now) for c in usable}
-            load = {name: ms / limits[name] if limits else 0.0 for name, ms in predicted.items()}
             cost = predicted  # a device share of its own: its latency is all it costs
         predicted = {name: ms + extra_ms for name, ms in predicted.items()}
         met: bool | None
@@ -354,15 +290,9 @@ class Router:
             top = max(score(c) for c in good_enough)
             best = [c for c in good_enough if score(c) == top]
             fits = [c for c in best if predicted[c.name] <= limits[c.name]]
-            roomy = [c for c in fits if load[c.name] <= 1 - reserve]
-            if roomy:
-                order = best_first(roomy, self.quality_tolerance)
-                order += sorted((c for c in fits if c not in roomy), key=lambda c: (cost[c.name], load[c.name]))
+            if fits:
+                order = best_first(fits, self.quality_tolerance)
                 reason = "best quality predicted within the latency budget"
-                met = True
-            elif fits:
-                order = sorted(fits, key=lambda c: (cost[c.name], load[c.name]))
-                reason = "within the latency budget, adding least work (busy cores: room kept for later requests)"
                 met = True
             else:
                 # none fits its margin: where it costs least (the variant predicted to finish it soonest is
@@ -396,7 +326,6 @@ class Router:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
-            reserve=round(reserve, 3),
             first_token_ms={c.name: round(min(predicted[c.name], first[c.name]), 1) for c in usable},
         )
         with self._lock:

@@ -101,8 +101,6 @@ def router_state(pool: VariantPool, router: Router, server_budget: Budget) -> di
         "resident_mb": round(pool.resident_mb(), 1),
         "default_budget": {k: v for k, v in asdict(server_budget).items() if v is not None and v != math.inf},
         "calibration": round(router.calibration, 3),
-        "expected_load": round(router.expected_load(), 3),
-        "reserve": round(router.current_reserve(), 3),
         "variants": variants,
         "decisions": router.recent(),
     }
