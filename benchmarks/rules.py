@@ -80,13 +80,8 @@ RULES = (
         _constant("next_turn", _round_robin, simulator),
     ),
     Rule(
-        "margins",
-        "budgets divided by each variant's overrun quantile (Router.margin)",
-        lambda: mock.patch.object(router.Router, "margin", lambda self, name: 1.0),
-    ),
-    Rule(
         "calibration",
-        "predictions scaled by the observed actual/predicted ratio, margins learned (Router.observe)",
+        "predictions scaled by the observed actual/predicted ratio (Router.observe)",
         lambda: mock.patch.object(router.Router, "observe", lambda self, *a, **k: None),
     ),
     Rule(

@@ -31,10 +31,6 @@ from slimserve.server.predictions import Candidate, alone_ms, deadline_harm, edf
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
 
-MAX_MARGIN = 2.0
-"""The largest factor a variant's budgets are divided by: overruns beyond it come from other engines' work that
-no prediction made at arrival sees, and a larger margin would make every variant look too slow."""
-
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
 HEADER_QUALITY = "x-min-quality"
@@ -159,27 +155,12 @@ class Router:
         self,
         history: int = 100,
         shared_compute: bool = True,
-        headroom: float = 0.1,
         quality_tolerance: float = 0.005,
-        coverage: float = 0.95,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not 0.0 < coverage <= 1.0:
-            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.shared_compute = shared_compute
         """Variants share the same cores (the CPU backend): a busy variant slows the others' steps."""
-        self.headroom = headroom
-        """Share of the latency budget kept free when choosing, until a variant has its own `margin`:
-        requests that arrive later join the batch and slow this one down, which no prediction made now
-        can see."""
-        self.coverage = coverage
-        """Share of a variant's routed requests its margin is meant to keep within their predicted
-        latency (the quantile of its overruns taken as the margin)."""
-        self.overruns: dict[str, deque[float]] = {}
-        """Per variant: actual / predicted latency of its recent routed requests (predictions calibrated)."""
-        self.overrun_history = 40
-        self.min_overruns = 8
         self.quality_tolerance = quality_tolerance
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
         which leaves the cores to requests that need them."""
@@ -191,27 +172,6 @@ class Router:
         """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
         `time.perf_counter()`; the simulator's virtual clock)."""
         self._lock = threading.Lock()
-
-    def margin(self, name: str) -> float:
-        """How many times its prediction a request on this variant may take: the `coverage` quantile of its
-        recent overruns (at least 1, at most `MAX_MARGIN`), or the fixed headroom until `min_overruns` have
-        finished.
-
-        Why per variant: the mean calibration makes predictions right on average, but a budget is met or
-        missed one request at a time, and how far the tail runs can differ by variant: a slow variant's
-        requests last longer, so more later arrivals with earlier deadlines take the cores before them.
-        On shared cores a variant with too few of its own takes every variant's overruns until it has
-        them: they come from the same cores' interference, and the fixed headroom would make a variant that
-        has hardly served look surer than the one serving most.
-        """
-        with self._lock:
-            ratios = sorted(self.overruns.get(name, ()))
-            if len(ratios) < self.min_overruns and self.shared_compute:
-                ratios = sorted(r for overruns in self.overruns.values() for r in overruns)
-        if len(ratios) < self.min_overruns:
-            return 1 / (1 - self.headroom)
-        index = min(len(ratios) - 1, math.ceil(self.coverage * len(ratios)) - 1)
-        return min(max(ratios[index], 1.0), MAX_MARGIN)
 
     def choose(
         self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int, extra_ms: float = 0.0
@@ -232,13 +192,11 @@ class Router:
                     HEADER_MEMORY,
                 )
             usable = fitting
-        # per variant, the budget less the margin its predictions have needed (`margin`)
-        limits = {c.name: budget.latency_ms / self.margin(c.name) for c in usable} if budget.latency_ms else {}
         scale = self.calibration
         now = self.clock()
         if self.shared_compute:
             plans = {
-                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale, now)
+                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, budget.latency_ms, scale, now)
                 for c in usable
             }
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
@@ -281,32 +239,29 @@ class Router:
             reason = "no latency budget: best quality"
             met = None
         else:
+            limit = budget.latency_ms
 
             def score(c: C) -> tuple[int, int]:
                 """Requests kept within budget (this one, minus running ones it would push over), then
                 fewer pushed over: earlier requests' budgets are not traded for this one's."""
-                return (int(predicted[c.name] <= limits[c.name]) - harm[c.name], -harm[c.name])
+                return (int(predicted[c.name] <= limit) - harm[c.name], -harm[c.name])
 
             top = max(score(c) for c in good_enough)
             best = [c for c in good_enough if score(c) == top]
-            fits = [c for c in best if predicted[c.name] <= limits[c.name]]
+            fits = [c for c in best if predicted[c.name] <= limit]
             if fits:
                 order = best_first(fits, self.quality_tolerance)
                 reason = "best quality predicted within the latency budget"
                 met = True
             else:
-                # none fits its margin: where it costs least (the variant predicted to finish it soonest is
-                # often an idle slower one, whose steps then slow every round), unless only steps of its own
-                # can make it: then the cheapest whose steps alone (`alone_ms`) make it
+                # none fits: where it costs least (the variant predicted to finish it soonest is often an
+                # idle slower one, whose steps then slow every round), unless only steps of its own can make
+                # it: then the cheapest whose steps alone (`alone_ms`) make it
                 alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) + extra_ms for c in best}
-                slow = {name: ms > (budget.latency_ms or math.inf) for name, ms in alone.items()}
+                slow = {name: ms > limit for name, ms in alone.items()}
                 order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
-                met = predicted[order[0].name] <= budget.latency_ms
-                reason = (
-                    "fastest: predicted within the budget but not its margin"
-                    if met
-                    else "no variant predicted within the latency budget: fastest"
-                )
+                met = False
+                reason = "no variant predicted within the latency budget: fastest"
                 if not slow[order[0].name]:
                     reason += " (the cheapest whose steps alone make it)"
             order += sorted((c for c in good_enough if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
@@ -345,20 +300,14 @@ class Router:
         A request the router already predicted to miss is left out: once it cannot make its budget the
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
         not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
-        calibration and the fastest variant's margin, so later budgets it could meet look out of reach and
-        fall back to it as predicted misses.
-
-        Also left out when it finished sooner than predicted: that only says the prediction overstated, and
-        counting it would loosen the margins where budgets are within reach."""
+        calibration, so later budgets the fastest variant could meet look out of reach and fall back to it
+        as predicted misses."""
         expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
         if expected_ms <= 0 or decision.budget_met is False:
             return
         ratio = min(max(elapsed_ms / expected_ms, 0.5), 4.0)
         with self._lock:
             self.calibration += self.calibration_smoothing * (ratio - self.calibration)
-            self.overruns.setdefault(decision.variant, deque(maxlen=self.overrun_history)).append(
-                elapsed_ms / expected_ms
-            )
 
     def recent(self, count: int = 20) -> list[dict[str, Any]]:
         with self._lock:

@@ -93,7 +93,6 @@ def router_state(pool: VariantPool, router: Router, server_budget: Budget) -> di
                     "load_ms": round(entry.profile.load_ms, 0),
                     "observations": entry.profile.observations,
                 },
-                "margin": round(router.margin(entry.name), 3),
             }
         )
     return {
