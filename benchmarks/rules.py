@@ -80,21 +80,10 @@ RULES = (
         _constant("next_turn", _round_robin, simulator),
     ),
     Rule(
-        "margins",
-        "budgets divided by each variant's overrun quantile (Router.margin)",
-        lambda: mock.patch.object(router.Router, "margin", lambda self, name: 1.0),
-    ),
-    Rule(
         "calibration",
-        "predictions scaled by the observed actual/predicted ratio, margins learned (Router.observe)",
+        "predictions scaled by the observed actual/predicted ratio (Router.observe)",
         lambda: mock.patch.object(router.Router, "observe", lambda self, *a, **k: None),
     ),
-    Rule(
-        "reserve",
-        "a better variant only while the load leaves a reserve for later requests (Router.current_reserve)",
-        lambda: mock.patch.object(router.Router, "current_reserve", lambda self, budget_ms=None: 0.0),
-    ),
-    Rule("burst", "the reserve adds BURST_DEVIATIONS of the load's spread", _constant("BURST_DEVIATIONS", 0.0, router)),
     Rule(
         "workhorse",
         "fallbacks and equals ranked by their per-request cost at the batch they would join (workhorse_ms)",

@@ -111,8 +111,6 @@ class Plan:
     until its sequences due by then are done, prefills, its own steps) plus its load time."""
     harm: int
     """Running sequences predicted to meet their deadlines now that would miss them with it admitted."""
-    load: float
-    """Share of the time until its deadline that the work due by then (its own included) takes."""
 
 
 def edf_plan(
@@ -204,4 +202,4 @@ def edf_plan(
     load = 0.0 if target.resident else target.profile.load_ms
     queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
     finish = load + queue + after[len(due) - 1]
-    return Plan(finish * scale, harm, finish / max(due[-1], 1e-3))
+    return Plan(finish * scale, harm)

@@ -9,12 +9,11 @@ into the manifest and corrected by what the engine measures while serving. On th
 steps share the cores, the prediction follows the compute thread's earliest-deadline-first turns (the scheduler's
 `edf_plan`, which plans as its `Scheduler` runs them): a request is placed where it meets its budget
 without pushing running requests over theirs. It picks the highest-quality variant predicted to meet the
-budget; if none can, the fastest, and says so. While the cores are busy (the expected load leaves no room
-for a better variant), and for a request no variant can serve in time, "fastest" on shared cores means the
-workhorse (`workhorse_ms`): the variant whose steps cost this request least at the batch it would join,
-by its measured figures, so load gathers on one engine's batch instead of spreading; a request that only
-steps of its own can still save goes to the workhorse of the variants whose steps alone make it
-(`alone_ms`).
+budget; if none can, the fastest, and says so. Among variants of equal quality, and for a request no
+variant can serve in time, "fastest" on shared cores means the workhorse (`workhorse_ms`): the variant
+whose steps cost this request least at the batch it would join, by its measured figures, so load gathers
+on one engine's batch instead of spreading; a request that only steps of its own can still save goes to
+the workhorse of the variants whose steps alone make it (`alone_ms`).
 """
 
 from __future__ import annotations
@@ -31,15 +30,6 @@ from slimserve.server.predictions import Candidate, alone_ms, deadline_harm, edf
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
-
-MAX_MARGIN = 2.0
-"""The largest factor a variant's budgets are divided by: overruns beyond it come from other engines' work that
-no prediction made at arrival sees, and a larger margin would make every variant look too slow."""
-
-BURST_DEVIATIONS = 1.0
-"""Standard deviations of the work arriving before a deadline (`Router.load_spread`) that the reserve keeps
-free on top of its mean: with the mean alone a burst of tighter requests, run first (earliest deadline
-first), can leave a request upgraded for quality waiting on its own engine past its deadline."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
@@ -145,8 +135,6 @@ class Decision:
     prompt_tokens: int = 0
     max_tokens: int = 0
     budget: dict[str, Any] = field(default_factory=dict)
-    reserve: float = 0.0
-    """Share of the time to the deadline kept free for later requests when this one was placed."""
     first_token_ms: dict[str, float] = field(default_factory=dict)
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
 
@@ -167,28 +155,12 @@ class Router:
         self,
         history: int = 100,
         shared_compute: bool = True,
-        headroom: float = 0.1,
         quality_tolerance: float = 0.005,
-        reserve: float | None = None,
-        coverage: float = 0.95,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not 0.0 < coverage <= 1.0:
-            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.shared_compute = shared_compute
         """Variants share the same cores (the CPU backend): a busy variant slows the others' steps."""
-        self.headroom = headroom
-        """Share of the latency budget kept free when choosing, until a variant has its own `margin`:
-        requests that arrive later join the batch and slow this one down, which no prediction made now
-        can see."""
-        self.coverage = coverage
-        """Share of a variant's routed requests its margin is meant to keep within their predicted
-        latency (the quantile of its overruns taken as the margin)."""
-        self.overruns: dict[str, deque[float]] = {}
-        """Per variant: actual / predicted latency of its recent routed requests (predictions calibrated)."""
-        self.overrun_history = 40
-        self.min_overruns = 8
         self.quality_tolerance = quality_tolerance
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
         which leaves the cores to requests that need them."""
@@ -196,78 +168,10 @@ class Router:
         """Actual / predicted latency of recent routed requests (a moving average): predictions are scaled
         by it, so a machine busier than the profiles know sends requests to faster variants."""
         self.calibration_smoothing = 0.2
-        self.reserve = reserve
-        """Share of the time until a request's deadline kept free for requests that arrive after it: a
-        better variant is chosen only while the work due by then (its own included) leaves that much;
-        otherwise the variant that adds least work (usually joining a batch already running), since every
-        busy variant adds its whole step to the cores' rounds. None: the expected load of the requests
-        still to come (`expected_load`) plus `BURST_DEVIATIONS` of its spread over the time to the deadline
-        (`load_spread`), so a quiet server gives loose budgets the best variant and a busy one keeps the
-        cores for the requests that will follow."""
         self.clock = clock
         """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
         `time.perf_counter()`; the simulator's virtual clock)."""
-        self.arrivals: deque[tuple[float, float]] = deque(maxlen=64)
-        """(time, least work in ms) of recent routed requests: their rate and size predict what comes next."""
-        self.arrival_window_s = 60.0
         self._lock = threading.Lock()
-
-    def expected_load(self, now: float | None = None) -> float:
-        """Share of the cores the coming requests will need even on the fastest variant: recent arrivals
-        per second x their least work (seconds each) over the last `arrival_window_s` (at least 10 s,
-        so a burst of two does not look like a flood)."""
-        rate, works = self._arrivals(now)
-        return rate * sum(works) / len(works) if works else 0.0
-
-    def _arrivals(self, now: float | None) -> tuple[float, list[float]]:
-        """Arrivals per second over the last `arrival_window_s` (at least 10 s), and their least work (s)."""
-        now = self.clock() if now is None else now
-        with self._lock:
-            recent = [(at, work / 1000) for at, work in self.arrivals if now - at <= self.arrival_window_s]
-        if not recent:
-            return 0.0, []
-        span_s = min(max(now - min(at for at, _ in recent), 10.0), self.arrival_window_s)
-        return len(recent) / span_s, [work for _, work in recent]
-
-    def margin(self, name: str) -> float:
-        """How many times its prediction a request on this variant may take: the `coverage` quantile of its
-        recent overruns (at least 1, at most `MAX_MARGIN`), or the fixed headroom until `min_overruns` have
-        finished.
-
-        Why per variant: the mean calibration makes predictions right on average, but a budget is met or
-        missed one request at a time, and how far the tail runs can differ by variant: a slow variant's
-        requests last longer, so more later arrivals with earlier deadlines take the cores before them.
-        On shared cores a variant with too few of its own takes every variant's overruns until it has
-        them: they come from the same cores' interference, and the fixed headroom would make a variant that
-        has hardly served look surer than the one serving most.
-        """
-        with self._lock:
-            ratios = sorted(self.overruns.get(name, ()))
-            if len(ratios) < self.min_overruns and self.shared_compute:
-                ratios = sorted(r for overruns in self.overruns.values() for r in overruns)
-        if len(ratios) < self.min_overruns:
-            return 1 / (1 - self.headroom)
-        index = min(len(ratios) - 1, math.ceil(self.coverage * len(ratios)) - 1)
-        return min(max(ratios[index], 1.0), MAX_MARGIN)
-
-    def load_spread(self, window_s: float, now: float | None = None) -> float:
-        """Standard deviation of the share of the next `window_s` seconds that arriving requests will need.
-
-        Requests arrive as a Poisson stream at rate r, each bringing w seconds of work (its least work, as
-        in `expected_load`): the work arriving within t seconds has mean r E[w] t and variance r E[w^2] t,
-        so its share of t deviates by sqrt(r E[w^2] / t): bursts matter more the closer the deadline."""
-        rate, works = self._arrivals(now)
-        if not works or window_s <= 0:
-            return 0.0
-        return math.sqrt(rate * sum(w * w for w in works) / len(works) / window_s)
-
-    def current_reserve(self, budget_ms: float | None = None) -> float:
-        """The reserve in force now for a request due in `budget_ms`: the fixed one, or the expected load
-        plus `BURST_DEVIATIONS` of its spread until then (capped at 90%)."""
-        if self.reserve is not None:
-            return self.reserve
-        spread = self.load_spread(budget_ms / 1000) if budget_ms else 0.0
-        return min(self.expected_load() + BURST_DEVIATIONS * spread, 0.9)
 
     def choose(
         self, candidates: Sequence[C], budget: Budget, prompt_tokens: int, max_tokens: int, extra_ms: float = 0.0
@@ -288,31 +192,21 @@ class Router:
                     HEADER_MEMORY,
                 )
             usable = fitting
-        # per variant, the budget less the margin its predictions have needed (`margin`)
-        limits = {c.name: budget.latency_ms / self.margin(c.name) for c in usable} if budget.latency_ms else {}
         scale = self.calibration
-        reserve = self.current_reserve(budget.latency_ms)
-        least_work = extra_ms + min(
-            c.profile.ttft_ms(prompt_tokens) + max_tokens * c.profile.step_ms(1) for c in usable
-        )
         now = self.clock()
-        with self._lock:
-            self.arrivals.append((now, least_work * scale))
         if self.shared_compute:
             plans = {
-                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, limits.get(c.name), scale, now)
+                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, budget.latency_ms, scale, now)
                 for c in usable
             }
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}
-            load = {name: plan.load for name, plan in plans.items()}
             # what it costs the others: on shared cores the cheapest choice when the cores are busy is the
             # workhorse, the cheapest per request at the batch it would join (`workhorse_ms`)
             cost = {c.name: workhorse_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
             predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens, now) for c in usable}
-            load = {name: ms / limits[name] if limits else 0.0 for name, ms in predicted.items()}
             cost = predicted  # a device share of its own: its latency is all it costs
         predicted = {name: ms + extra_ms for name, ms in predicted.items()}
         met: bool | None
@@ -345,38 +239,29 @@ class Router:
             reason = "no latency budget: best quality"
             met = None
         else:
+            limit = budget.latency_ms
 
             def score(c: C) -> tuple[int, int]:
                 """Requests kept within budget (this one, minus running ones it would push over), then
                 fewer pushed over: earlier requests' budgets are not traded for this one's."""
-                return (int(predicted[c.name] <= limits[c.name]) - harm[c.name], -harm[c.name])
+                return (int(predicted[c.name] <= limit) - harm[c.name], -harm[c.name])
 
             top = max(score(c) for c in good_enough)
             best = [c for c in good_enough if score(c) == top]
-            fits = [c for c in best if predicted[c.name] <= limits[c.name]]
-            roomy = [c for c in fits if load[c.name] <= 1 - reserve]
-            if roomy:
-                order = best_first(roomy, self.quality_tolerance)
-                order += sorted((c for c in fits if c not in roomy), key=lambda c: (cost[c.name], load[c.name]))
+            fits = [c for c in best if predicted[c.name] <= limit]
+            if fits:
+                order = best_first(fits, self.quality_tolerance)
                 reason = "best quality predicted within the latency budget"
                 met = True
-            elif fits:
-                order = sorted(fits, key=lambda c: (cost[c.name], load[c.name]))
-                reason = "within the latency budget, adding least work (busy cores: room kept for later requests)"
-                met = True
             else:
-                # none fits its margin: where it costs least (the variant predicted to finish it soonest is
-                # often an idle slower one, whose steps then slow every round), unless only steps of its own
-                # can make it: then the cheapest whose steps alone (`alone_ms`) make it
+                # none fits: where it costs least (the variant predicted to finish it soonest is often an
+                # idle slower one, whose steps then slow every round), unless only steps of its own can make
+                # it: then the cheapest whose steps alone (`alone_ms`) make it
                 alone = {c.name: alone_ms(c, prompt_tokens, max_tokens) + extra_ms for c in best}
-                slow = {name: ms > (budget.latency_ms or math.inf) for name, ms in alone.items()}
+                slow = {name: ms > limit for name, ms in alone.items()}
                 order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
-                met = predicted[order[0].name] <= budget.latency_ms
-                reason = (
-                    "fastest: predicted within the budget but not its margin"
-                    if met
-                    else "no variant predicted within the latency budget: fastest"
-                )
+                met = False
+                reason = "no variant predicted within the latency budget: fastest"
                 if not slow[order[0].name]:
                     reason += " (the cheapest whose steps alone make it)"
             order += sorted((c for c in good_enough if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
@@ -396,7 +281,6 @@ class Router:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
-            reserve=round(reserve, 3),
             first_token_ms={c.name: round(min(predicted[c.name], first[c.name]), 1) for c in usable},
         )
         with self._lock:
@@ -416,20 +300,14 @@ class Router:
         A request the router already predicted to miss is left out: once it cannot make its budget the
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
         not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
-        calibration and the fastest variant's margin, so later budgets it could meet look out of reach and
-        fall back to it as predicted misses.
-
-        Also left out when it finished sooner than predicted: that only says the prediction overstated, and
-        counting it would loosen the margins where budgets are within reach."""
+        calibration, so later budgets the fastest variant could meet look out of reach and fall back to it
+        as predicted misses."""
         expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
         if expected_ms <= 0 or decision.budget_met is False:
             return
         ratio = min(max(elapsed_ms / expected_ms, 0.5), 4.0)
         with self._lock:
             self.calibration += self.calibration_smoothing * (ratio - self.calibration)
-            self.overruns.setdefault(decision.variant, deque(maxlen=self.overrun_history)).append(
-                elapsed_ms / expected_ms
-            )
 
     def recent(self, count: int = 20) -> list[dict[str, Any]]:
         with self._lock:

@@ -93,7 +93,6 @@ def router_state(pool: VariantPool, router: Router, server_budget: Budget) -> di
                     "load_ms": round(entry.profile.load_ms, 0),
                     "observations": entry.profile.observations,
                 },
-                "margin": round(router.margin(entry.name), 3),
             }
         )
     return {
@@ -101,8 +100,6 @@ def router_state(pool: VariantPool, router: Router, server_budget: Budget) -> di
         "resident_mb": round(pool.resident_mb(), 1),
         "default_budget": {k: v for k, v in asdict(server_budget).items() if v is not None and v != math.inf},
         "calibration": round(router.calibration, 3),
-        "expected_load": round(router.expected_load(), 3),
-        "reserve": round(router.current_reserve(), 3),
         "variants": variants,
         "decisions": router.recent(),
     }

