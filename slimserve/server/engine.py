@@ -2,6 +2,10 @@
 with a deadline it would miss step apart from the rest while they need to. It carries out the plans of
 its `scheduler.Scheduler` (what each turn prefills, which rows step); it decides nothing itself.
 
+This module is the engine's life and its face to the layers above (`serving_engine.ServingEngine`):
+loading, the paced warm-up, admission into its queue, shutdown and failure. What a turn does to the
+running batch is `turns.RunningBatch`.
+
 Its prefill and decode steps run on the process's one compute thread (`compute.ComputeThread`), taking
 turns with the other resident variants' engines; loading runs on a thread of its own, so a variant
 loaded on demand does not stall the others' decoding. Requests reach the engine through a queue;
@@ -23,30 +27,27 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from slimserve.models.loader import LoadedVariant
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.admission import drain_seconds
-from slimserve.server.batch import PaddedKVBatch, SplitBatch
 from slimserve.server.compute import ComputeThread
 from slimserve.server.detokenize import IncrementalDetokenizer
-from slimserve.server.forward import prefill_forward, step_forward, warm_up_pieces
+from slimserve.server.forward import warm_up_pieces
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import CostProfile
-from slimserve.server.sampling import Sampler, SamplingParams, sample_rows
-from slimserve.server.scheduler import Scheduler, Turn, prompt_chunk
-from slimserve.server.sequence import EngineSequence, PartialPrefill
+from slimserve.server.sampling import Sampler, SamplingParams
+from slimserve.server.scheduler import Scheduler, Turn
+from slimserve.server.sequence import EngineSequence
 from slimserve.server.serving_engine import (
     EngineBusyError,
     EngineNotReadyError,
     EngineState,
     GenerationEvent,
     RequestHandle,
-    deliver,
 )
 from slimserve.server.structured import MASK_MS_PRIOR, GrammarCache, TokenMask
+from slimserve.server.turns import RunningBatch
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class TransformersEngine:
         """Known before loading when the variant is a directory; filled in by the load otherwise."""
         self._load = load
         self.scheduler: Scheduler[EngineSequence] = Scheduler(max_batch_size)
-        """Plans each turn; the engine carries its plans out."""
+        """Plans each turn; the running batch carries its plans out (`batch`)."""
         self.compute = compute or ComputeThread.shared()
         self._inbox: deque[EngineSequence] = deque()
         """Sequences waiting for a batch slot, oldest first (guarded by `_lock`)."""
@@ -90,11 +91,8 @@ class TransformersEngine:
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._attached = False
-        self._split: SplitBatch[EngineSequence] = SplitBatch()
-        """The running batch, and its urgent rows stepped apart while their deadlines need it."""
-        self._last_turn: dict[str, Any] = {}
-        self._partial: PartialPrefill | None = None
-        """The sequence being prefilled chunk by chunk; it counts as running (a batch slot is its)."""
+        self.batch = RunningBatch(name, metrics, self.scheduler, self)
+        """The running batch and the prompt under way, advanced one turn at a time (`turns`)."""
         self._warm_up: list[Callable[[LoadedVariant], None]] = []
         """Pieces of the load-time warm-up still to run, one per turn (`forward.warm_up_pieces`)."""
         self._grammars: GrammarCache | None = None
@@ -115,7 +113,7 @@ class TransformersEngine:
     @property
     def running(self) -> int:
         """Sequences in the running batch (a finished one stops counting before its last event is sent)."""
-        return sum(not s.done for s in self._running_rows())
+        return sum(not s.done for s in self.batch.rows())
 
     @property
     def waiting(self) -> int:
@@ -141,7 +139,7 @@ class TransformersEngine:
         after their remaining steps, queued ones in order as slots free, at the measured step time of a full
         batch. Called with `_lock` held."""
         step_s = self.scheduler.step_s(min(max(self._in_flight, 1), self.max_batch_size))
-        running = [s.steps_left * step_s for s in self._running_rows() if not s.done]
+        running = [s.steps_left * step_s for s in self.batch.rows() if not s.done]
         queued = [
             self.scheduler.prefill_s(s.prompt_tokens, s.prompt_tokens) + s.max_tokens * step_s for s in self._inbox
         ]
@@ -149,13 +147,7 @@ class TransformersEngine:
 
     def deadlines(self) -> list[tuple[float | None, int]]:
         """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
-        return [(s.handle.deadline, s.steps_left) for s in self._running_rows() if not s.done]
-
-    def _running_rows(self) -> list[EngineSequence]:
-        """Every sequence in either batch, and the one being prefilled in chunks (a snapshot: the compute
-        thread may move rows meanwhile)."""
-        partial = self._partial
-        return self._split.rows() + ([partial.seq] if partial is not None else [])
+        return [(s.handle.deadline, s.steps_left) for s in self.batch.rows() if not s.done]
 
     @property
     def tokenizer(self) -> Any:
@@ -285,7 +277,7 @@ class TransformersEngine:
             self._stop()
             return False
         try:
-            return self._turn(variant)
+            return self.batch.turn(variant)
         except Exception as exc:
             log.exception("%s failed during a turn", self.name)
             self._fail(exc)
@@ -300,7 +292,7 @@ class TransformersEngine:
     def _warm_up_turn(self, variant: LoadedVariant) -> bool:
         """The next piece of the warm-up; after the last the engine is READY. A forward that raises fails
         the load, as a load that raises does."""
-        self._last_turn = {"prefills": [], "warm_up": len(self._warm_up)}  # pieces left, this one included
+        self.batch.last_turn = {"prefills": [], "warm_up": len(self._warm_up)}  # pieces left, this one included
         try:
             self._warm_up.pop(0)(variant)
         except Exception as exc:
@@ -317,45 +309,13 @@ class TransformersEngine:
             self._ready.set()
         return True
 
-    def _turn(self, variant: LoadedVariant) -> bool:
-        eos = variant.eos_token_ids
-        self._last_turn = {"prefills": []}
-        admitted = self._admit(variant, self._split.main, self._split.main_rows, eos)
-        self._drop_cancelled()
-        batch, rows = self._regroup(time.perf_counter())
-        stepped = bool(rows)  # before the step: finished rows leave `rows` (`_compact`)
-        if rows:
-            self._last_turn.update(
-                rows=[s.handle.request_id for s in rows],
-                apart=batch is self._split.apart,
-                batch=self._split.count,
-            )
-            self._decode_step(variant, batch, rows, eos)
-        self.metrics.running.labels(self.name).set(self._split.count)
-        return admitted or stepped
-
-    def _regroup(self, now: float) -> tuple[PaddedKVBatch, list[EngineSequence]]:
-        """Carry out the scheduler's decode plan (`Scheduler.schedule_decode`): the batch and rows to step,
-        moving rows between the main batch and the one stepped apart."""
-        apart = self.scheduler.schedule_decode(list(self._split.main_rows), list(self._split.apart_rows), now)
-        return self._split.regroup(apart)
-
-    def _drop_cancelled(self) -> None:
-        """Finish the cancelled rows of both batches (a waiting batch would otherwise keep them)."""
-        for batch, rows in self._split.pairs():
-            cancelled = [s for s in rows if s.handle.cancelled.is_set()]
-            for seq in cancelled:
-                self._finish(seq, GenerationEvent("", [], [], "abort", len(seq.generated)))
-            if cancelled:
-                self._compact(batch, rows)
-
     def detached(self) -> bool:
         return self._stopped.is_set()
 
     def last_turn(self) -> dict[str, Any]:
         """Its last turn's prefills (id, prompt and max tokens, seconds to the deadline then, seconds taken)
         and the rows its decode step served (whether stepped apart, and the batch's size)."""
-        return self._last_turn
+        return self.batch.last_turn
 
     def pending(self) -> Turn | None:
         """How urgently this engine needs its next turn (`Scheduler.turn`); None when it has nothing to do."""
@@ -364,16 +324,25 @@ class TransformersEngine:
             return Turn(step_s=step_s, best_effort=True, cost_s=self.scheduler.step_s(self.max_batch_size))
         if self.state is not EngineState.READY or self.variant is None:
             return Turn(step_s=0.0, prefill=True)  # stopping: one more turn aborts what is left and detaches
-        return self.scheduler.turn(self._waiting(), self._running_rows(), self._partial_state(), time.perf_counter())
+        return self.scheduler.turn(self.queued(), self.batch.rows(), self.batch.partial_state(), time.perf_counter())
 
-    def _waiting(self) -> list[EngineSequence]:
+    # ---- the queue, as a turn reaches it (`turns.AdmissionQueue`) ------------------------------------
+
+    def queued(self) -> list[EngineSequence]:
+        """The sequences waiting for a batch slot, oldest first (a snapshot)."""
         with self._lock:
             return list(self._inbox)
 
-    def _partial_state(self) -> tuple[EngineSequence, int] | None:
-        """The prompt under way and how many of its tokens are in its cache, as the scheduler takes it."""
-        partial = self._partial
-        return (partial.seq, partial.done) if partial is not None else None
+    def dequeue(self, seq: EngineSequence) -> None:
+        """Take `seq` from the queue: its prefill starts."""
+        with self._lock:
+            self._inbox.remove(seq)
+            self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
+
+    def retire(self, seq: EngineSequence) -> None:
+        """`seq` has finished: it no longer counts against admission (`_in_flight`)."""
+        with self._lock:
+            self._in_flight -= 1
 
     def _take_waiting(self) -> EngineSequence | None:
         with self._lock:
@@ -384,145 +353,8 @@ class TransformersEngine:
     def _stop(self, error: str | None = None) -> None:
         """End every sequence it holds (aborted on shutdown; with `error` when the engine failed) and detach."""
         reason, message = ("error", error) if error else ("abort", "server shutting down")
-        for seq in self._running_rows():
-            if not seq.done:
-                self._finish(seq, GenerationEvent("", [], [], reason, len(seq.generated), message))
-        self._partial = None
+        self.batch.end_all(reason, message)
         while (waiting := self._take_waiting()) is not None:
-            self._finish(waiting, GenerationEvent("", [], [], reason, 0, message))
-        self._split = SplitBatch()
+            self.batch.finish(waiting, GenerationEvent("", [], [], reason, 0, message))
         self._stopped.set()
         self._ready.set()  # stopped or failed while warming up: nobody waits for it any longer
-
-    def _admit(self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[EngineSequence], eos: set[int]) -> bool:
-        """Carry out the scheduler's prefill plan (`Scheduler.schedule_prefill`). True if it prefilled or took
-        anything from the queue."""
-        plan = self.scheduler.schedule_prefill(
-            self._waiting(), self._running_rows(), self._partial_state(), time.perf_counter()
-        )
-        if plan.jump is not None:  # due sooner: its whole prompt this turn, the chunks under way wait
-            under_way, self._partial = self._partial, None
-            self._start_prefill(variant, plan.jump, batch, rows, eos)
-            self._partial = under_way
-            return True
-        if plan.chunk and self._partial is not None:
-            self._prefill_chunk(variant, self._partial, batch, rows, eos)
-        for seq in plan.start:
-            self._start_prefill(variant, seq, batch, rows, eos)
-        return not plan.empty
-
-    def _start_prefill(
-        self,
-        variant: LoadedVariant,
-        seq: EngineSequence,
-        batch: PaddedKVBatch,
-        rows: list[EngineSequence],
-        eos: set[int],
-    ) -> int:
-        """Take `seq` from the queue and prefill its first chunk (it becomes the prompt under way if it has
-        more); tokens prefilled returned."""
-        with self._lock:
-            self._inbox.remove(seq)
-            self.metrics.queue_depth.labels(self.name).set(len(self._inbox))
-        if seq.handle.cancelled.is_set():
-            self._finish(seq, GenerationEvent("", [], [], "abort", 0))
-            return 0
-        deadline = seq.handle.deadline
-        partial = PartialPrefill(
-            seq,
-            growing_cache(variant.model.config),
-            left_s=round(deadline - time.perf_counter(), 4) if deadline is not None else None,
-        )
-        self._partial = partial
-        return self._prefill_chunk(variant, partial, batch, rows, eos)
-
-    def _prefill_chunk(
-        self,
-        variant: LoadedVariant,
-        partial: PartialPrefill,
-        batch: PaddedKVBatch,
-        rows: list[EngineSequence],
-        eos: set[int],
-    ) -> int:
-        """The next chunk of `partial`'s prompt (tokens prefilled returned); once the prompt is in, its first
-        token is sampled and it joins the batch."""
-        seq, prompt = partial.seq, partial.seq.handle.prompt_ids
-        if seq.handle.cancelled.is_set():
-            self._partial = None
-            self._finish(seq, GenerationEvent("", [], [], "abort", 0))
-            return 0
-        chunk = prompt_chunk(prompt, partial.done)
-        began = time.perf_counter()
-        logits = prefill_forward(variant.model, partial.cache, chunk)
-        partial.seconds += time.perf_counter() - began
-        partial.done += len(chunk)
-        last = partial.done >= len(prompt)
-        self._last_turn.setdefault("prefills", []).append(
-            {
-                "id": seq.handle.request_id,
-                "prompt": len(prompt),
-                "max": seq.params.max_tokens,
-                "left_s": partial.left_s,
-                "tokens": len(chunk),
-                "s": round(time.perf_counter() - began, 4),
-                "last": last,
-            }
-        )
-        if not last:
-            return len(chunk)
-        self._partial = None
-        if self.profile is not None:
-            self.profile.observe_prefill(len(prompt), partial.seconds)
-        self._emit([seq], logits, eos)
-        if not seq.done:
-            batch.add(partial.cache)
-            rows.append(seq)
-        return len(chunk)
-
-    def _decode_step(
-        self, variant: LoadedVariant, batch: PaddedKVBatch, rows: list[EngineSequence], eos: set[int]
-    ) -> None:
-        input_ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long)  # (B, 1)
-        began = time.perf_counter()
-        logits = step_forward(variant.model, batch, input_ids)
-        self._emit(rows, logits, eos)
-        if self.profile is not None:  # the whole step as a client sees it: forward, sampling, delivery
-            self.profile.observe_step(len(rows), time.perf_counter() - began)
-        if any(s.done for s in rows):
-            self._compact(batch, rows)
-
-    def _compact(self, batch: PaddedKVBatch, rows: list[EngineSequence]) -> None:
-        keep = [i for i, s in enumerate(rows) if not s.done]
-        batch.keep(keep)
-        rows[:] = [rows[i] for i in keep]
-
-    def _emit(self, stepped: list[EngineSequence], logits: torch.Tensor, eos: set[int]) -> None:
-        """Sample one token per sequence from its row of `logits` (B, vocab), detokenize, decide whether it
-        finished, deliver the events."""
-        now = time.perf_counter()
-        deliveries: list[tuple[RequestHandle, GenerationEvent]] = []
-        for seq, (token, logprob) in zip(stepped, sample_rows([s.sampler for s in stepped], logits), strict=True):
-            if seq.last_token_at is None:
-                self.metrics.ttft.labels(self.name).observe(now - seq.submitted_at)
-            else:
-                self.metrics.tpot.labels(self.name).observe(now - seq.last_token_at)
-            seq.last_token_at = now
-            event = seq.take(token, logprob, eos)
-            if seq.done:
-                self._account(seq)
-            deliveries.append((seq.handle, event))
-        deliver(deliveries)
-
-    def _finish(self, seq: EngineSequence, event: GenerationEvent) -> None:
-        seq.done = True
-        self._account(seq)
-        deliver([(seq.handle, event)])
-
-    def _account(self, seq: EngineSequence) -> None:
-        if seq.accounted:
-            return
-        seq.accounted = True
-        with self._lock:
-            self._in_flight -= 1
-        self.metrics.prompt_tokens.labels(self.name).inc(len(seq.handle.prompt_ids))
-        self.metrics.completion_tokens.labels(self.name).inc(len(seq.generated))
