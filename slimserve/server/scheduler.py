@@ -185,7 +185,21 @@ class Scheduler(Generic[J]):
     def __init__(self, max_batch_size: int, profile: CostProfile | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.profile = profile
-        """The engine's live cost profile (the pool assigns it); the scheduler only reads it."""
+        """The engine's live cost profile (the pool assigns it): read by every plan, taught by
+        `update_from_output`."""
+
+    def update_from_output(
+        self, rows: int = 0, step_s: float | None = None, prompt_tokens: int = 0, prefill_s: float | None = None
+    ) -> None:
+        """What a planned turn cost, from whoever carried it out (the engine; the simulator): a decode step of
+        `rows` rows in `step_s`, a whole prompt of `prompt_tokens` prefilled in `prefill_s` (learned once, at its
+        last chunk). The live profile learns it, as vLLM's scheduler takes a step's results back."""
+        if self.profile is None:
+            return
+        if prefill_s is not None:
+            self.profile.observe_prefill(prompt_tokens, prefill_s)
+        if step_s is not None and rows:
+            self.profile.observe_step(rows, step_s)
 
     # ---- costs -----------------------------------------------------------------------------------
 

@@ -152,7 +152,7 @@ class SimEngine:
             stepped = self.apart
         if stepped:
             step_s = self.truth.step_ms(len(stepped)) / 1000 * self.noise()
-            self.profile.observe_step(len(stepped), step_s)
+            self.scheduler.update_from_output(rows=len(stepped), step_s=step_s)
             spent += step_s
             for job in stepped:
                 job.generated += 1
@@ -169,7 +169,7 @@ class SimEngine:
         its last chunk, as the engine does."""
         whole_s = self.truth.ttft_ms(prompt_tokens) / 1000 * self.noise()
         if last:
-            self.profile.observe_prefill(prompt_tokens, whole_s)
+            self.scheduler.update_from_output(prompt_tokens=prompt_tokens, prefill_s=whole_s)
         return whole_s * chunk_tokens / max(prompt_tokens, 1)
 
     def _first_token(self, job: SimJob, at: float) -> list[SimJob]:

@@ -193,8 +193,7 @@ class RunningBatch:
         if not last:
             return len(chunk)
         self.partial = None
-        if self.scheduler.profile is not None:
-            self.scheduler.profile.observe_prefill(len(prompt), partial.seconds)
+        self.scheduler.update_from_output(prompt_tokens=len(prompt), prefill_s=partial.seconds)
         self._emit([seq], logits, eos)
         if not seq.done:
             batch.add(partial.cache)
@@ -208,8 +207,8 @@ class RunningBatch:
         began = time.perf_counter()
         logits = step_forward(variant.model, batch, input_ids)
         self._emit(rows, logits, eos)
-        if self.scheduler.profile is not None:  # the whole step as a client sees it: forward, sampling, delivery
-            self.scheduler.profile.observe_step(len(rows), time.perf_counter() - began)
+        # the whole step as a client sees it: forward, sampling, delivery
+        self.scheduler.update_from_output(rows=len(rows), step_s=time.perf_counter() - began)
         if any(s.done for s in rows):
             self._compact(batch, rows)
 

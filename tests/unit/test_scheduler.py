@@ -134,3 +134,18 @@ def test_a_one_chunk_prompt_due_sooner_jumps_the_chunks_of_a_prompt_under_way() 
     last = plan.schedule_prefill([job(5, None, prompt_tokens=60)], [under_way], (under_way, 2 * PREFILL_TOKENS), NOW)
     assert last.chunk and last.start == []  # 128 + 60 > PREFILL_TOKENS
     assert plan.schedule_prefill([], [], None, NOW).empty and plan.turn([], [], None, NOW) is None
+
+
+def test_a_turns_output_teaches_the_profile_its_plans_read() -> None:
+    """Steps and prefills that ran slower than profiled make the next plans predict them slower; a
+    scheduler without a profile takes an output without failing."""
+    plan = scheduler(CostProfile(1.0, 0.01, step_b1_ms=20.0, step_b8_ms=40.0, load_ms=0.0))
+    step_before, prefill_before = plan.step_s(4), plan.prefill_s(100, 100)
+    for _ in range(20):
+        plan.update_from_output(rows=4, step_s=3 * step_before, prompt_tokens=100, prefill_s=3 * prefill_before)
+    assert plan.step_s(4) > 2 * step_before
+    assert plan.prefill_s(100, 100) > 2 * prefill_before
+    assert plan.profile is not None and plan.profile.observations == 40
+    bare = Scheduler[Job](16)
+    bare.update_from_output(rows=1, step_s=0.1)
+    assert bare.step_s(1) == bare.step_s(8)
