@@ -422,7 +422,8 @@ def verdicts(results: list[ServerResult], args: argparse.Namespace) -> list[str]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="variants to serve, one at a time")
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS, help="servers to measure")
+    parser.add_argument("--servers", nargs="*", choices=SERVERS, default=SERVERS,
+                        help="servers to measure (none: only the --cpu-sweep rows)")  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16], help="client counts to measure")
     parser.add_argument("--per-worker", type=int, default=3, help="requests each client sends in sequence")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="sequences each server decodes together")
@@ -439,6 +440,8 @@ def main() -> int:
     parser.add_argument("--section", default="serve-bench", help="section of the markdown file to write")
     parser.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()
+    if not args.servers and not args.cpu_sweep:
+        parser.error("nothing to measure: name --servers, or --cpu-sweep")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops the server it started
 
     uses_vllm = {"slimserve-vllm", "vllm-server"} & set(args.servers) or args.cpu_sweep
