@@ -359,7 +359,8 @@ def sweep_servers(variant: str, path: Path, args: argparse.Namespace, port: int)
 
 def render(results: list[ServerResult], args: argparse.Namespace) -> str:
     lines = [
-        f"## Serving: `make bench-serve`{' (GPU)' if args.section.endswith('gpu') else ''}",
+        f"## Serving: `make bench-serve`{' (GPU)' if args.section.endswith('gpu') else ''}"
+        + ("" if args.servers else ": vLLM's CPU placements"),
         "",
         f"- command: `python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- date: {today()}",
