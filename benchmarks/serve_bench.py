@@ -14,6 +14,9 @@ Servers (`--servers`):
 - `llama-server`: llama.cpp's server (`benchmarks/build_llama_server.sh`), `-t <cores> -np 16`, on the GGUF
   the default model ships (Q4_1), so its rows stand beside every variant rather than one.
 
+Each server's output goes to `runs/serve-bench/<server>-<variant>.log` (llama-server's with timestamps); a
+server that fails mid-phase leaves a row, and the failure line gives its exit code.
+
 `--cpu-sweep` adds rows for slimserve's vLLM backend on the first variant under each way the API process,
 vLLM's engine core and its worker can share the cores (`CPU_LAYOUTS`), to choose the default from.
 
@@ -258,8 +261,11 @@ def bench_server(server: Server, port: int, args: argparse.Namespace, log_dir: P
             phases.append(phase)
         return ServerResult(server, phases, peak_rss_mb(process.pid))
     except (RuntimeError, TimeoutError, httpx.HTTPError, OSError, openai.APIError) as exc:  # a crashed server is a row
-        print(f"   failed: {exc} (log: {log})", flush=True)
-        return ServerResult(server, phases, float("nan"), error=str(exc))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)  # a server that dropped its connections may still be exiting
+        exited = "" if process.returncode is None else f"; server exited with {process.returncode}"
+        print(f"   failed: {exc}{exited} (log: {log})", flush=True)
+        return ServerResult(server, phases, float("nan"), error=f"{exc}{exited}")
     finally:
         stop(process)
 
@@ -338,7 +344,9 @@ def servers_for(variant: str, path: Path, args: argparse.Namespace, port: int) -
                 continue
             gguf = embedded_gguf_path()
             command = [str(binary), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-t", str(cores)]
-            command += ["-np", str(args.max_batch), "-c", str(args.max_batch * 1024), "--log-disable"]
+            slot = max(1024, args.max_tokens + 128)  # -c is shared by the slots; each holds a prompt (<64) + max_tokens
+            command += ["-np", str(args.max_batch), "-c", str(args.max_batch * slot)]
+            command += ["--log-timestamps", "--log-prefix"]  # to the run's log: a crash mid-phase leaves its trace
             found.append(Server(name, f"{gguf.name} (GGUF)", command, "/health", "gguf"))
     return found
 
