@@ -103,7 +103,7 @@ profile-vllm: setup-vllm
 	for v in $(SIM_VARIANTS); do $(VLLM_BIN)/slimserve profile $$v --backend vllm || exit 1; done
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
-	$(BIN)/python benchmarks/router_bench.py --write docs/BENCHMARKS.md
+	$(BIN)/python benchmarks/router_bench.py --rates 0.15 0.4 --count 30 --write docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
