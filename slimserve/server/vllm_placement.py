@@ -74,17 +74,18 @@ class CpuPlacement:
 
 def cpu_placements(variants: int, cpus: Sequence[int], environ: Mapping[str, str] | None = None) -> list[CpuPlacement]:
     """Cores per variant: vLLM's own knobs where the user set them; otherwise one core kept for the API
-    process and the engine cores' schedulers where that still leaves each worker a core of its own, and the
+    process and the engine cores' schedulers where that still leaves each worker two cores or more, and the
     rest split into contiguous equal blocks, one per variant. With fewer cores than variants the workers
     are left unbound (`nobind`) and share every core.
 
-    Two cores and one variant give vLLM's `auto` binding (worker on core 0, core 1 for the API process and
-    the engine core, which polls its worker); two variants get a core each, no core kept."""
+    No core is kept where a worker would be left one: on two cores a worker bound to both served 8 clients
+    12-28% faster than vLLM's own placement (worker on core 0, core 1 kept) and one client as fast
+    (docs/BENCHMARKS.md, vLLM's CPU placements). Two variants on two cores get a core each."""
     environ = os.environ if environ is None else environ
     if any(key in environ for key in CPU_ENV):
         return [CpuPlacement(None, None, shares_cores=variants > 1)] * variants
     count = len(cpus)
-    reserve = 1 if count - 1 >= variants else 0
+    reserve = 1 if (count - 1) // variants >= 2 else 0
     usable = list(cpus)[: count - reserve] if reserve else list(cpus)
     if len(usable) < variants:  # vLLM's auto binding would pin every worker to the same first core
         return [CpuPlacement("nobind", None, shares_cores=True)] * variants

@@ -142,7 +142,8 @@ def test_kv_cache_is_the_budget_share_less_weights_within_bounds() -> None:
 
 
 def test_cores_go_to_variants_with_one_kept_for_the_api_where_cores_allow() -> None:
-    assert cpu_placements(1, [0, 1], {}) == [CpuPlacement("0", 1, False)]  # vLLM's own auto binding
+    assert cpu_placements(1, [0, 1], {}) == [CpuPlacement("0-1", 0, False)]  # a kept core would halve the worker
+    assert cpu_placements(1, [0, 1, 2], {}) == [CpuPlacement("0-1", 1, False)]
     assert cpu_placements(2, [0, 1], {}) == [CpuPlacement("0", 0, False), CpuPlacement("1", 0, False)]
     assert cpu_placements(2, list(range(16)), {}) == [CpuPlacement("0-6", 1, False), CpuPlacement("7-13", 1, False)]
     shared = cpu_placements(3, [0, 1], {})
