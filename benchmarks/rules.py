@@ -59,11 +59,6 @@ RULES = (
         lambda: mock.patch.object(scheduler.Scheduler, "schedule_decode", lambda self, main, apart, now: None),
     ),
     Rule(
-        "spare-time",
-        "a budgeted prompt waits for the spare time of rows due before it (Scheduler.in_spare_time)",
-        lambda: mock.patch.object(scheduler.Scheduler, "in_spare_time", lambda self, *a, **k: True),
-    ),
-    Rule(
         "jump",
         "a short prompt due sooner is prefilled between another prompt's chunks (Scheduler.ahead_of)",
         lambda: mock.patch.object(scheduler.Scheduler, "ahead_of", lambda self, *a, **k: None),

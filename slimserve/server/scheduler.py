@@ -6,10 +6,10 @@ router's predictions (`predictions.py`) plan with the same `savable` test of whe
 still make its deadline. Tests drive it with a fake clock.
 
 Within an engine, earliest deadline first: rows whose deadline the whole batch's steps would miss step
-apart from the rest while they need to (`schedule_decode`); a budgeted prompt is prefilled only in the
-spare time of the running rows due before it (`Scheduler.in_spare_time`), a chunk of `PREFILL_TOKENS`
-per turn. Between engines (`next_turn`): prefills without a budget first, then the engine due first by
-deadline, with paced work (no budget, or past saving) going between while the budgeted work can wait.
+apart from the rest while they need to (`schedule_decode`); prompts are prefilled a chunk of
+`PREFILL_TOKENS` per turn, a short one due sooner between another's chunks (`ahead_of`). Between engines
+(`next_turn`): prefills without a budget first, then the engine due first by deadline, with paced work
+(no budget, or past saving) going between while the budgeted work can wait.
 """
 
 from __future__ import annotations
@@ -246,29 +246,6 @@ class Scheduler(Generic[J]):
         """A running row with a budget that its own steps, stepped apart, can still meet."""
         return job.deadline is not None and savable(job.deadline - now, job.steps_left, self.step_s(1))
 
-    def in_spare_time(
-        self, job: J, rows: Sequence[J], now: float, cost_s: float, waiting: bool, partial: tuple[J, int] | None
-    ) -> bool:
-        """Whether `cost_s` of `job`'s prefill (planned at `SAFETY` times) can run now without delaying a
-        running sequence it must yield to past that sequence's latest start: one with a budget it can still
-        meet, due no later than `job` (earliest deadline first), or any such one if `job` is past saving (it
-        yields to all saveable work, as its decode steps do).
-
-        A prefill cannot be interrupted, so a chunk started in a running request's last spare time makes it
-        miss."""
-        own = self.latest_start(job, len(rows), now, waiting, self._done_of(job, partial))
-        deadline = job.deadline
-        limits = []
-        for other in rows:
-            if other is job or other.done or other.deadline is None:
-                continue
-            start = self.latest_start(other, len(rows), now, partial_done=self._done_of(other, partial))
-            if start is None or start == math.inf:  # past saving: it yields to everyone
-                continue
-            if own == math.inf or deadline is None or other.deadline <= deadline:
-                limits.append(start)
-        return not limits or now + cost_s * SAFETY <= min(limits)
-
     @staticmethod
     def _done_of(job: J, partial: tuple[J, int] | None) -> int | None:
         return partial[1] if partial is not None and partial[0] is job else None
@@ -276,30 +253,18 @@ class Scheduler(Generic[J]):
     # ---- prefill ---------------------------------------------------------------------------------
 
     def admissible(self, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float) -> list[J]:
-        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, except that a
-        budgeted one joins only when its first chunk fits before the latest start of every running sequence
-        it must not delay (`in_spare_time`); those without a budget, or cancelled, join at once."""
-        candidates = list(waiting)[: max(0, self.max_batch_size - len(rows))]
-        admitted: list[J] = []
-        spent_s = 0.0
-        for job in candidates:
-            if job.deadline is None or job.cancelled:
-                admitted.append(job)
-                continue
-            chunk_s = self.prefill_s(job.prompt_tokens, prefill_chunks(job.prompt_tokens)[0])
-            if self.in_spare_time(job, rows, now, spent_s + chunk_s, waiting=True, partial=partial):
-                admitted.append(job)
-                spent_s += chunk_s
-        return admitted
+        """Waiting sequences to prefill in this engine's next turn: as many as free slots take, oldest first.
+        A budgeted prompt does not wait for the spare time of rows due before it: switched off over the
+        simulator's grid, that wait raised attainment (docs/BENCHMARKS.md, Routing on the simulator)."""
+        return list(waiting)[: max(0, self.max_batch_size - len(rows))]
 
     def schedule_prefill(
         self, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float
     ) -> PrefillPlan[J]:
         """The prefill of the next turn, up to `PREFILL_TOKENS` prompt tokens: first a one-chunk prompt due
-        before the prompt under way (`ahead_of`), else the next chunk of that prompt if it fits the spare
-        time of the rows it yields to; then, once no prompt is under way, waiting prompts while what the
-        turn prefills leaves room for their first chunk (a prompt longer than a chunk ends the turn's list:
-        it stays under way)."""
+        before the prompt under way (`ahead_of`), else the next chunk of that prompt; then, once no prompt
+        is under way, waiting prompts while what the turn prefills leaves room for their first chunk (a
+        prompt longer than a chunk ends the turn's list: it stays under way)."""
         plan: PrefillPlan[J] = PrefillPlan()
         spent = 0
         if partial is not None:
@@ -308,8 +273,6 @@ class Scheduler(Generic[J]):
             if ahead is not None:
                 plan.jump = ahead
                 plan.seconds = self.prefill_s(ahead.prompt_tokens, ahead.prompt_tokens)
-                return plan
-            if not self.next_chunk_fits(partial, rows, now):  # running sequences due first need this turn
                 return plan
             spent = next_chunk_tokens(job.prompt_tokens, done)
             plan.chunk, plan.seconds = True, self.prefill_s(job.prompt_tokens, spent)
@@ -328,15 +291,6 @@ class Scheduler(Generic[J]):
             if first < job.prompt_tokens:  # it stays under way: the turn prefills nothing else
                 break
         return plan
-
-    def next_chunk_fits(self, partial: tuple[J, int], rows: Sequence[J], now: float) -> bool:
-        """Whether the next chunk of the prompt under way runs this turn: always without a budget, else when
-        it fits the spare time of the running sequences it yields to (`in_spare_time`)."""
-        job, done = partial
-        if job.deadline is None or job.cancelled:
-            return True
-        chunk_s = self.prefill_s(job.prompt_tokens, next_chunk_tokens(job.prompt_tokens, done))
-        return self.in_spare_time(job, rows, now, chunk_s, waiting=False, partial=partial)
 
     def ahead_of(
         self, under_way: J, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float

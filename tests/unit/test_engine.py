@@ -297,40 +297,6 @@ def test_a_loose_request_is_prefilled_after_a_tight_one_is_done_not_in_its_way(t
             engine.shutdown()
 
 
-def test_the_chunks_of_a_loose_prompt_wait_while_a_tight_request_has_no_time_for_them(
-    tiny_variant_dir: Path, tiny_loaded: LoadedVariant
-) -> None:
-    """A long prompt under way does not take its next chunk in the turns of a request due sooner that has
-    no time to spare for it: in a routing run a hopeless request's three chunks of 0.4 s went into a
-    running request's turns and that request missed its budget by 0.8 s. Its chunks go on once the tight
-    request is done, and it generates what whole-prompt generation gives."""
-    engine, loaded = _hand_stepped(tiny_variant_dir)
-    # prefill: 10 ms a prompt token (a chunk of the long prompt: 1.2 s); steps: 50 ms; `smoothing=0` keeps them
-    engine.profile = CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0, smoothing=0.0)
-    long_prompt = _two_chunk_prompt(loaded)
-    tight_prompt = [30, 31, 32]
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-    async def scenario() -> tuple[list[str], list[int], list[int]]:
-        long = engine.submit(long_prompt, params, deadline=time.perf_counter() + 600)
-        engine.step()  # the long prompt's first chunk
-        # 0.03 s of prefill and 6 steps of 50 ms: 0.4 s with SAFETY, so 0.6 s to spare, not 1.2 s
-        tight = engine.submit(tight_prompt, params, deadline=time.perf_counter() + 1.0)
-        order = []  # per turn: whose prefill chunk and rows ran
-        while engine.running or engine.waiting:
-            engine.step()
-            await asyncio.sleep(0)
-            turn = engine.last_turn()
-            order += ["long chunk" for p in turn["prefills"] if p["id"] == long.request_id]
-            order += ["tight" for r in turn.get("rows", []) if r == tight.request_id]
-        return order, (await _run(tight))[0], (await _run(long))[0]
-
-    order, tight_tokens, long_tokens = asyncio.run(scenario())
-    assert order.index("long chunk") > len(order) - 1 - order[::-1].index("tight")  # after the tight one's last step
-    assert tight_tokens == _reference_greedy(tiny_loaded, tight_prompt, 6)
-    assert long_tokens == _reference_greedy(tiny_loaded, long_prompt, 6)
-
-
 async def _drain(events: AsyncIterator[Any]) -> None:
     async for _ in events:
         pass

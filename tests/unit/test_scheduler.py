@@ -48,41 +48,20 @@ def test_savable_is_the_work_alone_against_the_time_left() -> None:
     assert not savable(1.0, 10, 0.1, first_s=0.05)
 
 
-def test_a_loose_request_waits_to_join_a_batch_whose_tight_request_has_no_time_to_spare() -> None:
-    """While a running request's deadline leaves no slack (its remaining steps already need more than the
-    time left over `SAFETY`), a loose request is not prefilled into its batch (a prefill and a larger batch
-    would slow every step it has left); one due now itself, or without a budget, is."""
-    plan = scheduler(CostProfile(1.0, 0.01, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0))
-    # 40 steps at 50 ms need 2 s, 2.5 s with SAFETY: a 2.2 s budget has no time to spare
-    rows = [job(40, 2.2)]
-    loose, unbudgeted, urgent = job(40, 60.0), job(40, None), job(10, 0.6)
-    waiting = [loose, unbudgeted, urgent]
-    assert plan.admissible(waiting, rows, None, NOW) == [unbudgeted, urgent]
-    turn = plan.turn(waiting, rows, None, NOW)
-    assert turn is not None and turn.prefill and turn.latest_start is not None
-    rows = [job(40, 30.0)]  # time to spare: everyone waiting joins
-    assert plan.admissible(waiting, rows, None, NOW) == [loose, unbudgeted, urgent]
-
-
-def test_a_prompt_is_prefilled_only_in_the_spare_time_of_the_running_requests_due_before_it() -> None:
-    """A prefill cannot be interrupted, so a budgeted prompt joins a batch only when its first chunk fits
-    before the latest start of every running request due before it; a prompt past saving yields to every
-    request that can still make it, whatever its own deadline."""
+def test_waiting_prompts_join_as_free_slots_allow_oldest_first_whatever_the_running_rows_deadlines() -> None:
+    """Admission fills free slots in arrival order; a tight running row does not hold budgeted prompts
+    back (that wait lowered attainment on the simulator), and a turn prefills what fits its chunk budget."""
     # prefill: 10 ms a prompt token; steps: 50 ms
-    plan = scheduler(CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0))
-    # 20 steps need 1 s, 1.25 s with SAFETY: 0.35 s to spare before a 1.6 s deadline
-    rows = [job(20, 1.6)]
-    short = job(40, 60.0)  # a 30 ms prefill: fits
-    long = job(40, 60.0, prompt_tokens=60)  # a 600 ms prefill: does not
-    hopeless = job(40, 0.5)  # 2 s of steps: past saving, though due first
-    hopeless_long = job(40, 0.5, prompt_tokens=60)
-    sooner = job(4, 1.2, prompt_tokens=60)  # 0.8 s of work, due before the running request: EDF
-    waiting = [short, long, hopeless, hopeless_long, sooner]
-    assert plan.admissible(waiting, rows, None, NOW) == [short, hopeless, sooner]
-    rows = [job(20, 0.5)]  # past saving itself: it holds no one back
-    assert plan.admissible(waiting, rows, None, NOW) == [short, long, hopeless, hopeless_long, sooner]
+    plan = scheduler(CostProfile(0.0, 10.0, step_b1_ms=50.0, step_b8_ms=50.0, load_ms=0.0), max_batch_size=4)
+    rows = [job(20, 1.1)]  # 20 steps need 1 s, 1.25 s with SAFETY: no time to spare
+    short = job(40, 60.0)  # a 30 ms prefill
+    long = job(40, 60.0, prompt_tokens=60)  # a 600 ms prefill
+    unbudgeted, urgent = job(40, None), job(4, 0.5)
+    waiting = [short, long, unbudgeted, urgent]
+    assert plan.admissible(waiting, rows, None, NOW) == [short, long, unbudgeted]  # three free slots
+    assert plan.admissible(waiting, [], None, NOW) == waiting
     turn = plan.turn([long, short], rows, None, NOW)  # the step and the chunks the turn would run
-    assert turn is not None and turn.cost_s == pytest.approx(0.05 + 0.6 + 0.03)  # both prompts fit one turn
+    assert turn is not None and turn.cost_s == pytest.approx(0.05 + 0.6 + 0.03)
     prefill = plan.schedule_prefill([long, short], rows, None, NOW)
     assert prefill.start == [long, short] and prefill.seconds == pytest.approx(0.63)
 
