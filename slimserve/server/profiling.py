@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,13 @@ class Measured:
     """Whose engine ran the forwards: `transformers` (slimserve's) or `vllm` (`vllm_profiling`)."""
     max_num_batched_tokens: int | None = None
     """vLLM only: its token budget per step, which the simulator's vLLM engine chunks prompts by."""
+
+    def record(self, path: Path, progress: Callable[[str], None] = print) -> None:
+        """Into the manifest at `path`, beside what it holds (each runtime's figures under keys of its own)."""
+        manifest = VariantManifest.read(path)
+        manifest.metrics.update(self.metrics())
+        written = manifest.write(path)
+        progress(f"recorded in {written}: {self.metrics()}")
 
     def metrics(self) -> dict[str, Any]:
         """The manifest figures `CostProfile.from_manifest` reads: at the top level for the transformers
@@ -198,8 +206,5 @@ def profile_variant(
     progress(f"loaded in {variant.load_seconds:.2f} s")
     found = measure(variant, config, progress)
     if write:
-        manifest = VariantManifest.read(path)
-        manifest.metrics.update(found.metrics())
-        written = manifest.write(path)
-        progress(f"recorded in {written}: {found.metrics()}")
+        found.record(path, progress)
     return found

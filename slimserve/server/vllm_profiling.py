@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from slimserve.models.manifest import VariantManifest
 from slimserve.server.profiling import PROFILE_BATCHES, PROFILE_PROMPT, Measured, ProfileConfig
 from slimserve.server.vllm_placement import spawn_environment
 
@@ -141,8 +140,5 @@ def profile_vllm(
         progress(f"started in {load_s:.2f} s")
         found = measure_vllm(engine, config, load_s, progress)
     if write:
-        manifest = VariantManifest.read(path)
-        manifest.metrics.update(found.metrics())
-        written = manifest.write(path)
-        progress(f"recorded in {written}: {found.metrics()}")
+        found.record(path, progress)
     return found
