@@ -451,6 +451,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.servers and not args.cpu_sweep:
         parser.error("nothing to measure: name --servers, or --cpu-sweep")
+    if args.sweep_rounds < 1:
+        parser.error(f"--sweep-rounds must be at least 1, got {args.sweep_rounds}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops the server it started
 
     uses_vllm = {"slimserve-vllm", "vllm-server"} & set(args.servers) or args.cpu_sweep

@@ -226,10 +226,11 @@ def _profile_vllm(args: ProfileArgs, config: ProfileConfig, progress: Callable[[
     from slimserve.server.vllm_profiling import profile_vllm
 
     rows = max(*PROFILE_BATCHES, *config.batch_sizes)
-    registry = VariantRegistry()
-    engine = vllm_engines([args.variant], registry, None, None, explicit=True, max_batch_size=rows, dtype=config.dtype)
-    env = engine[0].placement.environment() if engine[0].placement is not None else {}
-    profile_vllm(engine[0].engine_args(), env, engine[0].path, config, write=args.write, progress=progress)
+    (engine,) = vllm_engines(
+        [args.variant], VariantRegistry(), None, None, explicit=True, max_batch_size=rows, dtype=config.dtype
+    )
+    env = engine.placement.environment() if engine.placement is not None else {}
+    profile_vllm(engine.engine_args(), env, engine.path, config, write=args.write, progress=progress)
 
 
 @dataclass

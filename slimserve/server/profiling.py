@@ -38,7 +38,7 @@ PROFILE_BATCHES = (1, 8)
 
 @dataclass
 class ProfileConfig:
-    """What `slimserve profile` measures: each point costs `repeats` + 1 forwards (and a prefill per batch)."""
+    """What `slimserve profile` measures: each point is `repeats` + 1 timings of the engine's turns."""
 
     prompt_lengths: list[int] = field(default_factory=lambda: [32, 128, 256, 512])
     """Prompt lengths whose prefill is timed (tokens; 128 is always measured)."""

@@ -252,7 +252,7 @@ class Scheduler(Generic[J]):
 
     # ---- prefill ---------------------------------------------------------------------------------
 
-    def admissible(self, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float) -> list[J]:
+    def admissible(self, waiting: Sequence[J], rows: Sequence[J]) -> list[J]:
         """Waiting sequences to prefill in this engine's next turn: as many as free slots take, oldest first.
         A budgeted prompt does not wait for the spare time of rows due before it: switched off over the
         simulator's grid, that wait raised attainment (docs/BENCHMARKS.md, Routing on the simulator)."""
@@ -269,7 +269,7 @@ class Scheduler(Generic[J]):
         spent = 0
         if partial is not None:
             job, done = partial
-            ahead = self.ahead_of(job, waiting, rows, partial, now)
+            ahead = self.ahead_of(job, waiting, rows)
             if ahead is not None:
                 plan.jump = ahead
                 plan.seconds = self.prefill_s(ahead.prompt_tokens, ahead.prompt_tokens)
@@ -278,7 +278,7 @@ class Scheduler(Generic[J]):
             plan.chunk, plan.seconds = True, self.prefill_s(job.prompt_tokens, spent)
             if done + spent < job.prompt_tokens:  # not done yet: its chunk is this turn's prefill
                 return plan
-        for job in self.admissible(waiting, rows, partial, now):
+        for job in self.admissible(waiting, rows):
             if job.cancelled:  # leaves the queue, prefilling nothing
                 plan.start.append(job)
                 continue
@@ -292,9 +292,7 @@ class Scheduler(Generic[J]):
                 break
         return plan
 
-    def ahead_of(
-        self, under_way: J, waiting: Sequence[J], rows: Sequence[J], partial: tuple[J, int] | None, now: float
-    ) -> J | None:
+    def ahead_of(self, under_way: J, waiting: Sequence[J], rows: Sequence[J]) -> J | None:
         """A waiting sequence to prefill before the next chunk of the prompt under way: the admissible one
         due soonest, if it is due before that prompt's deadline and its prompt is one chunk.
 
@@ -303,7 +301,7 @@ class Scheduler(Generic[J]):
         due = under_way.deadline
         sooner = [
             j
-            for j in self.admissible(waiting, rows, partial, now)
+            for j in self.admissible(waiting, rows)
             if j.deadline is not None
             and (due is None or j.deadline < due)
             and j.prompt_tokens <= PREFILL_TOKENS
@@ -362,7 +360,7 @@ class Scheduler(Generic[J]):
         without a budget (or cancelled) is prefilled at once, one with a budget when its deadline needs it,
         so a loose request's prefill does not cut into a tight request's steps on another engine."""
         live = [j for j in rows if not j.done]
-        admissible = self.admissible(waiting, live, partial, now)
+        admissible = self.admissible(waiting, live)
         if not live and not admissible:
             return None
         latest: float | None = None

@@ -21,6 +21,7 @@ manifest, runtime="vllm")` reads them.
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,11 +84,6 @@ def _run(engine: Any, prompts: list[dict[str, list[int]]], max_tokens: int) -> l
     return marks
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 def measure_vllm(
     engine: Any, config: ProfileConfig, load_s: float, progress: Callable[[str], None] = print
 ) -> Measured:
@@ -105,13 +101,13 @@ def measure_vllm(
         progress(f"skipped lengths {skipped}: beyond the context of {context} tokens")
     for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
         runs = [_run(engine, [prompts(length)], 1) for _ in range(config.repeats + 1)][1:]
-        found.prefill_ms[length] = 1000 * _median([marks[1] - marks[0] for marks in runs])
+        found.prefill_ms[length] = 1000 * statistics.median([marks[1] - marks[0] for marks in runs])
         progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
     steps = config.repeats + 2  # the first gap after the prefill is an untimed warm-up
 
     def step_ms(rows: int, length: int) -> float:
         marks = _run(engine, [prompts(length) for _ in range(rows)], steps + 1)
-        return 1000 * _median([b - a for a, b in itertools.pairwise(marks[2:])])
+        return 1000 * statistics.median([b - a for a, b in itertools.pairwise(marks[2:])])
 
     for rows in sorted({*PROFILE_BATCHES, *config.batch_sizes}):
         found.step_ms[rows] = step_ms(rows, PROFILE_PROMPT)

@@ -58,8 +58,8 @@ def test_waiting_prompts_join_as_free_slots_allow_oldest_first_whatever_the_runn
     long = job(40, 60.0, prompt_tokens=60)  # a 600 ms prefill
     unbudgeted, urgent = job(40, None), job(4, 0.5)
     waiting = [short, long, unbudgeted, urgent]
-    assert plan.admissible(waiting, rows, None, NOW) == [short, long, unbudgeted]  # three free slots
-    assert plan.admissible(waiting, [], None, NOW) == waiting
+    assert plan.admissible(waiting, rows) == [short, long, unbudgeted]  # three free slots
+    assert plan.admissible(waiting, []) == waiting
     turn = plan.turn([long, short], rows, None, NOW)  # the step and the chunks the turn would run
     assert turn is not None and turn.cost_s == pytest.approx(0.05 + 0.6 + 0.03)
     prefill = plan.schedule_prefill([long, short], rows, None, NOW)
