@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message
 
@@ -50,14 +51,24 @@ class Call:
         return [f for f in self.body.decode().split("\n\n") if f]
 
 
-def start(app: ASGIApp, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Call:
-    """POST `body` as JSON to `path`; the client stays until `call.leave` is set. Call on a running loop."""
+def start(
+    app: ASGIApp,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    spec_version: str = "2.3",
+    reports_leaving: bool = True,
+) -> Call:
+    """POST `body` as JSON to `path`; the client stays until `call.leave` is set. Call on a running loop.
+
+    A client that left is told by a `send` that raises and, if `reports_leaving`, by `receive`. Under ASGI
+    spec 2.3 (uvicorn's) Starlette listens on `receive` too; under 2.4 only `send` tells it."""
     raw = json.dumps(body).encode()
     pairs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     pairs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     scope = {
         "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "asgi": {"version": "3.0", "spec_version": spec_version},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
@@ -79,6 +90,8 @@ def start(app: ASGIApp, path: str, body: dict[str, Any], headers: dict[str, str]
             body_sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
         await call.leave.wait()
+        if not reports_leaving:
+            await asyncio.Event().wait()  # a server that learns of it only when a write fails
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
@@ -91,5 +104,5 @@ def start(app: ASGIApp, path: str, body: dict[str, Any], headers: dict[str, str]
 
 
 async def _run(app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    with contextlib.suppress(OSError):  # the client left; the server would log and move on
+    with contextlib.suppress(OSError, ClientDisconnect):  # the client left; the server would log and move on
         await app(scope, receive, send)

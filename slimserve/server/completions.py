@@ -11,12 +11,14 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from slimserve.server.errors import APIError
 from slimserve.server.prompts import check_vocabulary
@@ -128,7 +130,7 @@ def submit_all(
         raise APIError(400, str(exc), param="logit_bias", code="invalid_value") from exc
 
 
-async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+async def merged_events(handles: list[RequestHandle]) -> AsyncGenerator[tuple[int, GenerationEvent]]:
     """Events of all choices as they come, tagged with the choice index."""
     merged: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
 
@@ -231,7 +233,7 @@ async def stream_events(
     handles: list[RequestHandle],
     make_chunk: Callable[[int, GenerationEvent | None], Any],
     final_usage: Callable[[int], Any] | None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str]:
     """SSE framing shared by both endpoints: chunks, an error chunk if generation fails, then [DONE].
 
     `make_chunk(index, None)` is the opening chunk of a choice (chat sends the role there).
@@ -243,20 +245,21 @@ async def stream_events(
             opening = make_chunk(index, None)
             if opening is not None:
                 yield sse(opening)
-        async for index, event in merged_events(handles):
-            if event.finish_reason == "error":
-                yield APIError(500, f"generation failed: {event.error}", code="generation_error").sse_chunk()
-                break
-            if event.finish_reason == "abort" and event.error:  # ended by the server (shutdown), not the client
-                yield APIError(503, f"generation stopped: {event.error}", code="server_shutting_down").sse_chunk()
-                break
-            if event.finish_reason is not None:
-                completion_tokens += event.completion_tokens
-            if event.text or event.finish_reason is not None or event.logprobs:
-                yield sse(make_chunk(index, event))
-        else:
-            if final_usage is not None:
-                yield sse(final_usage(completion_tokens))
+        async with aclosing(merged_events(handles)) as events:
+            async for index, event in events:
+                if event.finish_reason == "error":
+                    yield APIError(500, f"generation failed: {event.error}", code="generation_error").sse_chunk()
+                    break
+                if event.finish_reason == "abort" and event.error:  # ended by the server (shutdown), not the client
+                    yield APIError(503, f"generation stopped: {event.error}", code="server_shutting_down").sse_chunk()
+                    break
+                if event.finish_reason is not None:
+                    completion_tokens += event.completion_tokens
+                if event.text or event.finish_reason is not None or event.logprobs:
+                    yield sse(make_chunk(index, event))
+            else:
+                if final_usage is not None:
+                    yield sse(final_usage(completion_tokens))
         yield "data: [DONE]\n\n"
     finally:
         for h in handles:
@@ -334,12 +337,28 @@ def openai_finish(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-def sse_response(events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-    )
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events from a generator that is closed however the response ends. Starlette leaves a
+    generator waiting at a `yield` (a `send` that failed because the client left) to garbage collection, and
+    with it the sequences its `finally` cancels: they ran to their end."""
+
+    def __init__(self, events: AsyncGenerator[str], headers: dict[str, str]) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        )
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
+
+
+def sse_response(events: AsyncGenerator[str], headers: dict[str, str]) -> StreamingResponse:
+    return EventStreamResponse(events, headers)
 
 
 def log_extra_fields(body: Any) -> None:

@@ -6,7 +6,8 @@ its sequences queued, its routing headers and its outcome recorded."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,10 +164,11 @@ class Dispatcher:
         response.headers.update(headers)
         return results
 
-    async def _tracked(self, sent: Dispatch, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _tracked(self, sent: Dispatch, events: AsyncGenerator[str]) -> AsyncGenerator[str]:
         try:
-            async for item in events:
-                yield item
+            async with aclosing(events):  # closed at once, not at collection: its `finally` cancels the handles
+                async for item in events:
+                    yield item
         finally:
             self.record_outcome(sent)
 
