@@ -13,6 +13,7 @@ from slimserve.server.metrics import ServerMetrics
 from slimserve.server.middleware import CountRequests, RequireKey
 from slimserve.server.openapi import install_openapi
 from slimserve.server.pool import VariantPool
+from slimserve.server.profile import combined_sharing
 from slimserve.server.router import Budget, Router
 from slimserve.server.routes import chat_completions, completions, control, health, models
 from slimserve.server.routes.dispatch import Dispatcher
@@ -37,7 +38,7 @@ def create_app(
     probes') and, with `public_metrics`, /metrics. `app.state.drain` ends open requests at shutdown;
     `app.state.dispatcher` is what the endpoints share."""
     pool = VariantPool(engines, metrics, memory_budget_mb)
-    router = Router(shared_compute=any(e.shares_compute for e in engines))
+    router = Router(sharing=combined_sharing([e.sharing for e in engines]))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -35,7 +35,7 @@ from slimserve.server.detokenize import IncrementalDetokenizer
 from slimserve.server.forward import warm_up_pieces
 from slimserve.server.kv_cache import growing_cache
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import CostProfile, Sharing
 from slimserve.server.sampling import Sampler, SamplingParams
 from slimserve.server.scheduler import Scheduler, Turn
 from slimserve.server.sequence import EngineSequence
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 class TransformersEngine:
     """Continuous batching over a transformers causal LM; its steps run on the shared compute thread."""
 
-    shares_compute = True
+    sharing: Sharing = "deadline"
 
     def __init__(
         self,

@@ -203,3 +203,67 @@ def edf_plan(
     queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
     finish = load + queue + after[len(due) - 1]
     return Plan(finish * scale, harm)
+
+
+def round_robin_plan(
+    candidates: Sequence[Candidate],
+    target: Candidate,
+    prompt_tokens: int,
+    max_tokens: int,
+    deadline_ms: float | None,
+    scale: float = 1.0,
+    now: float | None = None,
+) -> Plan:
+    """Place a request on `target` when engines share the cores by turns no deadline orders: vLLM engines,
+    each in its own process, which the OS runs in turn (`sim_vllm`). Every busy engine steps its whole batch
+    once a round, so a row's next token waits for one step of every busy engine: waking an idle engine
+    slows every running row by that engine's step, while joining a busy batch adds only what one more row
+    costs its step. The request's prefill is one step of the host; it then needs `max_tokens - 1` rounds.
+
+    Run forward exactly, from one row's last token to the next (between them every round costs the same):
+    the rows' finishing times with and without the request give its latency and the budgets it breaks.
+    Waiting sequences whose length is unknown count as `max_tokens` long. `scale` and `now` as in `edf_plan`.
+    """
+    now = time.perf_counter() if now is None else now
+    rows: dict[str, list[tuple[float | None, int]]] = {}
+    for c in candidates:
+        known = [(None if d is None else 1000 * (d - now) / scale, left) for d, left in c.deadlines()]
+        unknown = max(0, c.running + c.waiting - len(known))
+        if known or unknown:
+            rows[c.name] = known + [(None, max_tokens)] * unknown
+    profiles = {c.name: c.profile for c in candidates}
+
+    def finishes(first_ms: float, extra: str | None) -> dict[tuple[str, int], float]:
+        """Each row's last token (ms from now); `extra` names the engine whose last row is the new request."""
+        left = {(name, i): steps for name, batch in rows.items() for i, (_, steps) in enumerate(batch)}
+        if extra is not None:
+            left[(extra, len(rows.get(extra, [])))] = max(max_tokens - 1, 0)
+        done = {key: first_ms for key, steps in left.items() if steps <= 0}
+        left = {key: steps for key, steps in left.items() if steps > 0}
+        clock = first_ms
+        while left:
+            batches: dict[str, int] = {}
+            for name, _ in left:
+                batches[name] = batches.get(name, 0) + 1
+            round_ms = sum(profiles[name].step_ms(n) for name, n in batches.items())
+            rounds = min(left.values())
+            clock += rounds * round_ms
+            for key in list(left):
+                left[key] -= rounds
+                if left[key] == 0:
+                    done[key] = clock
+                    del left[key]
+        return done
+
+    before = finishes(0.0, None)
+    after = finishes(target.profile.ttft_ms(prompt_tokens), target.name)
+    harm = 0
+    for name, batch in rows.items():
+        for i, (due, _) in enumerate(batch):
+            if due is not None and before[(name, i)] <= due < after[(name, i)]:
+                harm += 1
+    load = 0.0 if target.resident else target.profile.load_ms
+    step = target.profile.step_ms(len(rows.get(target.name, [])) + 1)
+    queue = queued_ms(target, prompt_tokens, max_tokens, step)
+    finish = load + queue + after[(target.name, len(rows.get(target.name, [])))]
+    return Plan(finish * scale, harm)

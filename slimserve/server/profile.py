@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from slimserve.models.manifest import VariantManifest
 
@@ -18,6 +19,20 @@ VLLM_PROFILE_KEY = "cost_profile_vllm"
 its own summary figures and tables, apart from the transformers engine's."""
 RUNTIMES = ("transformers", "vllm")
 """Engines a manifest can hold a cost profile for."""
+
+Sharing = Literal["deadline", "round_robin", "own"]
+"""How a variant's steps share the hardware: `deadline`, turns of slimserve's compute thread, earliest deadline
+first (transformers engines on one host's cores); `round_robin`, turns the OS takes among processes that no
+deadline orders (vLLM engines sharing cores); `own`, a device share of its own (vLLM on a GPU)."""
+
+
+def combined_sharing(modes: Sequence[Sharing]) -> Sharing:
+    """One mode for a family: the compute thread's turns if any engine takes them, else the OS's if any
+    engine shares cores, else each its own share."""
+    if "deadline" in modes:
+        return "deadline"
+    return "round_robin" if "round_robin" in modes else "own"
+
 
 Points = tuple[tuple[int, float], ...]
 """Measured (x, milliseconds) pairs, x ascending: prompt tokens for a prefill, rows for a decode step."""

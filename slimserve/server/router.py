@@ -26,7 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from slimserve.server.predictions import Candidate, alone_ms, deadline_harm, edf_plan, predict_ms
+from slimserve.server.predictions import (
+    Candidate,
+    alone_ms,
+    deadline_harm,
+    edf_plan,
+    predict_ms,
+    round_robin_plan,
+)
+from slimserve.server.profile import Sharing
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
@@ -154,13 +162,14 @@ class Router:
     def __init__(
         self,
         history: int = 100,
-        shared_compute: bool = True,
+        sharing: Sharing = "deadline",
         quality_tolerance: float = 0.005,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.decisions: deque[Decision] = deque(maxlen=history)
-        self.shared_compute = shared_compute
-        """Variants share the same cores (the CPU backend): a busy variant slows the others' steps."""
+        self.sharing = sharing
+        """How the variants' steps share the hardware (`profile.Sharing`): on shared cores a busy variant
+        slows the others' steps, in the compute thread's deadline order or in the OS's turns."""
         self.quality_tolerance = quality_tolerance
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
         which leaves the cores to requests that need them."""
@@ -194,10 +203,10 @@ class Router:
             usable = fitting
         scale = self.calibration
         now = self.clock()
-        if self.shared_compute:
+        if self.sharing != "own":
+            plan = edf_plan if self.sharing == "deadline" else round_robin_plan
             plans = {
-                c.name: edf_plan(candidates, c, prompt_tokens, max_tokens, budget.latency_ms, scale, now)
-                for c in usable
+                c.name: plan(candidates, c, prompt_tokens, max_tokens, budget.latency_ms, scale, now) for c in usable
             }
             predicted = {name: plan.finish_ms for name, plan in plans.items()}
             harm = {name: plan.harm for name, plan in plans.items()}

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import CostProfile, Sharing
 from slimserve.server.sampling import SamplingParams, TokenLogprob
 
 
@@ -105,8 +105,8 @@ class ServingEngine(Protocol):
     max_batch_size: int
     max_waiting: int
     """Sequences that may wait beyond the batch: the engine holds at most max_batch_size + max_waiting."""
-    shares_compute: bool
-    """Its steps take turns with other variants' on the same cores (CPU), rather than its own device share."""
+    sharing: Sharing
+    """How its steps share the hardware with other variants' (`profile.Sharing`)."""
 
     def start(self) -> None: ...
     def wait_ready(self, timeout: float | None = None) -> bool: ...

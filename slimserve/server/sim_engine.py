@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import CostProfile, Sharing
 from slimserve.server.router import Decision
 from slimserve.server.scheduler import Scheduler, Turn, next_chunk_tokens, prefill_chunks
 
@@ -57,6 +57,8 @@ class SimJob:
 class SimEngine:
     """One variant's engine on the virtual clock: what `TransformersEngine` does with its scheduler's plans,
     with every forward replaced by its profile's time. Also the router's `Candidate`."""
+
+    sharing: Sharing = "deadline"
 
     def __init__(self, variant: Variant, noise: Callable[[], float] = lambda: 1.0) -> None:
         self.variant = variant

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from slimserve.server.profile import Sharing
 from slimserve.server.scheduler import Turn
 from slimserve.server.sim_engine import SimEngine, SimJob, Variant
 
@@ -33,6 +34,8 @@ def priority(job: SimJob) -> tuple[float, float]:
 
 class VllmSimEngine(SimEngine):
     """One variant's vLLM engine: continuous batching with chunked prefill inside a token budget."""
+
+    sharing: Sharing = "round_robin"
 
     def __init__(self, variant: Variant, noise: Callable[[], float] = lambda: 1.0) -> None:
         super().__init__(variant, noise)
@@ -84,8 +87,8 @@ class VllmSimEngine(SimEngine):
         cost_ms += sum(self.truth.ttft_ms(job.prompt_tokens) * n / job.prompt_tokens for job, n in chunks)
         spent = cost_ms / 1000 * self.noise()
         end = now + spent
-        if decoding:  # what vLLM's stat logger reports: the gap between tokens, the whole step's time
-            self.profile.observe_step(len(self.batch), spent)
+        if decoding and not chunks:  # a decode step's own time: one that carries prompts says little of it
+            self.profile.observe_step(len(decoding), spent)
         finished: list[SimJob] = []
         for job in decoding:
             job.generated += 1

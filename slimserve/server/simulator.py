@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from slimserve.server.predictions import alone_ms
-from slimserve.server.profile import VLLM_PROFILE_KEY, CostProfile
+from slimserve.server.profile import VLLM_PROFILE_KEY, CostProfile, combined_sharing
 from slimserve.server.router import Budget, Decision, Router
 from slimserve.server.scheduler import next_turn
 from slimserve.server.sim_engine import SimEngine, SimJob, Variant
@@ -123,7 +123,7 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
         return math.exp(noise_rng.gauss(-sigma * sigma / 2, sigma)) if sigma else 1.0
 
     engines = [(VllmSimEngine if v.engine == "vllm" else SimEngine)(v, noise) for v in variants]
-    router = Router(shared_compute=True, clock=lambda: clock[0])
+    router = Router(sharing=combined_sharing([e.sharing for e in engines]), clock=lambda: clock[0])
     choose = _chooser(policy, engines, router, random.Random(workload.seed + 1))
     pending = list(arrivals(workload, variants))
     pending.reverse()  # popped from the end, in order of arrival

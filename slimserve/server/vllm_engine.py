@@ -39,7 +39,7 @@ from typing import Any
 from slimserve.models.manifest import VariantManifest
 from slimserve.models.runtimes import host_vllm_runtimes, vllm_backend_note
 from slimserve.server.metrics import ServerMetrics
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import CostProfile, Sharing
 from slimserve.server.sampling import SamplingParams, TokenLogprob
 from slimserve.server.serving_engine import (
     EngineBusyError,
@@ -178,8 +178,10 @@ class StepObserver:
         if iteration_stats is None or self.profile is None:
             return
         gaps = list(iteration_stats.inter_token_latencies_iter)
-        if gaps:  # one gap per decoding sequence: the time of the step that batch took
-            self.profile.observe_step(max(1, self.running), sum(gaps) / len(gaps))
+        # one gap per decoding sequence: the time of the step that batch took, a decode step's own only when
+        # the step carried no prompt chunk (the router adds prefills to its plans itself)
+        if gaps and not iteration_stats.num_prompt_tokens:
+            self.profile.observe_step(len(gaps), sum(gaps) / len(gaps))
         for finished in iteration_stats.finished_requests:
             if finished.prefill_time > 0 and finished.num_prompt_tokens > 0:
                 self.profile.observe_prefill(finished.num_prompt_tokens, finished.prefill_time)
@@ -244,8 +246,8 @@ class VLLMEngine:
         self.kv_cache_bytes = kv_cache_bytes
         """CPU: this variant's KV cache (vLLM's `kv_cache_memory_bytes`); None on a GPU."""
         self.placement = placement
-        self.shares_compute = placement.shares_cores if placement is not None else False
-        """On a CPU, variants whose workers share cores step in turns; on a GPU each has its own share."""
+        self.sharing: Sharing = "round_robin" if placement is not None and placement.shares_cores else "own"
+        """On a CPU, variants whose workers share cores step in the OS's turns; on a GPU each has its own share."""
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.variant: Any = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,35 +24,8 @@ from slimserve.server.router import Budget, BudgetError, Router, parse_budget, w
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.serving_engine import EngineBusyError, RequestHandle
 from tests import asgi
+from tests.candidates import variant as _variant
 from tests.tiny import make_tiny_variant
-
-
-@dataclass
-class Described:
-    """A variant as the router sees it: figures only (the server tests below use real engines)."""
-
-    name: str
-    profile: CostProfile
-    ppl_ratio: float | None
-    memory_mb: float
-    resident: bool = True
-    available: bool = True
-    running: int = 0
-    waiting: int = 0
-    max_batch_size: int = 8
-    pending: list[tuple[float | None, int]] = field(default_factory=list)
-    """Running sequences' (deadline, tokens left); any others of `running` have no budget, 50 tokens left."""
-
-    def deadlines(self) -> list[tuple[float | None, int]]:
-        return [*self.pending, *[(None, 50)] * (self.running - len(self.pending))]
-
-
-def _variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
-    profile = CostProfile(
-        prefill_overhead_ms=5, prefill_per_token_ms=0.5, step_b1_ms=step_ms, step_b8_ms=2 * step_ms, load_ms=3000
-    )
-    return Described(name, profile, ppl_ratio, memory_mb, **kw)  # type: ignore[arg-type]
-
 
 TEACHER = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900)
 INT8 = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400)
@@ -475,7 +447,7 @@ def test_on_shared_cores_work_due_earlier_runs_first() -> None:
     hopeless = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=1, pending=[(now + 0.1, 100)])
     assert edf_plan([hopeless, INT8], INT8, 20, 40, 1200).finish_ms == pytest.approx(1015 + 40 * 1.2, rel=1e-3)
     # on a device share of its own (vLLM), only the variant's own batch counts
-    assert Router(shared_compute=False).choose([urgent, INT8], tight, 20, 40)[1].budget_met
+    assert Router(sharing="own").choose([urgent, INT8], tight, 20, 40)[1].budget_met
     assert deadline_harm(urgent, 20) == 0
 
 
