@@ -230,7 +230,8 @@ def main() -> int:
             [
                 "- engines: vLLM's (simulated): every running row decodes each step, waiting prompts are admitted "
                 "by deadline into the same step and chunked within vLLM's token budget; one step at a time on "
-                "the host, round robin among the engines."
+                "the host, round robin among the engines. The router plans them so (`round_robin_plan`): a "
+                "token waits for one step of every busy engine, so an engine woken slows every running row."
             ]
             if vllm
             else []
