@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype bench-structured bench-simulate profile-vllm compress clean
+.PHONY: setup setup-vllm serve serve-vllm test test-reliability test-vllm gpu-check lint typecheck unit integration bench bench-serve bench-quant bench-router bench-distill bench-dtype bench-structured bench-simulate bench-simulate-vllm profile-vllm compress clean
 
 setup: $(VENV)/.installed
 
@@ -98,9 +98,12 @@ bench-simulate: setup
 	$(BIN)/python benchmarks/simulate.py --variants $(SIM_VARIANTS) --rates 0.2 0.5 1 1.5 2 --seeds 0 1 --ablate --plots docs/img --write docs/BENCHMARKS.md
 
 # on a quiet machine, a few minutes a variant (each vLLM start compiles): what the variants' steps cost in
-# vLLM's engine, into each manifest's cost_profile_vllm; then `benchmarks/simulate.py --backend vllm` serves on it
+# vLLM's engine, into each manifest's cost_profile_vllm; then `make bench-simulate-vllm` serves on it
 profile-vllm: setup-vllm
 	for v in $(SIM_VARIANTS); do $(VLLM_BIN)/slimserve profile $$v --backend vllm || exit 1; done
+
+bench-simulate-vllm: setup  # deterministic, as bench-simulate, on simulated vLLM engines (needs make profile-vllm)
+	$(BIN)/python benchmarks/simulate.py --backend vllm --variants $(SIM_VARIANTS) --rates 0.2 0.5 1 1.5 2 3 4 --seeds 0 1 --plots docs/img --write docs/BENCHMARKS.md
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
 	$(BIN)/python benchmarks/router_bench.py --rates 0.15 0.4 --count 30 --write docs/BENCHMARKS.md
