@@ -366,8 +366,9 @@ def sweep_servers(variant: str, path: Path, args: argparse.Namespace, port: int)
 
 
 def render(results: list[ServerResult], args: argparse.Namespace) -> str:
+    family = "" if args.variants == DEFAULT_VARIANTS else f" {Path(args.variants[0]).name}"  # the teacher's name
     lines = [
-        f"## Serving: `make bench-serve`{' (GPU)' if args.section.endswith('gpu') else ''}"
+        f"## Serving{family}: `make bench-serve`{' (GPU)' if args.section.endswith('gpu') else ''}"
         + ("" if args.servers else ": vLLM's CPU placements"),
         "",
         f"- command: `python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}`".rstrip(),

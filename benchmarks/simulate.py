@@ -216,7 +216,8 @@ def main() -> int:
     print("\n".join(table), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps([c.figures() for c in cells], indent=1) + "\n")
-    title = "## Routing on the simulator" + (", vLLM engines: `make bench-simulate-vllm`" if vllm else ": `make bench-simulate`")
+    target = ", vLLM engines: `make bench-simulate-vllm`" if vllm else ": `make bench-simulate`"
+    title = "## Routing on the simulator" + target
     lines = heading(title, "benchmarks/simulate.py")
     lines += [
         f"- workload: {grid.count} requests per cell and seed (seeds {' '.join(map(str, grid.seeds))}), Gamma "
