@@ -239,6 +239,13 @@ class TransformersEngine:
             raise EngineNotReadyError(f"model {self.name!r} is {self.state.value}{reason}")
         return self.variant
 
+    def adopt(self, variant: LoadedVariant) -> None:
+        """Serve an already loaded `variant` at once, with no load thread, warm-up or compute thread: for a
+        caller that takes the engine's turns itself (`step`), as the profiler does to time them."""
+        with self._lock:
+            self.variant, self.manifest, self.state = variant, variant.manifest, EngineState.READY
+        self._ready.set()
+
     # ---- loader thread ---------------------------------------------------------------------------
 
     def _load_then_attach(self) -> None:

@@ -28,7 +28,6 @@ from slimserve.server.engine import TransformersEngine
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.profile import VLLM_PROFILE_KEY
 from slimserve.server.sampling import SamplingParams
-from slimserve.server.serving_engine import EngineState
 
 PROFILE_PROMPT = 128
 """Prompt length of the manifest's time-to-first-token figure (`ttft_ms_128`)."""
@@ -112,7 +111,7 @@ def _engine(variant: LoadedVariant) -> TransformersEngine:
     engine = TransformersEngine(
         lambda: variant, name=variant.name, metrics=ServerMetrics(), compute=ComputeThread(name="profile-unstarted")
     )
-    engine.state, engine.variant = EngineState.READY, variant
+    engine.adopt(variant)
     return engine
 
 
@@ -161,34 +160,56 @@ async def _step_ms(engine: TransformersEngine, rows: int, context: int, vocab: i
     return _median_ms(full[1 : repeats + 1])
 
 
+def measure_points(
+    config: ProfileConfig,
+    found: Measured,
+    context: int,
+    room: int,
+    prefill_ms: Callable[[int], float],
+    step_ms: Callable[[int, int], float],
+    progress: Callable[[str], None] = print,
+) -> Measured:
+    """The points every runtime's profile holds, into `found`: `prefill_ms(prompt tokens)` at each prompt
+    length, `step_ms(rows, context)` at each row count (a 128-token context) and at each context (one row).
+    Lengths beyond `room` (what a `context`-token window leaves once the steps are taken) are skipped."""
+    skipped = sorted(n for n in {*config.prompt_lengths, *config.contexts} if n > room)
+    if skipped:
+        progress(f"skipped lengths {skipped}: beyond the context of {context} tokens")
+    for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
+        found.prefill_ms[length] = prefill_ms(length)
+        progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
+    for rows in sorted({*PROFILE_BATCHES, *config.batch_sizes}):
+        found.step_ms[rows] = step_ms(rows, PROFILE_PROMPT)
+        progress(f"step {rows:>3} rows at context {PROFILE_PROMPT}: {found.step_ms[rows]:8.2f} ms")
+    for context in sorted(n for n in config.contexts if n <= room):
+        found.context_step_ms[context] = step_ms(1, context)
+        progress(f"step   1 row  at context {context}: {found.context_step_ms[context]:8.2f} ms")
+    return found
+
+
 def measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[str], None] = print) -> Measured:
     """Prefill time against prompt length, step time against rows (at a 128-token context) and against
     context (one row), each the median of `config.repeats` of the engine's own turns after an untimed one."""
-    with torch.inference_mode():
-        return asyncio.run(_measure(variant, config, progress))
-
-
-async def _measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[str], None]) -> Measured:
     steps = config.repeats + max(*config.batch_sizes, *PROFILE_BATCHES) + 2  # decoding extends the context
     room = variant.context_length - steps
     if room < PROFILE_PROMPT:
         raise ValueError(f"{variant.name}: a context of {variant.context_length} tokens is too short to profile")
     vocab = int(variant.model.config.vocab_size)
     engine = _engine(variant)
-    found = Measured(load_s=variant.load_seconds)
-    skipped = sorted(n for n in {*config.prompt_lengths, *config.contexts} if n > room)
-    if skipped:
-        progress(f"skipped lengths {skipped}: beyond the context of {variant.context_length} tokens")
-    for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
-        found.prefill_ms[length] = await _prefill_ms(engine, length, vocab, config.repeats)
-        progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
-    for rows in sorted({*PROFILE_BATCHES, *config.batch_sizes}):
-        found.step_ms[rows] = await _step_ms(engine, rows, PROFILE_PROMPT, vocab, config.repeats)
-        progress(f"step {rows:>3} rows at context {PROFILE_PROMPT}: {found.step_ms[rows]:8.2f} ms")
-    for context in sorted(n for n in config.contexts if n <= room):
-        found.context_step_ms[context] = await _step_ms(engine, 1, context, vocab, config.repeats)
-        progress(f"step   1 row  at context {context}: {found.context_step_ms[context]:8.2f} ms")
-    return found
+    loop = asyncio.new_event_loop()  # the engine's handles deliver their events on one
+    try:
+        with torch.inference_mode():
+            return measure_points(
+                config,
+                Measured(load_s=variant.load_seconds),
+                variant.context_length,
+                room,
+                lambda length: loop.run_until_complete(_prefill_ms(engine, length, vocab, config.repeats)),
+                lambda rows, context: loop.run_until_complete(_step_ms(engine, rows, context, vocab, config.repeats)),
+                progress,
+            )
+    finally:
+        loop.close()
 
 
 def profile_variant(

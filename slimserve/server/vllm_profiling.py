@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from slimserve.server.profiling import PROFILE_BATCHES, PROFILE_PROMPT, Measured, ProfileConfig
+from slimserve.server.profiling import PROFILE_PROMPT, Measured, ProfileConfig, measure_points
 from slimserve.server.vllm_placement import spawn_environment
 
 
@@ -95,26 +95,18 @@ def measure_vllm(
     if room < PROFILE_PROMPT:
         raise ValueError(f"a context of {context} tokens is too short to profile")
     prompts = _Prompts(int(engine.model_config.get_vocab_size()))
-    found = Measured(load_s=load_s, runtime="vllm", max_num_batched_tokens=budget)
-    skipped = sorted(n for n in {*config.prompt_lengths, *config.contexts} if n > room)
-    if skipped:
-        progress(f"skipped lengths {skipped}: beyond the context of {context} tokens")
-    for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
-        runs = [_run(engine, [prompts(length)], 1) for _ in range(config.repeats + 1)][1:]
-        found.prefill_ms[length] = 1000 * statistics.median([marks[1] - marks[0] for marks in runs])
-        progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
     steps = config.repeats + 2  # the first gap after the prefill is an untimed warm-up
+
+    def prefill_ms(length: int) -> float:
+        runs = [_run(engine, [prompts(length)], 1) for _ in range(config.repeats + 1)][1:]
+        return 1000 * statistics.median([marks[1] - marks[0] for marks in runs])
 
     def step_ms(rows: int, length: int) -> float:
         marks = _run(engine, [prompts(length) for _ in range(rows)], steps + 1)
         return 1000 * statistics.median([b - a for a, b in itertools.pairwise(marks[2:])])
 
-    for rows in sorted({*PROFILE_BATCHES, *config.batch_sizes}):
-        found.step_ms[rows] = step_ms(rows, PROFILE_PROMPT)
-        progress(f"step {rows:>3} rows at context {PROFILE_PROMPT}: {found.step_ms[rows]:8.2f} ms")
-    for length in sorted(n for n in config.contexts if n <= room):
-        found.context_step_ms[length] = step_ms(1, length)
-        progress(f"step   1 row  at context {length}: {found.context_step_ms[length]:8.2f} ms")
+    found = Measured(load_s=load_s, runtime="vllm", max_num_batched_tokens=budget)
+    measure_points(config, found, context, room, prefill_ms, step_ms, progress)
     progress(f"vLLM's token budget per step (max_num_batched_tokens): {budget}")
     return found
 
