@@ -106,7 +106,7 @@ bench-simulate-vllm: setup  # deterministic, as bench-simulate, on simulated vLL
 	$(BIN)/python benchmarks/simulate.py --backend vllm --variants $(SIM_VARIANTS) --rates 0.2 0.5 1 1.5 2 3 4 --seeds 0 1 --plots docs/img --write docs/BENCHMARKS.md
 
 bench-router: setup  # uses the variants make compress registered, else those bench-quant leaves in $$SLIMSERVE_HOME/bench
-	$(BIN)/python benchmarks/router_bench.py --rates 0.15 0.4 --count 30 --write docs/BENCHMARKS.md
+	$(BIN)/python benchmarks/router_bench.py --rates 0.15 0.4 --count 30 --slo-scale 2 --write docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
