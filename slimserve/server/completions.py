@@ -339,8 +339,8 @@ def openai_finish(reason: str | None) -> str | None:
 
 class EventStreamResponse(StreamingResponse):
     """Server-sent events from a generator that is closed however the response ends. Starlette leaves a
-    generator waiting at a `yield` (a `send` that failed because the client left) to garbage collection, and
-    with it the sequences its `finally` cancels: they ran to their end."""
+    generator waiting at a `yield` (a `send` that failed because the client left) to garbage collection, so
+    its `finally`, which cancels the sequences, would run only when collected."""
 
     def __init__(self, events: AsyncGenerator[str], headers: dict[str, str]) -> None:
         super().__init__(
@@ -357,7 +357,7 @@ class EventStreamResponse(StreamingResponse):
             await self.events.aclose()
 
 
-def sse_response(events: AsyncGenerator[str], headers: dict[str, str]) -> StreamingResponse:
+def sse_response(events: AsyncGenerator[str], headers: dict[str, str]) -> EventStreamResponse:
     return EventStreamResponse(events, headers)
 
 

@@ -1,5 +1,6 @@
 """Where a new request would finish on each variant, as the scheduler would run it: the router's predictions
-(`edf_plan` on shared cores, `predict_ms` on a device of its own, `alone_ms`, `deadline_harm`), planned with
+(`edf_plan` on cores whose turns slimserve's compute thread orders by deadline, `round_robin_plan` on cores the
+OS shares among vLLM engines, `predict_ms` on a device of its own, `alone_ms`, `deadline_harm`), planned with
 the scheduler's own test of whether a sequence can still make its deadline (`scheduler.savable`).
 
 Apart from `scheduler.py` because the scheduler decides one engine's next turn from what it holds, while
@@ -104,7 +105,7 @@ def deadline_harm(target: Candidate, prompt_tokens: int, now: float | None = Non
 
 @dataclass(frozen=True)
 class Plan:
-    """A new request on one candidate, as earliest-deadline-first would run it on the shared cores."""
+    """A new request on one candidate, as the shared cores would run it (`edf_plan`, `round_robin_plan`)."""
 
     finish_ms: float
     """Predicted time until its last token: the work due before its deadline (every engine's steps
@@ -222,7 +223,9 @@ def round_robin_plan(
 
     Run forward exactly, from one row's last token to the next (between them every round costs the same):
     the rows' finishing times with and without the request give its latency and the budgets it breaks.
-    Waiting sequences whose length is unknown count as `max_tokens` long. `scale` and `now` as in `edf_plan`.
+    Waiting sequences whose length is unknown count as `max_tokens` long; an engine's step costs at most its
+    `max_batch_size` rows (those beyond wait: `queued_ms`). `deadline_ms` is not read, since no deadline
+    orders the OS's turns: the parameter keeps `edf_plan`'s signature. `scale` and `now` as in `edf_plan`.
     """
     now = time.perf_counter() if now is None else now
     rows: dict[str, list[tuple[float | None, int]]] = {}
@@ -232,6 +235,10 @@ def round_robin_plan(
         if known or unknown:
             rows[c.name] = known + [(None, max_tokens)] * unknown
     profiles = {c.name: c.profile for c in candidates}
+    limits = {c.name: c.max_batch_size for c in candidates}
+
+    def step_ms(name: str, rows_now: int) -> float:
+        return profiles[name].step_ms(min(rows_now, limits[name]))
 
     def finishes(first_ms: float, extra: str | None) -> dict[tuple[str, int], float]:
         """Each row's last token (ms from now); `extra` names the engine whose last row is the new request."""
@@ -245,7 +252,7 @@ def round_robin_plan(
             batches: dict[str, int] = {}
             for name, _ in left:
                 batches[name] = batches.get(name, 0) + 1
-            round_ms = sum(profiles[name].step_ms(n) for name, n in batches.items())
+            round_ms = sum(step_ms(name, n) for name, n in batches.items())
             rounds = min(left.values())
             clock += rounds * round_ms
             for key in list(left):
@@ -263,7 +270,8 @@ def round_robin_plan(
             if due is not None and before[(name, i)] <= due < after[(name, i)]:
                 harm += 1
     load = 0.0 if target.resident else target.profile.load_ms
-    step = target.profile.step_ms(len(rows.get(target.name, [])) + 1)
-    queue = queued_ms(target, prompt_tokens, max_tokens, step)
+    joined = dict.fromkeys(rows, 0) | {target.name: 1}
+    round_ms = sum(step_ms(name, len(rows.get(name, [])) + extra) for name, extra in joined.items())
+    queue = queued_ms(target, prompt_tokens, max_tokens, round_ms)  # a slot frees a round of every engine at a time
     finish = load + queue + after[(target.name, len(rows.get(target.name, [])))]
     return Plan(finish * scale, harm)

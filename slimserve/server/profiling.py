@@ -181,9 +181,9 @@ def measure_points(
     for rows in sorted({*PROFILE_BATCHES, *config.batch_sizes}):
         found.step_ms[rows] = step_ms(rows, PROFILE_PROMPT)
         progress(f"step {rows:>3} rows at context {PROFILE_PROMPT}: {found.step_ms[rows]:8.2f} ms")
-    for context in sorted(n for n in config.contexts if n <= room):
-        found.context_step_ms[context] = step_ms(1, context)
-        progress(f"step   1 row  at context {context}: {found.context_step_ms[context]:8.2f} ms")
+    for length in sorted(n for n in config.contexts if n <= room):
+        found.context_step_ms[length] = step_ms(1, length)
+        progress(f"step   1 row  at context {length}: {found.context_step_ms[length]:8.2f} ms")
     return found
 
 
@@ -209,6 +209,7 @@ def measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[s
                 progress,
             )
     finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 

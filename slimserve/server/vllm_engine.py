@@ -179,8 +179,9 @@ class StepObserver:
             return
         gaps = list(iteration_stats.inter_token_latencies_iter)
         # one gap per decoding sequence: the time of the step that batch took, a decode step's own only when
-        # the step carried no prompt chunk (the router adds prefills to its plans itself)
-        if gaps and not iteration_stats.num_prompt_tokens:
+        # the step carried no prompt chunk (the router adds prefills to its plans itself): no prompt finished
+        # in it, and every running request decoded (a prompt's earlier chunks finish nothing)
+        if gaps and not iteration_stats.num_prompt_tokens and len(gaps) >= self.running:
             self.profile.observe_step(len(gaps), sum(gaps) / len(gaps))
         for finished in iteration_stats.finished_requests:
             if finished.prefill_time > 0 and finished.num_prompt_tokens > 0:
@@ -247,7 +248,8 @@ class VLLMEngine:
         """CPU: this variant's KV cache (vLLM's `kv_cache_memory_bytes`); None on a GPU."""
         self.placement = placement
         self.sharing: Sharing = "round_robin" if placement is not None and placement.shares_cores else "own"
-        """On a CPU, variants whose workers share cores step in the OS's turns; on a GPU each has its own share."""
+        """Variants whose workers share CPU cores step in the OS's turns; otherwise (a GPU, or CPU cores of its
+        own) each has its own share."""
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.variant: Any = None

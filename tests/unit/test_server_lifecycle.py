@@ -79,11 +79,13 @@ async def _until(condition: Callable[[], bool], timeout_s: float) -> float:
 
 @contextlib.contextmanager
 def _no_garbage_collection() -> Iterator[None]:
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 # ---- a client that leaves ------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def test_a_client_that_leaves_stops_its_generation_within_a_step(
         asgi.wait_ready(client)
         stopped_s, running = client.portal.call(scenario)
         text = client.get("/metrics").text
-    assert running == 0 and stopped_s < 1.0
+    assert running == 0 and stopped_s < 2.0  # running to the end takes over 4 s (200 steps of 20 ms)
     generated = float(text.split(f'slimserve_completion_tokens_total{{model="{MODEL}"}} ')[1].split()[0])
     assert generated < 100  # of 200: at 20 ms a step it ran about 0.3 s
 

@@ -183,8 +183,10 @@ def test_vllms_step_timings_feed_the_latency_profile() -> None:
     observer = StepObserver(profile)
     for _ in range(60):
         observer.record(_SchedulerStats(8, 2), _IterationStats([0.08] * 8, [_Finished(128, 0.276)]))
-        # a step that also prefilled a prompt took longer; the router adds prefills to its plans itself
-        observer.record(_SchedulerStats(8, 2), _IterationStats([0.3] * 8, num_prompt_tokens=256))
+        # steps that also prefilled a prompt took longer; the router adds prefills to its plans itself
+        observer.record(_SchedulerStats(8, 2), _IterationStats([0.3] * 8, num_prompt_tokens=256))  # its last chunk
+        observer.record(_SchedulerStats(9, 1), _IterationStats([0.3] * 8))  # an earlier chunk: one row did not decode
+        observer.record(_SchedulerStats(8, 2), _IterationStats([0.08] * 8))
     assert (observer.running, observer.waiting) == (8, 2)
     assert profile.step_ms(8) == pytest.approx(80, rel=0.05)  # twice the manifest's batch-8 step, as measured
     assert profile.ttft_ms(128) == pytest.approx(276, rel=0.05)
