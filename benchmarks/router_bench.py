@@ -47,6 +47,9 @@ class Live:
     ms: float
     start_pc: float
     sequences: str | None
+    predicted_ms: str | None
+    """The router's prediction for it (`X-Slimserve-Predicted-Ms`), and why it chose (`X-Slimserve-Route-Reason`)."""
+    reason: str | None
 
 
 def held_out_ids(teacher_dir: Path) -> list[int]:
@@ -84,7 +87,15 @@ async def replay(base: str, requests: list[Arrival], prompts: list[list[int]]) -
         )
         completion = raw.parse()
         ms = 1000 * (time.perf_counter() - started)
-        return Live(completion.model, ms, started, raw.headers.get("x-slimserve-sequences"))
+        headers = raw.headers
+        return Live(
+            completion.model,
+            ms,
+            started,
+            headers.get("x-slimserve-sequences"),
+            headers.get("x-slimserve-predicted-ms"),
+            headers.get("x-slimserve-route-reason"),
+        )
 
     try:
         return await asyncio.gather(*(one(r, p) for r, p in zip(requests, prompts, strict=True)))
@@ -201,6 +212,8 @@ def main() -> int:
                         "ms": round(row.ms),
                         "start_pc": round(row.start_pc, 3),
                         "sequences": row.sequences,
+                        "predicted_ms": row.predicted_ms,
+                        "reason": row.reason,
                         "sim_variant": variant,
                         "sim_ms": round(ms),
                     }
