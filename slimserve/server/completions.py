@@ -357,10 +357,6 @@ class EventStreamResponse(StreamingResponse):
             await self.events.aclose()
 
 
-def sse_response(events: AsyncGenerator[str], headers: dict[str, str]) -> EventStreamResponse:
-    return EventStreamResponse(events, headers)
-
-
 def log_extra_fields(body: Any) -> None:
     """Fields the server ignores (they do not change the output), at debug level and truncated: the names
     are the client's, and a client must not be able to fill the log."""

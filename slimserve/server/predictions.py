@@ -108,8 +108,9 @@ class Plan:
     """A new request on one candidate, as the shared cores would run it (`edf_plan`, `round_robin_plan`)."""
 
     finish_ms: float
-    """Predicted time until its last token: the work due before its deadline (every engine's steps
-    until its sequences due by then are done, prefills, its own steps) plus its load time."""
+    """Predicted time until its last token: its load time, its wait for a batch slot, and the cores' work
+    until its last step (under `edf_plan` the work due before its deadline; under `round_robin_plan` every
+    busy engine's step each round)."""
     harm: int
     """Running sequences predicted to meet their deadlines now that would miss them with it admitted."""
 

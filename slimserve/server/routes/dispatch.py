@@ -154,7 +154,7 @@ class Dispatcher:
         `options` ask for it and the routing headers; its outcome recorded once the stream ends."""
         include_usage = bool(options and options.include_usage)
         events = flow.stream_events(sent.handles, make_chunk, final_usage if include_usage else None)
-        return flow.sse_response(self._tracked(sent, events), routing_headers(sent))
+        return flow.EventStreamResponse(self._tracked(sent, events), routing_headers(sent))
 
     async def collect(self, request: Request, response: Response, sent: Dispatch) -> list[flow.ChoiceResult]:
         """Every choice run to its end (`completions.collect`); its outcome recorded, the routing headers set."""
