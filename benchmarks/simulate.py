@@ -1,13 +1,15 @@
 """Routing and scheduling policies compared on the deterministic simulator (`slimserve.server.simulator`).
 
-    python benchmarks/simulate.py [--variants NAME ...] [--rates 0.1 0.3 ...] [--slo-scales 2 4 ...]
-                                  [--cvs 1 2] [--count 200] [--seeds 0 1] [--jitter 0.1]
+    python benchmarks/simulate.py [--variants NAME ... | --profiles FILE] [--rates 0.1 0.3 ...]
+                                  [--slo-scales 2 4 ...] [--cvs 1 2] [--count 200] [--seeds 0 1] [--jitter 0.1]
                                   [--backend transformers|vllm]
                                   [--ablate [RULE ...]] [--plots DIR] [--json OUT] [--write FILE]
 
 Each cell of the grid (rate x SLO scale x burstiness) serves the same seeded requests under every policy
 (router, always-teacher, always-fastest, random, FCFS) on the variants' cost profiles: their manifests'
 measured tables (`slimserve profile`), or, without `--variants`, a demo family of three made-up profiles.
+With `--write`, the profiles served on are saved beside the section (`docs/profiles/`) and `--profiles FILE`
+serves on them again: manifests are re-profiled as the host drifts, and a section must stay reproducible.
 `--backend vllm` serves every variant on a simulated vLLM engine (continuous batching, chunked prefill within
 vLLM's token budget, deadlines as priorities: `slimserve.server.sim_vllm`) from its vLLM profile
 (`slimserve profile NAME --backend vllm`); its section is written apart from the transformers engine's.
@@ -27,7 +29,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from report import heading, publish
+from report import heading, machine, publish
 from rules import BY_NAME, RULES
 
 from slimserve.server.profile import RUNTIMES, CostProfile
@@ -38,8 +40,10 @@ from slimserve.server.simulator import (
     Variant,
     goodput,
     grid_table,
+    load_profiles,
     registered_variants,
     run_grid,
+    save_profiles,
 )
 
 Key = tuple[float, float, float]
@@ -179,7 +183,9 @@ def describe(variants: Sequence[Variant]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="*", default=None, help="registered variants, the teacher first")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--variants", nargs="*", default=None, help="registered variants, the teacher first")
+    source.add_argument("--profiles", type=Path, default=None, help="serve on profiles a --write run saved")
     parser.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.8])
     parser.add_argument("--slo-scales", nargs="+", type=float, default=[2.0, 3.0, 5.0])
     parser.add_argument("--cvs", nargs="+", type=float, default=[1.0, 2.0], help="burstiness (1: Poisson)")
@@ -204,8 +210,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every cell's figures here")
     parser.add_argument("--write", type=Path, default=None, help="write the section into this Markdown file")
     args = parser.parse_args()
+    measured_on = machine()
     try:
-        variants = registered_variants(args.variants, args.backend) if args.variants else demo_family()
+        if args.profiles is not None:
+            variants, measured_on = load_profiles(args.profiles)
+        else:
+            variants = registered_variants(args.variants, args.backend) if args.variants else demo_family()
     except ValueError as exc:
         parser.error(str(exc))
     variants = [dataclasses.replace(v, engine=args.backend) for v in variants]
@@ -216,8 +226,14 @@ def main() -> int:
     print("\n".join(table), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps([c.figures() for c in cells], indent=1) + "\n")
-    target = ", vLLM engines: `make bench-simulate-vllm`" if vllm else ": `make bench-simulate`"
-    title = "## Routing on the simulator" + target
+    where = ", vLLM engines: `make bench-simulate-vllm`" if vllm else ": `make bench-simulate`"
+    title = "## Routing on the simulator" + where
+    saved = None
+    if args.write is not None and args.variants:
+        saved = args.write.parent / "profiles" / f"simulate{'-vllm' if vllm else ''}.json"
+        save_profiles(variants, measured_on, saved)
+    elif args.profiles is not None:
+        saved = args.profiles
     lines = heading(title, "benchmarks/simulate.py")
     lines += [
         f"- workload: {grid.count} requests per cell and seed (seeds {' '.join(map(str, grid.seeds))}), Gamma "
@@ -238,7 +254,12 @@ def main() -> int:
             else []
         ),
         "- deterministic: the same command gives the same figures on any machine; only the profiles are "
-        f"measured (`slimserve profile{' --backend vllm' if vllm else ''}`, on the machine above).",
+        f"measured (`slimserve profile{' --backend vllm' if vllm else ''}`), on {measured_on}.",
+        *(
+            [f"- profiles: saved in `{saved}`; `--profiles {saved}` in place of `--variants` serves on them again"]
+            if saved
+            else []
+        ),
         "",
         *describe(variants),
         "",

@@ -22,10 +22,13 @@ No torch and no threads: `slimserve.server.simulator` imports the profile, the s
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from slimserve.server.predictions import alone_ms
 from slimserve.server.profile import VLLM_PROFILE_KEY, CostProfile, combined_sharing
@@ -345,3 +348,30 @@ def grid_table(variants: Sequence[Variant], cells: Sequence[Cell]) -> list[str]:
         for (policy, cv, scale), results in by_policy.items()
     ]
     return lines
+
+
+def save_profiles(variants: Sequence[Variant], measured_on: str, path: Path) -> None:
+    """The variants as served (profiles as measured, quality, engine limits) and the machine that measured
+    them, for `benchmarks/simulate.py --profiles`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"measured_on": measured_on, "variants": [dataclasses.asdict(v) for v in variants]}
+    path.write_text(json.dumps(saved, indent=1) + "\n")
+
+
+def load_profiles(path: Path) -> tuple[list[Variant], str]:
+    """Variants saved by `save_profiles` and the machine that measured them; an unreadable file is an error
+    naming it."""
+    try:
+        saved = json.loads(path.read_text())
+        variants = []
+        for entry in saved["variants"]:
+            figures: dict[str, Any] = {
+                key: tuple(tuple(point) for point in value) if key.endswith("_points") else value
+                for key, value in entry["profile"].items()
+            }
+            variants.append(Variant(**{**entry, "profile": CostProfile(**figures)}))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: not a profiles file written by benchmarks/simulate.py ({exc})") from exc
+    if not variants:
+        raise ValueError(f"{path}: no variants")
+    return variants, str(saved.get("measured_on", "unknown"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -12,7 +13,17 @@ from slimserve.cli import main
 from slimserve.models.manifest import VariantManifest
 from slimserve.server.profile import CostProfile
 from slimserve.server.scheduler import PREFILL_TOKENS
-from slimserve.server.simulator import POLICIES, Result, Variant, Workload, arrivals, goodput, simulate
+from slimserve.server.simulator import (
+    POLICIES,
+    Result,
+    Variant,
+    Workload,
+    arrivals,
+    goodput,
+    load_profiles,
+    save_profiles,
+    simulate,
+)
 
 
 def _variant(name: str, step_ms: float, ppl_ratio: float) -> Variant:
@@ -154,3 +165,21 @@ def test_simulate_takes_its_grid_from_a_config_file(
     assert main(["simulate", "--config", str(config), "--count", "12"]) == 0
     printed = capsys.readouterr().out
     assert "| cv | SLO scale | rate/s | fcfs |" in printed and "| 1 | 4 | 0.4 | " in printed
+
+
+def test_saved_profiles_serve_the_same_numbers_as_the_variants_they_came_from(tmp_path: Path) -> None:
+    """A section's figures must stay reproducible after the manifests are profiled again: the profiles it
+    served on are saved, and serving on the saved copy gives the same result to the last digit."""
+    measured = dataclasses.replace(
+        FAMILY[0], profile=dataclasses.replace(FAMILY[0].profile, step_points=((1, 40.0), (8, 52.0), (16, 70.0)))
+    )
+    family = [measured, *FAMILY[1:]]
+    path = tmp_path / "profiles" / "simulate.json"
+    save_profiles(family, "a test machine", path)
+    loaded, measured_on = load_profiles(path)
+    assert measured_on == "a test machine" and loaded == family
+    workload = Workload(rate_per_s=0.8, count=40, cv=2.0, slo_scale=3.0, seed=1)
+    assert simulate(loaded, workload, "router").latencies_ms == simulate(family, workload, "router").latencies_ms
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a profiles file"):
+        load_profiles(path)
