@@ -85,6 +85,12 @@ RULES = (
         _constant("workhorse_ms", lambda target, prompt_tokens, max_tokens: 0.0, router),
     ),
     Rule(
+        "capacity",
+        "under a calibration above one, moves off the best variant fitting by the profiles only to ones that "
+        "serve a row at capacity as cheaply (Router._short_cores)",
+        lambda: mock.patch.object(router.Router, "_short_cores", lambda self, group, *a, **k: group),
+    ),
+    Rule(
         "harm",
         "a variant whose admission would push running requests over their budgets ranks lower (edf_plan.harm)",
         lambda: mock.patch.object(router, "edf_plan", _no_harm(predictions.edf_plan)),

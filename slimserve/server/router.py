@@ -130,6 +130,14 @@ def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> floa
     return load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * per_row_ms
 
 
+def row_at_capacity_ms(target: Candidate) -> float:
+    """What one row's token costs the cores on `target` with its batch full (its step at `max_batch_size`
+    rows divided by them), by the manifest's figures: the cost that decides how much a family serves once
+    the cores are short, whichever engine happens to be busy now."""
+    rows = target.max_batch_size
+    return target.profile.manifest_step_ms(rows) / rows
+
+
 @dataclass
 class Decision:
     variant: str
@@ -145,6 +153,10 @@ class Decision:
     budget: dict[str, Any] = field(default_factory=dict)
     first_token_ms: dict[str, float] = field(default_factory=dict)
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
+    teaches: bool = True
+    """Whether its outcome calibrates the router (`Router.observe`): not when predicted to miss, unless only
+    the calibration predicted that (the capacity rule, `Router._short_cores`, kept it where the profiles fit
+    it: its outcome is what brings the calibration back down)."""
 
     def expected_ms(self, tokens: int) -> float:
         """The prediction for a request that generated `tokens` (of `max_tokens`): the part before the decode
@@ -219,6 +231,7 @@ class Router:
             cost = predicted  # a device share of its own: its latency is all it costs
         predicted = {name: ms + extra_ms for name, ms in predicted.items()}
         met: bool | None
+        kept = False  # the capacity rule (`_short_cores`) set aside a variant predicted to fit
 
         def quality(c: Candidate) -> float:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
@@ -249,14 +262,18 @@ class Router:
             met = None
         else:
             limit = budget.latency_ms
+            preferred = good_enough
+            if scale > 1 and self.sharing == "deadline":
+                preferred = self._short_cores(good_enough, predicted, limit, scale, extra_ms)
+                kept = any(predicted[c.name] <= limit for c in good_enough if c not in preferred)
 
             def score(c: C) -> tuple[int, int]:
                 """Requests kept within budget (this one, minus running ones it would push over), then
                 fewer pushed over: earlier requests' budgets are not traded for this one's."""
                 return (int(predicted[c.name] <= limit) - harm[c.name], -harm[c.name])
 
-            top = max(score(c) for c in good_enough)
-            best = [c for c in good_enough if score(c) == top]
+            top = max(score(c) for c in preferred)
+            best = [c for c in preferred if score(c) == top]
             fits = [c for c in best if predicted[c.name] <= limit]
             if fits:
                 order = best_first(fits, self.quality_tolerance)
@@ -271,7 +288,12 @@ class Router:
                 order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
                 met = False
                 reason = "no variant predicted within the latency budget: fastest"
-                if not slow[order[0].name]:
+                if kept:
+                    reason = (
+                        "predicted within the latency budget by the profiles, not by the calibration: kept off "
+                        "variants that serve a row at capacity at a higher cost"
+                    )
+                elif not slow[order[0].name]:
                     reason += " (the cheapest whose steps alone make it)"
             order += sorted((c for c in good_enough if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
         if harm[order[0].name]:
@@ -291,10 +313,33 @@ class Router:
             max_tokens=max_tokens,
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
             first_token_ms={c.name: round(min(predicted[c.name], first[c.name]), 1) for c in usable},
+            teaches=met is not False or kept,
         )
         with self._lock:
             self.decisions.append(decision)
         return order, decision
+
+    def _short_cores(
+        self, group: list[C], predicted: dict[str, float], limit: float, scale: float, extra_ms: float
+    ) -> list[C]:
+        """Under a calibration above one (requests take longer than the profiles predict: load they do not
+        see), a request the calibration alone moves off the best variant that fits by the profiles goes
+        only to variants that serve a row at capacity as cheaply (`row_at_capacity_ms`).
+
+        Moving to a variant faster alone but dearer at capacity spends the cores that are short: on this host's
+        measured family (the bf16 teacher 3.0 ms a row at sixteen rows, int8-dynamic 3.4, int4 3.7) it cost
+        3 points of attainment and made always-teacher dominate six cells at SLO x2, where a family whose
+        small variants are cheaper at capacity loses nothing by it (docs/BENCHMARKS.md, Routing on the
+        simulator, rule `capacity`). vLLM's engines showed no gain from it (0.3 points less, two more
+        dominated cells), so it holds for the compute thread's turns only."""
+        plain = [c for c in group if (predicted[c.name] - extra_ms) / scale + extra_ms <= limit]
+        if not plain:
+            return group
+        anchor = min(plain, key=lambda c: c.ppl_ratio if c.ppl_ratio is not None else math.inf)
+        if predicted[anchor.name] <= limit:
+            return group
+        ceiling = row_at_capacity_ms(anchor)
+        return [c for c in group if row_at_capacity_ms(c) <= ceiling]
 
     def observe(self, decision: Decision, elapsed_ms: float, tokens: int | None = None) -> None:
         """A routed request finished in `elapsed_ms` after generating `tokens` (None: its full `max_tokens`):
@@ -312,7 +357,7 @@ class Router:
         calibration, so later budgets the fastest variant could meet look out of reach and fall back to it
         as predicted misses."""
         expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
-        if expected_ms <= 0 or decision.budget_met is False:
+        if expected_ms <= 0 or not decision.teaches:
             return
         ratio = min(max(elapsed_ms / expected_ms, 0.5), 4.0)
         with self._lock:

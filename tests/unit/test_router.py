@@ -11,6 +11,7 @@ import pytest
 from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.profile import CostProfile
 from slimserve.server.router import Budget, BudgetError, Router, parse_budget, workhorse_ms
+from tests.candidates import Described
 from tests.candidates import variant as _variant
 
 TEACHER = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900)
@@ -330,3 +331,37 @@ def test_a_request_that_stopped_early_is_compared_with_the_prediction_for_its_ow
     assert router.calibration == pytest.approx(1.0)
     router.observe(decision, 2 * decision.predicted_ms)  # full length: against the whole prediction
     assert router.calibration == pytest.approx(1.0 + router.calibration_smoothing * (2.0 - 1.0))
+
+
+def test_when_only_the_calibration_says_the_best_misses_load_moves_only_to_variants_cheaper_at_capacity() -> None:
+    """Calibrated at 1.5 (requests take longer than profiled: load the profiles do not see), the teacher no
+    longer fits a budget its profile fits, and a variant faster alone does. Moving there spends the short
+    cores if that variant serves a row at capacity at a higher cost than the teacher: the router keeps the
+    teacher, and its outcome still calibrates. Where the faster variant is cheaper at capacity, it moves."""
+
+    def batching(name: str, one_row_ms: float, eight_rows_ms: float, ppl_ratio: float) -> Described:
+        profile = CostProfile(5, 0.5, step_b1_ms=one_row_ms, step_b8_ms=eight_rows_ms, load_ms=0)
+        return Described(name, profile, ppl_ratio, memory_mb=500)
+
+    teacher = batching("teacher", 40, 48, 1.0)  # 6 ms a row at eight rows
+    dear = batching("int4", 20, 80, 1.09)  # 10 ms a row at eight rows
+    cheap = batching("int4", 20, 32, 1.09)  # 4 ms a row at eight rows
+    budget = Budget(latency_ms=5_000)  # teacher alone: 15 + 100 * 40 ms; int4 alone: 15 + 100 * 20 ms
+    for family, expected in (([teacher, dear], "teacher"), ([teacher, cheap], "int4")):
+        router = Router()
+        router.calibration = 1.5
+        decision = router.choose(family, budget, 20, 100)[1]
+        assert decision.variant == expected
+        assert decision.candidates["teacher"] > 5_000 >= decision.candidates["int4"]
+        assert decision.teaches
+    kept = Router()
+    kept.calibration = 1.5
+    decision = kept.choose([teacher, dear], budget, 20, 100)[1]
+    assert decision.budget_met is False and "not by the calibration" in decision.reason
+    kept.observe(decision, 4_015)  # as the profiles predicted: the calibration comes down
+    assert kept.calibration < 1.5
+    # uncalibrated, the teacher fits and serves; on a device of its own the rule does not apply
+    assert Router().choose([teacher, dear], budget, 20, 100)[1].variant == "teacher"
+    own = Router(sharing="own")
+    own.calibration = 1.5
+    assert own.choose([teacher, dear], budget, 20, 100)[1].variant == "int4"
