@@ -87,8 +87,8 @@ RULES = (
     Rule(
         "capacity",
         "under a calibration above one, moves off the best variant fitting by the profiles only to ones that "
-        "serve a row at capacity as cheaply (Router._short_cores)",
-        lambda: mock.patch.object(router.Router, "_short_cores", lambda self, group, *a, **k: group),
+        "serve a row at capacity as cheaply (Router._no_dearer_at_capacity)",
+        lambda: mock.patch.object(router.Router, "_no_dearer_at_capacity", lambda self, group, *a, **k: (group, None)),
     ),
     Rule(
         "harm",

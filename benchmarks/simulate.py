@@ -185,7 +185,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--variants", nargs="*", default=None, help="registered variants, the teacher first")
-    source.add_argument("--profiles", type=Path, default=None, help="serve on profiles a --write run saved")
+    source.add_argument(
+        "--profiles", type=Path, default=None, help="serve on profiles a --write run saved (on their engine)"
+    )
     parser.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.8])
     parser.add_argument("--slo-scales", nargs="+", type=float, default=[2.0, 3.0, 5.0])
     parser.add_argument("--cvs", nargs="+", type=float, default=[1.0, 2.0], help="burstiness (1: Poisson)")
@@ -210,16 +212,17 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every cell's figures here")
     parser.add_argument("--write", type=Path, default=None, help="write the section into this Markdown file")
     args = parser.parse_args()
-    measured_on = machine()
+    backend, measured_on = args.backend, machine() if args.variants else "none: the demo family's are made up"
     try:
         if args.profiles is not None:
             variants, measured_on = load_profiles(args.profiles)
+            backend = variants[0].engine  # a saved file's profiles are measured on the engine it names
         else:
             variants = registered_variants(args.variants, args.backend) if args.variants else demo_family()
     except ValueError as exc:
         parser.error(str(exc))
-    variants = [dataclasses.replace(v, engine=args.backend) for v in variants]
-    vllm = args.backend == "vllm"
+    variants = [dataclasses.replace(v, engine=backend) for v in variants]
+    vllm = backend == "vllm"
     grid = GridConfig(args.rates, args.slo_scales, args.cvs, args.count, args.seeds, args.jitter)
     cells = run_grid(variants, grid)
     table = grid_table(variants, cells)
@@ -254,7 +257,7 @@ def main() -> int:
             else []
         ),
         "- deterministic: the same command gives the same figures on any machine; only the profiles are "
-        f"measured (`slimserve profile{' --backend vllm' if vllm else ''}`), on {measured_on}.",
+        f"measured (`slimserve profile{' --backend vllm' if vllm else ''}`); where: {measured_on}.",
         *(
             [f"- profiles: saved in `{saved}`; `--profiles {saved}` in place of `--variants` serves on them again"]
             if saved

@@ -13,7 +13,9 @@ budget; if none can, the fastest, and says so. Among variants of equal quality, 
 variant can serve in time, "fastest" on shared cores means the workhorse (`workhorse_ms`): the variant
 whose steps cost this request least at the batch it would join, by its measured figures, so load gathers
 on one engine's batch instead of spreading; a request that only steps of its own can still save goes to
-the workhorse of the variants whose steps alone make it (`alone_ms`).
+the workhorse of the variants whose steps alone make it (`alone_ms`). When only the calibration (busy cores
+the profiles do not see) says the best variant misses, load moves only to variants no dearer per row at
+capacity (`row_at_capacity_ms`).
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class Decision:
     variant: str
     predicted_ms: float
     budget_met: bool | None
-    """None when the request set no latency budget."""
+    """None when the request set no latency budget; False when predicted to miss, even by the calibration
+    alone (`teaches`)."""
     reason: str
     candidates: dict[str, float] = field(default_factory=dict)
     """Predicted milliseconds per considered variant."""
@@ -154,9 +157,9 @@ class Decision:
     first_token_ms: dict[str, float] = field(default_factory=dict)
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
     teaches: bool = True
-    """Whether its outcome calibrates the router (`Router.observe`): not when predicted to miss, unless only
-    the calibration predicted that (the capacity rule, `Router._short_cores`, kept it where the profiles fit
-    it: its outcome is what brings the calibration back down)."""
+    """Whether its outcome calibrates the router (`Router.observe`): not when predicted to miss, unless the
+    capacity rule (`Router._no_dearer_at_capacity`) kept it on a variant the profiles fit against the
+    calibration (then `budget_met` is False, and its outcome is what brings the calibration back down)."""
 
     def expected_ms(self, tokens: int) -> float:
         """The prediction for a request that generated `tokens` (of `max_tokens`): the part before the decode
@@ -187,7 +190,8 @@ class Router:
         which leaves the cores to requests that need them."""
         self.calibration = 1.0
         """Actual / predicted latency of recent routed requests (a moving average): predictions are scaled
-        by it, so a machine busier than the profiles know sends requests to faster variants."""
+        by it, so a machine busier than the profiles know sends requests to faster variants (on the compute
+        thread's cores, only to ones no dearer at capacity: `_no_dearer_at_capacity`)."""
         self.calibration_smoothing = 0.2
         self.clock = clock
         """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
@@ -231,7 +235,7 @@ class Router:
             cost = predicted  # a device share of its own: its latency is all it costs
         predicted = {name: ms + extra_ms for name, ms in predicted.items()}
         met: bool | None
-        kept = False  # the capacity rule (`_short_cores`) set aside a variant predicted to fit
+        kept = False  # the capacity rule (`_no_dearer_at_capacity`) decided it, against the calibration
 
         def quality(c: Candidate) -> float:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
@@ -262,10 +266,10 @@ class Router:
             met = None
         else:
             limit = budget.latency_ms
-            preferred = good_enough
+            preferred, anchor = good_enough, None
             if scale > 1 and self.sharing == "deadline":
-                preferred = self._short_cores(good_enough, predicted, limit, scale, extra_ms)
-                kept = any(predicted[c.name] <= limit for c in good_enough if c not in preferred)
+                preferred, anchor = self._no_dearer_at_capacity(good_enough, predicted, limit, scale, extra_ms)
+            set_aside = [c for c in good_enough if c not in preferred]
 
             def score(c: C) -> tuple[int, int]:
                 """Requests kept within budget (this one, minus running ones it would push over), then
@@ -288,6 +292,8 @@ class Router:
                 order = sorted(best, key=lambda c: (slow[c.name], cost[c.name], predicted[c.name]))
                 met = False
                 reason = "no variant predicted within the latency budget: fastest"
+                # the rule decided it only if a variant it set aside would have scored better
+                kept = order[0] is anchor and any(score(c) > top for c in set_aside)
                 if kept:
                     reason = (
                         "predicted within the latency budget by the profiles, not by the calibration: kept off "
@@ -295,7 +301,9 @@ class Router:
                     )
                 elif not slow[order[0].name]:
                     reason += " (the cheapest whose steps alone make it)"
-            order += sorted((c for c in good_enough if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
+            # fallbacks if the first is full: the rest of the preferred ones before any the rule set aside
+            for group in (preferred, set_aside):
+                order += sorted((c for c in group if c not in order), key=lambda c: (-score(c)[0], predicted[c.name]))
         if harm[order[0].name]:
             reason += f"; pushes {harm[order[0].name]} running request(s) over their budget"
         chosen = order[0]
@@ -319,27 +327,27 @@ class Router:
             self.decisions.append(decision)
         return order, decision
 
-    def _short_cores(
+    def _no_dearer_at_capacity(
         self, group: list[C], predicted: dict[str, float], limit: float, scale: float, extra_ms: float
-    ) -> list[C]:
+    ) -> tuple[list[C], C | None]:
         """Under a calibration above one (requests take longer than the profiles predict: load they do not
-        see), a request the calibration alone moves off the best variant that fits by the profiles goes
-        only to variants that serve a row at capacity as cheaply (`row_at_capacity_ms`).
+        see), a request the calibration alone moves off the best variant that fits by the profiles (the
+        anchor, returned with the variants) goes only to variants that serve a row at capacity as cheaply
+        (`row_at_capacity_ms`): a variant faster alone but dearer at capacity spends the cores that are
+        short (docs/BENCHMARKS.md, Routing on the simulator, rule `capacity`). The compute thread's turns
+        only: on vLLM's engines the simulator showed no gain.
 
-        Moving to a variant faster alone but dearer at capacity spends the cores that are short: on this host's
-        measured family (the bf16 teacher 3.0 ms a row at sixteen rows, int8-dynamic 3.4, int4 3.7) it cost
-        3 points of attainment and made always-teacher dominate six cells at SLO x2, where a family whose
-        small variants are cheaper at capacity loses nothing by it (docs/BENCHMARKS.md, Routing on the
-        simulator, rule `capacity`). vLLM's engines showed no gain from it (0.3 points less, two more
-        dominated cells), so it holds for the compute thread's turns only."""
+        "Fits by the profiles" takes the calibrated prediction divided by the calibration: close to the
+        uncalibrated plan, not equal to it, since the plan also compares the running rows' deadlines with
+        their work in calibrated time."""
         plain = [c for c in group if (predicted[c.name] - extra_ms) / scale + extra_ms <= limit]
         if not plain:
-            return group
-        anchor = min(plain, key=lambda c: c.ppl_ratio if c.ppl_ratio is not None else math.inf)
+            return group, None
+        anchor = min(plain, key=lambda c: (c.ppl_ratio if c.ppl_ratio is not None else math.inf, c.name))
         if predicted[anchor.name] <= limit:
-            return group
+            return group, None
         ceiling = row_at_capacity_ms(anchor)
-        return [c for c in group if row_at_capacity_ms(c) <= ceiling]
+        return [c for c in group if row_at_capacity_ms(c) <= ceiling], anchor
 
     def observe(self, decision: Decision, elapsed_ms: float, tokens: int | None = None) -> None:
         """A routed request finished in `elapsed_ms` after generating `tokens` (None: its full `max_tokens`):
@@ -351,7 +359,8 @@ class Router:
         steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
         of actual to predicted latency, followed here as a moving average.
 
-        A request the router already predicted to miss is left out: once it cannot make its budget the
+        A request the router already predicted to miss is left out (unless `Decision.teaches`: the capacity
+        rule kept it where the profiles fit it): once it cannot make its budget the
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
         not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
         calibration, so later budgets the fastest variant could meet look out of reach and fall back to it

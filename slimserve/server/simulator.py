@@ -370,7 +370,7 @@ def load_profiles(path: Path) -> tuple[list[Variant], str]:
                 for key, value in entry["profile"].items()
             }
             variants.append(Variant(**{**entry, "profile": CostProfile(**figures)}))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{path}: not a profiles file written by benchmarks/simulate.py ({exc})") from exc
     if not variants:
         raise ValueError(f"{path}: no variants")

@@ -356,8 +356,9 @@ def test_when_only_the_calibration_says_the_best_misses_load_moves_only_to_varia
         assert decision.teaches
     kept = Router()
     kept.calibration = 1.5
-    decision = kept.choose([teacher, dear], budget, 20, 100)[1]
+    order, decision = kept.choose([teacher, dear], budget, 20, 100)
     assert decision.budget_met is False and "not by the calibration" in decision.reason
+    assert [c.name for c in order] == ["teacher", "int4"]  # the variant set aside is the last fallback
     kept.observe(decision, 4_015)  # as the profiles predicted: the calibration comes down
     assert kept.calibration < 1.5
     # uncalibrated, the teacher fits and serves; on a device of its own the rule does not apply
