@@ -13,9 +13,9 @@ budget; if none can, the fastest, and says so. Among variants of equal quality, 
 variant can serve in time, "fastest" on shared cores means the workhorse (`workhorse_ms`): the variant
 whose steps cost this request least at the batch it would join, by its measured figures, so load gathers
 on one engine's batch instead of spreading; a request that only steps of its own can still save goes to
-the workhorse of the variants whose steps alone make it (`alone_ms`). When only the calibration (busy cores
-the profiles do not see) says the best variant misses, load moves only to variants no dearer per row at
-capacity (`row_at_capacity_ms`).
+the workhorse of the variants whose steps alone make it (`alone_ms`). While the calibration says the cores
+are busier than the profiles know, a request the best variant would miss moves only to variants no dearer
+per row at capacity (`row_at_capacity_ms`).
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ class Decision:
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
     teaches: bool = True
     """Whether its outcome calibrates the router (`Router.observe`): not when predicted to miss, unless the
-    capacity rule (`Router._no_dearer_at_capacity`) kept it on a variant the profiles fit against the
-    calibration (then `budget_met` is False, and its outcome is what brings the calibration back down)."""
+    capacity rule (`Router._no_dearer_at_capacity`) kept it off variants predicted to fit (then `budget_met`
+    is False, and its outcome is what brings the calibration back down once the cores are no longer short)."""
 
     def expected_ms(self, tokens: int) -> float:
         """The prediction for a request that generated `tokens` (of `max_tokens`): the part before the decode
@@ -235,7 +235,7 @@ class Router:
             cost = predicted  # a device share of its own: its latency is all it costs
         predicted = {name: ms + extra_ms for name, ms in predicted.items()}
         met: bool | None
-        kept = False  # the capacity rule (`_no_dearer_at_capacity`) decided it, against the calibration
+        kept = False  # the capacity rule (`_no_dearer_at_capacity`) decided it
 
         def quality(c: Candidate) -> float:
             return c.ppl_ratio if c.ppl_ratio is not None else math.inf
@@ -268,7 +268,7 @@ class Router:
             limit = budget.latency_ms
             preferred, anchor = good_enough, None
             if scale > 1 and self.sharing == "deadline":
-                preferred, anchor = self._no_dearer_at_capacity(good_enough, predicted, limit, scale, extra_ms)
+                preferred, anchor = self._no_dearer_at_capacity(good_enough, predicted, limit)
             set_aside = [c for c in good_enough if c not in preferred]
 
             def score(c: C) -> tuple[int, int]:
@@ -296,8 +296,8 @@ class Router:
                 kept = order[0] is anchor and any(score(c) > top for c in set_aside)
                 if kept:
                     reason = (
-                        "predicted within the latency budget by the profiles, not by the calibration: kept off "
-                        "variants that serve a row at capacity at a higher cost"
+                        f"busy cores (calibration {scale:.2f}): kept off the variants predicted within the latency "
+                        "budget, which serve a row at capacity at a higher cost"
                     )
                 elif not slow[order[0].name]:
                     reason += " (the cheapest whose steps alone make it)"
@@ -328,22 +328,15 @@ class Router:
         return order, decision
 
     def _no_dearer_at_capacity(
-        self, group: list[C], predicted: dict[str, float], limit: float, scale: float, extra_ms: float
+        self, group: list[C], predicted: dict[str, float], limit: float
     ) -> tuple[list[C], C | None]:
         """Under a calibration above one (requests take longer than the profiles predict: load they do not
-        see), a request the calibration alone moves off the best variant that fits by the profiles (the
-        anchor, returned with the variants) goes only to variants that serve a row at capacity as cheaply
+        see, so the cores are short), a request the best variant is predicted to miss (the anchor, returned
+        with the variants) goes only to variants that serve a row at capacity as cheaply
         (`row_at_capacity_ms`): a variant faster alone but dearer at capacity spends the cores that are
         short (docs/BENCHMARKS.md, Routing on the simulator, rule `capacity`). The compute thread's turns
-        only: on vLLM's engines the simulator showed no gain.
-
-        "Fits by the profiles" takes the calibrated prediction divided by the calibration: close to the
-        uncalibrated plan, not equal to it, since the plan also compares the running rows' deadlines with
-        their work in calibrated time."""
-        plain = [c for c in group if (predicted[c.name] - extra_ms) / scale + extra_ms <= limit]
-        if not plain:
-            return group, None
-        anchor = min(plain, key=lambda c: (c.ppl_ratio if c.ppl_ratio is not None else math.inf, c.name))
+        only: on vLLM's engines the simulator showed no gain."""
+        anchor = min(group, key=lambda c: (c.ppl_ratio if c.ppl_ratio is not None else math.inf, c.name))
         if predicted[anchor.name] <= limit:
             return group, None
         ceiling = row_at_capacity_ms(anchor)
@@ -360,7 +353,7 @@ class Router:
         of actual to predicted latency, followed here as a moving average.
 
         A request the router already predicted to miss is left out (unless `Decision.teaches`: the capacity
-        rule kept it where the profiles fit it): once it cannot make its budget the
+        rule kept it off variants predicted to fit): once it cannot make its budget the
         compute thread steps it in the background (`BACKGROUND_S`), so its overrun measures that choice,
         not the profiles. Counted, such requests (the fallback lands on the fastest variant) raise the
         calibration, so later budgets the fastest variant could meet look out of reach and fall back to it

@@ -333,9 +333,9 @@ def test_a_request_that_stopped_early_is_compared_with_the_prediction_for_its_ow
     assert router.calibration == pytest.approx(1.0 + router.calibration_smoothing * (2.0 - 1.0))
 
 
-def test_when_only_the_calibration_says_the_best_misses_load_moves_only_to_variants_cheaper_at_capacity() -> None:
+def test_while_the_calibration_says_cores_are_busy_load_moves_only_to_variants_cheaper_at_capacity() -> None:
     """Calibrated at 1.5 (requests take longer than profiled: load the profiles do not see), the teacher no
-    longer fits a budget its profile fits, and a variant faster alone does. Moving there spends the short
+    longer fits the budget, and a variant faster alone does. Moving there spends the short
     cores if that variant serves a row at capacity at a higher cost than the teacher: the router keeps the
     teacher, and its outcome still calibrates. Where the faster variant is cheaper at capacity, it moves."""
 
@@ -357,7 +357,7 @@ def test_when_only_the_calibration_says_the_best_misses_load_moves_only_to_varia
     kept = Router()
     kept.calibration = 1.5
     order, decision = kept.choose([teacher, dear], budget, 20, 100)
-    assert decision.budget_met is False and "not by the calibration" in decision.reason
+    assert decision.budget_met is False and "busy cores" in decision.reason
     assert [c.name for c in order] == ["teacher", "int4"]  # the variant set aside is the last fallback
     kept.observe(decision, 4_015)  # as the profiles predicted: the calibration comes down
     assert kept.calibration < 1.5
