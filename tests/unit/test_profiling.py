@@ -7,6 +7,7 @@ import pytest
 from slimserve.cli import main
 from slimserve.models import VariantManifest
 from slimserve.server.profile import CostProfile, interpolate
+from slimserve.server.profiling import Measured, ProfileConfig, measure_points
 from tests.tiny import make_tiny_variant
 
 
@@ -112,3 +113,19 @@ def test_profile_on_vllm_refuses_where_vllm_does_not_import(
     assert "--backend vllm measures vLLM's engine, and vLLM does not import here" in err
     assert "slimserve profile tiny-a --backend vllm" in err
     assert VariantManifest.read(path).metrics == before
+
+
+def test_a_step_slower_than_a_larger_batch_is_measured_again() -> None:
+    """A host stall during one point (69 ms at one row against 38 at two) would go into the manifest that
+    every later prediction reads: a step of fewer rows slower than the next batch's is measured again."""
+    timings = {1: [69.4, 36.0], 2: [38.2], 4: [40.4], 8: [46.5], 16: [56.8]}
+    calls: list[int] = []
+
+    def step_ms(rows: int, context: int) -> float:
+        calls.append(rows)
+        return timings[rows].pop(0) if len(timings[rows]) > 1 else timings[rows][0]
+
+    config = ProfileConfig(prompt_lengths=[], batch_sizes=[1, 2, 4, 8, 16], contexts=[])
+    found = measure_points(config, Measured(), 2048, 1024, lambda length: 10.0, step_ms, progress=lambda _: None)
+    assert found.step_ms == {1: 36.0, 2: 38.2, 4: 40.4, 8: 46.5, 16: 56.8}
+    assert calls == [1, 2, 4, 8, 16, 1]  # only the stalled point twice
