@@ -132,6 +132,11 @@ def workhorse_ms(target: Candidate, prompt_tokens: int, max_tokens: int) -> floa
     return load + profile.manifest_ttft_ms(prompt_tokens) + max_tokens * per_row_ms
 
 
+def ppl_ratio(candidate: Candidate) -> float:
+    """Its quality for ranking: the perplexity ratio to the teacher, unknown ranked last."""
+    return candidate.ppl_ratio if candidate.ppl_ratio is not None else math.inf
+
+
 def row_at_capacity_ms(target: Candidate) -> float:
     """What one row's token costs the cores on `target` with its batch full (its step at `max_batch_size`
     rows divided by them), by the manifest's figures: the cost that decides how much a family serves once
@@ -237,21 +242,18 @@ class Router:
         met: bool | None
         kept = False  # the capacity rule (`_no_dearer_at_capacity`) decided it
 
-        def quality(c: Candidate) -> float:
-            return c.ppl_ratio if c.ppl_ratio is not None else math.inf
-
         def best_first(group: list[C], tolerance: float) -> list[C]:
             """By quality, then by cost among variants of equal quality (within `tolerance`), then by predicted
             latency. On shared cores the cost is the workhorse's (`workhorse_ms`): by predicted latency an
             idle equal looks faster, and waking it slows every round of the cores."""
             if not group:
                 return []
-            top = min(quality(c) for c in group)
-            equal = [c for c in group if quality(c) <= top * (1 + tolerance)]
+            top = min(ppl_ratio(c) for c in group)
+            equal = [c for c in group if ppl_ratio(c) <= top * (1 + tolerance)]
             rest = [c for c in group if c not in equal]
             return sorted(equal, key=lambda c: (cost[c.name], predicted[c.name])) + best_first(rest, tolerance)
 
-        good_enough = [c for c in usable if quality(c) <= budget.max_ppl_ratio]
+        good_enough = [c for c in usable if ppl_ratio(c) <= budget.max_ppl_ratio]
         if not good_enough:
             order = best_first(usable, self.quality_tolerance)
             reason = f"no variant reaches quality ratio {budget.max_ppl_ratio:g}: best available"
@@ -336,7 +338,7 @@ class Router:
         (`row_at_capacity_ms`): a variant faster alone but dearer at capacity spends the cores that are
         short (docs/BENCHMARKS.md, Routing on the simulator, rule `capacity`). The compute thread's turns
         only: on vLLM's engines the simulator showed no gain."""
-        anchor = min(group, key=lambda c: (c.ppl_ratio if c.ppl_ratio is not None else math.inf, c.name))
+        anchor = min(group, key=lambda c: (ppl_ratio(c), c.name))
         if predicted[anchor.name] <= limit:
             return group, None
         ceiling = row_at_capacity_ms(anchor)
