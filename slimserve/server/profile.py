@@ -54,11 +54,24 @@ def _points(table: Mapping[str, float] | None) -> Points:
     return tuple(sorted((int(x), float(ms)) for x, ms in (table or {}).items()))
 
 
+OUTLIER_BOUND = 0.5
+"""An observation further than this share of the prediction from it teaches the profile as if it were only this
+far: a shared host's turns spike (on the Xeon of docs/BENCHMARKS.md one decode turn in twenty took over 1.5x
+its profile, the longest 2.3x), and at full weight one spike raises every plan of the next few hundred
+milliseconds by a fifth or more, enough for a row that can still make its deadline to be judged past saving
+and stepped only in the background. The body of the host's variation (nine turns in ten within 1.3x) teaches
+at full weight, and a lasting change of speed still moves the profile a tenth per step (Huber's bounded
+influence, applied to the least-mean-squares update)."""
+
+
 def _nlms(
     scale: float, tilt: float, f_scale: float, f_tilt: float, observed: float, rate: float
 ) -> tuple[float, float]:
-    """One normalised-LMS step of y = scale * f_scale + tilt * f_tilt towards `observed` (stable for rate < 2)."""
-    error = observed - (scale * f_scale + tilt * f_tilt)
+    """One normalised-LMS step of y = scale * f_scale + tilt * f_tilt towards `observed` (stable for rate < 2),
+    the error bounded to `OUTLIER_BOUND` of the prediction."""
+    predicted = scale * f_scale + tilt * f_tilt
+    bound = OUTLIER_BOUND * max(predicted, 0.1)
+    error = min(max(observed - predicted, -bound), bound)
     gain = rate / max(f_scale * f_scale + f_tilt * f_tilt, 1e-9)
     return scale + gain * f_scale * error, tilt + gain * f_tilt * error
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
-from slimserve.server.profile import CostProfile
+from slimserve.server.profile import OUTLIER_BOUND, CostProfile
 from slimserve.server.router import Budget, BudgetError, Router, parse_budget, workhorse_ms
 from tests.candidates import Described
 from tests.candidates import variant as _variant
@@ -270,6 +270,19 @@ def test_profiles_follow_what_the_engine_measures() -> None:
     for tokens, ms in [(16, 40), (256, 280)] * 40:  # prefill: 24 ms + 1 ms per token
         profile.observe_prefill(tokens, ms / 1000)
     assert profile.ttft_ms(128) == pytest.approx(152, rel=0.05)
+
+
+def test_a_spike_moves_the_profile_a_little_and_a_lasting_change_all_the_way() -> None:
+    """A shared host's steps spike; one spike at full weight would raise every plan by a fifth and condemn rows
+    that can still make their deadlines."""
+    profile = CostProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=40, step_b8_ms=50, load_ms=0)
+    profile.observe_step(1, 0.080)  # one step at twice its time
+    assert profile.step_ms(1) == pytest.approx(40 * (1 + 0.2 * OUTLIER_BOUND), rel=0.01)
+    for _ in range(30):  # the machine settles at 1.6x: learned within a few dozen steps
+        profile.observe_step(1, 0.064)
+    assert profile.step_ms(1) == pytest.approx(64, rel=0.02)
+    profile.observe_prefill(128, 1.0)  # a prefill stalled 7x its usual time
+    assert profile.ttft_ms(128) == pytest.approx(133 * (1 + 0.2 * OUTLIER_BOUND), rel=0.02)
 
 
 def test_budgets_parse_from_headers_or_body_and_reject_nonsense() -> None:
