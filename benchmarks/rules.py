@@ -86,8 +86,8 @@ RULES = (
     ),
     Rule(
         "capacity",
-        "under a calibration above one, a request the best variant would miss moves only to variants as cheap "
-        "per row at capacity (Router._no_dearer_at_capacity)",
+        "under a calibration above BUSY_CALIBRATION, a request the best variant would miss moves only to variants "
+        "as cheap per row at capacity (Router._no_dearer_at_capacity)",
         lambda: mock.patch.object(router.Router, "_no_dearer_at_capacity", lambda self, group, *a, **k: (group, None)),
     ),
     Rule(

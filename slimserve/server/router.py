@@ -14,8 +14,8 @@ variant can serve in time, "fastest" on shared cores means the workhorse (`workh
 whose steps cost this request least at the batch it would join, by its measured figures, so load gathers
 on one engine's batch instead of spreading; a request that only steps of its own can still save goes to
 the workhorse of the variants whose steps alone make it (`alone_ms`). While the calibration says the cores
-are busier than the profiles know, a request the best variant would miss moves only to variants no dearer
-per row at capacity (`row_at_capacity_ms`).
+are busier than the profiles know (`BUSY_CALIBRATION`), a request the best variant would miss moves only to
+variants no dearer per row at capacity (`row_at_capacity_ms`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ from slimserve.server.profile import Sharing
 
 QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "any": math.inf}
 """Named minimum qualities: the largest perplexity ratio to the teacher each tier accepts."""
+
+BUSY_CALIBRATION = 1.1
+"""The calibration above which the cores count as short (the capacity rule, `Router._no_dearer_at_capacity`):
+below it, the excess is within what one request's prediction misses by on a quiet host (a median error of
+6-7%, docs/BENCHMARKS.md, Simulator fidelity), or a slow phase of the host that the live profiles have
+already learned, when the idle variants faster alone are the ones that can still meet budgets."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"
@@ -269,7 +275,7 @@ class Router:
         else:
             limit = budget.latency_ms
             preferred, anchor = good_enough, None
-            if scale > 1 and self.sharing == "deadline":
+            if scale > BUSY_CALIBRATION and self.sharing == "deadline":
                 preferred, anchor = self._no_dearer_at_capacity(good_enough, predicted, limit)
             set_aside = [c for c in good_enough if c not in preferred]
 
@@ -332,9 +338,9 @@ class Router:
     def _no_dearer_at_capacity(
         self, group: list[C], predicted: dict[str, float], limit: float
     ) -> tuple[list[C], C | None]:
-        """Under a calibration above one (requests take longer than the profiles predict: load they do not
-        see, so the cores are short), a request the best variant is predicted to miss (the anchor, returned
-        with the variants) goes only to variants that serve a row at capacity as cheaply
+        """Under a calibration above `BUSY_CALIBRATION` (requests take longer than the profiles predict: load
+        they do not see, so the cores are short), a request the best variant is predicted to miss (the
+        anchor, returned with the variants) goes only to variants that serve a row at capacity as cheaply
         (`row_at_capacity_ms`): a variant faster alone but dearer at capacity spends the cores that are
         short (docs/BENCHMARKS.md, Routing on the simulator, rule `capacity`). The compute thread's turns
         only: on vLLM's engines the simulator showed no gain."""

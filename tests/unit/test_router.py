@@ -10,7 +10,7 @@ import pytest
 
 from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.profile import OUTLIER_BOUND, CostProfile
-from slimserve.server.router import Budget, BudgetError, Router, parse_budget, workhorse_ms
+from slimserve.server.router import BUSY_CALIBRATION, Budget, BudgetError, Router, parse_budget, workhorse_ms
 from tests.candidates import Described
 from tests.candidates import variant as _variant
 
@@ -379,3 +379,10 @@ def test_while_the_calibration_says_cores_are_busy_load_moves_only_to_variants_c
     own = Router(sharing="own")
     own.calibration = 1.5
     assert own.choose([teacher, dear], budget, 20, 100)[1].variant == "int4"
+    # the host slower than profiled, and the teacher's live profile has learned it: the calibration stays
+    # within a prediction's noise, the teacher misses and the variant faster alone is open
+    slow_host = Router()
+    slow_host.calibration = BUSY_CALIBRATION
+    teacher.profile.step_scale = 1.3
+    decision = slow_host.choose([teacher, dear], budget, 20, 100)[1]
+    assert (decision.variant, decision.budget_met) == ("int4", True)
