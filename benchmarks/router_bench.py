@@ -13,9 +13,12 @@ latency) is sent as completions requests: the prompt as exactly that many token 
 `max_tokens` the output length with `ignore_eos` (every request does exactly the work simulated), the
 budget in `X-Latency-Budget-Ms`. The same workload runs on the simulator under the router on the same
 profiles. Reported per rate: the median absolute error of simulated against live latency (relative to
-live), the share of requests both sent to the same variant, and SLO attainment both ways. The simulator
-is trusted as far as this agreement goes; the policies themselves are compared there
-(`make bench-simulate`), not here, because live runs on shared cores drift more than most rules matter.
+live), the share of requests both sent to the same variant, and SLO attainment both ways. The workload
+is also simulated once more at the speed the host ran the server's decode turns in each few seconds of
+the replay (`host_speed`, from the server's `--trace-turns`): what is left between that and live is the
+simulator's own error, and the rest the host's phases, which no profile foresees. The simulator is
+trusted as far as this agreement goes; the policies themselves are compared there (`make bench-simulate`),
+not here, because live runs on shared cores drift more than most rules matter.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -38,7 +43,7 @@ from serve_bench import free_port, stop, wait_healthy
 
 from slimserve.compression.data import eval_text
 from slimserve.models import VariantRegistry
-from slimserve.server.simulator import Arrival, Variant, Workload, arrivals, registered_variants, simulate
+from slimserve.server.simulator import Arrival, Result, Variant, Workload, arrivals, registered_variants, simulate
 
 
 @dataclass
@@ -103,6 +108,34 @@ async def replay(base: str, requests: list[Arrival], prompts: list[list[int]]) -
         await client.close()
 
 
+WINDOW_S = 5.0
+"""Length of the windows the host's speed is measured over (`host_speed`): long enough for dozens of decode
+turns, short against the host's phases (slow stretches of 10-30 s)."""
+
+
+def host_speed(trace: Path, variants: list[Variant], began: float) -> Callable[[float], float]:
+    """The host's speed during a replay that began at `began` (`time.perf_counter()`), from the server's turn
+    trace: per `WINDOW_S` window of the replay, the median ratio of a decode turn's time (one without a
+    prefill) to what the simulator charges it (its variant's profile at its rows). A window without decode
+    turns takes the last one before it; before the first, 1."""
+    profiles = {v.name: v.profile for v in variants}
+    ratios: dict[int, list[float]] = {}
+    for line in trace.read_text().splitlines():
+        turn = json.loads(line)
+        if "warm_up" in turn or turn["prefills"] or not turn.get("rows") or turn["engine"] not in profiles:
+            continue
+        window = int((turn["at"] - began) // WINDOW_S)
+        if window >= 0:
+            ratios.setdefault(window, []).append(1000 * turn["s"] / profiles[turn["engine"]].step_ms(turn["batch"]))
+    speeds = {window: median(values) for window, values in ratios.items()}
+
+    def speed(at_s: float) -> float:
+        earlier = [w for w in speeds if w <= at_s // WINDOW_S]
+        return speeds[max(earlier)] if earlier else 1.0
+
+    return speed
+
+
 @dataclass
 class Agreement:
     rate: float
@@ -112,26 +145,36 @@ class Agreement:
     same_variant: float
     live_attainment: float
     sim_attainment: float
+    host: Agreement | None = None
+    """The same, simulated at the host's measured speed (`host_speed`), where the server traced its turns."""
 
     def row(self) -> str:
-        return (
+        cells = (
             f"| {self.rate:g} | {self.requests} | {100 * self.error:.1f}% | {100 * self.same_variant:.0f}% | "
             f"{100 * self.live_attainment:.1f}% | {100 * self.sim_attainment:.1f}% | "
             f"{100 * (self.live_attainment - self.sim_attainment):+.1f} |"
         )
+        if self.host is None:
+            return cells + " | | |"
+        host = self.host
+        return (
+            cells + f" {100 * host.error:.1f}% | {100 * host.sim_attainment:.1f}% | "
+            f"{100 * (host.live_attainment - host.sim_attainment):+.1f} |"
+        )
 
 
 def compare(
-    rate: float, requests: list[Arrival], live: list[Live], sim_ms: list[float], sim_variants: list[str]
+    rate: float, requests: list[Arrival], live: list[Live], simulated: Result, host: Result | None = None
 ) -> Agreement:
-    errors = [abs(s - row.ms) / row.ms for s, row in zip(sim_ms, live, strict=True)]
+    errors = [abs(s - row.ms) / row.ms for s, row in zip(simulated.latencies_ms, live, strict=True)]
     return Agreement(
         rate,
         len(requests),
         median(errors),
-        sum(row.variant == v for row, v in zip(live, sim_variants, strict=True)) / len(live),
+        sum(row.variant == v for row, v in zip(live, simulated.routed, strict=True)) / len(live),
         sum(row.ms <= r.budget_ms for row, r in zip(live, requests, strict=True)) / len(live),
-        sum(ms <= r.budget_ms for ms, r in zip(sim_ms, requests, strict=True)) / len(live),
+        sum(ms <= r.budget_ms for ms, r in zip(simulated.latencies_ms, requests, strict=True)) / len(live),
+        compare(rate, requests, live, host) if host is not None else None,
     )
 
 
@@ -152,7 +195,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jitter", type=float, default=0.1, help="the simulator's per-turn cost noise (CV)")
     parser.add_argument("--dump", type=Path, default=None, help="every request, live and simulated (JSON lines)")
-    parser.add_argument("--trace-turns", type=Path, default=None, help="passed to the server (--trace-turns)")
+    parser.add_argument(
+        "--trace-turns", type=Path, default=None, help="keep the server's turn trace here (default: a temporary file)"
+    )
     parser.add_argument(
         "--no-profile",
         dest="profile",
@@ -173,8 +218,8 @@ def main() -> int:
     command = [sys.executable, "-m", "slimserve", "serve", "--port", str(port)]
     for name in args.variants:
         command += ["--variant", name]
-    if args.trace_turns:
-        command += ["--trace-turns", str(args.trace_turns)]
+    trace = args.trace_turns or Path(tempfile.mkdtemp(prefix="router-bench-")) / "turns.jsonl"
+    command += ["--trace-turns", str(trace)]
     print("==", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results: list[Agreement] = []
@@ -196,9 +241,14 @@ def main() -> int:
             simulated = simulate(variants, workload, "router")
             prompts = token_prompts(ids, requests, args.seed)
             live = asyncio.run(replay(f"http://127.0.0.1:{port}/v1", requests, prompts))
-            results.append(compare(rate, requests, live, simulated.latencies_ms, simulated.routed))
+            began = median(row.start_pc - r.at_s for row, r in zip(live, requests, strict=True))
+            at_host_speed = simulate(variants, workload, "router", host_speed=host_speed(trace, variants, began))
+            results.append(compare(rate, requests, live, simulated, at_host_speed))
             print(results[-1].row(), flush=True)
-            for request, row, ms, variant in zip(requests, live, simulated.latencies_ms, simulated.routed, strict=True):
+            rows = zip(
+                requests, live, simulated.latencies_ms, simulated.routed, at_host_speed.latencies_ms, strict=True
+            )
+            for request, row, ms, variant, at_host_ms in rows:
                 dump.append(
                     {
                         "policy": "router",
@@ -216,6 +266,7 @@ def main() -> int:
                         "reason": row.reason,
                         "sim_variant": variant,
                         "sim_ms": round(ms),
+                        "sim_host_ms": round(at_host_ms),
                     }
                 )
     finally:
@@ -230,10 +281,14 @@ def main() -> int:
         f"{args.slo_scale:g}), sent as completions with `model: auto`, exact prompt token ids, `ignore_eos`",
         "- error: median over requests of |simulated - live| / live latency; same variant: share routed alike",
         "- goals: error at most 10% at low load; live attainment within 5 points of simulated",
+        "- at host speed: simulated again with each turn's cost scaled by how fast the "
+        f"host ran decode turns against their profiles in that {WINDOW_S:g} s window of the live replay (the "
+        "median ratio): the host's phases, which no profile foresees, apart from the model's own error",
         "",
         "| rate/s | requests | latency error (median) | same variant | attainment live | attainment simulated | "
-        "live - simulated (points) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "live - simulated (points) | error at host speed | attainment simulated at host speed | "
+        "live - simulated at host speed (points) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(r.row() for r in results),
     ]
     publish("\n".join(lines), args.write, "router-bench")

@@ -114,8 +114,14 @@ class Result:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
 
 
-def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Result:
-    """Serve `workload` on `variants` under `policy` on a virtual clock; the same inputs give the same result."""
+def simulate(
+    variants: Sequence[Variant], workload: Workload, policy: str, host_speed: Callable[[float], float] | None = None
+) -> Result:
+    """Serve `workload` on `variants` under `policy` on a virtual clock; the same inputs give the same result.
+
+    `host_speed`: a turn's cost as a multiple of its profile's figure at each moment (virtual seconds), e.g.
+    measured from a live run's turns (`benchmarks/router_bench.py`): the host's slow and fast phases, which
+    no profile foresees, replayed, so a live run can be compared with the policy's model apart from them."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     clock = [0.0]
@@ -123,7 +129,8 @@ def simulate(variants: Sequence[Variant], workload: Workload, policy: str) -> Re
     sigma = math.sqrt(math.log(1 + workload.jitter**2))  # log-normal with mean 1 and CV `jitter`
 
     def noise() -> float:
-        return math.exp(noise_rng.gauss(-sigma * sigma / 2, sigma)) if sigma else 1.0
+        jitter = math.exp(noise_rng.gauss(-sigma * sigma / 2, sigma)) if sigma else 1.0
+        return jitter * (host_speed(clock[0]) if host_speed is not None else 1.0)
 
     engines = [(VllmSimEngine if v.engine == "vllm" else SimEngine)(v, noise) for v in variants]
     router = Router(sharing=combined_sharing([e.sharing for e in engines]), clock=lambda: clock[0])

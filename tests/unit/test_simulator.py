@@ -75,6 +75,20 @@ def test_alone_at_low_load_a_request_takes_its_unloaded_latency() -> None:
     assert result.attainment == 1.0 and result.served == {"int4": 5}
 
 
+def test_a_slow_phase_of_the_host_stretches_the_turns_it_covers() -> None:
+    """`host_speed` replays a live run's phases: turns in the slow stretch cost twice their profile's figure, and
+    the router, which learns from what turns cost, sees them as the server's did."""
+    workload = Workload(
+        rate_per_s=0.01, count=5, slo_scale=1.001, prompt_tokens=(200, 200), output_tokens=(10, 10), jitter=0.0
+    )
+    steady = simulate([FAMILY[2]], workload, "fastest").latencies_ms
+    first = arrivals(workload, FAMILY[2:])[0].at_s
+    ends = first + 2 * steady[0] / 1000  # the slow phase covers the first request's turns, no later ones
+    slow = simulate([FAMILY[2]], workload, "fastest", host_speed=lambda at: 2.0 if at < ends else 1.0)
+    assert slow.latencies_ms[0] == pytest.approx(2 * steady[0])
+    assert slow.latencies_ms[1:] == pytest.approx(steady[1:])
+
+
 def test_jitter_varies_each_turn_around_the_profile_and_the_live_profile_learns_it() -> None:
     workload = Workload(rate_per_s=0.01, count=40, prompt_tokens=(64, 64), output_tokens=(20, 20), jitter=0.3)
     latencies = simulate([FAMILY[2]], workload, "fastest").latencies_ms
