@@ -210,8 +210,8 @@ def main() -> int:
 
     if args.profile:
         for name in args.variants:
-            print(f"== slimserve profile {name} --repeats 5", flush=True)
-            subprocess.run([sys.executable, "-m", "slimserve", "profile", name, "--repeats", "5"], check=True)
+            print(f"== slimserve profile {name} --rounds 5", flush=True)
+            subprocess.run([sys.executable, "-m", "slimserve", "profile", name, "--rounds", "5"], check=True)
     variants: list[Variant] = registered_variants(args.variants)
     ids = held_out_ids(VariantRegistry().resolve(args.variants[0]).path)
     port = free_port()

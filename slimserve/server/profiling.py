@@ -11,7 +11,6 @@ does not read yet), plus the summary figures other readers use: `ttft_ms_128`, `
 from __future__ import annotations
 
 import asyncio
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -38,7 +37,8 @@ PROFILE_BATCHES = (1, 8)
 
 @dataclass
 class ProfileConfig:
-    """What `slimserve profile` measures: each point is `repeats` + 1 timings of the engine's turns."""
+    """What `slimserve profile` measures: each point `rounds` times, each time `repeats` + 1 timings of the
+    engine's turns."""
 
     prompt_lengths: list[int] = field(default_factory=lambda: [32, 128, 256, 512])
     """Prompt lengths whose prefill is timed (tokens; 128 is always measured)."""
@@ -46,14 +46,20 @@ class ProfileConfig:
     """Rows whose decode step is timed (1 and 8 are always measured)."""
     contexts: list[int] = field(default_factory=lambda: [128, 1024])
     """Context lengths (tokens) at which a one-row step is timed: printed, not recorded."""
-    repeats: int = 3
-    """Timed runs per point after one untimed warm-up run; the median is kept."""
+    repeats: int = 1
+    """Timed runs of a point in each round after one untimed warm-up run; their median is the round's figure."""
+    rounds: int = 3
+    """Rounds over every point, each point once per round, the median over rounds kept: a slow phase of the
+    host (10-30 s stretches at up to 1.8x) then slows one round of every point, where measured point after
+    point it slowed every run of the few points it covered (one row's step measured slower than two rows')."""
     dtype: str = "fast"
     """Compute dtype, as `slimserve serve --dtype` (fast: bf16 where the machine runs it natively)."""
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, got {self.rounds}")
         for flag, values in (
             ("--prompt-lengths", self.prompt_lengths),
             ("--batch-sizes", self.batch_sizes),
@@ -171,34 +177,45 @@ def measure_points(
     progress: Callable[[str], None] = print,
 ) -> Measured:
     """The points every runtime's profile holds, into `found`: `prefill_ms(prompt tokens)` at each prompt
-    length, `step_ms(rows, context)` at each row count (a 128-token context) and at each context (one row).
-    Lengths beyond `room` (what a `context`-token window leaves once the steps are taken) are skipped."""
+    length, `step_ms(rows, context)` at each row count (a 128-token context) and at each context (one row),
+    each the median over `config.rounds` rounds that measure every point once. Lengths beyond `room` (what
+    a `context`-token window leaves once the steps are taken) are skipped."""
     skipped = sorted(n for n in {*config.prompt_lengths, *config.contexts} if n > room)
     if skipped:
         progress(f"skipped lengths {skipped}: beyond the context of {context} tokens")
-    for length in sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)}):
-        found.prefill_ms[length] = prefill_ms(length)
-        progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
+    lengths = sorted({PROFILE_PROMPT, *(n for n in config.prompt_lengths if n <= room)})
     batches = sorted({*PROFILE_BATCHES, *config.batch_sizes})
+    contexts = sorted(n for n in config.contexts if n <= room)
+    prefills: dict[int, list[float]] = {n: [] for n in lengths}
+    steps: dict[int, list[float]] = {n: [] for n in batches}
+    context_steps: dict[int, list[float]] = {n: [] for n in contexts}
+    for round_ in range(1, config.rounds + 1):
+        for length in lengths:
+            prefills[length].append(prefill_ms(length))
+        for rows in batches:
+            steps[rows].append(step_ms(rows, PROFILE_PROMPT))
+        for length in contexts:
+            context_steps[length].append(step_ms(1, length))
+        progress(
+            f"round {round_}/{config.rounds}: step at {'/'.join(map(str, batches))} rows "
+            + " / ".join(f"{steps[rows][-1]:.1f}" for rows in batches)
+            + " ms"
+        )
+    found.prefill_ms.update({n: statistics.median(ms) for n, ms in prefills.items()})
+    found.step_ms.update({n: statistics.median(ms) for n, ms in steps.items()})
+    found.context_step_ms.update({n: statistics.median(ms) for n, ms in context_steps.items()})
+    for length in lengths:
+        progress(f"prefill {length:>5} tokens: {found.prefill_ms[length]:8.2f} ms")
     for rows in batches:
-        found.step_ms[rows] = step_ms(rows, PROFILE_PROMPT)
         progress(f"step {rows:>3} rows at context {PROFILE_PROMPT}: {found.step_ms[rows]:8.2f} ms")
-    for rows, more in reversed(list(itertools.pairwise(batches))):
-        # a step of fewer rows does less work: slower than the next batch means the host stalled it, and the
-        # router and simulator would read that stall in every prediction at this batch
-        if found.step_ms[rows] > found.step_ms[more]:
-            again = step_ms(rows, PROFILE_PROMPT)
-            progress(f"step {rows:>3} rows slower than {more} rows, measured again: {again:8.2f} ms")
-            found.step_ms[rows] = min(found.step_ms[rows], again)
-    for length in sorted(n for n in config.contexts if n <= room):
-        found.context_step_ms[length] = step_ms(1, length)
+    for length in contexts:
         progress(f"step   1 row  at context {length}: {found.context_step_ms[length]:8.2f} ms")
     return found
 
 
 def measure(variant: LoadedVariant, config: ProfileConfig, progress: Callable[[str], None] = print) -> Measured:
     """Prefill time against prompt length, step time against rows (at a 128-token context) and against
-    context (one row), each the median of `config.repeats` of the engine's own turns after an untimed one."""
+    context (one row), each the median of the engine's own turns over `config.rounds` interleaved rounds."""
     steps = config.repeats + max(*config.batch_sizes, *PROFILE_BATCHES) + 2  # decoding extends the context
     room = variant.context_length - steps
     if room < PROFILE_PROMPT:

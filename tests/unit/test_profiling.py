@@ -115,17 +115,20 @@ def test_profile_on_vllm_refuses_where_vllm_does_not_import(
     assert VariantManifest.read(path).metrics == before
 
 
-def test_a_step_slower_than_a_larger_batch_is_measured_again() -> None:
-    """A host stall during one point (69 ms at one row against 38 at two) would go into the manifest that
-    every later prediction reads: a step of fewer rows slower than the next batch's is measured again."""
-    timings = {1: [69.4, 36.0], 2: [38.2], 4: [40.4], 8: [46.5], 16: [56.8]}
+def test_points_are_measured_in_interleaved_rounds_so_a_slow_phase_slows_one_round_of_each() -> None:
+    """Measured point after point, a host's slow stretch covered every run of the points it fell on (a step of
+    one row at 69 ms against 38 at two went into a manifest); in rounds it slows one round of every point,
+    and the median over rounds drops it."""
+    true_ms = {1: 36.0, 2: 38.2, 4: 40.4, 8: 46.5, 16: 56.8}
     calls: list[int] = []
 
     def step_ms(rows: int, context: int) -> float:
         calls.append(rows)
-        return timings[rows].pop(0) if len(timings[rows]) > 1 else timings[rows][0]
+        return true_ms[rows] * (1.9 if 4 <= len(calls) <= 5 else 1.0)  # the host slow for two calls in a row
 
-    config = ProfileConfig(prompt_lengths=[], batch_sizes=[1, 2, 4, 8, 16], contexts=[])
+    config = ProfileConfig(prompt_lengths=[], batch_sizes=[1, 2, 4, 8, 16], contexts=[], rounds=3)
     found = measure_points(config, Measured(), 2048, 1024, lambda length: 10.0, step_ms, progress=lambda _: None)
-    assert found.step_ms == {1: 36.0, 2: 38.2, 4: 40.4, 8: 46.5, 16: 56.8}
-    assert calls == [1, 2, 4, 8, 16, 1]  # only the stalled point twice
+    assert found.step_ms == true_ms
+    assert calls == [1, 2, 4, 8, 16] * 3
+    with pytest.raises(ValueError, match="--rounds must be at least 1"):
+        ProfileConfig(rounds=0)
