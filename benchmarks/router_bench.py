@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,14 +121,18 @@ def host_speed(trace: Path, variants: list[Variant], began: float) -> Callable[[
     turns takes the last one before it; before the first, 1."""
     profiles = {v.name: v.profile for v in variants}
     ratios: dict[int, list[float]] = {}
-    for line in trace.read_text().splitlines():
+    lines = trace.read_text().splitlines() if trace.exists() else []
+    for line in lines:
         turn = json.loads(line)
         if "warm_up" in turn or turn["prefills"] or not turn.get("rows") or turn["engine"] not in profiles:
             continue
         window = int((turn["at"] - began) // WINDOW_S)
         if window >= 0:
-            ratios.setdefault(window, []).append(1000 * turn["s"] / profiles[turn["engine"]].step_ms(turn["batch"]))
+            stepped = len(turn["rows"])  # the rows this turn stepped (all, or those stepped apart)
+            ratios.setdefault(window, []).append(1000 * turn["s"] / profiles[turn["engine"]].step_ms(stepped))
     speeds = {window: median(values) for window, values in ratios.items()}
+    if not speeds:
+        print(f"warning: no decode turns of these variants in {trace}: simulated at the profiles' speed", flush=True)
 
     def speed(at_s: float) -> float:
         earlier = [w for w in speeds if w <= at_s // WINDOW_S]
@@ -218,8 +223,10 @@ def main() -> int:
     command = [sys.executable, "-m", "slimserve", "serve", "--port", str(port)]
     for name in args.variants:
         command += ["--variant", name]
-    trace = args.trace_turns or Path(tempfile.mkdtemp(prefix="router-bench-")) / "turns.jsonl"
-    command += ["--trace-turns", str(trace)]
+    scratch = None if args.trace_turns else Path(tempfile.mkdtemp(prefix="router-bench-"))
+    trace = args.trace_turns or Path(scratch or ".") / "turns.jsonl"
+    trace.write_text("")  # the server appends: only this run's turns
+    command += ["--backend", "transformers", "--trace-turns", str(trace)]
     print("==", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results: list[Agreement] = []
@@ -271,6 +278,8 @@ def main() -> int:
                 )
     finally:
         stop(process)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if args.dump:
         args.dump.write_text("".join(json.dumps(row) + "\n" for row in dump))
     lines = heading("## Simulator fidelity: `make bench-router`", "benchmarks/router_bench.py")

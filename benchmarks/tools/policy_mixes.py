@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simulate import load_profiles
 
 from slimserve.server import simulator
 from slimserve.server.predictions import alone_ms
@@ -42,11 +37,12 @@ def only(index: int) -> Callable[..., Chooser]:
 
 
 def threshold(alpha: float) -> Callable[..., Chooser]:
-    """The teacher (the first variant) unless its unloaded latency times 1 + `alpha` exceeds the budget."""
+    """The teacher (the best quality) unless its unloaded latency times 1 + `alpha` exceeds the budget."""
 
     def chooser(policy: str, engines: list[SimEngine], router: object, rng: random.Random) -> Chooser:
+        teacher = min(engines, key=lambda e: (e.variant.ppl_ratio, e.name))
+
         def choose(arrival: simulator.Arrival) -> tuple[SimEngine, None]:
-            teacher = engines[0]
             tight = alone_ms(teacher, arrival.prompt_tokens, arrival.output_tokens) * (1 + alpha) > arrival.budget_ms
             if not tight:
                 return teacher, None
@@ -67,7 +63,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     args = parser.parse_args()
 
-    variants, _ = load_profiles(args.profiles)
+    variants, _ = simulator.load_profiles(args.profiles)
     policies = [(f"only {v.name}", only(i)) for i, v in enumerate(variants)]
     policies += [(f"teacher unless alone x {1 + a:g} > budget", threshold(a)) for a in args.alphas]
     print(f"cv {args.cv:g}, SLO x{args.slo_scale:g}, seeds {' '.join(map(str, args.seeds))}: attainment q(ppl ratio)")

@@ -56,12 +56,11 @@ def _points(table: Mapping[str, float] | None) -> Points:
 
 OUTLIER_BOUND = 0.5
 """An observation further than this share of the prediction from it teaches the profile as if it were only this
-far: a shared host's turns spike (on the Xeon of docs/BENCHMARKS.md one decode turn in twenty took over 1.5x
-its profile, the longest 2.3x), and at full weight one spike raises every plan of the next few hundred
-milliseconds by a fifth or more, enough for a row that can still make its deadline to be judged past saving
-and stepped only in the background. The body of the host's variation (nine turns in ten within 1.3x) teaches
-at full weight, and a lasting change of speed still moves the profile a tenth per step (Huber's bounded
-influence, applied to the least-mean-squares update)."""
+far: a shared host's turns spike (a turn at twice its usual time while another tenant holds a core), and at
+full weight one spike raises every plan of the next few hundred milliseconds by a fifth, enough for a row
+that can still make its deadline to be judged past saving and stepped only in the background. The host's
+ordinary variation teaches at full weight, and a lasting change of speed still moves the profile a tenth
+per step (Huber's bounded influence, applied to the least-mean-squares update)."""
 
 
 def _nlms(
@@ -70,7 +69,9 @@ def _nlms(
     """One normalised-LMS step of y = scale * f_scale + tilt * f_tilt towards `observed` (stable for rate < 2),
     the error bounded to `OUTLIER_BOUND` of the prediction."""
     predicted = scale * f_scale + tilt * f_tilt
-    bound = OUTLIER_BOUND * max(predicted, 0.1)
+    # against the measured figure too: a tilt learned at one end can drive the other end's prediction to
+    # zero or below, and a bound of nothing would stop it from ever learning back
+    bound = OUTLIER_BOUND * max(predicted, f_scale)
     error = min(max(observed - predicted, -bound), bound)
     gain = rate / max(f_scale * f_scale + f_tilt * f_tilt, 1e-9)
     return scale + gain * f_scale * error, tilt + gain * f_tilt * error
@@ -87,7 +88,7 @@ class CostProfile:
     step times); traffic learns a scale (the machine is uniformly slower or
     faster than when the manifest was measured) and a tilt (one end is off, e.g. per-sequence overhead
     makes large batches slower than the batch-8 figure). Each observation moves the prediction
-    `smoothing` of the way to it.
+    `smoothing` of the way to it, an outlier only as far as one `OUTLIER_BOUND` off would.
     """
 
     prefill_overhead_ms: float

@@ -50,8 +50,9 @@ class ProfileConfig:
     """Timed runs of a point in each round after one untimed warm-up run; their median is the round's figure."""
     rounds: int = 3
     """Rounds over every point, each point once per round, the median over rounds kept: a slow phase of the
-    host (10-30 s stretches at up to 1.8x) then slows one round of every point, where measured point after
-    point it slowed every run of the few points it covered (one row's step measured slower than two rows')."""
+    shared host (stretches of seconds to minutes at up to 2x) then falls on every point alike, so the
+    profile's shape (one row's step against sixteen's) stays the machine's, and one shorter than a round is
+    dropped by the median."""
     dtype: str = "fast"
     """Compute dtype, as `slimserve serve --dtype` (fast: bf16 where the machine runs it natively)."""
 

@@ -43,9 +43,9 @@ QUALITY_TIERS = {"teacher": 1.005, "high": 1.02, "medium": 1.10, "low": 1.50, "a
 
 BUSY_CALIBRATION = 1.1
 """The calibration above which the cores count as short (the capacity rule, `Router._no_dearer_at_capacity`):
-below it, the excess is within what one request's prediction misses by on a quiet host (a median error of
-6-7%, docs/BENCHMARKS.md, Simulator fidelity), or a slow phase of the host that the live profiles have
-already learned, when the idle variants faster alone are the ones that can still meet budgets."""
+below it, the excess is within what one request's prediction misses by once the host's speed is known (the
+error at host speed, docs/BENCHMARKS.md, Simulator fidelity), or a slow phase of the host that the live
+profiles have already learned, when the idle variants faster alone are the ones that can still meet budgets."""
 
 HEADER_LATENCY = "x-latency-budget-ms"
 HEADER_MEMORY = "x-memory-budget-mb"

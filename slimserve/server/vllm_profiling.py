@@ -88,7 +88,8 @@ def measure_vllm(
     engine: Any, config: ProfileConfig, load_s: float, progress: Callable[[str], None] = print
 ) -> Measured:
     """Prefill time against prompt length, step time against rows (at a 128-token context) and against
-    context (one row), each a median of `config.repeats` timings after an untimed warm-up."""
+    context (one row), each the median over `config.rounds` interleaved rounds of a median of
+    `config.repeats` timings after an untimed warm-up (`profiling.measure_points`)."""
     context = int(engine.model_config.max_model_len)
     budget = int(engine.vllm_config.scheduler_config.max_num_batched_tokens)
     room = context - config.repeats - 3

@@ -116,9 +116,8 @@ def test_profile_on_vllm_refuses_where_vllm_does_not_import(
 
 
 def test_points_are_measured_in_interleaved_rounds_so_a_slow_phase_slows_one_round_of_each() -> None:
-    """Measured point after point, a host's slow stretch covered every run of the points it fell on (a step of
-    one row at 69 ms against 38 at two went into a manifest); in rounds it slows one round of every point,
-    and the median over rounds drops it."""
+    """A host's slow stretch falls on one round of every point, and the median over rounds drops it: measured
+    point after point, it would cover every run of the points it fell on."""
     true_ms = {1: 36.0, 2: 38.2, 4: 40.4, 8: 46.5, 16: 56.8}
     calls: list[int] = []
 

@@ -285,6 +285,17 @@ def test_a_spike_moves_the_profile_a_little_and_a_lasting_change_all_the_way() -
     assert profile.ttft_ms(128) == pytest.approx(133 * (1 + 0.2 * OUTLIER_BOUND), rel=0.02)
 
 
+def test_a_prediction_driven_below_zero_by_its_tilt_still_learns_back() -> None:
+    """The bound is against the measured figure as well as the prediction: a tilt learned from long prompts
+    can take a short prompt's prediction below zero, and a bound of nothing would keep it there."""
+    profile = CostProfile(prefill_overhead_ms=5, prefill_per_token_ms=1, step_b1_ms=40, step_b8_ms=50, load_ms=0)
+    profile.prefill_tilt = 0.6  # the 16-token prefill now predicts below zero (shown as 0.1 ms)
+    assert profile.ttft_ms(16) == pytest.approx(0.1)
+    for _ in range(50):
+        profile.observe_prefill(16, 0.021)
+    assert profile.ttft_ms(16) == pytest.approx(21, rel=0.05)
+
+
 def test_budgets_parse_from_headers_or_body_and_reject_nonsense() -> None:
     default = Budget(latency_ms=5000)
     parsed = parse_budget({"x-latency-budget-ms": "800"}, {"latency_budget_ms": 100, "min_quality": "high"}, default)
@@ -383,6 +394,7 @@ def test_while_the_calibration_says_cores_are_busy_load_moves_only_to_variants_c
     # within a prediction's noise, the teacher misses and the variant faster alone is open
     slow_host = Router()
     slow_host.calibration = BUSY_CALIBRATION
-    teacher.profile.step_scale = 1.3
-    decision = slow_host.choose([teacher, dear], budget, 20, 100)[1]
+    slow_teacher = batching("teacher", 40, 48, 1.0)
+    slow_teacher.profile.step_scale = 1.3
+    decision = slow_host.choose([slow_teacher, dear], budget, 20, 100)[1]
     assert (decision.variant, decision.budget_met) == ("int4", True)
