@@ -49,6 +49,11 @@ class VllmSimEngine(SimEngine):
     def rows(self) -> list[SimJob]:
         return list(self.batch)
 
+    def deadlines(self) -> list[tuple[float | None, int]]:
+        """Every request in flight, waiting ones included, as `VllmEngine.deadlines` reports them to the router:
+        slimserve does not see which of its requests vLLM has admitted."""
+        return [(j.deadline, j.steps_left) for j in [*self.batch, *self.queue]]
+
     def turn(self, now: float) -> Turn | None:
         if not self.batch and not self.queue:
             return None

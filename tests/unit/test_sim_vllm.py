@@ -55,6 +55,17 @@ def test_a_request_arriving_while_others_decode_gets_its_first_token_after_one_m
     assert engine.rows() == [*decoding, late] and not engine.queue
 
 
+def test_the_router_sees_waiting_requests_as_the_real_vllm_engine_reports_them() -> None:
+    """`VllmEngine.deadlines` lists every request in flight, since slimserve does not see which vLLM admitted:
+    the simulated engine reports the same, so the router plans alike in both."""
+    engine = _engine(max_batch_size=1)
+    running, waiting = _job(64, 10, deadline=2.0), _job(64, 30, deadline=5.0)
+    engine.queue += [waiting, running]
+    engine.step(0.0)  # one slot: the one due first is admitted, the other waits
+    assert engine.rows() == [running] and engine.queue == [waiting]
+    assert engine.deadlines() == [(2.0, 9), (5.0, 30)]
+
+
 def test_a_prompt_beyond_the_token_budget_is_prefilled_in_chunks_while_the_batch_decodes() -> None:
     engine = _engine(budget=64)
     row = _job(8, 20)
