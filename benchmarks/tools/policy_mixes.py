@@ -18,6 +18,7 @@ import argparse
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 from slimserve.server import simulator
@@ -36,17 +37,22 @@ def only(index: int) -> Callable[..., Chooser]:
     return chooser
 
 
-def threshold(alpha: float) -> Callable[..., Chooser]:
-    """The teacher (the best quality) unless its unloaded latency times 1 + `alpha` exceeds the budget."""
+SIMULATORS_CHOOSER = simulator._chooser
+"""The simulator's own policies, before a mix is patched in: the mixes choose between its teacher and fastest."""
 
-    def chooser(policy: str, engines: list[SimEngine], router: object, rng: random.Random) -> Chooser:
-        teacher = min(engines, key=lambda e: (e.variant.ppl_ratio, e.name))
+
+def threshold(alpha: float) -> Callable[..., Chooser]:
+    """The teacher (the best quality) unless its unloaded latency times 1 + `alpha` exceeds the budget, then
+    the variant fastest alone for the request: the simulator's `teacher` and `fastest` policies."""
+
+    def chooser(policy: str, engines: list[SimEngine], router: Any, rng: random.Random) -> Chooser:
+        teacher = SIMULATORS_CHOOSER("teacher", engines, router, rng)
+        fastest = SIMULATORS_CHOOSER("fastest", engines, router, rng)
 
         def choose(arrival: simulator.Arrival) -> tuple[SimEngine, None]:
-            tight = alone_ms(teacher, arrival.prompt_tokens, arrival.output_tokens) * (1 + alpha) > arrival.budget_ms
-            if not tight:
-                return teacher, None
-            return min(engines, key=lambda e: alone_ms(e, arrival.prompt_tokens, arrival.output_tokens)), None
+            best, _ = teacher(arrival)
+            tight = alone_ms(best, arrival.prompt_tokens, arrival.output_tokens) * (1 + alpha) > arrival.budget_ms
+            return (fastest(arrival)[0] if tight else best), None
 
         return choose
 
