@@ -167,6 +167,8 @@ class Decision:
     budget: dict[str, Any] = field(default_factory=dict)
     first_token_ms: dict[str, float] = field(default_factory=dict)
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
+    scale: float = 1.0
+    """The calibration its predictions were scaled by."""
     teaches: bool = True
     """Whether its outcome calibrates the router (`Router.observe`): not when predicted to miss, unless the
     capacity rule (`Router._no_dearer_at_capacity`) kept it off variants predicted to fit (then `budget_met`
@@ -200,9 +202,9 @@ class Router:
         """Perplexity ratios this close (relative) count as equal quality; among equals the fastest wins,
         which leaves the cores to requests that need them."""
         self.calibration = 1.0
-        """Actual / predicted latency of recent routed requests (a moving average): predictions are scaled
-        by it, so a machine busier than the profiles know sends requests to faster variants (on the compute
-        thread's cores, only to ones no dearer at capacity: `_no_dearer_at_capacity`)."""
+        """Actual latency of recent routed requests over the profiles' prediction (a moving average): predictions
+        are scaled by it, so a machine busier than the profiles know sends requests to faster variants (on the
+        compute thread's cores, only to ones no dearer at capacity: `_no_dearer_at_capacity`)."""
         self.calibration_smoothing = 0.2
         self.clock = clock
         """Seconds; the clock of arrivals and of the running sequences' deadlines (the engines'
@@ -330,6 +332,7 @@ class Router:
             budget={k: v for k, v in asdict(budget).items() if v is not None and v != math.inf},
             first_token_ms={c.name: round(min(predicted[c.name], first[c.name]), 1) for c in usable},
             teaches=met is not False or kept,
+            scale=scale,
         )
         with self._lock:
             self.decisions.append(decision)
@@ -358,7 +361,9 @@ class Router:
 
         Profiles time each step alone; what they miss (the event loop's share of the cores, prefills and
         steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
-        of actual to predicted latency, followed here as a moving average.
+        of actual to predicted latency, followed here as a moving average. The prediction is the profiles'
+        own (the decision's unscaled by the calibration it was made under): compared with the scaled one,
+        the calibration would settle at the square root of the profiles' error.
 
         A request the router already predicted to miss is left out (unless `Decision.teaches`: the capacity
         rule kept it off variants predicted to fit): once it cannot make its budget the
@@ -369,7 +374,7 @@ class Router:
         expected_ms = decision.expected_ms(decision.max_tokens if tokens is None else tokens)
         if expected_ms <= 0 or not decision.teaches:
             return
-        ratio = min(max(elapsed_ms / expected_ms, 0.5), 4.0)
+        ratio = min(max(decision.scale * elapsed_ms / expected_ms, 0.5), 4.0)
         with self._lock:
             self.calibration += self.calibration_smoothing * (ratio - self.calibration)
 

@@ -88,8 +88,12 @@ def test_the_router_calibrates_its_predictions_from_finished_requests() -> None:
     router = Router()
     first = router.choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1]
     assert first.variant == "teacher"
-    for _ in range(20):  # requests take twice as long as the profiles predict
-        router.observe(first, 2 * first.predicted_ms)
+    for _ in range(30):  # requests take twice as long as the profiles predict, each decided at the calibration then
+        decision = router.choose(FAMILY, Budget(latency_ms=50_000), 20, 100)[1]
+        assert decision.variant == "teacher"
+        router.observe(decision, 2 * first.predicted_ms)
+    # the calibration reaches the profiles' error, not its square root (where a scaled prediction compared with
+    # the outcome would settle it)
     assert router.calibration == pytest.approx(2.0, rel=0.02)
     again = router.choose(FAMILY, Budget(latency_ms=5_000), 20, 100)[1]
     assert again.variant == "int4" and again.predicted_ms == pytest.approx(2 * 2015, rel=0.02)
