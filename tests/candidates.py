@@ -26,6 +26,9 @@ class Described:
     def deadlines(self) -> list[tuple[float | None, int]]:
         return [*self.pending, *[(None, 50)] * (self.running - len(self.pending))]
 
+    def waiting_before(self, deadline: float | None) -> int:
+        return self.waiting  # first come first served
+
 
 def variant(name: str, step_ms: float, ppl_ratio: float, memory_mb: float, **kw: object) -> Described:
     """Prefill 5 ms + 0.5 ms a prompt token; a decode step `step_ms` at one row, twice that at eight."""

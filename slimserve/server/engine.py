@@ -149,6 +149,10 @@ class TransformersEngine:
         """(deadline or None without a latency budget, tokens still to generate) of each running sequence."""
         return [(s.handle.deadline, s.steps_left) for s in self.batch.rows() if not s.done]
 
+    def waiting_before(self, deadline: float | None) -> int:
+        """All of its queue: the scheduler admits first come first served (`Scheduler.admissible`)."""
+        return self.waiting
+
     @property
     def tokenizer(self) -> Any:
         return self._require_variant().tokenizer

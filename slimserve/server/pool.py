@@ -104,6 +104,9 @@ class PoolEntry:
     def deadlines(self) -> list[tuple[float | None, int]]:
         return self.engine.deadlines() if self.started else []
 
+    def waiting_before(self, deadline: float | None) -> int:
+        return self.engine.waiting_before(deadline) if self.started else 0
+
     @property
     def busy(self) -> bool:
         return self.reserved > 0 or self.running > 0 or self.waiting > 0

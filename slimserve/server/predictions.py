@@ -44,21 +44,29 @@ class Candidate(Protocol):
         """(`time.perf_counter()` deadline or None without a budget, tokens left) of its running sequences."""
         ...
 
+    def waiting_before(self, deadline: float | None) -> int:
+        """Waiting sequences its engine admits before a new one due at `deadline` (None: no budget): all of
+        them where admission is first come first served, those due no later where it is by deadline (vLLM)."""
+        ...
 
-def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> float:
+
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, deadline: float | None = None) -> float:
     """End-to-end latency of this request on `candidate` as its own batch runs it (a device share of its
-    own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size."""
+    own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size.
+    `deadline`: its own, on the deadlines' clock (None: no budget), which decides the queue ahead of it."""
     profile = candidate.profile
     step = profile.step_ms(min(candidate.running + candidate.waiting + 1, candidate.max_batch_size))
     load = 0.0 if candidate.resident else profile.load_ms
-    queue = queued_ms(candidate, prompt_tokens, max_tokens, step)
+    queue = queued_ms(candidate, prompt_tokens, max_tokens, step, deadline)
     return load + queue + profile.ttft_ms(prompt_tokens) + max_tokens * step
 
 
-def queued_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms: float) -> float:
-    """Waiting before its prefill: sequences queued ahead are prefilled first, and beyond the batch size a
-    slot frees only as running sequences finish."""
-    ahead = candidate.waiting
+def queued_ms(
+    candidate: Candidate, prompt_tokens: int, max_tokens: int, step_ms: float, deadline: float | None
+) -> float:
+    """Waiting before its prefill: sequences its engine admits first (`Candidate.waiting_before` its
+    `deadline`) are prefilled first, and beyond the batch size a slot frees only as running sequences finish."""
+    ahead = candidate.waiting_before(deadline)
     queue = ahead * candidate.profile.ttft_ms(prompt_tokens)
     overflow = candidate.running + ahead + 1 - candidate.max_batch_size
     if overflow > 0:
@@ -202,7 +210,8 @@ def edf_plan(
     after = demand([*running, len(due) - 1], steps_after, prefill)
     harm = sum(1 for j in running if budgeted[j] and before[j] <= due[j] < after[j])
     load = 0.0 if target.resident else target.profile.load_ms
-    queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name])
+    its_deadline = None if deadline_ms is None else now + deadline_ms / 1000
+    queue = queued_ms(target, prompt_tokens, max_tokens, steps_after[target.name], its_deadline)
     finish = load + queue + after[len(due) - 1]
     return Plan(finish * scale, harm)
 
@@ -225,8 +234,8 @@ def round_robin_plan(
     Run forward exactly, from one row's last token to the next (between them every round costs the same):
     the rows' finishing times with and without the request give its latency and the budgets it breaks.
     Waiting sequences whose length is unknown count as `max_tokens` long; an engine's step costs at most its
-    `max_batch_size` rows (those beyond wait: `queued_ms`). `deadline_ms` is not read, since no deadline
-    orders the OS's turns: the parameter keeps `edf_plan`'s signature. `scale` and `now` as in `edf_plan`.
+    `max_batch_size` rows (those beyond wait: `queued_ms`). `deadline_ms` orders only the engine's admission
+    (`queued_ms`), not the OS's turns. `scale` and `now` as in `edf_plan`.
     """
     now = time.perf_counter() if now is None else now
     rows: dict[str, list[tuple[float | None, int]]] = {}
@@ -273,6 +282,8 @@ def round_robin_plan(
     load = 0.0 if target.resident else target.profile.load_ms
     joined = dict.fromkeys(rows, 0) | {target.name: 1}
     round_ms = sum(step_ms(name, len(rows.get(name, [])) + extra) for name, extra in joined.items())
-    queue = queued_ms(target, prompt_tokens, max_tokens, round_ms)  # a slot frees a round of every engine at a time
+    # a slot frees a round of every engine at a time; vLLM admits waiting requests by deadline
+    its_deadline = None if deadline_ms is None else now + deadline_ms / 1000
+    queue = queued_ms(target, prompt_tokens, max_tokens, round_ms, its_deadline)
     finish = load + queue + after[(target.name, len(rows.get(target.name, [])))]
     return Plan(finish * scale, harm)

@@ -243,7 +243,8 @@ class Router:
             # workhorse, the cheapest per request at the batch it would join (`workhorse_ms`)
             cost = {c.name: workhorse_ms(c, prompt_tokens, max_tokens) for c in usable}
         else:
-            predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens) * scale for c in usable}
+            due = None if budget.latency_ms is None else now + budget.latency_ms / 1000
+            predicted = {c.name: predict_ms(c, prompt_tokens, max_tokens, due) * scale for c in usable}
             harm = {c.name: deadline_harm(c, prompt_tokens, now) for c in usable}
             cost = predicted  # a device share of its own: its latency is all it costs
         predicted = {name: ms + extra_ms for name, ms in predicted.items()}

@@ -109,6 +109,10 @@ class SimEngine:
     def deadlines(self) -> list[tuple[float | None, int]]:
         return [(j.deadline, j.steps_left) for j in self.rows()]
 
+    def waiting_before(self, deadline: float | None) -> int:
+        """All of its queue: the scheduler admits first come first served (`Scheduler.admissible`)."""
+        return len(self.queue)
+
     def rows(self) -> list[SimJob]:
         return [*self.main, *self.apart, *([self.partial[0]] if self.partial is not None else [])]
 

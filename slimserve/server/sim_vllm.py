@@ -54,6 +54,11 @@ class VllmSimEngine(SimEngine):
         slimserve does not see which of its requests vLLM has admitted."""
         return [(j.deadline, j.steps_left) for j in [*self.batch, *self.queue]]
 
+    def waiting_before(self, deadline: float | None) -> int:
+        """Waiting requests vLLM admits before a new one due at `deadline`: those due no later (`priority`)."""
+        due = math.inf if deadline is None else deadline
+        return sum(1 for job in self.queue if priority(job)[0] <= due)
+
     def turn(self, now: float) -> Turn | None:
         if not self.batch and not self.queue:
             return None

@@ -28,6 +28,7 @@ import functools
 import importlib.util
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -105,6 +106,14 @@ def deadline_priority(deadline: float | None, epoch: float) -> int:
     if deadline is None:
         return NO_DEADLINE_PRIORITY
     return max(0, int((deadline - epoch) * 1000))
+
+
+def waiting_ahead(unstarted: Sequence[float | None], waiting: int, deadline: float | None) -> int:
+    """Sequences vLLM admits before a new one due at `deadline`: of those with no token yet (`unstarted`, their
+    deadlines: slimserve does not see which of them vLLM has admitted), the ones due no later, since the
+    priority is the deadline (`deadline_priority`; none last); at most the `waiting` vLLM counts."""
+    due = math.inf if deadline is None else deadline
+    return min(waiting, sum(1 for d in unstarted if (math.inf if d is None else d) <= due))
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -389,6 +398,10 @@ class VLLMEngine:
         """(deadline or None, tokens still to generate) of each sequence in flight: what the router weighs
         when this engine shares cores with another (on a GPU it is not consulted)."""
         return [(h.deadline, max(0, h.max_tokens - h.generated)) for h in self._handles.values()]
+
+    def waiting_before(self, deadline: float | None) -> int:
+        unstarted = [h.deadline for h in self._handles.values() if h.generated == 0]
+        return waiting_ahead(unstarted, self.waiting, deadline)
 
     def _require_ready(self) -> None:
         if self.state is not EngineState.READY:

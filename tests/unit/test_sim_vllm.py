@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from slimserve.cli import main
+from slimserve.server.predictions import round_robin_plan
 from slimserve.server.profile import CostProfile
 from slimserve.server.sim_engine import SimJob, Variant
 from slimserve.server.sim_vllm import VllmSimEngine
@@ -64,6 +65,21 @@ def test_the_router_sees_waiting_requests_as_the_real_vllm_engine_reports_them()
     engine.step(0.0)  # one slot: the one due first is admitted, the other waits
     assert engine.rows() == [running] and engine.queue == [waiting]
     assert engine.deadlines() == [(2.0, 9), (5.0, 30)]
+
+
+def test_a_request_due_before_the_waiting_ones_is_planned_to_be_admitted_ahead_of_them() -> None:
+    """vLLM admits waiting requests by deadline (`deadline_priority`), so a tight request on a full engine
+    waits only for the free slot, not behind loose requests queued before it; the plan says so."""
+    engine = _engine(max_batch_size=1)
+    engine.queue.append(_job(64, 40, deadline=1.0))
+    engine.step(0.0)  # it holds the only slot
+    engine.queue += [_job(64, 20, deadline=8.0), _job(64, 20, deadline=9.0)]
+    assert [engine.waiting_before(d) for d in (0.5, 8.0, None)] == [0, 1, 2]
+    tight = round_robin_plan([engine], engine, 64, 10, deadline_ms=500, now=0.1)
+    loose = round_robin_plan([engine], engine, 64, 10, deadline_ms=9_500, now=0.1)
+    # the loose request waits for the two prefills ahead of it and for their slots (10 of its tokens' rounds each)
+    ahead_ms = 2 * engine.profile.ttft_ms(64) + 2 * 10 * engine.profile.step_ms(1)
+    assert loose.finish_ms - tight.finish_ms == pytest.approx(ahead_ms)
 
 
 def test_a_prompt_beyond_the_token_budget_is_prefilled_in_chunks_while_the_batch_decodes() -> None:

@@ -20,6 +20,7 @@ from slimserve.server.vllm_engine import (
     vllm_available,
     vllm_platform,
     vllm_sampling_kwargs,
+    waiting_ahead,
 )
 from slimserve.server.vllm_placement import (
     KV_CACHE_MIN_BYTES,
@@ -157,6 +158,14 @@ def test_deadlines_become_priorities_earliest_first() -> None:
     assert deadline_priority(100.5, epoch) < deadline_priority(101.0, epoch) < deadline_priority(None, epoch)
     assert deadline_priority(None, epoch) == NO_DEADLINE_PRIORITY
     assert deadline_priority(99.0, epoch) == 0  # a deadline already past ranks first
+
+
+def test_only_sequences_due_first_wait_ahead_of_a_new_one() -> None:
+    """vLLM admits by deadline: of the sequences without a token yet, those due no later than a new request wait
+    ahead of it, never more than vLLM counts waiting (one of them may just have been admitted)."""
+    unstarted = [20.0, None, 30.0]
+    assert [waiting_ahead(unstarted, 3, d) for d in (15.0, 20.0, 35.0, None)] == [0, 1, 2, 3]
+    assert waiting_ahead(unstarted, 2, None) == 2
 
 
 @dataclass
