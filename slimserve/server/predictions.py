@@ -50,7 +50,7 @@ class Candidate(Protocol):
         ...
 
 
-def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, deadline: float | None = None) -> float:
+def predict_ms(candidate: Candidate, prompt_tokens: int, max_tokens: int, deadline: float | None) -> float:
     """End-to-end latency of this request on `candidate` as its own batch runs it (a device share of its
     own): load if not resident, the queue ahead, its prefill, then `max_tokens` steps at the batch size.
     `deadline`: its own, on the deadlines' clock (None: no budget), which decides the queue ahead of it."""

@@ -168,7 +168,7 @@ class Decision:
     first_token_ms: dict[str, float] = field(default_factory=dict)
     """Per considered variant: the part of its prediction before the decode steps (load, queue, prefill)."""
     scale: float = 1.0
-    """The calibration its predictions were scaled by."""
+    """The calibration its predictions were scaled by, which `Router.observe` takes back out."""
     teaches: bool = True
     """Whether its outcome calibrates the router (`Router.observe`): not when predicted to miss, unless the
     capacity rule (`Router._no_dearer_at_capacity`) kept it off variants predicted to fit (then `budget_met`
@@ -362,9 +362,10 @@ class Router:
 
         Profiles time each step alone; what they miss (the event loop's share of the cores, prefills and
         steps of requests that arrive meanwhile, the cores' turns not planned exactly) shows as a ratio
-        of actual to predicted latency, followed here as a moving average. The prediction is the profiles'
-        own (the decision's unscaled by the calibration it was made under): compared with the scaled one,
-        the calibration would settle at the square root of the profiles' error.
+        of actual to predicted latency, followed here as a moving average. The prediction is the decision's
+        divided by the calibration it was made under (the profiles' own, but for a masking cost, `extra_ms`,
+        which is not scaled): compared with the scaled one, the calibration would settle at the square root of
+        the profiles' error.
 
         A request the router already predicted to miss is left out (unless `Decision.teaches`: the capacity
         rule kept it off variants predicted to fit): once it cannot make its budget the

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from slimserve.server.profile import Sharing
 from slimserve.server.scheduler import Turn
 from slimserve.server.sim_engine import SimEngine, SimJob, Variant
+from slimserve.server.vllm_engine import waiting_ahead
 
 
 def priority(job: SimJob) -> tuple[float, float]:
@@ -55,9 +56,10 @@ class VllmSimEngine(SimEngine):
         return [(j.deadline, j.steps_left) for j in [*self.batch, *self.queue]]
 
     def waiting_before(self, deadline: float | None) -> int:
-        """Waiting requests vLLM admits before a new one due at `deadline`: those due no later (`priority`)."""
-        due = math.inf if deadline is None else deadline
-        return sum(1 for job in self.queue if priority(job)[0] <= due)
+        """As `VllmEngine.waiting_before` sees it: of the requests without a token yet, those due no later,
+        at most as many as wait (slimserve does not see which of them vLLM has admitted)."""
+        unstarted = [job.deadline for job in [*self.batch, *self.queue] if job.generated == 0]
+        return waiting_ahead(unstarted, len(self.queue), deadline)
 
     def turn(self, now: float) -> Turn | None:
         if not self.batch and not self.queue:

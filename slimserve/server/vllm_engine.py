@@ -400,6 +400,7 @@ class VLLMEngine:
         return [(h.deadline, max(0, h.max_tokens - h.generated)) for h in self._handles.values()]
 
     def waiting_before(self, deadline: float | None) -> int:
+        """By vLLM's priority, the deadline (`waiting_ahead`)."""
         unstarted = [h.deadline for h in self._handles.values() if h.generated == 0]
         return waiting_ahead(unstarted, self.waiting, deadline)
 

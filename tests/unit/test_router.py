@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
 from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.profile import OUTLIER_BOUND, CostProfile
 from slimserve.server.router import BUSY_CALIBRATION, Budget, BudgetError, Router, parse_budget, workhorse_ms
+from slimserve.server.vllm_engine import waiting_ahead
 from tests.candidates import Described
 from tests.candidates import variant as _variant
 
@@ -52,7 +54,7 @@ def test_equal_quality_goes_to_the_faster_variant_and_the_budget_is_the_limit() 
     assert Router().choose([TEACHER, near_exact], Budget(), 20, 100)[1].variant == "teacher"
     # the budget itself is the limit, no headroom kept off it: 1% over the teacher's prediction gets the
     # teacher, 1% under gets int8, and the teacher alone is then a predicted miss
-    teacher_ms = predict_ms(TEACHER, 20, 100)
+    teacher_ms = predict_ms(TEACHER, 20, 100, None)
     assert Router().choose(FAMILY, Budget(latency_ms=teacher_ms * 1.01), 20, 100)[1].variant == "teacher"
     assert Router().choose(FAMILY, Budget(latency_ms=teacher_ms * 0.99), 20, 100)[1].variant == "int8"
     alone = Router().choose([TEACHER], Budget(latency_ms=teacher_ms * 0.99), 20, 100)[1]
@@ -252,11 +254,33 @@ def test_memory_and_quality_budgets_exclude_variants() -> None:
 
 def test_queue_and_loading_count_against_a_variant() -> None:
     busy_teacher = _variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900, running=8, waiting=8)
-    assert predict_ms(busy_teacher, 20, 100) > 2 * predict_ms(TEACHER, 20, 100)
+    assert predict_ms(busy_teacher, 20, 100, None) > 2 * predict_ms(TEACHER, 20, 100, None)
     decision = Router().choose([busy_teacher, INT8], Budget(latency_ms=6_000), 20, 100)[1]
     assert decision.variant == "int8"  # overloaded teacher: shed to the faster variant
     on_disk = _variant("int8", step_ms=25, ppl_ratio=1.01, memory_mb=400, resident=False)
-    assert predict_ms(on_disk, 20, 100) == pytest.approx(predict_ms(INT8, 20, 100) + 3000)
+    assert predict_ms(on_disk, 20, 100, None) == pytest.approx(predict_ms(INT8, 20, 100, None) + 3000)
+
+
+@dataclass
+class _AdmitsByDeadline(Described):
+    """A variant whose engine admits waiting requests by deadline, as vLLM does."""
+
+    queued: list[float | None] = field(default_factory=list)
+
+    def waiting_before(self, deadline: float | None) -> int:
+        return waiting_ahead(self.queued, self.waiting, deadline)
+
+
+def test_on_a_device_of_its_own_only_requests_due_first_queue_ahead_where_the_engine_admits_by_deadline() -> None:
+    """A full vLLM engine (a GPU: each variant its own device) with eight requests waiting, due in 50 s: a request
+    due in 10 s is admitted ahead of them, one due in 60 s after them."""
+    teacher = _AdmitsByDeadline(**vars(_variant("teacher", step_ms=40, ppl_ratio=1.0, memory_mb=900)))
+    teacher.running, teacher.waiting, teacher.queued = 8, 8, [50.0] * 8
+    router = Router(sharing="own", clock=lambda: 0.0)
+    tight = router.choose([teacher], Budget(latency_ms=10_000), 20, 100)[1]
+    loose = router.choose([teacher], Budget(latency_ms=60_000), 20, 100)[1]
+    # eight prefills ahead, and a slot later: a batch's worth (8 rows) of its 100 steps at 80 ms
+    assert loose.predicted_ms - tight.predicted_ms == pytest.approx(8 * 15 + 8 / 8 * 100 * 80, abs=0.1)
 
 
 def test_profiles_follow_what_the_engine_measures() -> None:
