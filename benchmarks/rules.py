@@ -76,7 +76,7 @@ RULES = (
     ),
     Rule(
         "calibration",
-        "predictions scaled by the observed actual/predicted ratio (Router.observe)",
+        "predictions scaled by the observed ratio of actual latency to the profiles' prediction (Router.observe)",
         lambda: mock.patch.object(router.Router, "observe", lambda self, *a, **k: None),
     ),
     Rule(
