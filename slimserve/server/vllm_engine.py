@@ -396,7 +396,7 @@ class VLLMEngine:
 
     def deadlines(self) -> list[tuple[float | None, int]]:
         """(deadline or None, tokens still to generate) of each sequence in flight: what the router weighs
-        when this engine shares cores with another (on a GPU it is not consulted)."""
+        when it places a request beside them (the budgets it would push over)."""
         return [(h.deadline, max(0, h.max_tokens - h.generated)) for h in self._handles.values()]
 
     def waiting_before(self, deadline: float | None) -> int:
