@@ -25,7 +25,7 @@ from collections.abc import Callable
 from slimserve.server.profile import Sharing
 from slimserve.server.scheduler import Turn
 from slimserve.server.sim_engine import SimEngine, SimJob, Variant
-from slimserve.server.vllm_engine import waiting_ahead
+from slimserve.server.vllm_priority import waiting_ahead
 
 
 def priority(job: SimJob) -> tuple[float, float]:

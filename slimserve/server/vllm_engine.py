@@ -28,7 +28,6 @@ import functools
 import importlib.util
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -50,11 +49,9 @@ from slimserve.server.serving_engine import (
     RequestHandle,
 )
 from slimserve.server.vllm_placement import CpuPlacement, MiB, memory_args, spawn_environment
+from slimserve.server.vllm_priority import deadline_priority, waiting_ahead
 
 log = logging.getLogger(__name__)
-
-NO_DEADLINE_PRIORITY = 2**62
-"""vLLM priority of a request without a latency budget: after every request that has one."""
 
 _SPAWNING = threading.Lock()
 """Engines start one at a time: each reads its core binding from the environment when its engine process
@@ -98,22 +95,6 @@ def servable_by_vllm(manifest: VariantManifest | None, platform: str | None = No
 def vllm_dtype(dtype: str) -> str:
     """slimserve's `--dtype` in vLLM's words; `fast` leaves the choice to vLLM (bf16 on x86 and GPUs)."""
     return {"fast": "auto", "auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype)
-
-
-def deadline_priority(deadline: float | None, epoch: float) -> int:
-    """vLLM's request priority (lower is scheduled first) for a deadline in `time.perf_counter()` seconds:
-    milliseconds after `epoch`, so an earlier deadline always ranks first; no deadline ranks last."""
-    if deadline is None:
-        return NO_DEADLINE_PRIORITY
-    return max(0, int((deadline - epoch) * 1000))
-
-
-def waiting_ahead(unstarted: Sequence[float | None], waiting: int, deadline: float | None) -> int:
-    """Sequences vLLM admits before a new one due at `deadline`: of those with no token yet (`unstarted`, their
-    deadlines: slimserve does not see which of them vLLM has admitted), the ones due no later, since the
-    priority is the deadline (`deadline_priority`; none last); at most the `waiting` vLLM counts."""
-    due = math.inf if deadline is None else deadline
-    return min(waiting, sum(1 for d in unstarted if (math.inf if d is None else d) <= due))
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:

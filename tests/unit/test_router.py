@@ -12,7 +12,7 @@ import pytest
 from slimserve.server.predictions import alone_ms, deadline_harm, edf_plan, predict_ms
 from slimserve.server.profile import OUTLIER_BOUND, CostProfile
 from slimserve.server.router import BUSY_CALIBRATION, Budget, BudgetError, Router, parse_budget, workhorse_ms
-from slimserve.server.vllm_engine import waiting_ahead
+from slimserve.server.vllm_priority import waiting_ahead
 from tests.candidates import Described
 from tests.candidates import variant as _variant
 

@@ -12,15 +12,12 @@ from slimserve.models.runtimes import host_vllm_runtimes, runtimes_of, vllm_back
 from slimserve.server.profile import CostProfile
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.vllm_engine import (
-    NO_DEADLINE_PRIORITY,
     DeltaConverter,
     StepObserver,
-    deadline_priority,
     servable_by_vllm,
     vllm_available,
     vllm_platform,
     vllm_sampling_kwargs,
-    waiting_ahead,
 )
 from slimserve.server.vllm_placement import (
     KV_CACHE_MIN_BYTES,
@@ -30,6 +27,7 @@ from slimserve.server.vllm_placement import (
     kv_bytes_per_token,
     kv_cache_bytes,
 )
+from slimserve.server.vllm_priority import NO_DEADLINE_PRIORITY, deadline_priority, waiting_ahead
 
 
 def test_sampling_parameters_map_one_to_one() -> None:

